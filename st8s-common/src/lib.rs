@@ -1,0 +1,367 @@
+//! Map keys, values and names shared by the st8s kernel programs and the `st8s` agent.
+//!
+//! Every type here is `#[repr(C)]`, built from fixed-width integers only, with explicit padding
+//! and a size assertion, so that the kernel programs, the agent and `bpftool` agree byte for byte.
+//! Fields carrying network byte order end in `_be`.
+#![no_std]
+
+/// Names of the maps, as they appear in the object file, in `bpftool map list` and under the
+/// agent's pin directory (`/sys/fs/bpf/st8s/<name>`).
+pub mod map_names {
+    pub const CONFIG: &str = "ST8S_CONFIG";
+    pub const PORTS: &str = "ST8S_PORTS";
+    pub const BACKENDS: &str = "ST8S_BACKENDS";
+    pub const MAGLEV: &str = "ST8S_MAGLEV";
+    pub const NODES: &str = "ST8S_NODES";
+    pub const PEER_MACS: &str = "ST8S_PEER_MACS";
+    pub const FLOWS: &str = "ST8S_FLOWS";
+    pub const REVNAT: &str = "ST8S_REVNAT";
+    pub const COUNTERS: &str = "ST8S_COUNTERS";
+
+    pub const ALL: [&str; 9] = [
+        CONFIG, PORTS, BACKENDS, MAGLEV, NODES, PEER_MACS, FLOWS, REVNAT, COUNTERS,
+    ];
+}
+
+/// Names of the kernel programs in the object file.
+pub mod program_names {
+    /// XDP on the node's uplink: forwards flows owned by another node straight back out.
+    pub const UPLINK_XDP: &str = "st8s_uplink_xdp";
+    /// TC ingress on the uplink: delivers to the local backend pod (and forwards when XDP is off).
+    pub const UPLINK_TC: &str = "st8s_uplink_tc";
+    /// TC ingress on the pod-facing interface: reverse translation of backend replies.
+    pub const POD_TC: &str = "st8s_pod_tc";
+    /// `XDP_PASS` only: the lab attaches it to the switch side of each veth uplink.
+    pub const XDP_PASS: &str = "st8s_xdp_pass";
+}
+
+/// Steered (port, protocol) pairs at most. A home cluster exposes a handful.
+pub const MAX_PORTS: u32 = 64;
+/// Backends (nodes owning a backend pod) per steered port at most.
+pub const MAX_BACKENDS: u32 = 16;
+/// Maglev lookup-table size: prime, and > 100x a typical home cluster's backends per port, which
+/// keeps the share of flows that move when one backend changes near 1/N (Maglev paper, sec. 5.3).
+pub const MAGLEV_SIZE: usize = 4093;
+/// Each port has two banks of backends and Maglev rows: the agent fills the idle bank, then flips
+/// `PortInfo::bank` with one map write, so a packet never sees a half-written table.
+pub const BANKS: u32 = 2;
+/// Connection-tracking entries (LRU: the least recently used flow is evicted first).
+pub const MAX_FLOWS: u32 = 65_536;
+/// Cluster nodes at most.
+pub const MAX_NODES: u32 = 256;
+/// Slot of the counters not tied to a steered port.
+pub const GLOBAL_COUNTER_SLOT: u32 = MAX_PORTS;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// `Config::flags`: prefer the node's own backend pod over remote ones when it has one.
+pub const CONFIG_PREFER_LOCAL: u32 = 1;
+/// `Config::flags`: the XDP program is attached and forwards remote flows itself.
+pub const CONFIG_XDP_FORWARDS: u32 = 2;
+
+/// `Backend::flags`: this backend is the node the program runs on.
+pub const BACKEND_LOCAL: u8 = 1;
+
+/// `FlowValue::kind`.
+pub const FLOW_LOCAL: u8 = 1;
+pub const FLOW_REMOTE: u8 = 2;
+
+macro_rules! assert_size {
+    ($ty:ty, $size:expr) => {
+        const _: () = assert!(core::mem::size_of::<$ty>() == $size);
+    };
+}
+
+/// Node-wide settings; a one-entry array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// This node's InternalIP: the frontend address of every steered port.
+    pub self_addr_be: u32,
+    /// The uplink interface the programs are attached to.
+    pub uplink_ifindex: u32,
+    /// Seed of the flow hash. All agents use the same value, so all nodes build the same tables.
+    pub hash_seed: u32,
+    /// `CONFIG_*` bits.
+    pub flags: u32,
+    pub self_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+assert_size!(Config, 24);
+
+/// Key of `ST8S_PORTS`: a steered hostPort.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+assert_size!(PortKey, 4);
+
+impl PortKey {
+    pub const fn new(port: u16, proto: u8) -> Self {
+        Self {
+            port_be: port.to_be(),
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of `ST8S_PORTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortInfo {
+    /// Index of this port in the counters and, with `bank`, in the backend and Maglev tables.
+    pub slot: u16,
+    /// Which of the two banks is live.
+    pub bank: u8,
+    /// Number of valid entries in the live backend bank; 0 means "pass to the stack".
+    pub backend_count: u8,
+    /// The backend pod on this node: address, containerPort and the interface its network hangs
+    /// off. Valid when `has_local` is 1.
+    pub local_addr_be: u32,
+    pub local_ifindex: u32,
+    pub local_port_be: u16,
+    pub has_local: u8,
+    pub _pad: u8,
+}
+assert_size!(PortInfo, 16);
+
+impl PortInfo {
+    /// Index into `ST8S_BACKENDS` of backend `i` in the live bank.
+    pub const fn backend_index(&self, i: u32) -> u32 {
+        (self.slot as u32 * BANKS + self.bank as u32) * MAX_BACKENDS + i
+    }
+    /// Index into `ST8S_MAGLEV` of the live row.
+    pub const fn maglev_index(&self) -> u32 {
+        self.slot as u32 * BANKS + self.bank as u32
+    }
+}
+
+/// Value of `ST8S_BACKENDS`: a node that runs a backend pod for a port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub node_addr_be: u32,
+    pub node_mac: [u8; 6],
+    /// `BACKEND_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
+}
+assert_size!(Backend, 12);
+
+/// Value of `ST8S_MAGLEV`: one port's lookup table; each byte is a backend index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MaglevRow {
+    pub slots: [u8; MAGLEV_SIZE],
+    pub _pad: [u8; 3],
+}
+assert_size!(MaglevRow, 4096);
+
+impl Default for MaglevRow {
+    fn default() -> Self {
+        Self {
+            slots: [0; MAGLEV_SIZE],
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of `ST8S_NODES` (keyed by the node's address, `u32` in network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+assert_size!(NodeInfo, 8);
+
+/// Key of `ST8S_PEER_MACS`: the MAC address of a cluster node's uplink. A packet forwarded by a
+/// peer is accepted only when its Ethernet source is one of these.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MacKey {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+assert_size!(MacKey, 8);
+
+impl MacKey {
+    pub const fn new(mac: [u8; 6]) -> Self {
+        Self { mac, _pad: [0; 2] }
+    }
+}
+
+/// Key of `ST8S_FLOWS`: a client's flow as it arrives, towards a node address and hostPort.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub client_addr_be: u32,
+    pub frontend_addr_be: u32,
+    pub client_port_be: u16,
+    pub frontend_port_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+assert_size!(FlowKey, 16);
+
+/// Value of `ST8S_FLOWS`: where the flow goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// `FLOW_REMOTE`: the node forwarded to. `FLOW_LOCAL`: the local backend pod.
+    pub backend_addr_be: u32,
+    /// `FLOW_LOCAL`: the pod's containerPort. Unused for remote flows.
+    pub backend_port_be: u16,
+    pub kind: u8,
+    pub _pad: u8,
+    /// `bpf_ktime_get_ns` of the last packet.
+    pub last_seen_ns: u64,
+}
+assert_size!(FlowValue, 16);
+
+/// Key of `ST8S_REVNAT`: a backend pod's reply as it leaves the pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    pub pod_addr_be: u32,
+    pub client_addr_be: u32,
+    pub pod_port_be: u16,
+    pub client_port_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+assert_size!(RevNatKey, 16);
+
+/// Value of `ST8S_REVNAT`: the address and port the client originally sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNatValue {
+    pub frontend_addr_be: u32,
+    pub frontend_port_be: u16,
+    /// Counter slot of the port.
+    pub slot: u16,
+}
+assert_size!(RevNatValue, 8);
+
+/// Value of `ST8S_COUNTERS` (a per-CPU array indexed by port slot; `GLOBAL_COUNTER_SLOT` for the
+/// rest). The names are the ones `st8s inspect` prints.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Delivered to the backend pod on this node.
+    pub delivered_local: u64,
+    /// Sent on to the node that owns the chosen backend.
+    pub forwarded: u64,
+    /// Backend replies rewritten to the frontend address and sent to the client.
+    pub replied: u64,
+    /// Steered port, but left to the kernel (no backends, or not addressed to this node).
+    pub passed: u64,
+    /// Looked forwarded (sent to another node's address) but not from a cluster node's MAC: left
+    /// untouched to the kernel.
+    pub untrusted_peer: u64,
+    /// Dropped: forwarded to this node by a peer, but this node has no backend for the port.
+    pub drop_no_local_backend: u64,
+    /// Dropped: a checksum or redirect helper failed.
+    pub drop_error: u64,
+    pub _reserved: u64,
+}
+assert_size!(Counters, 64);
+
+impl Counters {
+    pub fn add(&mut self, other: &Self) {
+        self.delivered_local += other.delivered_local;
+        self.forwarded += other.forwarded;
+        self.replied += other.replied;
+        self.passed += other.passed;
+        self.untrusted_peer += other.untrusted_peer;
+        self.drop_no_local_backend += other.drop_no_local_backend;
+        self.drop_error += other.drop_error;
+    }
+}
+
+/// Flow hash shared by the programs and the agent's tests: all nodes use the same seed, so the
+/// same flow maps to the same Maglev slot wherever it is computed.
+pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+    let mut h = seed ^ 0x9e37_79b9;
+    h = mix(h, key.client_addr_be);
+    h = mix(h, key.frontend_addr_be);
+    h = mix(h, ((key.client_port_be as u32) << 16) | key.frontend_port_be as u32);
+    h = mix(h, key.proto as u32);
+    fmix(h)
+}
+
+const fn mix(h: u32, v: u32) -> u32 {
+    let k = v.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+const fn fmix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are repr(C), made of integers and byte arrays, with explicit padding.
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for PortInfo {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for MaglevRow {}
+    unsafe impl aya::Pod for NodeInfo {}
+    unsafe impl aya::Pod for MacKey {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_key_is_network_order() {
+        let k = PortKey::new(80, PROTO_TCP);
+        assert_eq!(k.port_be.to_ne_bytes(), [0, 80]);
+    }
+
+    #[test]
+    fn banks_do_not_overlap() {
+        let a = PortInfo { slot: 3, bank: 0, ..Default::default() };
+        let b = PortInfo { slot: 3, bank: 1, ..Default::default() };
+        assert_eq!(a.backend_index(MAX_BACKENDS - 1) + 1, b.backend_index(0));
+        assert_ne!(a.maglev_index(), b.maglev_index());
+        let last = PortInfo { slot: (MAX_PORTS - 1) as u16, bank: 1, ..Default::default() };
+        assert_eq!(last.maglev_index(), MAX_PORTS * BANKS - 1);
+    }
+
+    #[test]
+    fn flow_hash_depends_on_seed_and_every_field() {
+        let k = FlowKey {
+            client_addr_be: 1,
+            frontend_addr_be: 2,
+            client_port_be: 3,
+            frontend_port_be: 4,
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let h = flow_hash(&k, 7);
+        assert_ne!(h, flow_hash(&k, 8));
+        assert_ne!(h, flow_hash(&FlowKey { client_addr_be: 9, ..k }, 7));
+        assert_ne!(h, flow_hash(&FlowKey { client_port_be: 9, ..k }, 7));
+        assert_ne!(h, flow_hash(&FlowKey { proto: 17, ..k }, 7));
+        assert_eq!(h, flow_hash(&k, 7));
+    }
+}

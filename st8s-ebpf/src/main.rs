@@ -1,0 +1,488 @@
+//! st8s kernel programs.
+//!
+//! - `st8s_uplink_xdp` (XDP, node uplink): forwards a flow owned by another node straight back out
+//!   of the uplink (`XDP_TX`) with only the Ethernet addresses rewritten; everything else passes.
+//! - `st8s_uplink_tc` (TC ingress, node uplink): delivers steered packets to the backend pod on
+//!   this node (DNAT + `bpf_redirect_neigh`, so iptables never sees them); forwards remote flows
+//!   itself when XDP is not attached.
+//! - `st8s_pod_tc` (TC ingress, the interface the pods hang off): rewrites backend replies to the
+//!   address and port the client sent to and sends them straight out of the uplink.
+//! - `st8s_xdp_pass`: `XDP_PASS`, for the switch side of veth uplinks in the lab.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_redirect, bpf_redirect_neigh},
+    },
+    macros::{classifier, map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{TcContext, XdpContext},
+};
+use st8s_common::{
+    flow_hash, Backend, Config, Counters, FlowKey, FlowValue, MacKey, MaglevRow, NodeInfo,
+    PortInfo, PortKey, RevNatKey, RevNatValue, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL,
+    FLOW_LOCAL, FLOW_REMOTE, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_FLOWS,
+    MAX_NODES, MAX_PORTS, PROTO_TCP, PROTO_UDP,
+};
+
+#[map]
+static ST8S_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map]
+static ST8S_PORTS: HashMap<PortKey, PortInfo> = HashMap::with_max_entries(MAX_PORTS, 0);
+#[map]
+static ST8S_BACKENDS: Array<Backend> =
+    Array::with_max_entries(MAX_PORTS * BANKS * MAX_BACKENDS, 0);
+#[map]
+static ST8S_MAGLEV: Array<MaglevRow> = Array::with_max_entries(MAX_PORTS * BANKS, 0);
+#[map]
+static ST8S_NODES: HashMap<u32, NodeInfo> = HashMap::with_max_entries(MAX_NODES, 0);
+#[map]
+static ST8S_PEER_MACS: HashMap<MacKey, u32> = HashMap::with_max_entries(MAX_NODES, 0);
+#[map]
+static ST8S_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+#[map]
+static ST8S_REVNAT: LruHashMap<RevNatKey, RevNatValue> =
+    LruHashMap::with_max_entries(MAX_FLOWS, 0);
+#[map]
+static ST8S_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_PORTS + 1, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPV4_HLEN: usize = 20;
+const L4_OFF: usize = ETH_HLEN + IPV4_HLEN;
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP_SRC_OFF: usize = ETH_HLEN + 12;
+const IP_DST_OFF: usize = ETH_HLEN + 16;
+const TCP_CSUM_OFF: usize = L4_OFF + 16;
+const UDP_CSUM_OFF: usize = L4_OFF + 6;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+/// Enough linear bytes for every header the programs read.
+const PARSE_LEN: usize = L4_OFF + TCP_HLEN;
+
+const BPF_F_PSEUDO_HDR: u64 = 0x10;
+const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+
+/// The headers of an IPv4 TCP/UDP packet that st8s may steer. Addresses and ports stay in network
+/// byte order, exactly as they sit in the packet.
+#[derive(Clone, Copy)]
+struct Packet {
+    src_mac: [u8; 6],
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+}
+
+/// Reads the headers between `start` and `end` (packet data pointers). Anything that is not a
+/// plain IPv4 TCP/UDP packet — other ethertypes (ARP, IPv6, VLAN), IP options, fragments, headers
+/// cut short, lengths that do not add up — yields `None`, and the caller passes it untouched.
+#[inline(always)]
+fn parse(start: usize, end: usize, wire_len: usize) -> Option<Packet> {
+    if start + PARSE_LEN > end && start + L4_OFF + UDP_HLEN > end {
+        return None;
+    }
+    let eth = read_bytes::<14>(start, end, 0)?;
+    if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
+        return None;
+    }
+    let ip = read_bytes::<20>(start, end, ETH_HLEN)?;
+    // Version 4, IHL 5: packets with IP options go to the kernel (as Katran does).
+    if ip[0] != 0x45 {
+        return None;
+    }
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    // Any fragment (MF set or non-zero offset) has no reliable L4 header: pass.
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    let proto = ip[9];
+    let l4_min = match proto {
+        PROTO_TCP => TCP_HLEN,
+        PROTO_UDP => UDP_HLEN,
+        _ => return None,
+    };
+    if tot_len < IPV4_HLEN + l4_min || ETH_HLEN + tot_len > wire_len {
+        return None;
+    }
+    let ports = read_bytes::<4>(start, end, L4_OFF)?;
+    if start + L4_OFF + l4_min > end {
+        return None;
+    }
+    Some(Packet {
+        src_mac: [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]],
+        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        sport: u16::from_ne_bytes([ports[0], ports[1]]),
+        dport: u16::from_ne_bytes([ports[2], ports[3]]),
+        proto,
+    })
+}
+
+/// The one bounds-checked read of packet data.
+#[inline(always)]
+fn read_bytes<const N: usize>(start: usize, end: usize, offset: usize) -> Option<[u8; N]> {
+    if start + offset + N > end {
+        return None;
+    }
+    // SAFETY: the range was checked against the end of the packet data just above.
+    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const [u8; N]) })
+}
+
+/// What to do with a packet.
+enum Steer {
+    /// Not a steered port, or not addressed to a node: st8s has no business with it.
+    NotOurs,
+    /// Steered port, but left to the kernel (counted as `passed` or `untrusted_peer`).
+    Pass { slot: u32, untrusted: bool },
+    /// Deliver to this node's backend pod.
+    Local { port: PortInfo },
+    /// Send to the node that owns the chosen backend.
+    Remote { slot: u32, mac: [u8; 6] },
+    /// Drop: forwarded here by a peer, but there is no backend on this node.
+    DropNoLocal { slot: u32 },
+}
+
+#[inline(always)]
+fn config() -> Option<&'static Config> {
+    ST8S_CONFIG.get(0)
+}
+
+/// The steering decision, shared by the XDP and the TC program so that both agree on every flow.
+#[inline(always)]
+fn steer(pkt: &Packet, cfg: &Config) -> Steer {
+    let port_key = PortKey {
+        port_be: pkt.dport,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once; the agent replaces whole entries.
+    let port = match unsafe { ST8S_PORTS.get(&port_key) } {
+        Some(p) => *p,
+        None => return Steer::NotOurs,
+    };
+    let slot = port.slot as u32;
+    if pkt.daddr != cfg.self_addr_be {
+        // SAFETY: only existence is checked.
+        if unsafe { ST8S_NODES.get(&pkt.daddr) }.is_none() {
+            return Steer::NotOurs;
+        }
+        // Sent to another node's address: only a peer's forward may land here, and it must be
+        // served by this node's own backend, never forwarded again (no loops).
+        let mac = MacKey {
+            mac: pkt.src_mac,
+            _pad: [0; 2],
+        };
+        // SAFETY: only existence is checked.
+        if unsafe { ST8S_PEER_MACS.get(&mac) }.is_none() {
+            return Steer::Pass {
+                slot,
+                untrusted: true,
+            };
+        }
+        if port.has_local == 0 {
+            return Steer::DropNoLocal { slot };
+        }
+        return Steer::Local { port };
+    }
+    if port.backend_count == 0 {
+        return Steer::Pass {
+            slot,
+            untrusted: false,
+        };
+    }
+    let key = FlowKey {
+        client_addr_be: pkt.saddr,
+        frontend_addr_be: pkt.daddr,
+        client_port_be: pkt.sport,
+        frontend_port_be: pkt.dport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(flow) = ST8S_FLOWS.get_ptr_mut(&key) {
+        // SAFETY: LRU values stay valid for the duration of the program run.
+        let f = unsafe { &mut *flow };
+        if let Some(s) = still_valid(f, &port, cfg) {
+            f.last_seen_ns = now;
+            return s;
+        }
+    }
+    // New flow, or its backend went away: choose again.
+    let chosen = if cfg.flags & CONFIG_PREFER_LOCAL != 0 && port.has_local != 0 {
+        None
+    } else {
+        let h = flow_hash(&key, cfg.hash_seed);
+        let row = match ST8S_MAGLEV.get(port.maglev_index()) {
+            Some(r) => r,
+            None => return Steer::Pass { slot, untrusted: false },
+        };
+        let idx = row.slots[(h as usize) % MAGLEV_SIZE] as u32;
+        if idx >= port.backend_count as u32 || idx >= MAX_BACKENDS {
+            return Steer::Pass { slot, untrusted: false };
+        }
+        match ST8S_BACKENDS.get(port.backend_index(idx)) {
+            Some(b) => Some(*b),
+            None => return Steer::Pass { slot, untrusted: false },
+        }
+    };
+    let (flow, verdict) = match chosen {
+        Some(b) if b.flags & BACKEND_LOCAL == 0 => (
+            FlowValue {
+                backend_addr_be: b.node_addr_be,
+                backend_port_be: 0,
+                kind: FLOW_REMOTE,
+                _pad: 0,
+                last_seen_ns: now,
+            },
+            Steer::Remote { slot, mac: b.node_mac },
+        ),
+        _ if port.has_local != 0 => (
+            FlowValue {
+                backend_addr_be: port.local_addr_be,
+                backend_port_be: port.local_port_be,
+                kind: FLOW_LOCAL,
+                _pad: 0,
+                last_seen_ns: now,
+            },
+            Steer::Local { port },
+        ),
+        // The table says "this node" but the pod is gone: let the kernel answer.
+        _ => return Steer::Pass { slot, untrusted: false },
+    };
+    // A full LRU evicts the oldest flow; an insert failure only costs stickiness.
+    let _ = ST8S_FLOWS.insert(&key, &flow, 0);
+    verdict
+}
+
+/// A tracked flow keeps its backend as long as that backend still serves the port.
+#[inline(always)]
+fn still_valid(f: &FlowValue, port: &PortInfo, _cfg: &Config) -> Option<Steer> {
+    let slot = port.slot as u32;
+    if f.kind == FLOW_LOCAL {
+        if port.has_local != 0
+            && port.local_addr_be == f.backend_addr_be
+            && port.local_port_be == f.backend_port_be
+        {
+            return Some(Steer::Local { port: *port });
+        }
+        return None;
+    }
+    let count = port.backend_count as u32;
+    let mut i = 0u32;
+    while i < MAX_BACKENDS {
+        if i >= count {
+            break;
+        }
+        if let Some(b) = ST8S_BACKENDS.get(port.backend_index(i)) {
+            if b.node_addr_be == f.backend_addr_be && b.flags & BACKEND_LOCAL == 0 {
+                return Some(Steer::Remote { slot, mac: b.node_mac });
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn count(slot: u32, f: impl FnOnce(&mut Counters)) {
+    let slot = if slot < MAX_PORTS { slot } else { GLOBAL_COUNTER_SLOT };
+    if let Some(c) = ST8S_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU value, only this CPU writes it while the program runs.
+        f(unsafe { &mut *c });
+    }
+}
+
+#[xdp]
+pub fn st8s_uplink_xdp(ctx: XdpContext) -> u32 {
+    try_uplink_xdp(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn try_uplink_xdp(ctx: &XdpContext) -> Option<u32> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let pkt = parse(start, end, end - start)?;
+    let cfg = config()?;
+    // Only the remote path is handled here; everything else is the TC program's job.
+    if pkt.daddr != cfg.self_addr_be {
+        return None;
+    }
+    match steer(&pkt, cfg) {
+        Steer::Remote { slot, mac } => {
+            if start + ETH_HLEN > end {
+                return None;
+            }
+            let eth = start as *mut [u8; 6];
+            // SAFETY: the Ethernet header was bounds-checked above.
+            unsafe {
+                core::ptr::write_unaligned(eth, mac);
+                core::ptr::write_unaligned(eth.add(1), cfg.self_mac);
+            }
+            count(slot, |c| c.forwarded += 1);
+            Some(xdp_action::XDP_TX)
+        }
+        _ => None,
+    }
+}
+
+#[classifier]
+pub fn st8s_uplink_tc(ctx: TcContext) -> i32 {
+    try_uplink_tc(&ctx).unwrap_or(TC_ACT_OK)
+}
+
+/// Parses a TC packet, pulling the headers into the linear area once if they are not there yet.
+#[inline(always)]
+fn parse_tc(ctx: &TcContext) -> Option<Packet> {
+    let wire_len = ctx.len() as usize;
+    if ctx.data() + PARSE_LEN > ctx.data_end() && wire_len >= PARSE_LEN {
+        let _ = ctx.pull_data(PARSE_LEN as u32);
+    }
+    parse(ctx.data(), ctx.data_end(), wire_len)
+}
+
+#[inline(always)]
+fn try_uplink_tc(ctx: &TcContext) -> Option<i32> {
+    let pkt = parse_tc(ctx)?;
+    let cfg = config()?;
+    match steer(&pkt, cfg) {
+        Steer::NotOurs => None,
+        Steer::Pass { slot, untrusted } => {
+            if untrusted {
+                count(slot, |c| c.untrusted_peer += 1);
+            } else {
+                count(slot, |c| c.passed += 1);
+            }
+            None
+        }
+        Steer::DropNoLocal { slot } => {
+            count(slot, |c| c.drop_no_local_backend += 1);
+            Some(TC_ACT_SHOT)
+        }
+        Steer::Remote { slot, mac } => {
+            let mut eth = [0u8; 12];
+            eth[..6].copy_from_slice(&mac);
+            eth[6..].copy_from_slice(&cfg.self_mac);
+            if ctx.store(0, &eth, 0).is_err() {
+                count(slot, |c| c.drop_error += 1);
+                return Some(TC_ACT_SHOT);
+            }
+            // SAFETY: plain helper call.
+            let rc = unsafe { bpf_redirect(cfg.uplink_ifindex, 0) };
+            count(slot, |c| c.forwarded += 1);
+            Some(rc as i32)
+        }
+        Steer::Local { port } => Some(deliver_local(ctx, &pkt, &port)),
+    }
+}
+
+/// DNAT to the local backend pod, remember how to translate its replies, and hand the packet to
+/// the pod's interface with `bpf_redirect_neigh` (no routing, no netfilter on the way).
+#[inline(always)]
+fn deliver_local(ctx: &TcContext, pkt: &Packet, port: &PortInfo) -> i32 {
+    let slot = port.slot as u32;
+    let rev_key = RevNatKey {
+        pod_addr_be: port.local_addr_be,
+        client_addr_be: pkt.saddr,
+        pod_port_be: port.local_port_be,
+        client_port_be: pkt.sport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    let rev = RevNatValue {
+        frontend_addr_be: pkt.daddr,
+        frontend_port_be: pkt.dport,
+        slot: port.slot,
+    };
+    // SAFETY: the value is only compared.
+    let known = unsafe { ST8S_REVNAT.get(&rev_key) }.is_some_and(|v| *v == rev);
+    if !known && ST8S_REVNAT.insert(&rev_key, &rev, 0).is_err() {
+        count(slot, |c| c.drop_error += 1);
+        return TC_ACT_SHOT;
+    }
+    if rewrite(ctx, pkt.proto, IP_DST_OFF, pkt.daddr, port.local_addr_be, L4_OFF + 2, pkt.dport, port.local_port_be).is_err() {
+        count(slot, |c| c.drop_error += 1);
+        return TC_ACT_SHOT;
+    }
+    count(slot, |c| c.delivered_local += 1);
+    // SAFETY: plain helper call; no neighbour parameters, the FIB picks the next hop.
+    unsafe { bpf_redirect_neigh(port.local_ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Rewrites one address and one port, fixing the IPv4 and the L4 checksums.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    proto: u8,
+    addr_off: usize,
+    old_addr: u32,
+    new_addr: u32,
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), i64> {
+    let (csum_off, mangled) = if proto == PROTO_TCP {
+        (TCP_CSUM_OFF, 0)
+    } else {
+        (UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0)
+    };
+    ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR | mangled | 4)?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
+    ctx.store(addr_off, &new_addr, 0)?;
+    if old_port != new_port {
+        ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)?;
+        ctx.store(port_off, &new_port, 0)?;
+    }
+    Ok(())
+}
+
+#[classifier]
+pub fn st8s_pod_tc(ctx: TcContext) -> i32 {
+    try_pod_tc(&ctx).unwrap_or(TC_ACT_OK)
+}
+
+#[inline(always)]
+fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
+    let pkt = parse_tc(ctx)?;
+    let key = RevNatKey {
+        pod_addr_be: pkt.saddr,
+        client_addr_be: pkt.daddr,
+        pod_port_be: pkt.sport,
+        client_port_be: pkt.dport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: copied out at once.
+    let rev = unsafe { *ST8S_REVNAT.get(&key)? };
+    let cfg = config()?;
+    let slot = rev.slot as u32;
+    if rewrite(ctx, pkt.proto, IP_SRC_OFF, pkt.saddr, rev.frontend_addr_be, L4_OFF, pkt.sport, rev.frontend_port_be).is_err() {
+        count(slot, |c| c.drop_error += 1);
+        return Some(TC_ACT_SHOT);
+    }
+    count(slot, |c| c.replied += 1);
+    // Straight out of the uplink to the client, whichever node the client addressed.
+    // SAFETY: plain helper call.
+    Some(unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) as i32 })
+}
+
+#[xdp]
+pub fn st8s_xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+const _: () = assert!(TC_ACT_REDIRECT == 7);
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

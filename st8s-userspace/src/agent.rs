@@ -1,0 +1,165 @@
+//! `st8s agent`: keeps this node's dataplane in step with the cluster.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, info_span, warn};
+
+use crate::{
+    dataplane::{Dataplane, Options, XdpChoice},
+    model::Cluster,
+    net,
+    plan::{Desired, plan},
+    source::FileSource,
+};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentArgs {
+    /// This node's name, as in the cluster (in a DaemonSet: from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// Read Nodes and Pods from this YAML file (`kubectl get nodes,pods -A -o yaml`) and follow
+    /// its changes, instead of the Kubernetes API.
+    #[arg(long, value_name = "PATH")]
+    pub from_file: PathBuf,
+    /// The uplink to attach to. Default: the interface that holds the node's InternalIP.
+    #[arg(long, value_name = "IFACE")]
+    pub iface: Option<String>,
+    /// Where the maps are pinned while the agent runs.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/st8s")]
+    pub pin_dir: PathBuf,
+    /// XDP on the uplink: `auto` uses native XDP when the driver has it and TC alone otherwise.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp: XdpChoice,
+    /// Send new flows to this node's own backend pod when it has one (otherwise Maglev spreads
+    /// them over all backends).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefer_local: bool,
+    /// Flow-hash seed. Must be the same on every node.
+    #[arg(long, default_value_t = 0x5717_8500)]
+    pub hash_seed: u32,
+    /// How often to look at the source file and at peer MAC addresses.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    pub poll_ms: u64,
+}
+
+/// The last cluster that planned cleanly, and what it planned.
+struct Good {
+    desired: Desired,
+}
+
+/// Plans `cluster` strictly: any problem with an object rejects the whole update, so that the
+/// last good state stays programmed (the file is one unit the operator edits at once).
+fn plan_strict(cluster: &Cluster, node: &str) -> Result<Desired, Vec<String>> {
+    match plan(cluster, node) {
+        Err(e) => Err(vec![e.to_string()]),
+        Ok(p) if !p.problems.is_empty() => Err(p.problems.iter().map(|p| p.to_string()).collect()),
+        Ok(p) => Ok(p.desired),
+    }
+}
+
+/// Current MACs of the other nodes; asks the kernel to resolve the ones it does not know yet.
+fn peer_macs(desired: &Desired) -> BTreeMap<Ipv4Addr, [u8; 6]> {
+    let known = net::neighbours().unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read the neighbour table");
+        BTreeMap::new()
+    });
+    let mut out = BTreeMap::new();
+    for addr in desired.nodes.keys().filter(|a| **a != desired.self_node.addr) {
+        match known.get(addr) {
+            Some(mac) => {
+                out.insert(*addr, *mac);
+            }
+            None => net::solicit(*addr),
+        }
+    }
+    out
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let mut source = FileSource::new(&args.from_file);
+    let cluster = source
+        .poll()
+        .context("reading the cluster file")?
+        .context("the cluster file is empty")?;
+    let desired = plan_strict(&cluster, &args.node).map_err(|problems| {
+        anyhow::anyhow!("the cluster file cannot be programmed:\n  {}", problems.join("\n  "))
+    })?;
+    let iface = match &args.iface {
+        Some(i) => i.clone(),
+        None => net::iface_with_addr(desired.self_node.addr).with_context(|| {
+            format!("finding the uplink of node {} (pass --iface)", desired.self_node.name)
+        })?,
+    };
+    info!(node = %args.node, addr = %desired.self_node.addr, %iface, "starting");
+    let mut dp = Dataplane::start(Options {
+        iface: iface.clone(),
+        pin_dir: args.pin_dir.clone(),
+        xdp: args.xdp,
+        prefer_local: args.prefer_local,
+        hash_seed: args.hash_seed,
+    })?;
+    info!(mac = %dp.self_mac(), xdp_forwards = dp.xdp_forwards(), "dataplane attached");
+
+    let mut good = Good { desired };
+    let mut macs = peer_macs(&good.desired);
+    sync(&mut dp, &good.desired, &macs, "initial")?;
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut tick = tokio::time::interval(Duration::from_millis(args.poll_ms.max(50)));
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: detaching and unpinning"); break; }
+            _ = int.recv() => { info!("SIGINT: detaching and unpinning"); break; }
+            _ = tick.tick() => {
+                let mut changed = false;
+                match source.poll() {
+                    Ok(None) => {}
+                    Ok(Some(cluster)) => match plan_strict(&cluster, &args.node) {
+                        Ok(desired) => {
+                            changed = desired != good.desired;
+                            good.desired = desired;
+                        }
+                        Err(problems) => {
+                            for p in problems {
+                                error!(file = %source.path().display(), problem = %p, "update rejected; the last good state stays programmed");
+                            }
+                        }
+                    },
+                    Err(e) => error!(error = %anyhow::Error::from(e), "update rejected; the last good state stays programmed"),
+                }
+                let new_macs = peer_macs(&good.desired);
+                if new_macs != macs {
+                    macs = new_macs;
+                    changed = true;
+                }
+                if changed {
+                    if let Err(e) = sync(&mut dp, &good.desired, &macs, "update") {
+                        error!(error = format!("{e:#}"), "programming the maps failed");
+                    }
+                }
+            }
+        }
+    }
+    drop(dp);
+    info!("stopped");
+    Ok(())
+}
+
+fn sync(
+    dp: &mut Dataplane,
+    desired: &Desired,
+    macs: &BTreeMap<Ipv4Addr, [u8; 6]>,
+    why: &str,
+) -> anyhow::Result<()> {
+    let span = info_span!("sync", why, ports = desired.ports.len(), nodes = desired.nodes.len());
+    let _g = span.enter();
+    let report = dp.apply(desired, macs)?;
+    if !report.unresolved.is_empty() {
+        warn!(nodes = ?report.unresolved, "MAC of these nodes not resolved yet: not forwarding to them");
+    }
+    info!(writes = report.writes, ports_changed = report.ports_changed, "maps in sync");
+    Ok(())
+}

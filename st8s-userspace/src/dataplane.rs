@@ -1,0 +1,473 @@
+//! The kernel side, as the agent owns it: loads and attaches the programs, pins the maps, and
+//! turns a [`Desired`] table into map writes.
+//!
+//! One owner holds the map handles; every change goes through [`Dataplane::apply`], which writes
+//! only what differs from the last applied state. A port's backends and Maglev row are written to
+//! the idle bank first and made live with a single `ST8S_PORTS` update.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+};
+use st8s_common::{
+    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, MAX_PORTS,
+    MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, map_names, program_names,
+};
+use tracing::{info, warn};
+
+use crate::{
+    maglev,
+    net::{self, format_mac},
+    plan::{Desired, PortId, PortPlan},
+};
+
+/// The kernel programs, embedded at build time (see build.rs).
+pub fn ebpf_object() -> anyhow::Result<&'static [u8]> {
+    #[cfg(st8s_ebpf)]
+    {
+        static OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/st8s.bpf.o"));
+        Ok(OBJ)
+    }
+    #[cfg(not(st8s_ebpf))]
+    {
+        anyhow::bail!(
+            "this st8s binary was built without its kernel programs: run `cargo xtask build-ebpf`, then rebuild"
+        )
+    }
+}
+
+/// How to attach the uplink XDP program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpChoice {
+    /// Native XDP when the driver supports it, otherwise TC alone (never generic XDP).
+    Auto,
+    /// Native XDP or fail.
+    Native,
+    /// TC alone.
+    Off,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub iface: String,
+    pub pin_dir: PathBuf,
+    pub xdp: XdpChoice,
+    pub prefer_local: bool,
+    pub hash_seed: u32,
+}
+
+/// A port's live contents, as last written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PortState {
+    slot: u16,
+    bank: u8,
+    info: PortInfo,
+    backends: Vec<Backend>,
+    maglev: Vec<u8>,
+}
+
+/// The map contents one port should have (bank and slot aside).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortTables {
+    pub backends: Vec<Backend>,
+    pub maglev: Vec<u8>,
+    pub local: Option<(Ipv4Addr, u16)>,
+    /// Remote backends left out because their node's MAC is not known yet.
+    pub unresolved: Vec<String>,
+}
+
+/// Pure: the backend list and Maglev row for one port. Remote backends whose MAC is unknown are
+/// left out (and reported) rather than forwarded to a zero address.
+pub fn port_tables(
+    plan: &PortPlan,
+    self_name: &str,
+    macs: &BTreeMap<Ipv4Addr, [u8; 6]>,
+    seed: u32,
+) -> PortTables {
+    let mut backends = Vec::new();
+    let mut names = Vec::new();
+    let mut unresolved = Vec::new();
+    for b in &plan.backends {
+        let local = b.node == self_name;
+        let mac = if local {
+            Some([0; 6])
+        } else {
+            macs.get(&b.node_addr).copied()
+        };
+        match mac {
+            Some(mac) => {
+                backends.push(Backend {
+                    node_addr_be: u32::from(b.node_addr).to_be(),
+                    node_mac: mac,
+                    flags: if local { BACKEND_LOCAL } else { 0 },
+                    _pad: 0,
+                });
+                names.push(b.node.as_str());
+            }
+            None => unresolved.push(b.node.clone()),
+        }
+    }
+    PortTables {
+        maglev: maglev::table(&names, seed),
+        backends,
+        local: plan.local.as_ref().map(|l| (l.addr, l.port)),
+        unresolved,
+    }
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    opts: Options,
+    uplink_ifindex: u32,
+    self_mac: [u8; 6],
+    xdp_forwards: bool,
+    pod_ifaces: BTreeSet<String>,
+    ports: BTreeMap<PortId, PortState>,
+    nodes: BTreeMap<Ipv4Addr, NodeInfo>,
+    peer_macs: BTreeSet<[u8; 6]>,
+    config: Option<Config>,
+    pinned: Vec<PathBuf>,
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name).with_context(|| format!("map {name} missing from the object"))
+}
+
+impl Dataplane {
+    /// Loads the programs, attaches them to the uplink and pins the maps.
+    pub fn start(opts: Options) -> anyhow::Result<Self> {
+        let uplink_ifindex = net::ifindex(&opts.iface)?;
+        let self_mac = net::mac_of(&opts.iface)?;
+        let mut ebpf = Ebpf::load(ebpf_object()?).context("loading the st8s programs")?;
+
+        let xdp_forwards = match opts.xdp {
+            XdpChoice::Off => false,
+            choice => {
+                let prog: &mut Xdp = ebpf
+                    .program_mut(program_names::UPLINK_XDP)
+                    .context("XDP program missing")?
+                    .try_into()?;
+                prog.load().context("loading the XDP program (verifier)")?;
+                match prog.attach(&opts.iface, XdpMode::Driver) {
+                    Ok(_) => {
+                        info!(iface = %opts.iface, "native XDP attached: remote flows are forwarded in XDP");
+                        true
+                    }
+                    Err(e) if choice == XdpChoice::Auto => {
+                        warn!(iface = %opts.iface, error = %e, "native XDP unavailable on this interface: TC forwards remote flows instead");
+                        false
+                    }
+                    Err(e) => {
+                        return Err(e).context(format!("attaching native XDP to {}", opts.iface));
+                    }
+                }
+            }
+        };
+        // EEXIST when the qdisc is there already; on kernels with tcx it is not even needed.
+        let _ = tc::qdisc_add_clsact(&opts.iface);
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(program_names::UPLINK_TC)
+            .context("uplink TC program missing")?
+            .try_into()?;
+        prog.load().context("loading the uplink TC program (verifier)")?;
+        prog.attach(&opts.iface, TcAttachType::Ingress)
+            .with_context(|| format!("attaching TC ingress to {}", opts.iface))?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(program_names::POD_TC)
+            .context("pod TC program missing")?
+            .try_into()?;
+        prog.load().context("loading the pod TC program (verifier)")?;
+
+        let mut dp = Dataplane {
+            ebpf,
+            opts,
+            uplink_ifindex,
+            self_mac,
+            xdp_forwards,
+            pod_ifaces: BTreeSet::new(),
+            ports: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            peer_macs: BTreeSet::new(),
+            config: None,
+            pinned: Vec::new(),
+        };
+        dp.pin()?;
+        Ok(dp)
+    }
+
+    fn pin(&mut self) -> anyhow::Result<()> {
+        let dir = self.opts.pin_dir.clone();
+        fs::create_dir_all(&dir).with_context(|| {
+            format!("creating {} (is bpffs mounted at /sys/fs/bpf?)", dir.display())
+        })?;
+        for name in map_names::ALL {
+            let path = dir.join(name);
+            if path.exists() {
+                warn!(path = %path.display(), "removing a pin left by an earlier agent");
+                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+            map_mut(&mut self.ebpf, name)?
+                .pin(&path)
+                .with_context(|| format!("pinning {name} at {}", path.display()))?;
+            self.pinned.push(path);
+        }
+        info!(dir = %dir.display(), "maps pinned");
+        Ok(())
+    }
+
+    pub fn xdp_forwards(&self) -> bool {
+        self.xdp_forwards
+    }
+
+    /// Makes the maps hold `desired`. Capacity was checked by the plan, so this never leaves a
+    /// port half-written: each port flips to its new bank only once the bank is complete.
+    pub fn apply(
+        &mut self,
+        desired: &Desired,
+        macs: &BTreeMap<Ipv4Addr, [u8; 6]>,
+    ) -> anyhow::Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        let self_name = desired.self_node.name.clone();
+
+        let mut flags = 0;
+        if self.opts.prefer_local {
+            flags |= CONFIG_PREFER_LOCAL;
+        }
+        if self.xdp_forwards {
+            flags |= CONFIG_XDP_FORWARDS;
+        }
+        let config = Config {
+            self_addr_be: u32::from(desired.self_node.addr).to_be(),
+            uplink_ifindex: self.uplink_ifindex,
+            hash_seed: self.opts.hash_seed,
+            flags,
+            self_mac: self.self_mac,
+            _pad: [0; 2],
+        };
+        if self.config != Some(config) {
+            let mut m: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, map_names::CONFIG)?)?;
+            m.set(0, config, 0).context("writing ST8S_CONFIG")?;
+            self.config = Some(config);
+            report.writes += 1;
+        }
+
+        // Nodes and the MACs of peers, for recognising forwarded packets.
+        let nodes: BTreeMap<Ipv4Addr, NodeInfo> = desired
+            .nodes
+            .keys()
+            .map(|a| (*a, NodeInfo { mac: macs.get(a).copied().unwrap_or_default(), _pad: [0; 2] }))
+            .collect();
+        if nodes != self.nodes {
+            let mut m: HashMap<_, u32, NodeInfo> = HashMap::try_from(map_mut(&mut self.ebpf, map_names::NODES)?)?;
+            for (addr, info) in &nodes {
+                if self.nodes.get(addr) != Some(info) {
+                    m.insert(u32::from(*addr).to_be(), info, 0).context("writing ST8S_NODES")?;
+                    report.writes += 1;
+                }
+            }
+            for addr in self.nodes.keys().filter(|a| !nodes.contains_key(a)) {
+                let _ = m.remove(&u32::from(*addr).to_be());
+                report.writes += 1;
+            }
+            self.nodes = nodes;
+        }
+        let peer_macs: BTreeSet<[u8; 6]> = desired
+            .nodes
+            .keys()
+            .filter(|a| **a != desired.self_node.addr)
+            .filter_map(|a| macs.get(a).copied())
+            .collect();
+        if peer_macs != self.peer_macs {
+            let mut m: HashMap<_, MacKey, u32> = HashMap::try_from(map_mut(&mut self.ebpf, map_names::PEER_MACS)?)?;
+            for mac in peer_macs.difference(&self.peer_macs) {
+                m.insert(MacKey::new(*mac), 1, 0).context("writing ST8S_PEER_MACS")?;
+                report.writes += 1;
+            }
+            for mac in self.peer_macs.difference(&peer_macs) {
+                let _ = m.remove(&MacKey::new(*mac));
+                report.writes += 1;
+            }
+            self.peer_macs = peer_macs;
+        }
+
+        // Ports that went away.
+        let gone: Vec<PortId> = self.ports.keys().filter(|p| !desired.ports.contains_key(p)).copied().collect();
+        for id in gone {
+            let mut m: HashMap<_, PortKey, PortInfo> = HashMap::try_from(map_mut(&mut self.ebpf, map_names::PORTS)?)?;
+            let _ = m.remove(&PortKey::new(id.port, id.proto.number()));
+            self.ports.remove(&id);
+            report.writes += 1;
+            info!(port = %id, "port no longer steered");
+        }
+
+        for (id, plan) in &desired.ports {
+            let t = port_tables(plan, &self_name, macs, self.opts.hash_seed);
+            for node in &t.unresolved {
+                report.unresolved.insert(node.clone());
+            }
+            let (local_addr_be, local_port_be, local_ifindex, has_local) = match t.local {
+                Some((addr, port)) => {
+                    let ifindex = self.pod_ifindex(addr)?;
+                    (u32::from(addr).to_be(), port.to_be(), ifindex, 1)
+                }
+                None => (0, 0, 0, 0),
+            };
+            let (slot, bank) = match self.ports.get(id) {
+                Some(s) => {
+                    if s.backends == t.backends
+                        && s.maglev == t.maglev
+                        && s.info.local_addr_be == local_addr_be
+                        && s.info.local_port_be == local_port_be
+                        && s.info.local_ifindex == local_ifindex
+                    {
+                        continue;
+                    }
+                    (s.slot, 1 - s.bank)
+                }
+                None => (self.free_slot().context("no free port slot")?, 0),
+            };
+            let info = PortInfo {
+                slot,
+                bank,
+                backend_count: t.backends.len() as u8,
+                local_addr_be,
+                local_ifindex,
+                local_port_be,
+                has_local,
+                _pad: 0,
+            };
+            {
+                let mut m: Array<_, Backend> = Array::try_from(map_mut(&mut self.ebpf, map_names::BACKENDS)?)?;
+                for (i, b) in t.backends.iter().enumerate() {
+                    m.set(info.backend_index(i as u32), b, 0).context("writing ST8S_BACKENDS")?;
+                }
+            }
+            {
+                let mut row = MaglevRow::default();
+                row.slots.copy_from_slice(&t.maglev);
+                let mut m: Array<_, MaglevRow> = Array::try_from(map_mut(&mut self.ebpf, map_names::MAGLEV)?)?;
+                m.set(info.maglev_index(), row, 0).context("writing ST8S_MAGLEV")?;
+            }
+            if !self.ports.contains_key(id) {
+                self.reset_counters(u32::from(slot))?;
+            }
+            {
+                let mut m: HashMap<_, PortKey, PortInfo> = HashMap::try_from(map_mut(&mut self.ebpf, map_names::PORTS)?)?;
+                m.insert(PortKey::new(id.port, id.proto.number()), info, 0).context("writing ST8S_PORTS")?;
+            }
+            report.writes += t.backends.len() + 2;
+            report.ports_changed += 1;
+            info!(
+                port = %id,
+                backends = ?plan.backends.iter().map(|b| b.node.as_str()).collect::<Vec<_>>(),
+                local = ?plan.local.as_ref().map(|l| l.pod.as_str()),
+                "port programmed"
+            );
+            self.ports.insert(*id, PortState { slot, bank, info, backends: t.backends, maglev: t.maglev });
+        }
+        Ok(report)
+    }
+
+    fn free_slot(&self) -> Option<u16> {
+        let used: BTreeSet<u16> = self.ports.values().map(|p| p.slot).collect();
+        (0..MAX_PORTS as u16).find(|s| !used.contains(s))
+    }
+
+    fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        let mut m: PerCpuArray<_, Counters> = PerCpuArray::try_from(map_mut(&mut self.ebpf, map_names::COUNTERS)?)?;
+        let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
+        m.set(slot, zero, 0).context("resetting ST8S_COUNTERS")?;
+        Ok(())
+    }
+
+    /// The interface behind which a local pod lives; the pod program is attached there once.
+    fn pod_ifindex(&mut self, pod: Ipv4Addr) -> anyhow::Result<u32> {
+        let dev = net::route_dev(pod)?.with_context(|| format!("no route to pod {pod}"))?;
+        if dev == self.opts.iface {
+            anyhow::bail!("pod {pod} is routed through the uplink {dev}; st8s needs the pod network on its own interface");
+        }
+        if !self.pod_ifaces.contains(&dev) {
+            let _ = tc::qdisc_add_clsact(&dev);
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(program_names::POD_TC)
+                .context("pod TC program missing")?
+                .try_into()?;
+            prog.attach(&dev, TcAttachType::Ingress)
+                .with_context(|| format!("attaching the pod program to {dev}"))?;
+            info!(iface = %dev, "pod program attached");
+            self.pod_ifaces.insert(dev.clone());
+        }
+        Ok(net::ifindex(&dev)?)
+    }
+
+    pub fn self_mac(&self) -> String {
+        format_mac(&self.self_mac)
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        for path in &self.pinned {
+            if let Err(e) = fs::remove_file(path) {
+                warn!(path = %path.display(), error = %e, "could not unpin");
+            }
+        }
+        let _ = fs::remove_dir(&self.opts.pin_dir);
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub writes: usize,
+    pub ports_changed: usize,
+    pub unresolved: BTreeSet<String>,
+}
+
+/// Opens a pinned map read-only for `st8s inspect`.
+pub fn open_pinned(dir: &Path, name: &str) -> anyhow::Result<aya::maps::Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!("opening {} (is an st8s agent running with this --pin-dir?)", path.display())
+    })?;
+    Ok(aya::maps::Map::from_map_data(data)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{BackendEntry, LocalBackend};
+
+    fn plan(nodes: &[(&str, &str)], local: bool) -> PortPlan {
+        PortPlan {
+            backends: nodes
+                .iter()
+                .map(|(n, a)| BackendEntry { node: (*n).into(), node_addr: a.parse().unwrap(), pod: format!("p-{n}") })
+                .collect(),
+            local: local.then(|| LocalBackend { pod: "p".into(), addr: "10.244.1.2".parse().unwrap(), port: 8080 }),
+        }
+    }
+
+    #[test]
+    fn local_backend_is_flagged_and_unresolved_peers_left_out() {
+        let macs = BTreeMap::from([("10.0.0.12".parse().unwrap(), [2, 0, 0, 0, 0, 12])]);
+        let t = port_tables(&plan(&[("node1", "10.0.0.11"), ("node2", "10.0.0.12"), ("node3", "10.0.0.13")], true), "node1", &macs, 1);
+        assert_eq!(t.backends.len(), 2);
+        assert_eq!(t.backends[0].flags, BACKEND_LOCAL);
+        assert_eq!(t.backends[1].node_mac, [2, 0, 0, 0, 0, 12]);
+        assert_eq!(t.backends[1].node_addr_be, u32::from_be_bytes([10, 0, 0, 12]).to_be());
+        assert_eq!(t.unresolved, ["node3"]);
+        assert!(t.maglev.iter().all(|&i| i < 2));
+        assert_eq!(t.local, Some(("10.244.1.2".parse().unwrap(), 8080)));
+    }
+}

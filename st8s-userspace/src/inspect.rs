@@ -1,0 +1,155 @@
+//! `st8s inspect`: the live steering table and counters, decoded from the pinned maps.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use st8s_common::{
+    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, FLOW_LOCAL,
+    FlowKey, FlowValue, GLOBAL_COUNTER_SLOT, PortInfo, PortKey, map_names,
+};
+
+use crate::{
+    dataplane::open_pinned,
+    net::{format_mac, iface_name},
+    plan::Proto,
+};
+
+fn addr(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be(be))
+}
+
+/// Everything `st8s inspect` shows, read once.
+pub struct Snapshot {
+    pub config: Config,
+    pub ports: Vec<(PortKey, PortInfo, Vec<Backend>, Counters)>,
+    pub global: Counters,
+    pub flows: Vec<(FlowKey, FlowValue)>,
+    pub nodes: Vec<Ipv4Addr>,
+}
+
+pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
+    let config: Array<MapData, Config> = Array::try_from(open_pinned(dir, map_names::CONFIG)?)?;
+    let config = config.get(&0, 0).context("reading ST8S_CONFIG")?;
+    let ports: HashMap<MapData, PortKey, PortInfo> = HashMap::try_from(open_pinned(dir, map_names::PORTS)?)?;
+    let backends: Array<MapData, Backend> = Array::try_from(open_pinned(dir, map_names::BACKENDS)?)?;
+    let counters: PerCpuArray<MapData, Counters> =
+        PerCpuArray::try_from(open_pinned(dir, map_names::COUNTERS)?)?;
+    let flows: HashMap<MapData, FlowKey, FlowValue> = HashMap::try_from(open_pinned(dir, map_names::FLOWS)?)?;
+    let nodes: HashMap<MapData, u32, st8s_common::NodeInfo> =
+        HashMap::try_from(open_pinned(dir, map_names::NODES)?)?;
+
+    let sum = |slot: u32| -> anyhow::Result<Counters> {
+        let mut total = Counters::default();
+        for c in counters.get(&slot, 0).context("reading ST8S_COUNTERS")?.iter() {
+            total.add(c);
+        }
+        Ok(total)
+    };
+    let mut out = Vec::new();
+    for entry in ports.iter() {
+        let (k, v) = entry.context("reading ST8S_PORTS")?;
+        let mut bs = Vec::new();
+        for i in 0..u32::from(v.backend_count) {
+            bs.push(backends.get(&v.backend_index(i), 0).context("reading ST8S_BACKENDS")?);
+        }
+        out.push((k, v, bs, sum(u32::from(v.slot))?));
+    }
+    out.sort_by_key(|(k, ..)| (u16::from_be(k.port_be), k.proto));
+    let mut fl = Vec::new();
+    for entry in flows.iter() {
+        fl.push(entry.context("reading ST8S_FLOWS")?);
+    }
+    fl.sort_by_key(|(_, v)| std::cmp::Reverse(v.last_seen_ns));
+    let mut ns = Vec::new();
+    for k in nodes.keys() {
+        ns.push(addr(k.context("reading ST8S_NODES")?));
+    }
+    ns.sort();
+    Ok(Snapshot {
+        config,
+        ports: out,
+        global: sum(GLOBAL_COUNTER_SLOT)?,
+        flows: fl,
+        nodes: ns,
+    })
+}
+
+pub fn port_name(k: &PortKey) -> String {
+    match Proto::from_number(k.proto) {
+        Some(p) => format!("{}/{p}", u16::from_be(k.port_be)),
+        None => format!("{}/{}", u16::from_be(k.port_be), k.proto),
+    }
+}
+
+pub fn render(s: &Snapshot, max_flows: usize) -> String {
+    let mut o = String::new();
+    let c = &s.config;
+    let _ = writeln!(
+        o,
+        "node {}  uplink {} ({})  mac {}  xdp forwards: {}  prefer local: {}",
+        addr(c.self_addr_be),
+        iface_name(c.uplink_ifindex).unwrap_or_else(|| "?".into()),
+        c.uplink_ifindex,
+        format_mac(&c.self_mac),
+        if c.flags & CONFIG_XDP_FORWARDS != 0 { "yes" } else { "no (tc)" },
+        if c.flags & CONFIG_PREFER_LOCAL != 0 { "yes" } else { "no" },
+    );
+    let _ = writeln!(o, "nodes: {}", s.nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" "));
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10}",
+        "PORT", "BACKENDS", "LOCAL", "DELIVERED_LOCAL", "FORWARDED", "REPLIED", "PASSED", "UNTRUSTED_PEER",
+        "DROP_NO_LOCAL_BACKEND", "DROP_ERROR"
+    );
+    for (k, v, bs, n) in &s.ports {
+        let backends = bs
+            .iter()
+            .map(|b| {
+                let a = addr(b.node_addr_be);
+                if b.flags & BACKEND_LOCAL != 0 { format!("{a}(self)") } else { a.to_string() }
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let local = if v.has_local != 0 {
+            format!("{}:{}", addr(v.local_addr_be), u16::from_be(v.local_port_be))
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            o,
+            "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10}",
+            port_name(k), backends, local, n.delivered_local, n.forwarded, n.replied, n.passed,
+            n.untrusted_peer, n.drop_no_local_backend, n.drop_error
+        );
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "flows: {} tracked (newest first, at most {max_flows} shown)", s.flows.len());
+    let _ = writeln!(o, "{:<22} {:<22} {:<6} {:<22}", "CLIENT", "FRONTEND", "KIND", "BACKEND");
+    for (k, v) in s.flows.iter().take(max_flows) {
+        let proto = Proto::from_number(k.proto).map(|p| p.to_string()).unwrap_or_default();
+        let backend = if v.kind == FLOW_LOCAL {
+            format!("{}:{}", addr(v.backend_addr_be), u16::from_be(v.backend_port_be))
+        } else {
+            addr(v.backend_addr_be).to_string()
+        };
+        let _ = writeln!(
+            o,
+            "{:<22} {:<22} {:<6} {:<22}",
+            format!("{}:{}", addr(k.client_addr_be), u16::from_be(k.client_port_be)),
+            format!("{}:{}/{proto}", addr(k.frontend_addr_be), u16::from_be(k.frontend_port_be)),
+            if v.kind == FLOW_LOCAL { "local" } else { "remote" },
+            backend
+        );
+    }
+    let g = &s.global;
+    let _ = writeln!(o);
+    let _ = writeln!(o, "not tied to a port: drop_error {}", g.drop_error);
+    o
+}
+
+/// Counters per port name, for tests and scripts.
+pub fn counters_by_port(s: &Snapshot) -> BTreeMap<String, Counters> {
+    s.ports.iter().map(|(k, _, _, c)| (port_name(k), *c)).collect()
+}

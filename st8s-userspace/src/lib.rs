@@ -1,0 +1,11 @@
+//! The st8s agent as a library: the pure core ([`model`], [`plan`], [`maglev`]) and the adapters
+//! around it ([`dataplane`], [`source`], [`net`], [`inspect`]).
+
+pub mod agent;
+pub mod dataplane;
+pub mod inspect;
+pub mod maglev;
+pub mod model;
+pub mod net;
+pub mod plan;
+pub mod source;

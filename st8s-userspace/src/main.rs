@@ -1,0 +1,78 @@
+//! `st8s`: the eBPF/XDP traffic-steering agent for small Kubernetes clusters.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use st8s::{agent, inspect, model::Cluster, plan};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "st8s", version, about = "Kernel-side steering of hostPorts: every node answers on every port")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the dataplane on this node and keep its maps in sync with the cluster.
+    Agent(agent::AgentArgs),
+    /// Print the live steering table, flows and counters from the pinned maps.
+    Inspect {
+        /// The pin directory of the agent to inspect.
+        #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/st8s")]
+        pin_dir: PathBuf,
+        /// Flows to show at most.
+        #[arg(long, default_value_t = 20)]
+        flows: usize,
+    },
+    /// Print the steering table a node would get from a cluster file, without touching the kernel.
+    Plan {
+        #[arg(long)]
+        node: String,
+        #[arg(long, value_name = "PATH")]
+        from_file: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(agent::run(args)),
+        Command::Inspect { pin_dir, flows } => {
+            let s = inspect::snapshot(&pin_dir)?;
+            print!("{}", inspect::render(&s, flows));
+            Ok(())
+        }
+        Command::Plan { node, from_file } => {
+            let text = std::fs::read_to_string(&from_file)
+                .with_context(|| format!("reading {}", from_file.display()))?;
+            let cluster = Cluster::from_yaml(&text)?;
+            let p = plan::plan(&cluster, &node)?;
+            for problem in &p.problems {
+                eprintln!("problem: {problem}");
+            }
+            println!("node {} ({})", p.desired.self_node.name, p.desired.self_node.addr);
+            for (id, port) in &p.desired.ports {
+                let backends: Vec<String> =
+                    port.backends.iter().map(|b| format!("{}({})", b.node, b.pod)).collect();
+                let local = port
+                    .local
+                    .as_ref()
+                    .map(|l| format!("{} {}:{}", l.pod, l.addr, l.port))
+                    .unwrap_or_else(|| "-".into());
+                println!("{id:<10} backends {}  local {local}", backends.join(","));
+            }
+            if p.problems.is_empty() { Ok(()) } else { anyhow::bail!("{} problem(s)", p.problems.len()) }
+        }
+    }
+}

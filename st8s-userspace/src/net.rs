@@ -1,0 +1,223 @@
+//! What the agent needs to know about the node's own network: interfaces, MAC addresses, routes
+//! and neighbours. Everything here reads the network namespace the process runs in (ioctl,
+//! getifaddrs, /proc/self/net), never /sys, which shows the namespace that mounted it.
+
+use std::{
+    collections::BTreeMap,
+    ffi::{CStr, CString},
+    fs,
+    io,
+    net::{Ipv4Addr, UdpSocket},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("no interface holds address {addr}")]
+    NoInterfaceFor { addr: Ipv4Addr },
+    #[error("interface {iface:?} does not exist")]
+    NoSuchInterface { iface: String },
+    #[error("cannot read the MAC address of {iface:?}")]
+    Mac {
+        iface: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot list interface addresses")]
+    Ifaddrs(#[source] io::Error),
+    #[error("cannot read {path}")]
+    Proc {
+        path: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The interface that holds `addr`.
+pub fn iface_with_addr(addr: Ipv4Addr) -> Result<String, NetError> {
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills ifap with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return Err(NetError::Ifaddrs(io::Error::last_os_error()));
+    }
+    let mut found = None;
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr is non-null; the family says which sockaddr it is.
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+            if family == libc::AF_INET {
+                // SAFETY: AF_INET means sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == addr {
+                    // SAFETY: ifa_name is a C string owned by the list.
+                    found = Some(unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned());
+                    break;
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: ifap came from getifaddrs.
+    unsafe { libc::freeifaddrs(ifap) };
+    found.ok_or(NetError::NoInterfaceFor { addr })
+}
+
+pub fn ifindex(iface: &str) -> Result<u32, NetError> {
+    let name = CString::new(iface).map_err(|_| NetError::NoSuchInterface { iface: iface.to_owned() })?;
+    // SAFETY: name is a valid C string.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(NetError::NoSuchInterface { iface: iface.to_owned() }),
+        i => Ok(i),
+    }
+}
+
+pub fn iface_name(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes as the call requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success buf holds a C string.
+    Some(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+/// The interface's hardware address (SIOCGIFHWADDR).
+pub fn mac_of(iface: &str) -> Result<[u8; 6], NetError> {
+    let err = |source| NetError::Mac { iface: iface.to_owned(), source };
+    // SAFETY: a plain datagram socket for the ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(iface.as_bytes().iter().take(libc::IF_NAMESIZE - 1)) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: fd is open, req is a valid ifreq.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    let e = io::Error::last_os_error();
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err(e));
+    }
+    // SAFETY: the ioctl filled the hwaddr member of the union.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (m, b) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *m = *b as u8;
+    }
+    Ok(mac)
+}
+
+/// The device of the most specific route to `addr` in the main table (/proc/net/route), which
+/// is where the pod network of a local backend hangs off (a bridge such as cni0, or a veth).
+pub fn route_dev(addr: Ipv4Addr) -> Result<Option<String>, NetError> {
+    let text = fs::read_to_string("/proc/self/net/route")
+        .map_err(|source| NetError::Proc { path: "/proc/self/net/route", source })?;
+    Ok(best_route(&text, addr))
+}
+
+fn best_route(table: &str, addr: Ipv4Addr) -> Option<String> {
+    let a = u32::from(addr);
+    let mut best: Option<(u32, String)> = None;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 {
+            continue;
+        }
+        // Destination and mask are printed as the in-memory (network order) u32, in hex.
+        let (Ok(dst), Ok(mask)) = (u32::from_str_radix(f[1], 16), u32::from_str_radix(f[7], 16))
+        else {
+            continue;
+        };
+        let (dst, mask) = (u32::from_be(dst.to_le()), u32::from_be(mask.to_le()));
+        if a & mask == dst && best.as_ref().is_none_or(|(m, _)| mask.count_ones() > m.count_ones()) {
+            best = Some((mask, f[0].to_owned()));
+        }
+    }
+    best.map(|(_, dev)| dev)
+}
+
+/// Complete ARP entries (/proc/net/arp): address -> MAC.
+pub fn neighbours() -> Result<BTreeMap<Ipv4Addr, [u8; 6]>, NetError> {
+    let text = fs::read_to_string("/proc/self/net/arp")
+        .map_err(|source| NetError::Proc { path: "/proc/self/net/arp", source })?;
+    Ok(parse_arp(&text))
+}
+
+fn parse_arp(text: &str) -> BTreeMap<Ipv4Addr, [u8; 6]> {
+    let mut out = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 4 {
+            continue;
+        }
+        let complete = u32::from_str_radix(f[2].trim_start_matches("0x"), 16).is_ok_and(|fl| fl & 0x2 != 0);
+        let (Ok(ip), Some(mac)) = (f[0].parse(), parse_mac(f[3])) else {
+            continue;
+        };
+        if complete && mac != [0; 6] {
+            out.insert(ip, mac);
+        }
+    }
+    out
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for m in &mut mac {
+        *m = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Makes the kernel resolve `addr`'s MAC: one empty datagram to the discard port. The peer's
+/// answer (if any) does not matter; the ARP exchange that precedes it does.
+pub fn solicit(addr: Ipv4Addr) {
+    if let Ok(s) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
+        let _ = s.send_to(&[], (addr, 9));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_longest_prefix() {
+        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+cni0\t0001F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(best_route(table, "10.244.1.2".parse().unwrap()).as_deref(), Some("cni0"));
+        assert_eq!(best_route(table, "10.0.0.7".parse().unwrap()).as_deref(), Some("eth0"));
+        assert_eq!(best_route(table, "8.8.8.8".parse().unwrap()).as_deref(), Some("eth0"));
+    }
+
+    #[test]
+    fn reads_complete_arp_entries_only() {
+        let text = "IP address       HW type     Flags       HW address            Mask     Device\n\
+10.0.0.12        0x1         0x2         aa:bb:cc:00:00:12     *        eth0\n\
+10.0.0.13        0x1         0x0         00:00:00:00:00:00     *        eth0\n";
+        let n = parse_arp(text);
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[&"10.0.0.12".parse().unwrap()], [0xaa, 0xbb, 0xcc, 0, 0, 0x12]);
+    }
+
+    #[test]
+    fn loopback_exists() {
+        assert_eq!(ifindex("lo").expect("lo"), 1);
+        assert_eq!(iface_with_addr(Ipv4Addr::LOCALHOST).expect("lo"), "lo");
+        assert_eq!(mac_of("lo").expect("lo mac"), [0; 6]);
+    }
+}

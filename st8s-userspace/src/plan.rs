@@ -1,0 +1,482 @@
+//! The pure core: cluster objects in, the steering table one node should run out.
+//!
+//! No kernel, no API server: [`plan`] is a function of the [`Cluster`] and the node's name, so the
+//! file source, the Kubernetes watcher and the tests all share it.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use st8s_common::{MAX_BACKENDS, MAX_NODES, MAX_PORTS, PROTO_TCP, PROTO_UDP};
+
+use crate::model::{Cluster, pod_key};
+
+/// Pod annotation: `"false"` keeps the pod's hostPorts out of st8s.
+pub const STEER_ANNOTATION: &str = "st8s.io/steer";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            PROTO_TCP => Some(Proto::Tcp),
+            PROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// A steered hostPort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortId {
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for PortId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.port, self.proto)
+    }
+}
+
+/// A cluster node as the dataplane needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeEntry {
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub ready: bool,
+}
+
+/// A node that runs a Ready backend pod for a port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendEntry {
+    pub node: String,
+    pub node_addr: Ipv4Addr,
+    pub pod: String,
+}
+
+/// The backend pod on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalBackend {
+    pub pod: String,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+/// One steered port: every node with a backend (sorted by node name, the order every agent uses
+/// for the Maglev table), and this node's own backend if it has one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortPlan {
+    pub backends: Vec<BackendEntry>,
+    pub local: Option<LocalBackend>,
+}
+
+/// What one node's dataplane should hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub self_node: NodeEntry,
+    /// Every node with an InternalIP, by address (this one included).
+    pub nodes: BTreeMap<Ipv4Addr, NodeEntry>,
+    pub ports: BTreeMap<PortId, PortPlan>,
+}
+
+/// Something wrong with one object. The object is left out of the plan; the file source refuses
+/// the whole update while there are any, the Kubernetes source applies the rest.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("node {node}: no InternalIP address")]
+    NodeWithoutAddress { node: String },
+    #[error("pod {pod}: Ready with hostPorts but no podIP")]
+    PodWithoutIp { pod: String },
+    #[error("pod {pod}: podIP {ip:?} is not an IPv4 address")]
+    PodIpNotIpv4 { pod: String, ip: String },
+    #[error("pod {pod}: hostPort {port} has unknown protocol {protocol:?} (st8s steers TCP and UDP)")]
+    UnknownProtocol { pod: String, port: i32, protocol: String },
+    #[error("pod {pod}: port {port} is out of range")]
+    PortOutOfRange { pod: String, port: i32 },
+    #[error("pod {pod}: annotation {STEER_ANNOTATION}={value:?} is neither \"true\" nor \"false\"")]
+    BadAnnotation { pod: String, value: String },
+    #[error("pods {first} and {second} both claim hostPort {port} on node {node}")]
+    HostPortConflict {
+        port: PortId,
+        node: String,
+        first: String,
+        second: String,
+    },
+}
+
+/// The plan cannot be programmed at all.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("node {node:?} is not in the cluster")]
+    UnknownNode { node: String },
+    #[error("node {node:?} has no InternalIP address")]
+    SelfWithoutAddress { node: String },
+    #[error("{count} steered ports exceed the map capacity of {max}")]
+    TooManyPorts { count: usize, max: u32 },
+    #[error("port {port} has {count} backends, more than the map capacity of {max}")]
+    TooManyBackends { port: PortId, count: usize, max: u32 },
+    #[error("{count} nodes exceed the map capacity of {max}")]
+    TooManyNodes { count: usize, max: u32 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub desired: Desired,
+    pub problems: Vec<Problem>,
+}
+
+pub fn node_internal_ip(node: &Node) -> Option<Ipv4Addr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse().ok())
+}
+
+pub fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A hostPort one pod declares.
+struct Claim {
+    port: PortId,
+    container_port: u16,
+}
+
+/// The hostPorts of a pod that st8s should steer, or the problems that keep it out.
+fn pod_claims(pod: &Pod, name: &str, problems: &mut Vec<Problem>) -> Vec<Claim> {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Vec::new();
+    };
+    let mut claims = Vec::new();
+    for port in spec.containers.iter().flat_map(|c| c.ports.iter().flatten()) {
+        let Some(host_port) = port.host_port else {
+            continue;
+        };
+        let proto = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Proto::Tcp,
+            "UDP" => Proto::Udp,
+            other => {
+                problems.push(Problem::UnknownProtocol {
+                    pod: name.to_owned(),
+                    port: host_port,
+                    protocol: other.to_owned(),
+                });
+                continue;
+            }
+        };
+        let (Ok(hp), Ok(cp)) = (u16::try_from(host_port), u16::try_from(port.container_port))
+        else {
+            problems.push(Problem::PortOutOfRange {
+                pod: name.to_owned(),
+                port: host_port,
+            });
+            continue;
+        };
+        if hp == 0 || cp == 0 {
+            problems.push(Problem::PortOutOfRange {
+                pod: name.to_owned(),
+                port: host_port,
+            });
+            continue;
+        }
+        claims.push(Claim {
+            port: PortId { port: hp, proto },
+            container_port: cp,
+        });
+    }
+    claims
+}
+
+/// Turns the cluster into the table node `self_name` should run.
+///
+/// Every (hostPort, protocol) declared by a Ready pod on a Ready node becomes a steered port; the
+/// pod's node becomes one of its backends. Pods annotated `st8s.io/steer: "false"` and
+/// hostNetwork pods (the node itself already answers on their port) are left alone.
+pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
+    let mut problems = Vec::new();
+    let mut nodes = BTreeMap::new();
+    let mut node_by_name = BTreeMap::new();
+    for (name, node) in &cluster.nodes {
+        let Some(addr) = node_internal_ip(node) else {
+            problems.push(Problem::NodeWithoutAddress { node: name.clone() });
+            continue;
+        };
+        let entry = NodeEntry {
+            name: name.clone(),
+            addr,
+            ready: node_ready(node),
+        };
+        node_by_name.insert(name.clone(), entry.clone());
+        nodes.insert(addr, entry);
+    }
+    let self_node = match (cluster.nodes.contains_key(self_name), node_by_name.get(self_name)) {
+        (false, _) => {
+            return Err(PlanError::UnknownNode {
+                node: self_name.to_owned(),
+            });
+        }
+        (true, None) => {
+            return Err(PlanError::SelfWithoutAddress {
+                node: self_name.to_owned(),
+            });
+        }
+        (true, Some(n)) => n.clone(),
+    };
+    if nodes.len() > MAX_NODES as usize {
+        return Err(PlanError::TooManyNodes {
+            count: nodes.len(),
+            max: MAX_NODES,
+        });
+    }
+
+    // (port, node) -> (pod, pod address, containerPort)
+    let mut owners: BTreeMap<(PortId, String), (String, Ipv4Addr, u16)> = BTreeMap::new();
+    for (name, pod) in &cluster.pods {
+        match pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(STEER_ANNOTATION))
+            .map(String::as_str)
+        {
+            None | Some("true") => {}
+            Some("false") => continue,
+            Some(other) => {
+                problems.push(Problem::BadAnnotation {
+                    pod: name.clone(),
+                    value: other.to_owned(),
+                });
+                continue;
+            }
+        }
+        let spec = pod.spec.as_ref();
+        if spec.and_then(|s| s.host_network).unwrap_or(false) || !pod_ready(pod) {
+            continue;
+        }
+        let claims = pod_claims(pod, name, &mut problems);
+        if claims.is_empty() {
+            continue;
+        }
+        let Some(node) = spec
+            .and_then(|s| s.node_name.as_ref())
+            .and_then(|n| node_by_name.get(n))
+        else {
+            continue;
+        };
+        if !node.ready {
+            continue;
+        }
+        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()) else {
+            problems.push(Problem::PodWithoutIp { pod: name.clone() });
+            continue;
+        };
+        let Ok(addr) = ip.parse::<Ipv4Addr>() else {
+            problems.push(Problem::PodIpNotIpv4 {
+                pod: name.clone(),
+                ip: ip.clone(),
+            });
+            continue;
+        };
+        for claim in claims {
+            let key = (claim.port, node.name.clone());
+            if let Some((first, ..)) = owners.get(&key) {
+                problems.push(Problem::HostPortConflict {
+                    port: claim.port,
+                    node: node.name.clone(),
+                    first: first.clone(),
+                    second: name.clone(),
+                });
+                continue;
+            }
+            owners.insert(key, (name.clone(), addr, claim.container_port));
+        }
+    }
+
+    let mut ports: BTreeMap<PortId, PortPlan> = BTreeMap::new();
+    for ((port, node_name), (pod, addr, container_port)) in owners {
+        let entry = ports.entry(port).or_default();
+        let node = &node_by_name[&node_name];
+        entry.backends.push(BackendEntry {
+            node: node_name.clone(),
+            node_addr: node.addr,
+            pod: pod.clone(),
+        });
+        if node_name == self_name {
+            entry.local = Some(LocalBackend {
+                pod,
+                addr,
+                port: container_port,
+            });
+        }
+    }
+    if ports.len() > MAX_PORTS as usize {
+        return Err(PlanError::TooManyPorts {
+            count: ports.len(),
+            max: MAX_PORTS,
+        });
+    }
+    for (port, p) in &ports {
+        if p.backends.len() > MAX_BACKENDS as usize {
+            return Err(PlanError::TooManyBackends {
+                port: *port,
+                count: p.backends.len(),
+                max: MAX_BACKENDS,
+            });
+        }
+    }
+    Ok(Plan {
+        desired: Desired {
+            self_node,
+            nodes,
+            ports,
+        },
+        problems,
+    })
+}
+
+/// For messages: the pod's `namespace/name`.
+pub fn pod_name(pod: &Pod) -> String {
+    pod_key(pod)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(yaml: &str) -> Cluster {
+        Cluster::from_yaml(yaml).expect("fixture parses")
+    }
+
+    fn node(name: &str, ip: &str, ready: bool) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {ip}}}]\n  conditions: [{{type: Ready, status: \"{}\"}}]\n",
+            if ready { "True" } else { "False" }
+        )
+    }
+
+    fn pod(name: &str, node: &str, ip: &str, ports: &str, extra_meta: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: ns{extra_meta}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: c, ports: [{ports}]}}]\nstatus:\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n"
+        )
+    }
+
+    fn three_nodes() -> String {
+        node("node1", "10.0.0.11", true) + &node("node2", "10.0.0.12", true) + &node("node3", "10.0.0.13", true)
+    }
+
+    const WEB: &str = "{containerPort: 8080, hostPort: 80}";
+    const DNS: &str = "{containerPort: 53, hostPort: 53, protocol: UDP}, {containerPort: 53, hostPort: 53, protocol: TCP}";
+
+    #[test]
+    fn every_ready_hostport_is_steered_on_every_node() {
+        let c = cluster(&(three_nodes() + &pod("web-a", "node1", "10.244.1.2", WEB, "") + &pod("dns", "node2", "10.244.2.2", DNS, "")));
+        let p = plan(&c, "node3").expect("plans");
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        let ids: Vec<String> = p.desired.ports.keys().map(|k| k.to_string()).collect();
+        assert_eq!(ids, ["53/tcp", "53/udp", "80/tcp"]);
+        let web = &p.desired.ports[&PortId { port: 80, proto: Proto::Tcp }];
+        assert_eq!(web.backends.len(), 1);
+        assert_eq!(web.backends[0].node, "node1");
+        assert_eq!(web.local, None, "node3 runs no web pod");
+        let on_node1 = plan(&c, "node1").expect("plans");
+        let local = on_node1.desired.ports[&PortId { port: 80, proto: Proto::Tcp }].local.clone();
+        assert_eq!(
+            local,
+            Some(LocalBackend { pod: "ns/web-a".into(), addr: "10.244.1.2".parse().unwrap(), port: 8080 })
+        );
+    }
+
+    #[test]
+    fn opted_out_not_ready_and_host_network_pods_are_left_alone() {
+        let mut y = three_nodes();
+        y += &pod("off", "node1", "10.244.1.2", WEB, ", annotations: {st8s.io/steer: \"false\"}");
+        y += &pod("hostnet", "node2", "10.0.0.12", "{containerPort: 81, hostPort: 81}", "").replace("  nodeName", "  hostNetwork: true\n  nodeName");
+        y += &pod("unready", "node3", "10.244.3.2", "{containerPort: 82, hostPort: 82}", "").replace("status: \"True\"", "status: \"False\"");
+        let p = plan(&cluster(&y), "node1").expect("plans");
+        assert!(p.desired.ports.is_empty(), "{:?}", p.desired.ports);
+        assert!(p.problems.is_empty());
+    }
+
+    #[test]
+    fn pods_on_not_ready_nodes_are_not_backends() {
+        let y = node("node1", "10.0.0.11", true) + &node("node2", "10.0.0.12", false) + &pod("web", "node2", "10.244.2.2", WEB, "");
+        let p = plan(&cluster(&y), "node1").expect("plans");
+        assert!(p.desired.ports.is_empty());
+        assert_eq!(p.desired.nodes.len(), 2, "a NotReady node is still a known peer");
+    }
+
+    #[test]
+    fn backends_are_sorted_by_node_name() {
+        let y = three_nodes() + &pod("w3", "node3", "10.244.3.2", WEB, "") + &pod("w1", "node1", "10.244.1.2", WEB, "");
+        let p = plan(&cluster(&y), "node2").expect("plans");
+        let names: Vec<_> = p.desired.ports.values().next().unwrap().backends.iter().map(|b| b.node.as_str()).collect();
+        assert_eq!(names, ["node1", "node3"]);
+    }
+
+    #[test]
+    fn bad_objects_are_named() {
+        let mut y = three_nodes() + "---\napiVersion: v1\nkind: Node\nmetadata: {name: noaddr}\n";
+        y += &pod("sctp", "node1", "10.244.1.2", "{containerPort: 9, hostPort: 9, protocol: SCTP}", "");
+        y += &pod("noip", "node1", "", WEB, "").replace("  podIP: \n", "");
+        y += &pod("weird", "node1", "10.244.1.3", WEB, ", annotations: {st8s.io/steer: \"maybe\"}");
+        y += &pod("a", "node2", "10.244.2.2", WEB, "");
+        y += &pod("b", "node2", "10.244.2.3", WEB, "");
+        let p = plan(&cluster(&y), "node1").expect("plans");
+        let text: Vec<String> = p.problems.iter().map(|e| e.to_string()).collect();
+        let all = text.join("\n");
+        assert!(all.contains("node noaddr: no InternalIP"), "{all}");
+        assert!(all.contains("ns/sctp") && all.contains("SCTP"), "{all}");
+        assert!(all.contains("pod ns/noip: Ready with hostPorts but no podIP"), "{all}");
+        assert!(all.contains("ns/weird") && all.contains("maybe"), "{all}");
+        assert!(all.contains("pods ns/a and ns/b both claim hostPort 80/tcp on node node2"), "{all}");
+        assert_eq!(p.problems.len(), 5, "{all}");
+    }
+
+    #[test]
+    fn self_must_exist_with_an_address() {
+        let c = cluster(&three_nodes());
+        assert_eq!(plan(&c, "nope"), Err(PlanError::UnknownNode { node: "nope".into() }));
+        let c = cluster("apiVersion: v1\nkind: Node\nmetadata: {name: bare}\n");
+        assert_eq!(plan(&c, "bare"), Err(PlanError::SelfWithoutAddress { node: "bare".into() }));
+    }
+
+    #[test]
+    fn too_many_ports_is_an_error_not_a_partial_table() {
+        let ports: Vec<String> = (1..=MAX_PORTS + 1).map(|p| format!("{{containerPort: {p}, hostPort: {p}}}")).collect();
+        let y = three_nodes() + &pod("big", "node1", "10.244.1.2", &ports.join(", "), "");
+        assert!(matches!(plan(&cluster(&y), "node1"), Err(PlanError::TooManyPorts { .. })));
+    }
+}
