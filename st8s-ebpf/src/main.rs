@@ -221,7 +221,11 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
             Some(r) => r,
             None => return Steer::Pass { slot, untrusted: false },
         };
-        let idx = row.slots[(h as usize) % MAGLEV_SIZE] as u32;
+        let pos = bounded((h as usize) % MAGLEV_SIZE);
+        if pos >= MAGLEV_SIZE {
+            return Steer::Pass { slot, untrusted: false };
+        }
+        let idx = row.slots[pos] as u32;
         if idx >= port.backend_count as u32 || idx >= MAX_BACKENDS {
             return Steer::Pass { slot, untrusted: false };
         }
@@ -257,6 +261,15 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
     // A full LRU evicts the oldest flow; an insert failure only costs stickiness.
     let _ = ST8S_FLOWS.insert(&key, &flow, 0);
     verdict
+}
+
+/// Hides a value's provenance from the optimiser, so that the bounds check that follows is kept
+/// and the verifier sees it (LLVM turns `% MAGLEV_SIZE` into a multiply the verifier cannot bound).
+#[inline(always)]
+fn bounded(v: usize) -> usize {
+    let mut slot = v;
+    // SAFETY: a volatile read of a local.
+    unsafe { core::ptr::read_volatile(&mut slot) }
 }
 
 /// A tracked flow keeps its backend as long as that backend still serves the port.

@@ -1,1 +1,122 @@
-fn main() {}
+//! `cargo xtask <task>`: see `cargo xtask --help`.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use xtask::{progress, run, setup, workspace_root};
+
+mod lab_cmd;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "st8s developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks: nightly + rust-src, LLVM 22 and bpf-linker, and the
+    /// Debian packages the lab and the tests use. Idempotent; fast when all is there.
+    Setup,
+    /// Build the kernel programs (st8s-ebpf) with nightly and bpf-linker.
+    BuildEbpf,
+    /// Build the kernel programs and the `st8s` binary (debug, or --release).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run the network-namespace lab: three nodes, pods, a client, one agent
+    /// per node; send real requests to every node and print who answered.
+    Lab(lab_cmd::LabArgs),
+    /// Set up, build, and run every test: unit tests, BPF_PROG_TEST_RUN fixtures through the
+    /// real programs, and network-namespace integration tests (root needed).
+    Test {
+        /// Skip `setup` (when you know the machine is ready).
+        #[arg(long)]
+        no_setup: bool,
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test-name filter.
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// (lab internal) Run a backend pod's HTTP/DNS server.
+    #[command(hide = true)]
+    LabBackend {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        http: Option<u16>,
+        #[arg(long)]
+        dns: Option<u16>,
+    },
+    /// (lab internal) Attach the XDP_PASS stub to a veth and pin the link.
+    #[command(hide = true)]
+    LabStub {
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        pin: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::setup(),
+        Task::BuildEbpf => setup::build_ebpf(),
+        Task::Build { release } => build(release),
+        Task::Lab(args) => {
+            setup::setup()?;
+            build(false)?;
+            lab_cmd::run(args)
+        }
+        Task::Test { no_setup, cargo_args } => {
+            if !no_setup {
+                setup::setup()?;
+            }
+            build(false)?;
+            if !setup::is_root() {
+                bail!("the BPF and network-namespace tests need root (CAP_BPF, CAP_NET_ADMIN): run as root");
+            }
+            progress("running the test suite");
+            let mut cmd = Command::new("cargo");
+            cmd.current_dir(workspace_root()).args(["test", "--workspace"]);
+            if !cargo_args.is_empty() {
+                cmd.arg("--").args(&cargo_args);
+            }
+            run(&mut cmd)?;
+            progress("all tests passed");
+            Ok(())
+        }
+        Task::LabBackend { name, http, dns } => xtask::backend::serve(name, http, dns),
+        Task::LabStub { iface, pin } => stub(&iface, &pin),
+    }
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    setup::build_ebpf()?;
+    progress("building st8s and the lab tools");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root()).args(["build", "-p", "st8s-userspace", "-p", "xtask"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd).context("building st8s")
+}
+
+fn stub(iface: &str, pin: &std::path::Path) -> anyhow::Result<()> {
+    use aya::programs::{Xdp, XdpMode, links::FdLink};
+    let obj = std::fs::read(setup::ebpf_object()).context("reading the kernel programs (run `cargo xtask build-ebpf`)")?;
+    let mut ebpf = aya::Ebpf::load(&obj).context("loading the kernel programs")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(st8s_common::program_names::XDP_PASS)
+        .context("XDP_PASS program missing")?
+        .try_into()?;
+    prog.load()?;
+    let id = prog.attach(iface, XdpMode::Driver).with_context(|| format!("attaching to {iface}"))?;
+    let link = prog.take_link(id)?;
+    let link: FdLink = link.try_into().context("the XDP link is not a bpf_link")?;
+    link.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(())
+}

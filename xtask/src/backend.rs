@@ -1,0 +1,170 @@
+//! The lab's backend pods: a small HTTP server and a DNS server (UDP and TCP) that answer with the
+//! pod's name and the client address they saw, which is what the lab and the tests check.
+//!
+//! HTTP: `GET /` -> `pod=<name> client=<ip>:<port>` (keep-alive supported).
+//! DNS: any query -> one TXT record `pod=<name> client=<ip>:<port>` for the question's name.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::Arc,
+    thread,
+};
+
+use anyhow::Context as _;
+
+pub fn serve(name: String, http: Option<u16>, dns: Option<u16>) -> anyhow::Result<()> {
+    let name = Arc::new(name);
+    let mut threads = Vec::new();
+    if let Some(port) = http {
+        let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding http :{port}"))?;
+        let n = name.clone();
+        threads.push(thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let n = n.clone();
+                thread::spawn(move || http_conn(s, &n));
+            }
+        }));
+    }
+    if let Some(port) = dns {
+        let u = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("binding dns udp :{port}"))?;
+        let n = name.clone();
+        threads.push(thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((len, peer)) = u.recv_from(&mut buf) {
+                if let Some(reply) = dns_answer(&buf[..len], &n, peer, 512) {
+                    let _ = u.send_to(&reply, peer);
+                }
+            }
+        }));
+        let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding dns tcp :{port}"))?;
+        let n = name.clone();
+        threads.push(thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let n = n.clone();
+                thread::spawn(move || dns_tcp_conn(s, &n));
+            }
+        }));
+    }
+    eprintln!("backend {name}: serving (http {http:?}, dns {dns:?})");
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn http_conn(s: TcpStream, name: &str) {
+    let Ok(peer) = s.peer_addr() else { return };
+    let Ok(mut w) = s.try_clone() else { return };
+    let mut r = BufReader::new(s);
+    loop {
+        let mut line = String::new();
+        let mut close = false;
+        // Request line and headers up to the blank line.
+        let mut first = true;
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if first && line.trim().is_empty() {
+                continue;
+            }
+            first = false;
+            let l = line.to_ascii_lowercase();
+            if l.starts_with("connection:") && l.contains("close") {
+                close = true;
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+        }
+        let body = format!("pod={name} client={peer}\n");
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        if w.write_all(head.as_bytes()).and_then(|_| w.write_all(body.as_bytes())).is_err() || close {
+            return;
+        }
+    }
+}
+
+fn dns_tcp_conn(mut s: TcpStream, name: &str) {
+    let Ok(peer) = s.peer_addr() else { return };
+    loop {
+        let mut len = [0u8; 2];
+        if s.read_exact(&mut len).is_err() {
+            return;
+        }
+        let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+        if s.read_exact(&mut q).is_err() {
+            return;
+        }
+        let Some(a) = dns_answer(&q, name, peer, 65535) else { return };
+        let mut out = (a.len() as u16).to_be_bytes().to_vec();
+        out.extend(a);
+        if s.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers a standard query with one TXT record; `None` for anything that is not a query.
+pub fn dns_answer(q: &[u8], name: &str, peer: SocketAddr, _max: usize) -> Option<Vec<u8>> {
+    if q.len() < 12 || q[2] & 0x80 != 0 || u16::from_be_bytes([q[4], q[5]]) != 1 {
+        return None;
+    }
+    // Walk the question name (labels only, no compression in a question).
+    let mut i = 12;
+    loop {
+        let l = *q.get(i)? as usize;
+        if l == 0 {
+            i += 1;
+            break;
+        }
+        if l > 63 {
+            return None;
+        }
+        i += 1 + l;
+    }
+    let qend = i + 4;
+    if q.len() < qend {
+        return None;
+    }
+    let txt = format!("pod={name} client={peer}");
+    let txt = &txt.as_bytes()[..txt.len().min(255)];
+    let mut r = Vec::with_capacity(qend + 16 + txt.len());
+    r.extend_from_slice(&q[0..2]); // id
+    r.push(0x84 | (q[2] & 0x01)); // QR, AA, RD copied
+    r.push(0x00); // RCODE 0
+    r.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 0]); // QD=1 AN=1 NS=0 AR=0
+    r.extend_from_slice(&q[12..qend]);
+    r.extend_from_slice(&[0xc0, 12]); // name: pointer to the question
+    r.extend_from_slice(&[0, 16, 0, 1]); // TXT IN
+    r.extend_from_slice(&[0, 0, 0, 5]); // TTL 5
+    r.extend_from_slice(&((txt.len() + 1) as u16).to_be_bytes());
+    r.push(txt.len() as u8);
+    r.extend_from_slice(txt);
+    Some(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_a_txt_query() {
+        // id 0x1234, RD, one question: "a.lab" TXT IN
+        let q = [0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 3, b'l', b'a', b'b', 0, 0, 16, 0, 1];
+        let r = dns_answer(&q, "ns/dns", "10.0.0.1:5000".parse().unwrap(), 512).expect("answer");
+        assert_eq!(&r[0..2], &[0x12, 0x34]);
+        assert_eq!(r[2] & 0x80, 0x80);
+        assert_eq!(&r[6..8], &[0, 1], "one answer");
+        let text = String::from_utf8_lossy(&r);
+        assert!(text.contains("pod=ns/dns client=10.0.0.1:5000"), "{text}");
+        assert!(dns_answer(&r, "x", "10.0.0.1:1".parse().unwrap(), 512).is_none(), "responses are not answered");
+    }
+}

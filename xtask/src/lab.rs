@@ -1,0 +1,606 @@
+//! The network-namespace lab: a simulated home LAN on one machine.
+//!
+//! ```text
+//!                       switch netns: bridge br0 (the LAN, 10.77.0.0/24)
+//!        +----------------+-----------------+-----------------+
+//!     client           node1              node2             node3        (one netns each)
+//!   10.77.0.100     eth0 10.77.0.11     eth0 10.77.0.12     eth0 10.77.0.13
+//!                   cni0 10.244.1.1     cni0 10.244.2.1     cni0 10.244.3.1   (pod bridge)
+//!                     |                   |                   |
+//!                   pods 10.244.1.x       pods 10.244.2.x     pods 10.244.3.x (one netns each)
+//! ```
+//!
+//! Nodes route each other's pod networks (host-gw, like flannel's host-gw backend); the client
+//! knows nothing of pod networks. Each node runs a real `st8s agent` on its eth0; each pod runs a
+//! real HTTP and/or DNS server. The switch side of every node's veth carries an `XDP_PASS` stub,
+//! because the kernel drops frames sent with `XDP_TX` out of a veth whose peer has no XDP program
+//! (a property of veth, not of physical NICs).
+//!
+//! Everything is created with unique names and torn down on drop, even when a test fails.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+pub const NAMESPACE: &str = "lab";
+
+pub fn node_addr(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, 10 + node as u8)
+}
+
+pub fn node_name(node: usize) -> String {
+    format!("node{node}")
+}
+
+#[derive(Clone, Debug)]
+pub struct LabConfig {
+    pub nodes: usize,
+    pub st8s_bin: PathBuf,
+    pub xtask_bin: PathBuf,
+    pub prefer_local: bool,
+    pub xdp: String,
+}
+
+/// One hostPort a pod declares.
+#[derive(Clone, Debug)]
+pub struct HostPort {
+    pub host: u16,
+    pub container: u16,
+    pub proto: &'static str,
+}
+
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub node: usize,
+    pub ports: Vec<HostPort>,
+    pub http: Option<u16>,
+    pub dns: Option<u16>,
+}
+
+impl PodSpec {
+    /// An HTTP server on 8080 published as hostPort 80.
+    pub fn web(name: &str, node: usize) -> Self {
+        PodSpec {
+            name: name.into(),
+            node,
+            ports: vec![HostPort { host: 80, container: 8080, proto: "TCP" }],
+            http: Some(8080),
+            dns: None,
+        }
+    }
+
+    /// A DNS server on 53 udp+tcp published as hostPort 53.
+    pub fn dns(name: &str, node: usize) -> Self {
+        PodSpec {
+            name: name.into(),
+            node,
+            ports: vec![
+                HostPort { host: 53, container: 53, proto: "UDP" },
+                HostPort { host: 53, container: 53, proto: "TCP" },
+            ],
+            http: None,
+            dns: Some(53),
+        }
+    }
+}
+
+struct Pod {
+    spec: PodSpec,
+    ns: String,
+    ip: Ipv4Addr,
+    node_if: String,
+    server: Child,
+}
+
+/// What a backend answered.
+#[derive(Clone, Debug, Default)]
+pub struct Answer {
+    pub ok: bool,
+    /// `namespace/name` of the pod that answered.
+    pub pod: Option<String>,
+    /// The client address the pod saw, `ip:port`.
+    pub client: Option<String>,
+    pub detail: String,
+}
+
+impl Answer {
+    pub fn client_ip(&self) -> Option<Ipv4Addr> {
+        self.client.as_deref()?.split(':').next()?.parse().ok()
+    }
+
+    fn parse(out: &Output) -> Self {
+        let text = String::from_utf8_lossy(&out.stdout).trim().trim_matches('"').to_owned();
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let field = |k: &str| {
+            text.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .map(|v| v.trim_matches('"').to_owned())
+        };
+        let pod = field("pod=");
+        Answer {
+            ok: out.status.success() && pod.is_some(),
+            pod,
+            client: field("client="),
+            detail: if text.is_empty() { err } else { text },
+        }
+    }
+}
+
+pub struct Lab {
+    pub id: String,
+    pub dir: PathBuf,
+    pub pin_root: PathBuf,
+    cfg: LabConfig,
+    netns: Vec<String>,
+    sw: String,
+    client: String,
+    nodes: Vec<String>,
+    pods: BTreeMap<String, Pod>,
+    next_if: usize,
+    agents: BTreeMap<usize, Child>,
+    /// Pods written to the cluster file as not Ready (still running).
+    unready: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    sh("ip", args)
+}
+
+fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Namespaces left by labs whose process is gone (a run killed before it could clean up).
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix("s8-") else { continue };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+                let _ = fs::remove_dir_all(format!("/sys/fs/bpf/st8s-lab-{pid}"));
+            }
+        }
+    }
+}
+
+impl Lab {
+    /// Builds the switch, the nodes (with their pod bridges) and the client.
+    pub fn new(cfg: LabConfig) -> anyhow::Result<Self> {
+        remove_stale();
+        let pid = std::process::id();
+        let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{pid}-{n}");
+        let dir = std::env::temp_dir().join(format!("st8s-lab-{id}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/st8s-lab-{pid}/{n}"));
+        let mut lab = Lab {
+            sw: format!("s8-{id}-sw"),
+            client: format!("s8-{id}-client"),
+            nodes: (1..=cfg.nodes).map(|i| format!("s8-{id}-node{i}")).collect(),
+            id,
+            dir,
+            pin_root,
+            cfg,
+            netns: Vec::new(),
+            pods: BTreeMap::new(),
+            next_if: 0,
+            agents: BTreeMap::new(),
+            unready: Vec::new(),
+        };
+        lab.build().context("building the lab network")?;
+        Ok(lab)
+    }
+
+    fn add_ns(&mut self, name: &str) -> anyhow::Result<()> {
+        ip(&["netns", "add", name])?;
+        self.netns.push(name.to_owned());
+        ip(&["-n", name, "link", "set", "lo", "up"])
+    }
+
+    fn build(&mut self) -> anyhow::Result<()> {
+        fs::create_dir_all(&self.pin_root)
+            .with_context(|| format!("creating {} (is bpffs mounted?)", self.pin_root.display()))?;
+        let sw = self.sw.clone();
+        self.add_ns(&sw)?;
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        for (i, ns) in self.nodes.clone().iter().enumerate() {
+            let node = i + 1;
+            let port = format!("n{node}");
+            self.add_ns(ns)?;
+            ip(&["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &sw])?;
+            ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{}/24", node_addr(node)), "dev", "eth0"])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", ns, "link", "add", "cni0", "type", "bridge"])?;
+            ip(&["-n", ns, "addr", "add", &format!("10.244.{node}.1/24"), "dev", "cni0"])?;
+            ip(&["-n", ns, "link", "set", "cni0", "up"])?;
+            sh("ip", &["netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            for other in 1..=self.cfg.nodes {
+                if other != node {
+                    ip(&["-n", ns, "route", "add", &format!("10.244.{other}.0/24"), "via", &node_addr(other).to_string()])?;
+                }
+            }
+            self.attach_stub(&port)?;
+        }
+        let client = self.client.clone();
+        self.add_ns(&client)?;
+        ip(&["link", "add", "eth0", "netns", &client, "type", "veth", "peer", "name", "c", "netns", &sw])?;
+        ip(&["-n", &sw, "link", "set", "c", "master", "br0", "up"])?;
+        ip(&["-n", &client, "addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
+        ip(&["-n", &client, "link", "set", "eth0", "up"])?;
+        // A LAN client's packets arrive with complete checksums, as they would off a wire. veth
+        // would otherwise hand on CHECKSUM_PARTIAL packets whose checksum field is only the
+        // pseudo-header sum; a frame that goes through XDP_TX loses that mark and the backend's
+        // stack would then drop it as corrupt.
+        sh("ip", &["netns", "exec", &client, "ethtool", "-K", "eth0", "tx", "off"])?;
+        Ok(())
+    }
+
+    /// The `XDP_PASS` stub on the switch side of a node's uplink, pinned as a link so that it
+    /// stays while the lab is up (also after `cargo xtask lab --keep` exits).
+    fn attach_stub(&self, port: &str) -> anyhow::Result<()> {
+        let pin = self.pin_root.join(format!("stub-{port}"));
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.sw))
+            .arg("--")
+            .arg(&self.cfg.xtask_bin)
+            .args(["lab-stub", "--iface", port, "--pin"])
+            .arg(&pin)
+            .output()
+            .context("running xtask lab-stub")?;
+        if !out.status.success() {
+            bail!("attaching the XDP stub to {port}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    pub fn node_ns(&self, node: usize) -> &str {
+        &self.nodes[node - 1]
+    }
+
+    pub fn client_ns(&self) -> &str {
+        &self.client
+    }
+
+    pub fn switch_ns(&self) -> &str {
+        &self.sw
+    }
+
+    pub fn cluster_file(&self) -> PathBuf {
+        self.dir.join("cluster.yaml")
+    }
+
+    pub fn agent_pin_dir(&self, node: usize) -> PathBuf {
+        self.pin_root.join(node_name(node))
+    }
+
+    /// Starts a pod: its own netns on the node's cni0, running the lab backend server.
+    pub fn add_pod(&mut self, spec: PodSpec) -> anyhow::Result<()> {
+        if self.pods.contains_key(&spec.name) {
+            bail!("pod {} exists", spec.name);
+        }
+        let node_ns = self.node_ns(spec.node).to_owned();
+        self.next_if += 1;
+        let ns = format!("s8-{}-p{}", self.id, self.next_if);
+        let node_if = format!("v{}", self.next_if);
+        let pod_ip = Ipv4Addr::new(10, 244, spec.node as u8, 10 + self.next_if as u8);
+        self.add_ns(&ns)?;
+        ip(&["link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &node_if, "netns", &node_ns])?;
+        ip(&["-n", &node_ns, "link", "set", &node_if, "master", "cni0", "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "route", "add", "default", "via", &format!("10.244.{}.1", spec.node)])?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}"))
+            .arg("--")
+            .arg(&self.cfg.xtask_bin)
+            .args(["lab-backend", "--name", &format!("{NAMESPACE}/{}", spec.name)]);
+        if let Some(p) = spec.http {
+            cmd.args(["--http", &p.to_string()]);
+        }
+        if let Some(p) = spec.dns {
+            cmd.args(["--dns", &p.to_string()]);
+        }
+        let log = fs::File::create(self.dir.join(format!("pod-{}.log", spec.name)))?;
+        let server = cmd
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting a lab backend")?;
+        self.pods.insert(spec.name.clone(), Pod { spec, ns, ip: pod_ip, node_if, server });
+        Ok(())
+    }
+
+    /// Stops a pod and removes its network.
+    pub fn remove_pod(&mut self, name: &str) -> anyhow::Result<()> {
+        let Some(mut pod) = self.pods.remove(name) else {
+            bail!("no pod {name}");
+        };
+        let _ = pod.server.kill();
+        let _ = pod.server.wait();
+        let _ = ip(&["-n", self.node_ns(pod.spec.node), "link", "del", &pod.node_if]);
+        self.netns.retain(|n| *n != pod.ns);
+        ip(&["netns", "del", &pod.ns])
+    }
+
+    /// Marks a running pod as not Ready in the cluster file (or Ready again).
+    pub fn set_ready(&mut self, name: &str, ready: bool) {
+        self.unready.retain(|n| n != name);
+        if !ready {
+            self.unready.push(name.to_owned());
+        }
+    }
+
+    pub fn pod_ip(&self, name: &str) -> Option<Ipv4Addr> {
+        self.pods.get(name).map(|p| p.ip)
+    }
+
+    /// The cluster as `kubectl get nodes,pods -A -o yaml` would print it (the fields st8s reads).
+    pub fn cluster_yaml(&self) -> String {
+        let mut y = String::from("apiVersion: v1\nkind: List\nitems:\n");
+        for node in 1..=self.cfg.nodes {
+            let _ = write!(
+                y,
+                "- apiVersion: v1\n  kind: Node\n  metadata:\n    name: {}\n    labels:\n      st8s.io/zone: lab\n  status:\n    addresses:\n    - type: InternalIP\n      address: {}\n    conditions:\n    - type: Ready\n      status: \"True\"\n",
+                node_name(node),
+                node_addr(node)
+            );
+        }
+        for pod in self.pods.values() {
+            let ready = if self.unready.contains(&pod.spec.name) { "False" } else { "True" };
+            let _ = write!(
+                y,
+                "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: {}\n    namespace: {NAMESPACE}\n  spec:\n    nodeName: {}\n    containers:\n    - name: server\n      ports:\n",
+                pod.spec.name,
+                node_name(pod.spec.node)
+            );
+            for p in &pod.spec.ports {
+                let _ = write!(
+                    y,
+                    "      - containerPort: {}\n        hostPort: {}\n        protocol: {}\n",
+                    p.container, p.host, p.proto
+                );
+            }
+            let _ = write!(
+                y,
+                "  status:\n    podIP: {}\n    conditions:\n    - type: Ready\n      status: \"{ready}\"\n",
+                pod.ip
+            );
+        }
+        y
+    }
+
+    /// Writes the cluster file atomically (the agents poll it).
+    pub fn write_cluster(&self) -> anyhow::Result<()> {
+        self.write_raw(&self.cluster_yaml())
+    }
+
+    pub fn write_raw(&self, text: &str) -> anyhow::Result<()> {
+        let tmp = self.dir.join("cluster.yaml.tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, self.cluster_file())?;
+        Ok(())
+    }
+
+    pub fn start_agents(&mut self) -> anyhow::Result<()> {
+        for node in 1..=self.cfg.nodes {
+            self.start_agent(node)?;
+        }
+        Ok(())
+    }
+
+    pub fn start_agent(&mut self, node: usize) -> anyhow::Result<()> {
+        let log = fs::File::create(self.agent_log(node))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_ns(node)))
+            .arg("--")
+            .arg(&self.cfg.st8s_bin)
+            .args(["agent", "--node", &node_name(node), "--from-file"])
+            .arg(self.cluster_file())
+            .arg("--pin-dir")
+            .arg(self.agent_pin_dir(node))
+            .args(["--iface", "eth0", "--poll-ms", "100", "--xdp", &self.cfg.xdp])
+            .args(["--prefer-local", if self.cfg.prefer_local { "true" } else { "false" }])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting st8s agent")?;
+        self.agents.insert(node, child);
+        Ok(())
+    }
+
+    /// Stops an agent with SIGTERM and waits for it.
+    pub fn stop_agent(&mut self, node: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.agents.remove(&node) {
+            terminate(&mut child);
+        }
+        Ok(())
+    }
+
+    pub fn agent_log(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("agent-{}.log", node_name(node)))
+    }
+
+    pub fn agent_logs(&self) -> String {
+        let mut s = String::new();
+        for node in 1..=self.cfg.nodes {
+            let text = fs::read_to_string(self.agent_log(node)).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            let _ = writeln!(s, "--- {} agent log (last lines) ---", node_name(node));
+            for l in tail.into_iter().rev() {
+                let _ = writeln!(s, "{l}");
+            }
+        }
+        s
+    }
+
+    /// The live table of one node, read from its pinned maps.
+    pub fn snapshot(&self, node: usize) -> anyhow::Result<st8s::inspect::Snapshot> {
+        st8s::inspect::snapshot(&self.agent_pin_dir(node))
+    }
+
+    /// Waits until every agent's maps hold what the cluster file says: each port with all its
+    /// backends (peer MACs resolved) and the right local pod.
+    pub fn wait_synced(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let cluster = st8s::model::Cluster::from_yaml(&fs::read_to_string(self.cluster_file())?)?;
+        let start = Instant::now();
+        for node in 1..=self.cfg.nodes {
+            let want = st8s::plan::plan(&cluster, &node_name(node))?.desired;
+            loop {
+                if let Some(child) = self.agents.get_mut(&node) {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        bail!("the agent of {} exited ({status})\n{}", node_name(node), self.agent_logs());
+                    }
+                }
+                let matches = self.snapshot(node).is_ok_and(|s| table_matches(&s, &want));
+                if matches {
+                    break;
+                }
+                if start.elapsed() > timeout {
+                    bail!(
+                        "the agent of {} did not program the expected table within {timeout:?}\n{}",
+                        node_name(node),
+                        self.agent_logs()
+                    );
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a command in a namespace of the lab.
+    pub fn exec(&self, ns: &str, cmd: &str, args: &[&str]) -> anyhow::Result<Output> {
+        Command::new("ip")
+            .args(["netns", "exec", ns, cmd])
+            .args(args)
+            .output()
+            .with_context(|| format!("running {cmd} in {ns}"))
+    }
+
+    /// `curl http://<node>:<port>/` from the client.
+    pub fn http(&self, node: usize, port: u16) -> Answer {
+        self.http_to(node_addr(node), port)
+    }
+
+    pub fn http_to(&self, addr: Ipv4Addr, port: u16) -> Answer {
+        let url = format!("http://{addr}:{port}/");
+        match self.exec(&self.client, "curl", &["-sS", "--max-time", "3", "--connect-timeout", "2", &url]) {
+            Ok(out) => Answer::parse(&out),
+            Err(e) => Answer { detail: e.to_string(), ..Answer::default() },
+        }
+    }
+
+    /// `dig TXT whoami.lab @<node>` from the client, over UDP or TCP.
+    pub fn dns(&self, node: usize, tcp: bool) -> Answer {
+        let server = format!("@{}", node_addr(node));
+        let mut args = vec!["+short", "+time=2", "+tries=1", server.as_str(), "whoami.lab", "TXT"];
+        if tcp {
+            args.insert(0, "+tcp");
+        }
+        match self.exec(&self.client, "dig", &args) {
+            Ok(out) => Answer::parse(&out),
+            Err(e) => Answer { detail: e.to_string(), ..Answer::default() },
+        }
+    }
+
+    pub fn teardown(&mut self) {
+        for (_, mut child) in std::mem::take(&mut self.agents) {
+            terminate(&mut child);
+        }
+        for pod in self.pods.values_mut() {
+            let _ = pod.server.kill();
+            let _ = pod.server.wait();
+        }
+        self.pods.clear();
+        for ns in self.netns.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        let _ = fs::remove_dir_all(&self.pin_root);
+        if let Some(parent) = self.pin_root.parent() {
+            let _ = fs::remove_dir(parent);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+
+    /// Leaves everything up (for `cargo xtask lab --keep`): agents and pods keep running.
+    pub fn leak(mut self) {
+        self.netns.clear();
+        self.agents.clear();
+        self.pods.clear();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn terminate(child: &mut Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc_kill(child.id() as i32, 15);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Does the live table hold the planned ports, all backends and the right local pod?
+pub fn table_matches(s: &st8s::inspect::Snapshot, want: &st8s::plan::Desired) -> bool {
+    if s.ports.len() != want.ports.len() {
+        return false;
+    }
+    for (k, v, backends, _) in &s.ports {
+        let Some(proto) = st8s::plan::Proto::from_number(k.proto) else { return false };
+        let id = st8s::plan::PortId { port: u16::from_be(k.port_be), proto };
+        let Some(p) = want.ports.get(&id) else { return false };
+        let have: Vec<Ipv4Addr> = backends.iter().map(|b| Ipv4Addr::from(u32::from_be(b.node_addr_be))).collect();
+        let need: Vec<Ipv4Addr> = p.backends.iter().map(|b| b.node_addr).collect();
+        if have != need {
+            return false;
+        }
+        let local = (v.has_local != 0).then(|| Ipv4Addr::from(u32::from_be(v.local_addr_be)));
+        if local != p.local.as_ref().map(|l| l.addr) {
+            return false;
+        }
+    }
+    true
+}

@@ -1,0 +1,125 @@
+//! `cargo xtask lab`: the embedded default scenario, end to end.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use xtask::{
+    lab::{Answer, CLIENT_ADDR, Lab, LabConfig, PodSpec, node_addr, node_name},
+    progress, target_dir,
+};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct LabArgs {
+    /// Leave the lab up afterwards (namespaces, agents, pods) to poke at; prints how to.
+    #[arg(long)]
+    keep: bool,
+    /// XDP mode for the agents (auto, native, off).
+    #[arg(long, default_value = "auto")]
+    xdp: String,
+}
+
+struct Row {
+    node: usize,
+    service: &'static str,
+    answer: Answer,
+    expected: Vec<String>,
+}
+
+pub fn run(args: LabArgs) -> anyhow::Result<()> {
+    let cfg = LabConfig {
+        nodes: 3,
+        st8s_bin: target_dir().join("debug/st8s"),
+        xtask_bin: std::env::current_exe()?,
+        prefer_local: true,
+        xdp: args.xdp.clone(),
+    };
+    progress("creating the lab: switch, 3 nodes with pod bridges, a client");
+    let mut lab = Lab::new(cfg)?;
+    progress("starting pods: web on node1 and node2 (hostPort 80), dns on node3 (hostPort 53 udp+tcp)");
+    lab.add_pod(PodSpec::web("web-node1", 1))?;
+    lab.add_pod(PodSpec::web("web-node2", 2))?;
+    lab.add_pod(PodSpec::dns("dns-node3", 3))?;
+    lab.write_cluster()?;
+    progress(&format!("cluster file: {}", lab.cluster_file().display()));
+    progress("starting one st8s agent per node");
+    lab.start_agents()?;
+    lab.wait_synced(Duration::from_secs(20))?;
+    // Let the servers bind before the first request.
+    std::thread::sleep(Duration::from_millis(200));
+
+    progress("sending requests from the client (10.77.0.100) to every node");
+    let web = vec!["lab/web-node1".to_owned(), "lab/web-node2".to_owned()];
+    let dns = vec!["lab/dns-node3".to_owned()];
+    let mut rows = Vec::new();
+    for node in 1..=3 {
+        let expected_web = match node {
+            1 => vec!["lab/web-node1".to_owned()],
+            2 => vec!["lab/web-node2".to_owned()],
+            _ => web.clone(),
+        };
+        rows.push(Row { node, service: "http 80/tcp", answer: lab.http(node, 80), expected: expected_web });
+        rows.push(Row { node, service: "dns 53/udp", answer: lab.dns(node, false), expected: dns.clone() });
+        rows.push(Row { node, service: "dns 53/tcp", answer: lab.dns(node, true), expected: dns.clone() });
+    }
+
+    println!();
+    println!(
+        "{:<20} {:<12} {:<16} {:<20} {:<10} RESULT",
+        "NODE ADDRESSED", "SERVICE", "BACKEND", "CLIENT SEEN", "PATH"
+    );
+    let mut failed = 0;
+    for r in &rows {
+        let backend = r.answer.pod.clone().unwrap_or_else(|| "-".into());
+        let path = match &r.answer.pod {
+            Some(p) if p.ends_with(&format!("-{}", node_name(r.node))) => "local",
+            Some(_) => "forwarded",
+            None => "-",
+        };
+        let ok = r.answer.ok
+            && r.expected.contains(&backend)
+            && r.answer.client_ip() == Some(CLIENT_ADDR);
+        let result = if ok {
+            "ok".to_owned()
+        } else {
+            failed += 1;
+            format!("FAILED ({})", if r.answer.ok { "wrong backend or client address".to_owned() } else { r.answer.detail.clone() })
+        };
+        println!(
+            "{:<20} {:<12} {:<16} {:<20} {:<10} {result}",
+            format!("{} {}", node_name(r.node), node_addr(r.node)),
+            r.service,
+            backend,
+            r.answer.client.clone().unwrap_or_else(|| "-".into()),
+            path
+        );
+    }
+    println!();
+    for node in 1..=3 {
+        if let Ok(s) = lab.snapshot(node) {
+            let c = st8s::inspect::counters_by_port(&s);
+            let line: Vec<String> = c
+                .iter()
+                .map(|(p, c)| format!("{p}: local {} fwd {} replied {}", c.delivered_local, c.forwarded, c.replied))
+                .collect();
+            println!("{} counters  {}", node_name(node), line.join("  |  "));
+        }
+    }
+    println!();
+    if args.keep {
+        println!("The lab stays up (id {}). Try:", lab.id);
+        println!("  ip netns exec {} curl http://{}/", lab.client_ns(), node_addr(3));
+        println!("  ip netns exec {} dig @{} whoami.lab TXT", lab.client_ns(), node_addr(1));
+        println!("  {} inspect --pin-dir {}", target_dir().join("debug/st8s").display(), lab.agent_pin_dir(1).display());
+        println!("  bpftool map dump pinned {}/ST8S_PORTS", lab.agent_pin_dir(1).display());
+        println!("Tear it down with: ip -all netns delete  (or reboot), and rm -r {}", lab.pin_root.display());
+        lab.leak();
+    } else {
+        progress("tearing the lab down");
+        drop(lab);
+    }
+    if failed > 0 {
+        bail!("{failed} of {} requests failed", rows.len());
+    }
+    progress(&format!("all {} requests answered by the right backend, client address kept", rows.len()));
+    Ok(())
+}

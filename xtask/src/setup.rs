@@ -1,0 +1,188 @@
+//! `cargo xtask setup` and `cargo xtask build-ebpf`: everything a fresh machine lacks, installed
+//! idempotently; a machine that has it all is checked in about a second.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{progress, run, workspace_root};
+
+/// The dated nightly the machines can install (../shared/TOOLCHAIN.md); `nightly` is used when
+/// it is already there.
+const NIGHTLY_DATED: &str = "nightly-2026-05-20";
+
+/// Debian packages the lab, the tests and the build use, with a command each provides.
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("bpftool", "bpftool"),
+    ("curl", "curl"),
+    ("bind9-dnsutils", "dig"),
+    ("util-linux", "nsenter"),
+    ("iptables", "iptables-save"),
+    ("nftables", "nft"),
+    ("ethtool", "ethtool"),
+];
+/// Needed to build bpf-linker against the LLVM that matches the nightly.
+const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn cargo_bin(name: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
+    home.join("bin").join(name)
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
+    if pkgs.is_empty() {
+        return Ok(());
+    }
+    if !have("apt-get") {
+        bail!("missing packages {pkgs:?} and no apt-get to install them: install them by hand");
+    }
+    progress(&format!("installing Debian packages: {}", pkgs.join(" ")));
+    let sudo = if is_root() { vec![] } else { vec!["sudo"] };
+    let mut update = sudo.clone();
+    update.extend(["apt-get", "update", "-qq"]);
+    run(Command::new(update[0]).args(&update[1..])).context("apt-get update")?;
+    let mut install = sudo;
+    install.extend(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-qq"]);
+    install.extend(pkgs);
+    run(Command::new(install[0]).args(&install[1..])).with_context(|| format!("apt-get install {pkgs:?}"))
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// The nightly toolchain to build the kernel programs with, installed if needed.
+pub fn nightly() -> anyhow::Result<String> {
+    for tc in ["nightly", NIGHTLY_DATED] {
+        let ok = Command::new("rustc")
+            .arg(format!("+{tc}"))
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return Ok(tc.to_owned());
+        }
+    }
+    progress(&format!("installing Rust {NIGHTLY_DATED} (for the kernel programs)"));
+    run(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        NIGHTLY_DATED,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+        "--no-self-update",
+    ]))
+    .context("installing the nightly toolchain")?;
+    Ok(NIGHTLY_DATED.to_owned())
+}
+
+fn ensure_rust_src(tc: &str) -> anyhow::Result<()> {
+    let sysroot = Command::new("rustc").arg(format!("+{tc}")).args(["--print", "sysroot"]).output()?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        return Ok(());
+    }
+    progress(&format!("adding rust-src to {tc}"));
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", tc]))
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    if have("bpf-linker") || cargo_bin("bpf-linker").is_file() {
+        return Ok(());
+    }
+    let missing: Vec<&str> = LLVM_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    apt_install(&missing)?;
+    progress("building bpf-linker against LLVM 22 (about 3 minutes, once)");
+    run(Command::new("cargo")
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22", "--locked"]))
+    .context("cargo install bpf-linker")
+}
+
+/// Installs what the build, the lab and the tests need. Fast when everything is there.
+pub fn setup() -> anyhow::Result<()> {
+    let tc = nightly()?;
+    ensure_rust_src(&tc)?;
+    ensure_bpf_linker()?;
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, cmd)| !have(cmd)).map(|(p, _)| *p).collect();
+    apt_install(&missing)?;
+    for (pkg, cmd) in PACKAGES {
+        if !have(cmd) {
+            bail!("`{cmd}` (Debian package {pkg}) is still missing after installing it");
+        }
+    }
+    ensure_bpffs()?;
+    progress("setup: toolchain, bpf-linker and packages present");
+    Ok(())
+}
+
+/// Pinned maps live on bpffs; mount it at /sys/fs/bpf when it is not there yet.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")) {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("bpffs is not mounted at /sys/fs/bpf and mounting it needs root: mount -t bpf bpf /sys/fs/bpf");
+    }
+    progress("mounting bpffs at /sys/fs/bpf");
+    std::fs::create_dir_all("/sys/fs/bpf").context("creating /sys/fs/bpf")?;
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"])).context("mounting bpffs")
+}
+
+/// Where `build-ebpf` leaves the object; the agent's build script embeds it from there.
+pub fn ebpf_object() -> PathBuf {
+    workspace_root().join("st8s-ebpf/target/bpfel-unknown-none/release/st8s")
+}
+
+pub fn build_ebpf() -> anyhow::Result<()> {
+    let tc = nightly()?;
+    ensure_rust_src(&tc)?;
+    if !(have("bpf-linker") || cargo_bin("bpf-linker").is_file()) {
+        bail!("bpf-linker is missing: run `cargo xtask setup`");
+    }
+    progress("building the kernel programs (st8s-ebpf)");
+    let dir = workspace_root().join("st8s-ebpf");
+    let path = std::env::var("PATH").unwrap_or_default();
+    let bin = cargo_bin("");
+    run(Command::new("cargo")
+        .current_dir(&dir)
+        .env("PATH", format!("{}:{path}", bin.display()))
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO_TARGET_DIR")
+        .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
+        .arg(format!("+{tc}"))
+        .args(["build", "--release", "-Z", "build-std=core", "--target", "bpfel-unknown-none"]))
+    .context("building st8s-ebpf")?;
+    progress(&format!("kernel programs at {}", ebpf_object().display()));
+    Ok(())
+}
