@@ -7,5 +7,6 @@ pub mod inspect;
 pub mod maglev;
 pub mod model;
 pub mod net;
+pub mod packet;
 pub mod plan;
 pub mod source;

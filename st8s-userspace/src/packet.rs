@@ -1,0 +1,163 @@
+//! Ethernet/IPv4/TCP/UDP frames with correct checksums, and checksum checks: the fixtures the
+//! BPF_PROG_TEST_RUN tests and benchmarks feed through the programs.
+
+use std::net::Ipv4Addr;
+
+pub const ETH_HLEN: usize = 14;
+pub const IP_OFF: usize = ETH_HLEN;
+pub const L4_OFF: usize = ETH_HLEN + 20;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Frame {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    /// 6 (TCP) or 17 (UDP).
+    pub proto: u8,
+    pub payload_len: usize,
+    /// UDP only: send a zero checksum ("no checksum"), as RFC 768 allows.
+    pub udp_no_checksum: bool,
+}
+
+impl Frame {
+    pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Frame {
+            src_mac: [0x02, 0, 0, 0, 0, 0x64],
+            dst_mac: [0x02, 0, 0, 0, 0, 0x0b],
+            src,
+            dst,
+            sport,
+            dport,
+            proto: 6,
+            payload_len: 16,
+            udp_no_checksum: false,
+        }
+    }
+
+    pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Frame { proto: 17, ..Self::tcp(src, sport, dst, dport) }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let l4_len = if self.proto == 6 { 20 } else { 8 } + self.payload_len;
+        let tot = 20 + l4_len;
+        let mut p = Vec::with_capacity(ETH_HLEN + tot);
+        p.extend_from_slice(&self.dst_mac);
+        p.extend_from_slice(&self.src_mac);
+        p.extend_from_slice(&0x0800u16.to_be_bytes());
+        p.extend_from_slice(&[0x45, 0]);
+        p.extend_from_slice(&(tot as u16).to_be_bytes());
+        p.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, self.proto, 0, 0]);
+        p.extend_from_slice(&self.src.octets());
+        p.extend_from_slice(&self.dst.octets());
+        p.extend_from_slice(&self.sport.to_be_bytes());
+        p.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == 6 {
+            // seq, ack, data offset 5, SYN, window, csum, urg
+            p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        } else {
+            p.extend_from_slice(&(l4_len as u16).to_be_bytes());
+            p.extend_from_slice(&[0, 0]);
+        }
+        p.extend((0..self.payload_len).map(|i| i as u8));
+        let c = fold(sum(&p[IP_OFF..IP_OFF + 20], 0));
+        p[IP_OFF + 10..IP_OFF + 12].copy_from_slice(&c.to_be_bytes());
+        if !(self.proto == 17 && self.udp_no_checksum) {
+            let off = l4_csum_off(self.proto);
+            let mut c = fold(sum(&p[L4_OFF..], pseudo(&p)));
+            if c == 0 && self.proto == 17 {
+                c = 0xffff;
+            }
+            p[off..off + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        p
+    }
+}
+
+pub fn l4_csum_off(proto: u8) -> usize {
+    if proto == 6 { L4_OFF + 16 } else { L4_OFF + 6 }
+}
+
+fn sum(data: &[u8], init: u32) -> u32 {
+    let mut s = init;
+    for ch in data.chunks(2) {
+        let w = if ch.len() == 2 { u16::from_be_bytes([ch[0], ch[1]]) } else { u16::from(ch[0]) << 8 };
+        s += u32::from(w);
+    }
+    s
+}
+
+fn fold(mut s: u32) -> u16 {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+fn pseudo(p: &[u8]) -> u32 {
+    let tot = u16::from_be_bytes([p[IP_OFF + 2], p[IP_OFF + 3]]) as u32;
+    let s = sum(&p[IP_OFF + 12..IP_OFF + 20], 0);
+    s + u32::from(p[IP_OFF + 9]) + (tot - 20)
+}
+
+/// Is the IPv4 header checksum right?
+pub fn ip_checksum_ok(p: &[u8]) -> bool {
+    fold(sum(&p[IP_OFF..IP_OFF + 20], 0)) == 0
+}
+
+/// Is the TCP/UDP checksum right (a zero UDP checksum counts as right)?
+pub fn l4_checksum_ok(p: &[u8]) -> bool {
+    let proto = p[IP_OFF + 9];
+    let off = l4_csum_off(proto);
+    if proto == 17 && p[off] == 0 && p[off + 1] == 0 {
+        return true;
+    }
+    fold(sum(&p[L4_OFF..], pseudo(p))) == 0
+}
+
+pub fn src_addr(p: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(p[IP_OFF + 12], p[IP_OFF + 13], p[IP_OFF + 14], p[IP_OFF + 15])
+}
+
+pub fn dst_addr(p: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(p[IP_OFF + 16], p[IP_OFF + 17], p[IP_OFF + 18], p[IP_OFF + 19])
+}
+
+pub fn src_port(p: &[u8]) -> u16 {
+    u16::from_be_bytes([p[L4_OFF], p[L4_OFF + 1]])
+}
+
+pub fn dst_port(p: &[u8]) -> u16 {
+    u16::from_be_bytes([p[L4_OFF + 2], p[L4_OFF + 3]])
+}
+
+/// Recomputes the IPv4 header checksum after a test edits the header by hand.
+pub fn fix_ip_checksum(p: &mut [u8], ihl_bytes: usize) {
+    p[IP_OFF + 10] = 0;
+    p[IP_OFF + 11] = 0;
+    let c = fold(sum(&p[IP_OFF..IP_OFF + ihl_bytes], 0));
+    p[IP_OFF + 10..IP_OFF + 12].copy_from_slice(&c.to_be_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_frames_have_valid_checksums() {
+        let a: Ipv4Addr = "10.0.0.1".parse().unwrap();
+        let b: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        for f in [Frame::tcp(a, 1000, b, 80), Frame::udp(a, 1000, b, 53)] {
+            let p = f.build();
+            assert!(ip_checksum_ok(&p));
+            assert!(l4_checksum_ok(&p));
+            let mut bad = p.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 0xff;
+            assert!(!l4_checksum_ok(&bad), "a corrupted payload must fail the check");
+        }
+    }
+}

@@ -1,0 +1,494 @@
+//! Packet fixtures through the real, verifier-loaded programs with BPF_PROG_TEST_RUN: packet in,
+//! verdict and packet out (the Katran/Cilium approach). Needs root (CAP_BPF).
+//!
+//! The maps are written here by hand, so each test states exactly the table it runs against.
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use st8s::packet::{self, Frame};
+use st8s_common::{
+    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, FLOW_LOCAL,
+    FLOW_REMOTE, FlowKey, FlowValue, MAGLEV_SIZE, MacKey, MaglevRow, NodeInfo, PROTO_TCP, PROTO_UDP,
+    PortInfo, PortKey, RevNatKey, RevNatValue, map_names, program_names,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const SELF_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
+const PEER3_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0d];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
+const POD_IFINDEX: u32 = 77;
+const UPLINK_IFINDEX: u32 = 2;
+
+fn a(s: &str) -> Ipv4Addr {
+    s.parse().expect("address")
+}
+fn be(addr: Ipv4Addr) -> u32 {
+    u32::from(addr).to_be()
+}
+
+const SELF: &str = "10.0.0.11";
+const PEER: &str = "10.0.0.12";
+const PEER3: &str = "10.0.0.13";
+const CLIENT: &str = "10.0.0.100";
+const POD: &str = "10.244.1.5";
+
+struct Dp {
+    ebpf: Ebpf,
+}
+
+impl Dp {
+    fn new(flags: u32) -> Self {
+        assert!(
+            unsafe_geteuid() == 0,
+            "the BPF fixtures need root (CAP_BPF): run them through `cargo xtask test` as root"
+        );
+        let obj = st8s::dataplane::ebpf_object().expect("kernel programs embedded (cargo xtask build-ebpf)");
+        let mut ebpf = Ebpf::load(obj).expect("object loads");
+        for name in [program_names::UPLINK_XDP, program_names::XDP_PASS] {
+            let p: &mut Xdp = ebpf.program_mut(name).expect("program").try_into().expect("xdp");
+            p.load().expect("XDP program passes the verifier");
+        }
+        for name in [program_names::UPLINK_TC, program_names::POD_TC] {
+            let p: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().expect("tc");
+            p.load().expect("TC program passes the verifier");
+        }
+        let mut dp = Dp { ebpf };
+        dp.config(flags);
+        for (addr, mac) in [(SELF, SELF_MAC), (PEER, PEER_MAC), (PEER3, PEER3_MAC)] {
+            let mut nodes: HashMap<_, u32, NodeInfo> =
+                HashMap::try_from(dp.ebpf.map_mut(map_names::NODES).expect("map")).expect("type");
+            nodes.insert(be(a(addr)), NodeInfo { mac, _pad: [0; 2] }, 0).expect("insert");
+            if addr != SELF {
+                let mut macs: HashMap<_, MacKey, u32> =
+                    HashMap::try_from(dp.ebpf.map_mut(map_names::PEER_MACS).expect("map")).expect("type");
+                macs.insert(MacKey::new(mac), 1, 0).expect("insert");
+            }
+        }
+        dp
+    }
+
+    fn config(&mut self, flags: u32) {
+        let mut m: Array<_, Config> = Array::try_from(self.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("type");
+        let c = Config {
+            self_addr_be: be(a(SELF)),
+            uplink_ifindex: UPLINK_IFINDEX,
+            hash_seed: 7,
+            flags,
+            self_mac: SELF_MAC,
+            _pad: [0; 2],
+        };
+        m.set(0, c, 0).expect("config");
+    }
+
+    /// Programs one port: `backends` as (node address, mac, local?), every Maglev slot pointing at
+    /// `maglev_to`, and the local pod if any.
+    fn port(&mut self, port: u16, proto: u8, slot: u16, bank: u8, backends: &[(&str, [u8; 6], bool)], maglev_to: u8, local: bool) {
+        let info = PortInfo {
+            slot,
+            bank,
+            backend_count: backends.len() as u8,
+            local_addr_be: if local { be(a(POD)) } else { 0 },
+            local_ifindex: if local { POD_IFINDEX } else { 0 },
+            local_port_be: if local { 8080u16.to_be() } else { 0 },
+            has_local: u8::from(local),
+            _pad: 0,
+        };
+        {
+            let mut m: Array<_, Backend> = Array::try_from(self.ebpf.map_mut(map_names::BACKENDS).expect("map")).expect("type");
+            for (i, (addr, mac, is_local)) in backends.iter().enumerate() {
+                let b = Backend {
+                    node_addr_be: be(a(addr)),
+                    node_mac: *mac,
+                    flags: if *is_local { BACKEND_LOCAL } else { 0 },
+                    _pad: 0,
+                };
+                m.set(info.backend_index(i as u32), b, 0).expect("backend");
+            }
+        }
+        {
+            let mut m: Array<_, MaglevRow> = Array::try_from(self.ebpf.map_mut(map_names::MAGLEV).expect("map")).expect("type");
+            let row = MaglevRow { slots: [maglev_to; MAGLEV_SIZE], _pad: [0; 3] };
+            m.set(info.maglev_index(), row, 0).expect("maglev");
+        }
+        let mut m: HashMap<_, PortKey, PortInfo> = HashMap::try_from(self.ebpf.map_mut(map_names::PORTS).expect("map")).expect("type");
+        m.insert(PortKey::new(port, proto), info, 0).expect("port");
+    }
+
+    fn run_xdp(&self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let p: &Xdp = self.ebpf.program(program_names::UPLINK_XDP).expect("program").try_into().expect("xdp");
+        run_prog(p, pkt)
+    }
+
+    fn run_tc(&self, name: &str, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let p: &SchedClassifier = self.ebpf.program(name).expect("program").try_into().expect("tc");
+        run_prog(p, pkt)
+    }
+
+    fn counters(&self, slot: u32) -> Counters {
+        let m: PerCpuArray<_, Counters> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::COUNTERS).expect("map")).expect("type");
+        let mut total = Counters::default();
+        for c in m.get(&slot, 0).expect("counters").iter() {
+            total.add(c);
+        }
+        total
+    }
+
+    fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
+        let m: HashMap<_, FlowKey, FlowValue> =
+            HashMap::try_from(self.ebpf.map(map_names::FLOWS).expect("map")).expect("type");
+        m.get(key, 0).ok()
+    }
+
+    fn revnat(&self, key: &RevNatKey) -> Option<RevNatValue> {
+        let m: HashMap<_, RevNatKey, RevNatValue> =
+            HashMap::try_from(self.ebpf.map(map_names::REVNAT).expect("map")).expect("type");
+        m.get(key, 0).ok()
+    }
+}
+
+fn run_prog(p: &impl TestRunTc, pkt: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; pkt.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(pkt);
+    opts.data_out = Some(&mut out);
+    let res = p.run(opts);
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
+
+/// Both program types take the same test-run options.
+trait TestRunTc {
+    fn run(&self, opts: TestRunOptions<'_>) -> aya::programs::TestRunResult;
+}
+
+impl TestRunTc for Xdp {
+    fn run(&self, opts: TestRunOptions<'_>) -> aya::programs::TestRunResult {
+        self.test_run(opts).expect("BPF_PROG_TEST_RUN")
+    }
+}
+
+impl TestRunTc for SchedClassifier {
+    fn run(&self, opts: TestRunOptions<'_>) -> aya::programs::TestRunResult {
+        self.test_run(opts).expect("BPF_PROG_TEST_RUN")
+    }
+}
+
+fn unsafe_geteuid() -> u32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+fn client_tcp(dst: &str, dport: u16) -> Frame {
+    let mut f = Frame::tcp(a(CLIENT), 40000, a(dst), dport);
+    f.src_mac = CLIENT_MAC;
+    f.dst_mac = SELF_MAC;
+    f
+}
+
+fn flow_key(f: &Frame) -> FlowKey {
+    FlowKey {
+        client_addr_be: be(f.src),
+        frontend_addr_be: be(f.dst),
+        client_port_be: f.sport.to_be(),
+        frontend_port_be: f.dport.to_be(),
+        proto: f.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// 4b: no local backend, XDP forwards to the owning node, rewriting only the Ethernet addresses.
+#[test]
+fn xdp_forwards_a_remote_flow_with_only_the_macs_rewritten() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    dp.port(80, PROTO_TCP, 0, 0, &[(PEER, PEER_MAC, false)], 0, false);
+    let f = client_tcp(SELF, 80);
+    let pkt = f.build();
+    let (verdict, out) = dp.run_xdp(&pkt);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(&out[0..6], &PEER_MAC, "to the peer");
+    assert_eq!(&out[6..12], &SELF_MAC, "from this node");
+    assert_eq!(&out[12..], &pkt[12..], "IP header and payload untouched: the client address stays");
+    let flow = dp.flow(&flow_key(&f)).expect("flow tracked");
+    assert_eq!((flow.kind, flow.backend_addr_be), (FLOW_REMOTE, be(a(PEER))));
+    assert_eq!(dp.counters(0).forwarded, 1);
+}
+
+/// 4b with XDP off: the TC program forwards instead (TC fallback on NICs without native XDP).
+#[test]
+fn tc_forwards_a_remote_flow_when_xdp_is_off() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL);
+    dp.port(80, PROTO_TCP, 0, 0, &[(PEER, PEER_MAC, false)], 0, false);
+    let pkt = client_tcp(SELF, 80).build();
+    let (verdict, out) = dp.run_tc(program_names::UPLINK_TC, &pkt);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &PEER_MAC);
+    assert_eq!(&out[6..12], &SELF_MAC);
+    assert_eq!(&out[12..], &pkt[12..]);
+}
+
+/// 4a: a local backend: XDP passes, TC translates to the pod and redirects to its interface,
+/// checksums stay right, and the reply translation is remembered.
+#[test]
+fn local_backend_gets_the_packet_with_the_client_address_and_valid_checksums() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    dp.port(80, PROTO_TCP, 3, 0, &[(SELF, [0; 6], true), (PEER, PEER_MAC, false)], 1, true);
+    let f = client_tcp(SELF, 80);
+    let pkt = f.build();
+    let (verdict, out) = dp.run_xdp(&pkt);
+    assert_eq!((verdict, out.as_slice()), (XDP_PASS, pkt.as_slice()), "XDP leaves local delivery to TC");
+
+    let (verdict, out) = dp.run_tc(program_names::UPLINK_TC, &pkt);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(packet::dst_addr(&out), a(POD));
+    assert_eq!(packet::dst_port(&out), 8080);
+    assert_eq!(packet::src_addr(&out), a(CLIENT), "the pod sees the client");
+    assert_eq!(packet::src_port(&out), 40000);
+    assert!(packet::ip_checksum_ok(&out), "IP checksum");
+    assert!(packet::l4_checksum_ok(&out), "TCP checksum");
+    let rev = dp
+        .revnat(&RevNatKey {
+            pod_addr_be: be(a(POD)),
+            client_addr_be: be(a(CLIENT)),
+            pod_port_be: 8080u16.to_be(),
+            client_port_be: 40000u16.to_be(),
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        })
+        .expect("reply translation recorded");
+    assert_eq!((rev.frontend_addr_be, rev.frontend_port_be, rev.slot), (be(a(SELF)), 80u16.to_be(), 3));
+    assert_eq!(dp.flow(&flow_key(&f)).map(|v| v.kind), Some(FLOW_LOCAL));
+    assert_eq!(dp.counters(3).delivered_local, 1);
+}
+
+/// 4a/4b: the pod's reply leaves from the address and port the client sent to.
+#[test]
+fn pod_reply_is_rewritten_to_the_frontend_for_tcp_and_udp() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL);
+    for (proto, no_csum) in [(PROTO_TCP, false), (PROTO_UDP, false), (PROTO_UDP, true)] {
+        let mut m: HashMap<_, RevNatKey, RevNatValue> =
+            HashMap::try_from(dp.ebpf.map_mut(map_names::REVNAT).expect("map")).expect("type");
+        // The frontend is a peer's address: a forwarded flow's reply goes straight to the client.
+        m.insert(
+            RevNatKey {
+                pod_addr_be: be(a(POD)),
+                client_addr_be: be(a(CLIENT)),
+                pod_port_be: 8080u16.to_be(),
+                client_port_be: 40000u16.to_be(),
+                proto,
+                _pad: [0; 3],
+            },
+            RevNatValue { frontend_addr_be: be(a(PEER)), frontend_port_be: 80u16.to_be(), slot: 5 },
+            0,
+        )
+        .expect("insert");
+        let mut f = if proto == PROTO_TCP {
+            Frame::tcp(a(POD), 8080, a(CLIENT), 40000)
+        } else {
+            Frame::udp(a(POD), 8080, a(CLIENT), 40000)
+        };
+        f.udp_no_checksum = no_csum;
+        let pkt = f.build();
+        let (verdict, out) = dp.run_tc(program_names::POD_TC, &pkt);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "proto {proto}");
+        assert_eq!(packet::src_addr(&out), a(PEER));
+        assert_eq!(packet::src_port(&out), 80);
+        assert_eq!(packet::dst_addr(&out), a(CLIENT));
+        assert!(packet::ip_checksum_ok(&out));
+        assert!(packet::l4_checksum_ok(&out), "proto {proto} no_csum {no_csum}");
+        if no_csum {
+            let off = packet::l4_csum_off(PROTO_UDP);
+            assert_eq!(&out[off..off + 2], &[0, 0], "a zero UDP checksum stays zero");
+        }
+        // An unrelated packet from the pod goes untouched.
+        let other = Frame::tcp(a(POD), 8080, a("10.0.0.99"), 40000).build();
+        assert_eq!(dp.run_tc(program_names::POD_TC, &other), (TC_ACT_OK, other.clone()));
+    }
+    assert!(dp.counters(5).replied >= 3);
+}
+
+
+/// 4d: everything that is not a steered IPv4 TCP/UDP packet to this node passes untouched,
+/// through all three programs.
+#[test]
+fn everything_else_passes_untouched() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    dp.port(80, PROTO_TCP, 0, 0, &[(PEER, PEER_MAC, false)], 0, false);
+    dp.port(53, PROTO_UDP, 1, 0, &[(PEER, PEER_MAC, false)], 0, false);
+    let steered = client_tcp(SELF, 80).build();
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("other port", client_tcp(SELF, 8080).build()),
+        ("other protocol on a steered number", {
+            let mut f = Frame::udp(a(CLIENT), 40000, a(SELF), 80);
+            f.dst_mac = SELF_MAC;
+            f.build()
+        }),
+        ("other destination", client_tcp("10.0.0.99", 80).build()),
+    ];
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&[0; 28]);
+    cases.push(("ARP", arp));
+    let mut v6 = steered.clone();
+    v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    cases.push(("IPv6 ethertype", v6));
+    let mut vlan = steered.clone();
+    vlan[12..14].copy_from_slice(&[0x81, 0x00]);
+    cases.push(("VLAN tag", vlan));
+    let mut icmp = steered.clone();
+    icmp[packet::IP_OFF + 9] = 1;
+    packet::fix_ip_checksum(&mut icmp, 20);
+    cases.push(("ICMP", icmp));
+    let mut mf = steered.clone();
+    mf[packet::IP_OFF + 6] = 0x20; // more fragments
+    packet::fix_ip_checksum(&mut mf, 20);
+    cases.push(("first fragment", mf));
+    let mut off = steered.clone();
+    off[packet::IP_OFF + 6] = 0x00;
+    off[packet::IP_OFF + 7] = 0x10; // offset 128 bytes
+    packet::fix_ip_checksum(&mut off, 20);
+    cases.push(("later fragment", off));
+    let mut opts = steered.clone();
+    opts[packet::IP_OFF] = 0x46;
+    cases.push(("IP options", opts));
+    let mut v5 = steered.clone();
+    v5[packet::IP_OFF] = 0x55;
+    cases.push(("IP version 5", v5));
+    cases.push(("truncated TCP header", steered[..packet::L4_OFF + 10].to_vec()));
+    cases.push(("only Ethernet + IP", steered[..packet::L4_OFF].to_vec()));
+    cases.push(("Ethernet and one byte", steered[..15].to_vec()));
+    let mut long = steered.clone();
+    long[packet::IP_OFF + 2..packet::IP_OFF + 4].copy_from_slice(&2000u16.to_be_bytes());
+    packet::fix_ip_checksum(&mut long, 20);
+    cases.push(("total length beyond the frame", long));
+    let mut short = steered.clone();
+    short[packet::IP_OFF + 2..packet::IP_OFF + 4].copy_from_slice(&24u16.to_be_bytes());
+    packet::fix_ip_checksum(&mut short, 20);
+    cases.push(("total length shorter than the headers", short));
+
+    for (what, pkt) in &cases {
+        assert_eq!(dp.run_xdp(pkt), (XDP_PASS, pkt.clone()), "XDP: {what}");
+        // The kernel refuses to test-run an skb whose IPv4 header is cut short (EINVAL), so
+        // those frames are covered by the XDP program, which sees them first on the uplink.
+        if pkt[12..14] == [0x08, 0x00] && pkt.len() < packet::L4_OFF {
+            continue;
+        }
+        assert_eq!(dp.run_tc(program_names::UPLINK_TC, pkt), (TC_ACT_OK, pkt.clone()), "uplink TC: {what}");
+        assert_eq!(dp.run_tc(program_names::POD_TC, pkt), (TC_ACT_OK, pkt.clone()), "pod TC: {what}");
+    }
+    // The same steered packet does get forwarded: the cases above pass because of what they are.
+    assert_eq!(dp.run_xdp(&steered).0, XDP_TX);
+    let c = dp.counters(0);
+    assert_eq!((c.forwarded, c.passed, c.drop_error), (1, 0, 0));
+}
+
+/// 4e: a packet addressed to another node's IP is served here only when a cluster node sent it.
+#[test]
+fn forwarded_packets_are_accepted_only_from_cluster_nodes() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    dp.port(80, PROTO_TCP, 0, 0, &[(SELF, [0; 6], true)], 0, true);
+    dp.port(81, PROTO_TCP, 1, 0, &[(PEER3, PEER3_MAC, false)], 0, false);
+
+    // A LAN host sends to this node's MAC with the peer's address: not ours to serve.
+    let spoofed = client_tcp(PEER, 80).build();
+    assert_eq!(dp.run_xdp(&spoofed), (XDP_PASS, spoofed.clone()));
+    assert_eq!(dp.run_tc(program_names::UPLINK_TC, &spoofed), (TC_ACT_OK, spoofed.clone()));
+    assert_eq!(dp.counters(0).untrusted_peer, 1);
+    assert_eq!(dp.counters(0).delivered_local, 0);
+
+    // The peer forwarded it (its MAC): delivered to the local pod.
+    let mut f = client_tcp(PEER, 80);
+    f.src_mac = PEER_MAC;
+    let fwd = f.build();
+    assert_eq!(dp.run_xdp(&fwd).0, XDP_PASS, "never forwarded twice");
+    let (verdict, out) = dp.run_tc(program_names::UPLINK_TC, &fwd);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(packet::dst_addr(&out), a(POD));
+    assert_eq!(packet::src_addr(&out), a(CLIENT));
+    assert_eq!(dp.counters(0).delivered_local, 1);
+
+    // Forwarded here, but this node has no backend for the port: dropped, not bounced on.
+    let mut f = client_tcp(PEER, 81);
+    f.src_mac = PEER_MAC;
+    let stray = f.build();
+    assert_eq!(dp.run_xdp(&stray).0, XDP_PASS);
+    assert_eq!(dp.run_tc(program_names::UPLINK_TC, &stray).0, TC_ACT_SHOT);
+    assert_eq!(dp.counters(1).drop_no_local_backend, 1);
+    let _ = XDP_DROP;
+}
+
+/// 4b: a flow keeps its backend when the backend set changes, and moves only when its backend
+/// leaves.
+#[test]
+fn a_flow_keeps_its_backend_until_the_backend_goes_away() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    dp.port(80, PROTO_TCP, 0, 0, &[(PEER, PEER_MAC, false)], 0, false);
+    let f = client_tcp(SELF, 80);
+    let pkt = f.build();
+    assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC);
+
+    // A new backend arrives and the table now sends every new flow to it.
+    dp.port(80, PROTO_TCP, 0, 1, &[(PEER3, PEER3_MAC, false), (PEER, PEER_MAC, false)], 0, false);
+    assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC, "the established flow stays");
+    let mut g = client_tcp(SELF, 80);
+    g.sport = 40001;
+    assert_eq!(&dp.run_xdp(&g.build()).1[0..6], &PEER3_MAC, "a new flow takes the new table");
+
+    // The flow's backend leaves: the flow is re-steered instead of black-holed.
+    dp.port(80, PROTO_TCP, 0, 0, &[(PEER3, PEER3_MAC, false)], 0, false);
+    assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER3_MAC);
+    assert_eq!(dp.flow(&flow_key(&f)).map(|v| v.backend_addr_be), Some(be(a(PEER3))));
+}
+
+/// 4c: without local preference, Maglev spreads new flows over every backend, this node's too.
+#[test]
+fn maglev_spreads_flows_and_local_preference_wins_when_set() {
+    let backends = [(SELF, [0u8; 6], true), (PEER, PEER_MAC, false), (PEER3, PEER3_MAC, false)];
+    let names = ["node1", "node2", "node3"];
+    let table = st8s::maglev::table(&names, 7);
+    let mut dp = Dp::new(CONFIG_XDP_FORWARDS);
+    // Write the real Maglev table.
+    dp.port(80, PROTO_TCP, 0, 0, &backends, 0, true);
+    {
+        let mut m: Array<_, MaglevRow> = Array::try_from(dp.ebpf.map_mut(map_names::MAGLEV).expect("map")).expect("type");
+        let mut row = MaglevRow::default();
+        row.slots.copy_from_slice(&table);
+        m.set(0, row, 0).expect("row");
+    }
+    let mut seen = [0usize; 3];
+    for sport in 0..300u16 {
+        let mut f = client_tcp(SELF, 80);
+        f.sport = 20000 + sport;
+        let (verdict, out) = dp.run_xdp(&f.build());
+        match (verdict, &out[0..6]) {
+            (XDP_PASS, _) => seen[0] += 1,
+            (XDP_TX, m) if m == PEER_MAC => seen[1] += 1,
+            (XDP_TX, m) if m == PEER3_MAC => seen[2] += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    for (i, n) in seen.iter().enumerate() {
+        assert!(*n > 60, "backend {i} got {n} of 300 flows: {seen:?}");
+    }
+    // With local preference every new flow stays here.
+    dp.config(CONFIG_XDP_FORWARDS | CONFIG_PREFER_LOCAL);
+    for sport in 0..50u16 {
+        let mut f = client_tcp(SELF, 80);
+        f.sport = 30000 + sport;
+        assert_eq!(dp.run_xdp(&f.build()).0, XDP_PASS);
+    }
+}
+
