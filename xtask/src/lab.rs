@@ -565,7 +565,7 @@ impl Drop for Lab {
 fn terminate(child: &mut Child) {
     // SAFETY: kill(2) on our own child's pid.
     unsafe {
-        libc_kill(child.id() as i32, 15);
+        libc::kill(child.id() as i32, libc::SIGTERM);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
@@ -576,11 +576,6 @@ fn terminate(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 /// Does the live table hold the planned ports, all backends and the right local pod?
@@ -603,4 +598,20 @@ pub fn table_matches(s: &st8s::inspect::Snapshot, want: &st8s::plan::Desired) ->
         }
     }
     true
+}
+
+/// Runs `f` on a thread that has entered the network namespace `ns` (for tests that hold a
+/// connection open across a change, which a one-shot curl cannot).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let file = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    let handle = thread::spawn(move || {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setns on this thread only, with an fd we own.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(anyhow::anyhow!("setns: {}", std::io::Error::last_os_error()));
+        }
+        Ok(f())
+    });
+    handle.join().map_err(|_| anyhow::anyhow!("netns thread panicked"))?
 }

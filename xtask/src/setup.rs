@@ -24,6 +24,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables-save"),
     ("nftables", "nft"),
     ("ethtool", "ethtool"),
+    ("iputils-ping", "ping"),
 ];
 /// Needed to build bpf-linker against the LLVM that matches the nightly.
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
@@ -69,12 +70,7 @@ fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
 
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// The nightly toolchain to build the kernel programs with, installed if needed.
