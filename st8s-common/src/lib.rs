@@ -290,13 +290,19 @@ pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
     let mut h = seed ^ 0x9e37_79b9;
     h = mix(h, key.client_addr_be);
     h = mix(h, key.frontend_addr_be);
-    h = mix(h, ((key.client_port_be as u32) << 16) | key.frontend_port_be as u32);
+    h = mix(
+        h,
+        ((key.client_port_be as u32) << 16) | key.frontend_port_be as u32,
+    );
     h = mix(h, key.proto as u32);
     fmix(h)
 }
 
 const fn mix(h: u32, v: u32) -> u32 {
-    let k = v.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    let k = v
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
     (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
 }
 
@@ -339,11 +345,23 @@ mod tests {
 
     #[test]
     fn banks_do_not_overlap() {
-        let a = PortInfo { slot: 3, bank: 0, ..Default::default() };
-        let b = PortInfo { slot: 3, bank: 1, ..Default::default() };
+        let a = PortInfo {
+            slot: 3,
+            bank: 0,
+            ..Default::default()
+        };
+        let b = PortInfo {
+            slot: 3,
+            bank: 1,
+            ..Default::default()
+        };
         assert_eq!(a.backend_index(MAX_BACKENDS - 1) + 1, b.backend_index(0));
         assert_ne!(a.maglev_index(), b.maglev_index());
-        let last = PortInfo { slot: (MAX_PORTS - 1) as u16, bank: 1, ..Default::default() };
+        let last = PortInfo {
+            slot: (MAX_PORTS - 1) as u16,
+            bank: 1,
+            ..Default::default()
+        };
         assert_eq!(last.maglev_index(), MAX_PORTS * BANKS - 1);
     }
 
@@ -359,8 +377,26 @@ mod tests {
         };
         let h = flow_hash(&k, 7);
         assert_ne!(h, flow_hash(&k, 8));
-        assert_ne!(h, flow_hash(&FlowKey { client_addr_be: 9, ..k }, 7));
-        assert_ne!(h, flow_hash(&FlowKey { client_port_be: 9, ..k }, 7));
+        assert_ne!(
+            h,
+            flow_hash(
+                &FlowKey {
+                    client_addr_be: 9,
+                    ..k
+                },
+                7
+            )
+        );
+        assert_ne!(
+            h,
+            flow_hash(
+                &FlowKey {
+                    client_port_be: 9,
+                    ..k
+                },
+                7
+            )
+        );
         assert_ne!(h, flow_hash(&FlowKey { proto: 17, ..k }, 7));
         assert_eq!(h, flow_hash(&k, 7));
     }

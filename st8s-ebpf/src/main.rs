@@ -22,10 +22,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use st8s_common::{
-    flow_hash, Backend, Config, Counters, FlowKey, FlowValue, MacKey, MaglevRow, NodeInfo,
-    PortInfo, PortKey, RevNatKey, RevNatValue, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL,
-    FLOW_LOCAL, FLOW_REMOTE, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_FLOWS,
-    MAX_NODES, MAX_PORTS, PROTO_TCP, PROTO_UDP,
+    flow_hash, Backend, Config, Counters, FlowKey, FlowValue, MacKey, MaglevRow, NodeInfo, PortInfo, PortKey,
+    RevNatKey, RevNatValue, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL, FLOW_LOCAL, FLOW_REMOTE,
+    GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_NODES, MAX_PORTS, PROTO_TCP, PROTO_UDP,
 };
 
 #[map]
@@ -33,8 +32,7 @@ static ST8S_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static ST8S_PORTS: HashMap<PortKey, PortInfo> = HashMap::with_max_entries(MAX_PORTS, 0);
 #[map]
-static ST8S_BACKENDS: Array<Backend> =
-    Array::with_max_entries(MAX_PORTS * BANKS * MAX_BACKENDS, 0);
+static ST8S_BACKENDS: Array<Backend> = Array::with_max_entries(MAX_PORTS * BANKS * MAX_BACKENDS, 0);
 #[map]
 static ST8S_MAGLEV: Array<MaglevRow> = Array::with_max_entries(MAX_PORTS * BANKS, 0);
 #[map]
@@ -44,8 +42,7 @@ static ST8S_PEER_MACS: HashMap<MacKey, u32> = HashMap::with_max_entries(MAX_NODE
 #[map]
 static ST8S_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 #[map]
-static ST8S_REVNAT: LruHashMap<RevNatKey, RevNatValue> =
-    LruHashMap::with_max_entries(MAX_FLOWS, 0);
+static ST8S_REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 #[map]
 static ST8S_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_PORTS + 1, 0);
 
@@ -161,14 +158,14 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once; the agent replaces whole entries.
-    let port = match unsafe { ST8S_PORTS.get(&port_key) } {
+    let port = match unsafe { ST8S_PORTS.get(port_key) } {
         Some(p) => *p,
         None => return Steer::NotOurs,
     };
     let slot = port.slot as u32;
     if pkt.daddr != cfg.self_addr_be {
         // SAFETY: only existence is checked.
-        if unsafe { ST8S_NODES.get(&pkt.daddr) }.is_none() {
+        if unsafe { ST8S_NODES.get(pkt.daddr) }.is_none() {
             return Steer::NotOurs;
         }
         // Sent to another node's address: only a peer's forward may land here, and it must be
@@ -178,7 +175,7 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
             _pad: [0; 2],
         };
         // SAFETY: only existence is checked.
-        if unsafe { ST8S_PEER_MACS.get(&mac) }.is_none() {
+        if unsafe { ST8S_PEER_MACS.get(mac) }.is_none() {
             return Steer::Pass {
                 slot,
                 untrusted: true,
@@ -204,7 +201,7 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
         _pad: [0; 3],
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(flow) = ST8S_FLOWS.get_ptr_mut(&key) {
+    if let Some(flow) = ST8S_FLOWS.get_ptr_mut(key) {
         // SAFETY: LRU values stay valid for the duration of the program run.
         let f = unsafe { &mut *flow };
         if let Some(s) = still_valid(f, &port, cfg) {
@@ -219,19 +216,35 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
         let h = flow_hash(&key, cfg.hash_seed);
         let row = match ST8S_MAGLEV.get(port.maglev_index()) {
             Some(r) => r,
-            None => return Steer::Pass { slot, untrusted: false },
+            None => {
+                return Steer::Pass {
+                    slot,
+                    untrusted: false,
+                }
+            }
         };
         let pos = bounded((h as usize) % MAGLEV_SIZE);
         if pos >= MAGLEV_SIZE {
-            return Steer::Pass { slot, untrusted: false };
+            return Steer::Pass {
+                slot,
+                untrusted: false,
+            };
         }
         let idx = row.slots[pos] as u32;
         if idx >= port.backend_count as u32 || idx >= MAX_BACKENDS {
-            return Steer::Pass { slot, untrusted: false };
+            return Steer::Pass {
+                slot,
+                untrusted: false,
+            };
         }
         match ST8S_BACKENDS.get(port.backend_index(idx)) {
             Some(b) => Some(*b),
-            None => return Steer::Pass { slot, untrusted: false },
+            None => {
+                return Steer::Pass {
+                    slot,
+                    untrusted: false,
+                }
+            }
         }
     };
     let (flow, verdict) = match chosen {
@@ -243,7 +256,10 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
                 _pad: 0,
                 last_seen_ns: now,
             },
-            Steer::Remote { slot, mac: b.node_mac },
+            Steer::Remote {
+                slot,
+                mac: b.node_mac,
+            },
         ),
         _ if port.has_local != 0 => (
             FlowValue {
@@ -256,10 +272,15 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
             Steer::Local { port },
         ),
         // The table says "this node" but the pod is gone: let the kernel answer.
-        _ => return Steer::Pass { slot, untrusted: false },
+        _ => {
+            return Steer::Pass {
+                slot,
+                untrusted: false,
+            }
+        }
     };
     // A full LRU evicts the oldest flow; an insert failure only costs stickiness.
-    let _ = ST8S_FLOWS.insert(&key, &flow, 0);
+    let _ = ST8S_FLOWS.insert(key, flow, 0);
     verdict
 }
 
@@ -267,9 +288,9 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
 /// and the verifier sees it (LLVM turns `% MAGLEV_SIZE` into a multiply the verifier cannot bound).
 #[inline(always)]
 fn bounded(v: usize) -> usize {
-    let mut slot = v;
+    let slot = v;
     // SAFETY: a volatile read of a local.
-    unsafe { core::ptr::read_volatile(&mut slot) }
+    unsafe { core::ptr::read_volatile(&slot) }
 }
 
 /// A tracked flow keeps its backend as long as that backend still serves the port.
@@ -293,7 +314,10 @@ fn still_valid(f: &FlowValue, port: &PortInfo, _cfg: &Config) -> Option<Steer> {
         }
         if let Some(b) = ST8S_BACKENDS.get(port.backend_index(i)) {
             if b.node_addr_be == f.backend_addr_be && b.flags & BACKEND_LOCAL == 0 {
-                return Some(Steer::Remote { slot, mac: b.node_mac });
+                return Some(Steer::Remote {
+                    slot,
+                    mac: b.node_mac,
+                });
             }
         }
         i += 1;
@@ -303,7 +327,11 @@ fn still_valid(f: &FlowValue, port: &PortInfo, _cfg: &Config) -> Option<Steer> {
 
 #[inline(always)]
 fn count(slot: u32, f: impl FnOnce(&mut Counters)) {
-    let slot = if slot < MAX_PORTS { slot } else { GLOBAL_COUNTER_SLOT };
+    let slot = if slot < MAX_PORTS {
+        slot
+    } else {
+        GLOBAL_COUNTER_SLOT
+    };
     if let Some(c) = ST8S_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value, only this CPU writes it while the program runs.
         f(unsafe { &mut *c });
@@ -411,12 +439,23 @@ fn deliver_local(ctx: &TcContext, pkt: &Packet, port: &PortInfo) -> i32 {
         slot: port.slot,
     };
     // SAFETY: the value is only compared.
-    let known = unsafe { ST8S_REVNAT.get(&rev_key) }.is_some_and(|v| *v == rev);
-    if !known && ST8S_REVNAT.insert(&rev_key, &rev, 0).is_err() {
+    let known = unsafe { ST8S_REVNAT.get(rev_key) }.is_some_and(|v| *v == rev);
+    if !known && ST8S_REVNAT.insert(rev_key, rev, 0).is_err() {
         count(slot, |c| c.drop_error += 1);
         return TC_ACT_SHOT;
     }
-    if rewrite(ctx, pkt.proto, IP_DST_OFF, pkt.daddr, port.local_addr_be, L4_OFF + 2, pkt.dport, port.local_port_be).is_err() {
+    if rewrite(
+        ctx,
+        pkt.proto,
+        IP_DST_OFF,
+        pkt.daddr,
+        port.local_addr_be,
+        L4_OFF + 2,
+        pkt.dport,
+        port.local_port_be,
+    )
+    .is_err()
+    {
         count(slot, |c| c.drop_error += 1);
         return TC_ACT_SHOT;
     }
@@ -443,7 +482,12 @@ fn rewrite(
     } else {
         (UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0)
     };
-    ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR | mangled | 4)?;
+    ctx.l4_csum_replace(
+        csum_off,
+        old_addr as u64,
+        new_addr as u64,
+        BPF_F_PSEUDO_HDR | mangled | 4,
+    )?;
     ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
     ctx.store(addr_off, &new_addr, 0)?;
     if old_port != new_port {
@@ -470,10 +514,21 @@ fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
         _pad: [0; 3],
     };
     // SAFETY: copied out at once.
-    let rev = unsafe { *ST8S_REVNAT.get(&key)? };
+    let rev = unsafe { *ST8S_REVNAT.get(key)? };
     let cfg = config()?;
     let slot = rev.slot as u32;
-    if rewrite(ctx, pkt.proto, IP_SRC_OFF, pkt.saddr, rev.frontend_addr_be, L4_OFF, pkt.sport, rev.frontend_port_be).is_err() {
+    if rewrite(
+        ctx,
+        pkt.proto,
+        IP_SRC_OFF,
+        pkt.saddr,
+        rev.frontend_addr_be,
+        L4_OFF,
+        pkt.sport,
+        rev.frontend_port_be,
+    )
+    .is_err()
+    {
         count(slot, |c| c.drop_error += 1);
         return Some(TC_ACT_SHOT);
     }

@@ -84,12 +84,18 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .context("reading the cluster file")?
         .context("the cluster file is empty")?;
     let desired = plan_strict(&cluster, &args.node).map_err(|problems| {
-        anyhow::anyhow!("the cluster file cannot be programmed:\n  {}", problems.join("\n  "))
+        anyhow::anyhow!(
+            "the cluster file cannot be programmed:\n  {}",
+            problems.join("\n  ")
+        )
     })?;
     let iface = match &args.iface {
         Some(i) => i.clone(),
         None => net::iface_with_addr(desired.self_node.addr).with_context(|| {
-            format!("finding the uplink of node {} (pass --iface)", desired.self_node.name)
+            format!(
+                "finding the uplink of node {} (pass --iface)",
+                desired.self_node.name
+            )
         })?,
     };
     info!(node = %args.node, addr = %desired.self_node.addr, %iface, "starting");
@@ -109,17 +115,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut tick = tokio::time::interval(Duration::from_millis(args.poll_ms.max(50)));
+    // Set when the maps lag behind the desired state; cleared only by a successful sync, so a
+    // failed write is retried on the next tick.
+    let mut dirty = false;
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: detaching and unpinning"); break; }
             _ = int.recv() => { info!("SIGINT: detaching and unpinning"); break; }
             _ = tick.tick() => {
-                let mut changed = false;
                 match source.poll() {
                     Ok(None) => {}
                     Ok(Some(cluster)) => match plan_strict(&cluster, &args.node) {
                         Ok(desired) => {
-                            changed = desired != good.desired;
+                            dirty |= desired != good.desired;
                             good.desired = desired;
                         }
                         Err(problems) => {
@@ -133,11 +141,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 let new_macs = peer_macs(&good.desired);
                 if new_macs != macs {
                     macs = new_macs;
-                    changed = true;
+                    dirty = true;
                 }
-                if changed {
-                    if let Err(e) = sync(&mut dp, &good.desired, &macs, "update") {
-                        error!(error = format!("{e:#}"), "programming the maps failed");
+                if dirty {
+                    match sync(&mut dp, &good.desired, &macs, "update") {
+                        Ok(()) => dirty = false,
+                        Err(e) => error!(error = format!("{e:#}"), "programming the maps failed; retrying"),
                     }
                 }
             }
@@ -154,12 +163,21 @@ fn sync(
     macs: &BTreeMap<Ipv4Addr, [u8; 6]>,
     why: &str,
 ) -> anyhow::Result<()> {
-    let span = info_span!("sync", why, ports = desired.ports.len(), nodes = desired.nodes.len());
+    let span = info_span!(
+        "sync",
+        why,
+        ports = desired.ports.len(),
+        nodes = desired.nodes.len()
+    );
     let _g = span.enter();
     let report = dp.apply(desired, macs)?;
     if !report.unresolved.is_empty() {
         warn!(nodes = ?report.unresolved, "MAC of these nodes not resolved yet: not forwarding to them");
     }
-    info!(writes = report.writes, ports_changed = report.ports_changed, "maps in sync");
+    info!(
+        writes = report.writes,
+        ports_changed = report.ports_changed,
+        "maps in sync"
+    );
     Ok(())
 }

@@ -19,8 +19,8 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 use st8s_common::{
-    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, MAX_PORTS,
-    MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, map_names, program_names,
+    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, MAX_PORTS, MacKey,
+    MaglevRow, NodeInfo, PortInfo, PortKey, map_names, program_names,
 };
 use tracing::{info, warn};
 
@@ -139,7 +139,8 @@ pub struct Dataplane {
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
-    ebpf.map_mut(name).with_context(|| format!("map {name} missing from the object"))
+    ebpf.map_mut(name)
+        .with_context(|| format!("map {name} missing from the object"))
 }
 
 impl Dataplane {
@@ -206,9 +207,8 @@ impl Dataplane {
 
     fn pin(&mut self) -> anyhow::Result<()> {
         let dir = self.opts.pin_dir.clone();
-        fs::create_dir_all(&dir).with_context(|| {
-            format!("creating {} (is bpffs mounted at /sys/fs/bpf?)", dir.display())
-        })?;
+        fs::create_dir_all(&dir)
+            .with_context(|| format!("creating {} (is bpffs mounted at /sys/fs/bpf?)", dir.display()))?;
         for name in map_names::ALL {
             let path = dir.join(name);
             if path.exists() {
@@ -264,13 +264,23 @@ impl Dataplane {
         let nodes: BTreeMap<Ipv4Addr, NodeInfo> = desired
             .nodes
             .keys()
-            .map(|a| (*a, NodeInfo { mac: macs.get(a).copied().unwrap_or_default(), _pad: [0; 2] }))
+            .map(|a| {
+                (
+                    *a,
+                    NodeInfo {
+                        mac: macs.get(a).copied().unwrap_or_default(),
+                        _pad: [0; 2],
+                    },
+                )
+            })
             .collect();
         if nodes != self.nodes {
-            let mut m: HashMap<_, u32, NodeInfo> = HashMap::try_from(map_mut(&mut self.ebpf, map_names::NODES)?)?;
+            let mut m: HashMap<_, u32, NodeInfo> =
+                HashMap::try_from(map_mut(&mut self.ebpf, map_names::NODES)?)?;
             for (addr, info) in &nodes {
                 if self.nodes.get(addr) != Some(info) {
-                    m.insert(u32::from(*addr).to_be(), info, 0).context("writing ST8S_NODES")?;
+                    m.insert(u32::from(*addr).to_be(), info, 0)
+                        .context("writing ST8S_NODES")?;
                     report.writes += 1;
                 }
             }
@@ -287,9 +297,11 @@ impl Dataplane {
             .filter_map(|a| macs.get(a).copied())
             .collect();
         if peer_macs != self.peer_macs {
-            let mut m: HashMap<_, MacKey, u32> = HashMap::try_from(map_mut(&mut self.ebpf, map_names::PEER_MACS)?)?;
+            let mut m: HashMap<_, MacKey, u32> =
+                HashMap::try_from(map_mut(&mut self.ebpf, map_names::PEER_MACS)?)?;
             for mac in peer_macs.difference(&self.peer_macs) {
-                m.insert(MacKey::new(*mac), 1, 0).context("writing ST8S_PEER_MACS")?;
+                m.insert(MacKey::new(*mac), 1, 0)
+                    .context("writing ST8S_PEER_MACS")?;
                 report.writes += 1;
             }
             for mac in self.peer_macs.difference(&peer_macs) {
@@ -300,9 +312,15 @@ impl Dataplane {
         }
 
         // Ports that went away.
-        let gone: Vec<PortId> = self.ports.keys().filter(|p| !desired.ports.contains_key(p)).copied().collect();
+        let gone: Vec<PortId> = self
+            .ports
+            .keys()
+            .filter(|p| !desired.ports.contains_key(p))
+            .copied()
+            .collect();
         for id in gone {
-            let mut m: HashMap<_, PortKey, PortInfo> = HashMap::try_from(map_mut(&mut self.ebpf, map_names::PORTS)?)?;
+            let mut m: HashMap<_, PortKey, PortInfo> =
+                HashMap::try_from(map_mut(&mut self.ebpf, map_names::PORTS)?)?;
             let _ = m.remove(&PortKey::new(id.port, id.proto.number()));
             self.ports.remove(&id);
             report.writes += 1;
@@ -346,23 +364,29 @@ impl Dataplane {
                 _pad: 0,
             };
             {
-                let mut m: Array<_, Backend> = Array::try_from(map_mut(&mut self.ebpf, map_names::BACKENDS)?)?;
+                let mut m: Array<_, Backend> =
+                    Array::try_from(map_mut(&mut self.ebpf, map_names::BACKENDS)?)?;
                 for (i, b) in t.backends.iter().enumerate() {
-                    m.set(info.backend_index(i as u32), b, 0).context("writing ST8S_BACKENDS")?;
+                    m.set(info.backend_index(i as u32), b, 0)
+                        .context("writing ST8S_BACKENDS")?;
                 }
             }
             {
                 let mut row = MaglevRow::default();
                 row.slots.copy_from_slice(&t.maglev);
-                let mut m: Array<_, MaglevRow> = Array::try_from(map_mut(&mut self.ebpf, map_names::MAGLEV)?)?;
-                m.set(info.maglev_index(), row, 0).context("writing ST8S_MAGLEV")?;
+                let mut m: Array<_, MaglevRow> =
+                    Array::try_from(map_mut(&mut self.ebpf, map_names::MAGLEV)?)?;
+                m.set(info.maglev_index(), row, 0)
+                    .context("writing ST8S_MAGLEV")?;
             }
             if !self.ports.contains_key(id) {
                 self.reset_counters(u32::from(slot))?;
             }
             {
-                let mut m: HashMap<_, PortKey, PortInfo> = HashMap::try_from(map_mut(&mut self.ebpf, map_names::PORTS)?)?;
-                m.insert(PortKey::new(id.port, id.proto.number()), info, 0).context("writing ST8S_PORTS")?;
+                let mut m: HashMap<_, PortKey, PortInfo> =
+                    HashMap::try_from(map_mut(&mut self.ebpf, map_names::PORTS)?)?;
+                m.insert(PortKey::new(id.port, id.proto.number()), info, 0)
+                    .context("writing ST8S_PORTS")?;
             }
             report.writes += t.backends.len() + 2;
             report.ports_changed += 1;
@@ -372,7 +396,16 @@ impl Dataplane {
                 local = ?plan.local.as_ref().map(|l| l.pod.as_str()),
                 "port programmed"
             );
-            self.ports.insert(*id, PortState { slot, bank, info, backends: t.backends, maglev: t.maglev });
+            self.ports.insert(
+                *id,
+                PortState {
+                    slot,
+                    bank,
+                    info,
+                    backends: t.backends,
+                    maglev: t.maglev,
+                },
+            );
         }
         Ok(report)
     }
@@ -384,7 +417,8 @@ impl Dataplane {
 
     fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        let mut m: PerCpuArray<_, Counters> = PerCpuArray::try_from(map_mut(&mut self.ebpf, map_names::COUNTERS)?)?;
+        let mut m: PerCpuArray<_, Counters> =
+            PerCpuArray::try_from(map_mut(&mut self.ebpf, map_names::COUNTERS)?)?;
         let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
         m.set(slot, zero, 0).context("resetting ST8S_COUNTERS")?;
         Ok(())
@@ -394,7 +428,9 @@ impl Dataplane {
     fn pod_ifindex(&mut self, pod: Ipv4Addr) -> anyhow::Result<u32> {
         let dev = net::route_dev(pod)?.with_context(|| format!("no route to pod {pod}"))?;
         if dev == self.opts.iface {
-            anyhow::bail!("pod {pod} is routed through the uplink {dev}; st8s needs the pod network on its own interface");
+            anyhow::bail!(
+                "pod {pod} is routed through the uplink {dev}; st8s needs the pod network on its own interface"
+            );
         }
         if !self.pod_ifaces.contains(&dev) {
             let _ = tc::qdisc_add_clsact(&dev);
@@ -438,7 +474,10 @@ pub struct ApplyReport {
 pub fn open_pinned(dir: &Path, name: &str) -> anyhow::Result<aya::maps::Map> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path).with_context(|| {
-        format!("opening {} (is an st8s agent running with this --pin-dir?)", path.display())
+        format!(
+            "opening {} (is an st8s agent running with this --pin-dir?)",
+            path.display()
+        )
     })?;
     Ok(aya::maps::Map::from_map_data(data)?)
 }
@@ -452,22 +491,45 @@ mod tests {
         PortPlan {
             backends: nodes
                 .iter()
-                .map(|(n, a)| BackendEntry { node: (*n).into(), node_addr: a.parse().unwrap(), pod: format!("p-{n}") })
+                .map(|(n, a)| BackendEntry {
+                    node: (*n).into(),
+                    node_addr: a.parse().expect("test address"),
+                    pod: format!("p-{n}"),
+                })
                 .collect(),
-            local: local.then(|| LocalBackend { pod: "p".into(), addr: "10.244.1.2".parse().unwrap(), port: 8080 }),
+            local: local.then(|| LocalBackend {
+                pod: "p".into(),
+                addr: "10.244.1.2".parse().expect("test address"),
+                port: 8080,
+            }),
         }
     }
 
     #[test]
     fn local_backend_is_flagged_and_unresolved_peers_left_out() {
-        let macs = BTreeMap::from([("10.0.0.12".parse().unwrap(), [2, 0, 0, 0, 0, 12])]);
-        let t = port_tables(&plan(&[("node1", "10.0.0.11"), ("node2", "10.0.0.12"), ("node3", "10.0.0.13")], true), "node1", &macs, 1);
+        let macs = BTreeMap::from([("10.0.0.12".parse().expect("test address"), [2, 0, 0, 0, 0, 12])]);
+        let t = port_tables(
+            &plan(
+                &[
+                    ("node1", "10.0.0.11"),
+                    ("node2", "10.0.0.12"),
+                    ("node3", "10.0.0.13"),
+                ],
+                true,
+            ),
+            "node1",
+            &macs,
+            1,
+        );
         assert_eq!(t.backends.len(), 2);
         assert_eq!(t.backends[0].flags, BACKEND_LOCAL);
         assert_eq!(t.backends[1].node_mac, [2, 0, 0, 0, 0, 12]);
-        assert_eq!(t.backends[1].node_addr_be, u32::from_be_bytes([10, 0, 0, 12]).to_be());
+        assert_eq!(
+            t.backends[1].node_addr_be,
+            u32::from_be_bytes([10, 0, 0, 12]).to_be()
+        );
         assert_eq!(t.unresolved, ["node3"]);
         assert!(t.maglev.iter().all(|&i| i < 2));
-        assert_eq!(t.local, Some(("10.244.1.2".parse().unwrap(), 8080)));
+        assert_eq!(t.local, Some(("10.244.1.2".parse().expect("test address"), 8080)));
     }
 }

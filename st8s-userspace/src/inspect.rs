@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use st8s_common::{
-    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, FLOW_LOCAL,
-    FlowKey, FlowValue, GLOBAL_COUNTER_SLOT, PortInfo, PortKey, map_names,
+    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, FLOW_LOCAL, FlowKey,
+    FlowValue, GLOBAL_COUNTER_SLOT, PortInfo, PortKey, map_names,
 };
 
 use crate::{
@@ -51,7 +51,11 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
         let (k, v) = entry.context("reading ST8S_PORTS")?;
         let mut bs = Vec::new();
         for i in 0..u32::from(v.backend_count) {
-            bs.push(backends.get(&v.backend_index(i), 0).context("reading ST8S_BACKENDS")?);
+            bs.push(
+                backends
+                    .get(&v.backend_index(i), 0)
+                    .context("reading ST8S_BACKENDS")?,
+            );
         }
         out.push((k, v, bs, sum(u32::from(v.slot))?));
     }
@@ -92,23 +96,51 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
         iface_name(c.uplink_ifindex).unwrap_or_else(|| "?".into()),
         c.uplink_ifindex,
         format_mac(&c.self_mac),
-        if c.flags & CONFIG_XDP_FORWARDS != 0 { "yes" } else { "no (tc)" },
-        if c.flags & CONFIG_PREFER_LOCAL != 0 { "yes" } else { "no" },
+        if c.flags & CONFIG_XDP_FORWARDS != 0 {
+            "yes"
+        } else {
+            "no (tc)"
+        },
+        if c.flags & CONFIG_PREFER_LOCAL != 0 {
+            "yes"
+        } else {
+            "no"
+        },
     );
-    let _ = writeln!(o, "nodes: {}", s.nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" "));
+    let _ = writeln!(
+        o,
+        "nodes: {}",
+        s.nodes
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let _ = writeln!(o);
     let _ = writeln!(
         o,
         "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10}",
-        "PORT", "BACKENDS", "LOCAL", "DELIVERED_LOCAL", "FORWARDED", "REPLIED", "PASSED", "UNTRUSTED_PEER",
-        "DROP_NO_LOCAL_BACKEND", "DROP_ERROR"
+        "PORT",
+        "BACKENDS",
+        "LOCAL",
+        "DELIVERED_LOCAL",
+        "FORWARDED",
+        "REPLIED",
+        "PASSED",
+        "UNTRUSTED_PEER",
+        "DROP_NO_LOCAL_BACKEND",
+        "DROP_ERROR"
     );
     for (k, v, bs, n) in &s.ports {
         let backends = bs
             .iter()
             .map(|b| {
                 let a = addr(b.node_addr_be);
-                if b.flags & BACKEND_LOCAL != 0 { format!("{a}(self)") } else { a.to_string() }
+                if b.flags & BACKEND_LOCAL != 0 {
+                    format!("{a}(self)")
+                } else {
+                    a.to_string()
+                }
             })
             .collect::<Vec<_>>()
             .join(",");
@@ -120,15 +152,33 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
         let _ = writeln!(
             o,
             "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10}",
-            port_name(k), backends, local, n.delivered_local, n.forwarded, n.replied, n.passed,
-            n.untrusted_peer, n.drop_no_local_backend, n.drop_error
+            port_name(k),
+            backends,
+            local,
+            n.delivered_local,
+            n.forwarded,
+            n.replied,
+            n.passed,
+            n.untrusted_peer,
+            n.drop_no_local_backend,
+            n.drop_error
         );
     }
     let _ = writeln!(o);
-    let _ = writeln!(o, "flows: {} tracked (newest first, at most {max_flows} shown)", s.flows.len());
-    let _ = writeln!(o, "{:<22} {:<22} {:<6} {:<22}", "CLIENT", "FRONTEND", "KIND", "BACKEND");
+    let _ = writeln!(
+        o,
+        "flows: {} tracked (newest first, at most {max_flows} shown)",
+        s.flows.len()
+    );
+    let _ = writeln!(
+        o,
+        "{:<22} {:<22} {:<6} {:<22}",
+        "CLIENT", "FRONTEND", "KIND", "BACKEND"
+    );
     for (k, v) in s.flows.iter().take(max_flows) {
-        let proto = Proto::from_number(k.proto).map(|p| p.to_string()).unwrap_or_default();
+        let proto = Proto::from_number(k.proto)
+            .map(|p| p.to_string())
+            .unwrap_or_default();
         let backend = if v.kind == FLOW_LOCAL {
             format!("{}:{}", addr(v.backend_addr_be), u16::from_be(v.backend_port_be))
         } else {
@@ -138,7 +188,11 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
             o,
             "{:<22} {:<22} {:<6} {:<22}",
             format!("{}:{}", addr(k.client_addr_be), u16::from_be(k.client_port_be)),
-            format!("{}:{}/{proto}", addr(k.frontend_addr_be), u16::from_be(k.frontend_port_be)),
+            format!(
+                "{}:{}/{proto}",
+                addr(k.frontend_addr_be),
+                u16::from_be(k.frontend_port_be)
+            ),
             if v.kind == FLOW_LOCAL { "local" } else { "remote" },
             backend
         );

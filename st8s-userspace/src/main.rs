@@ -8,7 +8,11 @@ use st8s::{agent, inspect, model::Cluster, plan};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "st8s", version, about = "Kernel-side steering of hostPorts: every node answers on every port")]
+#[command(
+    name = "st8s",
+    version,
+    about = "Kernel-side steering of hostPorts: every node answers on every port"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,8 +68,11 @@ fn main() -> anyhow::Result<()> {
             }
             println!("node {} ({})", p.desired.self_node.name, p.desired.self_node.addr);
             for (id, port) in &p.desired.ports {
-                let backends: Vec<String> =
-                    port.backends.iter().map(|b| format!("{}({})", b.node, b.pod)).collect();
+                let backends: Vec<String> = port
+                    .backends
+                    .iter()
+                    .map(|b| format!("{}({})", b.node, b.pod))
+                    .collect();
                 let local = port
                     .local
                     .as_ref()
@@ -73,7 +80,11 @@ fn main() -> anyhow::Result<()> {
                     .unwrap_or_else(|| "-".into());
                 println!("{id:<10} backends {}  local {local}", backends.join(","));
             }
-            if p.problems.is_empty() { Ok(()) } else { anyhow::bail!("{} problem(s)", p.problems.len()) }
+            if p.problems.is_empty() {
+                Ok(())
+            } else {
+                anyhow::bail!("{} problem(s)", p.problems.len())
+            }
         }
     }
 }

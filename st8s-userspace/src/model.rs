@@ -67,7 +67,11 @@ impl Cluster {
     }
 
     fn add_value(&mut self, value: serde_yaml::Value, doc: usize) -> Result<(), ModelError> {
-        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_owned();
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or("")
+            .to_owned();
         match kind.as_str() {
             "List" | "NodeList" | "PodList" => {
                 if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
@@ -88,13 +92,12 @@ impl Cluster {
             }
             "Node" => {
                 let name = object_name(&value);
-                let node: Node =
-                    serde_yaml::from_value(value).map_err(|source| ModelError::Schema {
-                        doc,
-                        kind,
-                        name,
-                        source,
-                    })?;
+                let node: Node = serde_yaml::from_value(value).map_err(|source| ModelError::Schema {
+                    doc,
+                    kind,
+                    name,
+                    source,
+                })?;
                 self.upsert_node(node);
             }
             "Pod" => {
@@ -115,7 +118,10 @@ impl Cluster {
 
 fn object_name(value: &serde_yaml::Value) -> String {
     let meta = value.get("metadata");
-    let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("<unnamed>");
     match meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()) {
         Some(ns) => format!("{ns}/{name}"),
         None => name.to_owned(),

@@ -5,8 +5,7 @@
 use std::{
     collections::BTreeMap,
     ffi::{CStr, CString},
-    fs,
-    io,
+    fs, io,
     net::{Ipv4Addr, UdpSocket},
 };
 
@@ -52,7 +51,11 @@ pub fn iface_with_addr(addr: Ipv4Addr) -> Result<String, NetError> {
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
                 if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == addr {
                     // SAFETY: ifa_name is a C string owned by the list.
-                    found = Some(unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned());
+                    found = Some(
+                        unsafe { CStr::from_ptr(ifa.ifa_name) }
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
                     break;
                 }
             }
@@ -65,10 +68,14 @@ pub fn iface_with_addr(addr: Ipv4Addr) -> Result<String, NetError> {
 }
 
 pub fn ifindex(iface: &str) -> Result<u32, NetError> {
-    let name = CString::new(iface).map_err(|_| NetError::NoSuchInterface { iface: iface.to_owned() })?;
+    let name = CString::new(iface).map_err(|_| NetError::NoSuchInterface {
+        iface: iface.to_owned(),
+    })?;
     // SAFETY: name is a valid C string.
     match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => Err(NetError::NoSuchInterface { iface: iface.to_owned() }),
+        0 => Err(NetError::NoSuchInterface {
+            iface: iface.to_owned(),
+        }),
         i => Ok(i),
     }
 }
@@ -81,12 +88,19 @@ pub fn iface_name(index: u32) -> Option<String> {
         return None;
     }
     // SAFETY: on success buf holds a C string.
-    Some(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    Some(
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
 }
 
 /// The interface's hardware address (SIOCGIFHWADDR).
 pub fn mac_of(iface: &str) -> Result<[u8; 6], NetError> {
-    let err = |source| NetError::Mac { iface: iface.to_owned(), source };
+    let err = |source| NetError::Mac {
+        iface: iface.to_owned(),
+        source,
+    };
     // SAFETY: a plain datagram socket for the ioctl, closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -94,7 +108,11 @@ pub fn mac_of(iface: &str) -> Result<[u8; 6], NetError> {
     }
     // SAFETY: ifreq is plain data; zeroed is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(iface.as_bytes().iter().take(libc::IF_NAMESIZE - 1)) {
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(iface.as_bytes().iter().take(libc::IF_NAMESIZE - 1))
+    {
         *dst = *src as libc::c_char;
     }
     // SAFETY: fd is open, req is a valid ifreq.
@@ -117,8 +135,10 @@ pub fn mac_of(iface: &str) -> Result<[u8; 6], NetError> {
 /// The device of the most specific route to `addr` in the main table (/proc/net/route), which
 /// is where the pod network of a local backend hangs off (a bridge such as cni0, or a veth).
 pub fn route_dev(addr: Ipv4Addr) -> Result<Option<String>, NetError> {
-    let text = fs::read_to_string("/proc/self/net/route")
-        .map_err(|source| NetError::Proc { path: "/proc/self/net/route", source })?;
+    let text = fs::read_to_string("/proc/self/net/route").map_err(|source| NetError::Proc {
+        path: "/proc/self/net/route",
+        source,
+    })?;
     Ok(best_route(&text, addr))
 }
 
@@ -131,12 +151,15 @@ fn best_route(table: &str, addr: Ipv4Addr) -> Option<String> {
             continue;
         }
         // Destination and mask are printed as the in-memory (network order) u32, in hex.
-        let (Ok(dst), Ok(mask)) = (u32::from_str_radix(f[1], 16), u32::from_str_radix(f[7], 16))
-        else {
+        let (Ok(dst), Ok(mask)) = (u32::from_str_radix(f[1], 16), u32::from_str_radix(f[7], 16)) else {
             continue;
         };
         let (dst, mask) = (u32::from_be(dst.to_le()), u32::from_be(mask.to_le()));
-        if a & mask == dst && best.as_ref().is_none_or(|(m, _)| mask.count_ones() > m.count_ones()) {
+        if a & mask == dst
+            && best
+                .as_ref()
+                .is_none_or(|(m, _)| mask.count_ones() > m.count_ones())
+        {
             best = Some((mask, f[0].to_owned()));
         }
     }
@@ -145,8 +168,10 @@ fn best_route(table: &str, addr: Ipv4Addr) -> Option<String> {
 
 /// Complete ARP entries (/proc/net/arp): address -> MAC.
 pub fn neighbours() -> Result<BTreeMap<Ipv4Addr, [u8; 6]>, NetError> {
-    let text = fs::read_to_string("/proc/self/net/arp")
-        .map_err(|source| NetError::Proc { path: "/proc/self/net/arp", source })?;
+    let text = fs::read_to_string("/proc/self/net/arp").map_err(|source| NetError::Proc {
+        path: "/proc/self/net/arp",
+        source,
+    })?;
     Ok(parse_arp(&text))
 }
 
@@ -178,7 +203,10 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Makes the kernel resolve `addr`'s MAC: one empty datagram to the discard port. The peer's
@@ -199,9 +227,18 @@ mod tests {
 eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
 eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
 cni0\t0001F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
-        assert_eq!(best_route(table, "10.244.1.2".parse().unwrap()).as_deref(), Some("cni0"));
-        assert_eq!(best_route(table, "10.0.0.7".parse().unwrap()).as_deref(), Some("eth0"));
-        assert_eq!(best_route(table, "8.8.8.8".parse().unwrap()).as_deref(), Some("eth0"));
+        assert_eq!(
+            best_route(table, "10.244.1.2".parse().expect("test address")).as_deref(),
+            Some("cni0")
+        );
+        assert_eq!(
+            best_route(table, "10.0.0.7".parse().expect("test address")).as_deref(),
+            Some("eth0")
+        );
+        assert_eq!(
+            best_route(table, "8.8.8.8".parse().expect("test address")).as_deref(),
+            Some("eth0")
+        );
     }
 
     #[test]
@@ -211,7 +248,10 @@ cni0\t0001F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
 10.0.0.13        0x1         0x0         00:00:00:00:00:00     *        eth0\n";
         let n = parse_arp(text);
         assert_eq!(n.len(), 1);
-        assert_eq!(n[&"10.0.0.12".parse().unwrap()], [0xaa, 0xbb, 0xcc, 0, 0, 0x12]);
+        assert_eq!(
+            n[&"10.0.0.12".parse().expect("test address")],
+            [0xaa, 0xbb, 0xcc, 0, 0, 0x12]
+        );
     }
 
     #[test]

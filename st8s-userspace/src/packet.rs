@@ -38,7 +38,10 @@ impl Frame {
     }
 
     pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
-        Frame { proto: 17, ..Self::tcp(src, sport, dst, dport) }
+        Frame {
+            proto: 17,
+            ..Self::tcp(src, sport, dst, dport)
+        }
     }
 
     pub fn build(&self) -> Vec<u8> {
@@ -84,7 +87,11 @@ pub fn l4_csum_off(proto: u8) -> usize {
 fn sum(data: &[u8], init: u32) -> u32 {
     let mut s = init;
     for ch in data.chunks(2) {
-        let w = if ch.len() == 2 { u16::from_be_bytes([ch[0], ch[1]]) } else { u16::from(ch[0]) << 8 };
+        let w = if ch.len() == 2 {
+            u16::from_be_bytes([ch[0], ch[1]])
+        } else {
+            u16::from(ch[0]) << 8
+        };
         s += u32::from(w);
     }
     s
@@ -148,8 +155,8 @@ mod tests {
 
     #[test]
     fn built_frames_have_valid_checksums() {
-        let a: Ipv4Addr = "10.0.0.1".parse().unwrap();
-        let b: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        let a: Ipv4Addr = "10.0.0.1".parse().expect("test address");
+        let b: Ipv4Addr = "10.0.0.2".parse().expect("test address");
         for f in [Frame::tcp(a, 1000, b, 80), Frame::udp(a, 1000, b, 53)] {
             let p = f.build();
             assert!(ip_checksum_ok(&p));

@@ -110,7 +110,11 @@ pub enum Problem {
     #[error("pod {pod}: podIP {ip:?} is not an IPv4 address")]
     PodIpNotIpv4 { pod: String, ip: String },
     #[error("pod {pod}: hostPort {port} has unknown protocol {protocol:?} (st8s steers TCP and UDP)")]
-    UnknownProtocol { pod: String, port: i32, protocol: String },
+    UnknownProtocol {
+        pod: String,
+        port: i32,
+        protocol: String,
+    },
     #[error("pod {pod}: port {port} is out of range")]
     PortOutOfRange { pod: String, port: i32 },
     #[error("pod {pod}: annotation {STEER_ANNOTATION}={value:?} is neither \"true\" nor \"false\"")]
@@ -197,8 +201,7 @@ fn pod_claims(pod: &Pod, name: &str, problems: &mut Vec<Problem>) -> Vec<Claim> 
                 continue;
             }
         };
-        let (Ok(hp), Ok(cp)) = (u16::try_from(host_port), u16::try_from(port.container_port))
-        else {
+        let (Ok(hp), Ok(cp)) = (u16::try_from(host_port), u16::try_from(port.container_port)) else {
             problems.push(Problem::PortOutOfRange {
                 pod: name.to_owned(),
                 port: host_port,
@@ -394,37 +397,76 @@ mod tests {
     }
 
     fn three_nodes() -> String {
-        node("node1", "10.0.0.11", true) + &node("node2", "10.0.0.12", true) + &node("node3", "10.0.0.13", true)
+        node("node1", "10.0.0.11", true)
+            + &node("node2", "10.0.0.12", true)
+            + &node("node3", "10.0.0.13", true)
     }
 
     const WEB: &str = "{containerPort: 8080, hostPort: 80}";
-    const DNS: &str = "{containerPort: 53, hostPort: 53, protocol: UDP}, {containerPort: 53, hostPort: 53, protocol: TCP}";
+    const DNS: &str =
+        "{containerPort: 53, hostPort: 53, protocol: UDP}, {containerPort: 53, hostPort: 53, protocol: TCP}";
 
     #[test]
     fn every_ready_hostport_is_steered_on_every_node() {
-        let c = cluster(&(three_nodes() + &pod("web-a", "node1", "10.244.1.2", WEB, "") + &pod("dns", "node2", "10.244.2.2", DNS, "")));
+        let c = cluster(
+            &(three_nodes()
+                + &pod("web-a", "node1", "10.244.1.2", WEB, "")
+                + &pod("dns", "node2", "10.244.2.2", DNS, "")),
+        );
         let p = plan(&c, "node3").expect("plans");
         assert!(p.problems.is_empty(), "{:?}", p.problems);
         let ids: Vec<String> = p.desired.ports.keys().map(|k| k.to_string()).collect();
         assert_eq!(ids, ["53/tcp", "53/udp", "80/tcp"]);
-        let web = &p.desired.ports[&PortId { port: 80, proto: Proto::Tcp }];
+        let web = &p.desired.ports[&PortId {
+            port: 80,
+            proto: Proto::Tcp,
+        }];
         assert_eq!(web.backends.len(), 1);
         assert_eq!(web.backends[0].node, "node1");
         assert_eq!(web.local, None, "node3 runs no web pod");
         let on_node1 = plan(&c, "node1").expect("plans");
-        let local = on_node1.desired.ports[&PortId { port: 80, proto: Proto::Tcp }].local.clone();
+        let local = on_node1.desired.ports[&PortId {
+            port: 80,
+            proto: Proto::Tcp,
+        }]
+            .local
+            .clone();
         assert_eq!(
             local,
-            Some(LocalBackend { pod: "ns/web-a".into(), addr: "10.244.1.2".parse().unwrap(), port: 8080 })
+            Some(LocalBackend {
+                pod: "ns/web-a".into(),
+                addr: "10.244.1.2".parse().expect("test address"),
+                port: 8080
+            })
         );
     }
 
     #[test]
     fn opted_out_not_ready_and_host_network_pods_are_left_alone() {
         let mut y = three_nodes();
-        y += &pod("off", "node1", "10.244.1.2", WEB, ", annotations: {st8s.io/steer: \"false\"}");
-        y += &pod("hostnet", "node2", "10.0.0.12", "{containerPort: 81, hostPort: 81}", "").replace("  nodeName", "  hostNetwork: true\n  nodeName");
-        y += &pod("unready", "node3", "10.244.3.2", "{containerPort: 82, hostPort: 82}", "").replace("status: \"True\"", "status: \"False\"");
+        y += &pod(
+            "off",
+            "node1",
+            "10.244.1.2",
+            WEB,
+            ", annotations: {st8s.io/steer: \"false\"}",
+        );
+        y += &pod(
+            "hostnet",
+            "node2",
+            "10.0.0.12",
+            "{containerPort: 81, hostPort: 81}",
+            "",
+        )
+        .replace("  nodeName", "  hostNetwork: true\n  nodeName");
+        y += &pod(
+            "unready",
+            "node3",
+            "10.244.3.2",
+            "{containerPort: 82, hostPort: 82}",
+            "",
+        )
+        .replace("status: \"True\"", "status: \"False\"");
         let p = plan(&cluster(&y), "node1").expect("plans");
         assert!(p.desired.ports.is_empty(), "{:?}", p.desired.ports);
         assert!(p.problems.is_empty());
@@ -432,7 +474,9 @@ mod tests {
 
     #[test]
     fn pods_on_not_ready_nodes_are_not_backends() {
-        let y = node("node1", "10.0.0.11", true) + &node("node2", "10.0.0.12", false) + &pod("web", "node2", "10.244.2.2", WEB, "");
+        let y = node("node1", "10.0.0.11", true)
+            + &node("node2", "10.0.0.12", false)
+            + &pod("web", "node2", "10.244.2.2", WEB, "");
         let p = plan(&cluster(&y), "node1").expect("plans");
         assert!(p.desired.ports.is_empty());
         assert_eq!(p.desired.nodes.len(), 2, "a NotReady node is still a known peer");
@@ -440,18 +484,41 @@ mod tests {
 
     #[test]
     fn backends_are_sorted_by_node_name() {
-        let y = three_nodes() + &pod("w3", "node3", "10.244.3.2", WEB, "") + &pod("w1", "node1", "10.244.1.2", WEB, "");
+        let y = three_nodes()
+            + &pod("w3", "node3", "10.244.3.2", WEB, "")
+            + &pod("w1", "node1", "10.244.1.2", WEB, "");
         let p = plan(&cluster(&y), "node2").expect("plans");
-        let names: Vec<_> = p.desired.ports.values().next().unwrap().backends.iter().map(|b| b.node.as_str()).collect();
+        let names: Vec<_> = p
+            .desired
+            .ports
+            .values()
+            .next()
+            .unwrap()
+            .backends
+            .iter()
+            .map(|b| b.node.as_str())
+            .collect();
         assert_eq!(names, ["node1", "node3"]);
     }
 
     #[test]
     fn bad_objects_are_named() {
         let mut y = three_nodes() + "---\napiVersion: v1\nkind: Node\nmetadata: {name: noaddr}\n";
-        y += &pod("sctp", "node1", "10.244.1.2", "{containerPort: 9, hostPort: 9, protocol: SCTP}", "");
+        y += &pod(
+            "sctp",
+            "node1",
+            "10.244.1.2",
+            "{containerPort: 9, hostPort: 9, protocol: SCTP}",
+            "",
+        );
         y += &pod("noip", "node1", "", WEB, "").replace("  podIP: \n", "");
-        y += &pod("weird", "node1", "10.244.1.3", WEB, ", annotations: {st8s.io/steer: \"maybe\"}");
+        y += &pod(
+            "weird",
+            "node1",
+            "10.244.1.3",
+            WEB,
+            ", annotations: {st8s.io/steer: \"maybe\"}",
+        );
         y += &pod("a", "node2", "10.244.2.2", WEB, "");
         y += &pod("b", "node2", "10.244.2.3", WEB, "");
         let p = plan(&cluster(&y), "node1").expect("plans");
@@ -459,24 +526,41 @@ mod tests {
         let all = text.join("\n");
         assert!(all.contains("node noaddr: no InternalIP"), "{all}");
         assert!(all.contains("ns/sctp") && all.contains("SCTP"), "{all}");
-        assert!(all.contains("pod ns/noip: Ready with hostPorts but no podIP"), "{all}");
+        assert!(
+            all.contains("pod ns/noip: Ready with hostPorts but no podIP"),
+            "{all}"
+        );
         assert!(all.contains("ns/weird") && all.contains("maybe"), "{all}");
-        assert!(all.contains("pods ns/a and ns/b both claim hostPort 80/tcp on node node2"), "{all}");
+        assert!(
+            all.contains("pods ns/a and ns/b both claim hostPort 80/tcp on node node2"),
+            "{all}"
+        );
         assert_eq!(p.problems.len(), 5, "{all}");
     }
 
     #[test]
     fn self_must_exist_with_an_address() {
         let c = cluster(&three_nodes());
-        assert_eq!(plan(&c, "nope"), Err(PlanError::UnknownNode { node: "nope".into() }));
+        assert_eq!(
+            plan(&c, "nope"),
+            Err(PlanError::UnknownNode { node: "nope".into() })
+        );
         let c = cluster("apiVersion: v1\nkind: Node\nmetadata: {name: bare}\n");
-        assert_eq!(plan(&c, "bare"), Err(PlanError::SelfWithoutAddress { node: "bare".into() }));
+        assert_eq!(
+            plan(&c, "bare"),
+            Err(PlanError::SelfWithoutAddress { node: "bare".into() })
+        );
     }
 
     #[test]
     fn too_many_ports_is_an_error_not_a_partial_table() {
-        let ports: Vec<String> = (1..=MAX_PORTS + 1).map(|p| format!("{{containerPort: {p}, hostPort: {p}}}")).collect();
+        let ports: Vec<String> = (1..=MAX_PORTS + 1)
+            .map(|p| format!("{{containerPort: {p}, hostPort: {p}}}"))
+            .collect();
         let y = three_nodes() + &pod("big", "node1", "10.244.1.2", &ports.join(", "), "");
-        assert!(matches!(plan(&cluster(&y), "node1"), Err(PlanError::TooManyPorts { .. })));
+        assert!(matches!(
+            plan(&cluster(&y), "node1"),
+            Err(PlanError::TooManyPorts { .. })
+        ));
     }
 }

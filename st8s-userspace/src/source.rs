@@ -80,7 +80,10 @@ mod tests {
         assert_eq!(s.poll().expect("reads").expect("changed").nodes.len(), 2);
         std::fs::write(&file, "kind: [").expect("write");
         assert!(matches!(s.poll(), Err(SourceError::Parse { .. })));
-        assert!(s.poll().expect("same broken text").is_none(), "a broken file is reported once");
+        assert!(
+            s.poll().expect("same broken text").is_none(),
+            "a broken file is reported once"
+        );
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

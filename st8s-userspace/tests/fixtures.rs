@@ -69,7 +69,9 @@ impl Dp {
         for (addr, mac) in [(SELF, SELF_MAC), (PEER, PEER_MAC), (PEER3, PEER3_MAC)] {
             let mut nodes: HashMap<_, u32, NodeInfo> =
                 HashMap::try_from(dp.ebpf.map_mut(map_names::NODES).expect("map")).expect("type");
-            nodes.insert(be(a(addr)), NodeInfo { mac, _pad: [0; 2] }, 0).expect("insert");
+            nodes
+                .insert(be(a(addr)), NodeInfo { mac, _pad: [0; 2] }, 0)
+                .expect("insert");
             if addr != SELF {
                 let mut macs: HashMap<_, MacKey, u32> =
                     HashMap::try_from(dp.ebpf.map_mut(map_names::PEER_MACS).expect("map")).expect("type");
@@ -80,7 +82,8 @@ impl Dp {
     }
 
     fn config(&mut self, flags: u32) {
-        let mut m: Array<_, Config> = Array::try_from(self.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("type");
+        let mut m: Array<_, Config> =
+            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("type");
         let c = Config {
             self_addr_be: be(a(SELF)),
             uplink_ifindex: UPLINK_IFINDEX,
@@ -94,7 +97,17 @@ impl Dp {
 
     /// Programs one port: `backends` as (node address, mac, local?), every Maglev slot pointing at
     /// `maglev_to`, and the local pod if any.
-    fn port(&mut self, port: u16, proto: u8, slot: u16, bank: u8, backends: &[(&str, [u8; 6], bool)], maglev_to: u8, local: bool) {
+    #[expect(clippy::too_many_arguments, reason = "a fixture table row reads best flat")]
+    fn port(
+        &mut self,
+        port: u16,
+        proto: u8,
+        slot: u16,
+        bank: u8,
+        backends: &[(&str, [u8; 6], bool)],
+        maglev_to: u8,
+        local: bool,
+    ) {
         let info = PortInfo {
             slot,
             bank,
@@ -106,7 +119,8 @@ impl Dp {
             _pad: 0,
         };
         {
-            let mut m: Array<_, Backend> = Array::try_from(self.ebpf.map_mut(map_names::BACKENDS).expect("map")).expect("type");
+            let mut m: Array<_, Backend> =
+                Array::try_from(self.ebpf.map_mut(map_names::BACKENDS).expect("map")).expect("type");
             for (i, (addr, mac, is_local)) in backends.iter().enumerate() {
                 let b = Backend {
                     node_addr_be: be(a(addr)),
@@ -118,16 +132,26 @@ impl Dp {
             }
         }
         {
-            let mut m: Array<_, MaglevRow> = Array::try_from(self.ebpf.map_mut(map_names::MAGLEV).expect("map")).expect("type");
-            let row = MaglevRow { slots: [maglev_to; MAGLEV_SIZE], _pad: [0; 3] };
+            let mut m: Array<_, MaglevRow> =
+                Array::try_from(self.ebpf.map_mut(map_names::MAGLEV).expect("map")).expect("type");
+            let row = MaglevRow {
+                slots: [maglev_to; MAGLEV_SIZE],
+                _pad: [0; 3],
+            };
             m.set(info.maglev_index(), row, 0).expect("maglev");
         }
-        let mut m: HashMap<_, PortKey, PortInfo> = HashMap::try_from(self.ebpf.map_mut(map_names::PORTS).expect("map")).expect("type");
+        let mut m: HashMap<_, PortKey, PortInfo> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::PORTS).expect("map")).expect("type");
         m.insert(PortKey::new(port, proto), info, 0).expect("port");
     }
 
     fn run_xdp(&self, pkt: &[u8]) -> (u32, Vec<u8>) {
-        let p: &Xdp = self.ebpf.program(program_names::UPLINK_XDP).expect("program").try_into().expect("xdp");
+        let p: &Xdp = self
+            .ebpf
+            .program(program_names::UPLINK_XDP)
+            .expect("program")
+            .try_into()
+            .expect("xdp");
         run_prog(p, pkt)
     }
 
@@ -220,7 +244,11 @@ fn xdp_forwards_a_remote_flow_with_only_the_macs_rewritten() {
     assert_eq!(verdict, XDP_TX);
     assert_eq!(&out[0..6], &PEER_MAC, "to the peer");
     assert_eq!(&out[6..12], &SELF_MAC, "from this node");
-    assert_eq!(&out[12..], &pkt[12..], "IP header and payload untouched: the client address stays");
+    assert_eq!(
+        &out[12..],
+        &pkt[12..],
+        "IP header and payload untouched: the client address stays"
+    );
     let flow = dp.flow(&flow_key(&f)).expect("flow tracked");
     assert_eq!((flow.kind, flow.backend_addr_be), (FLOW_REMOTE, be(a(PEER))));
     assert_eq!(dp.counters(0).forwarded, 1);
@@ -244,11 +272,23 @@ fn tc_forwards_a_remote_flow_when_xdp_is_off() {
 #[test]
 fn local_backend_gets_the_packet_with_the_client_address_and_valid_checksums() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
-    dp.port(80, PROTO_TCP, 3, 0, &[(SELF, [0; 6], true), (PEER, PEER_MAC, false)], 1, true);
+    dp.port(
+        80,
+        PROTO_TCP,
+        3,
+        0,
+        &[(SELF, [0; 6], true), (PEER, PEER_MAC, false)],
+        1,
+        true,
+    );
     let f = client_tcp(SELF, 80);
     let pkt = f.build();
     let (verdict, out) = dp.run_xdp(&pkt);
-    assert_eq!((verdict, out.as_slice()), (XDP_PASS, pkt.as_slice()), "XDP leaves local delivery to TC");
+    assert_eq!(
+        (verdict, out.as_slice()),
+        (XDP_PASS, pkt.as_slice()),
+        "XDP leaves local delivery to TC"
+    );
 
     let (verdict, out) = dp.run_tc(program_names::UPLINK_TC, &pkt);
     assert_eq!(verdict, TC_ACT_REDIRECT);
@@ -268,7 +308,10 @@ fn local_backend_gets_the_packet_with_the_client_address_and_valid_checksums() {
             _pad: [0; 3],
         })
         .expect("reply translation recorded");
-    assert_eq!((rev.frontend_addr_be, rev.frontend_port_be, rev.slot), (be(a(SELF)), 80u16.to_be(), 3));
+    assert_eq!(
+        (rev.frontend_addr_be, rev.frontend_port_be, rev.slot),
+        (be(a(SELF)), 80u16.to_be(), 3)
+    );
     assert_eq!(dp.flow(&flow_key(&f)).map(|v| v.kind), Some(FLOW_LOCAL));
     assert_eq!(dp.counters(3).delivered_local, 1);
 }
@@ -290,7 +333,11 @@ fn pod_reply_is_rewritten_to_the_frontend_for_tcp_and_udp() {
                 proto,
                 _pad: [0; 3],
             },
-            RevNatValue { frontend_addr_be: be(a(PEER)), frontend_port_be: 80u16.to_be(), slot: 5 },
+            RevNatValue {
+                frontend_addr_be: be(a(PEER)),
+                frontend_port_be: 80u16.to_be(),
+                slot: 5,
+            },
             0,
         )
         .expect("insert");
@@ -314,11 +361,13 @@ fn pod_reply_is_rewritten_to_the_frontend_for_tcp_and_udp() {
         }
         // An unrelated packet from the pod goes untouched.
         let other = Frame::tcp(a(POD), 8080, a("10.0.0.99"), 40000).build();
-        assert_eq!(dp.run_tc(program_names::POD_TC, &other), (TC_ACT_OK, other.clone()));
+        assert_eq!(
+            dp.run_tc(program_names::POD_TC, &other),
+            (TC_ACT_OK, other.clone())
+        );
     }
     assert!(dp.counters(5).replied >= 3);
 }
-
 
 /// 4d: everything that is not a steered IPv4 TCP/UDP packet to this node passes untouched,
 /// through all three programs.
@@ -386,8 +435,16 @@ fn everything_else_passes_untouched() {
         if pkt[12..14] == [0x08, 0x00] && pkt.len() < packet::L4_OFF {
             continue;
         }
-        assert_eq!(dp.run_tc(program_names::UPLINK_TC, pkt), (TC_ACT_OK, pkt.clone()), "uplink TC: {what}");
-        assert_eq!(dp.run_tc(program_names::POD_TC, pkt), (TC_ACT_OK, pkt.clone()), "pod TC: {what}");
+        assert_eq!(
+            dp.run_tc(program_names::UPLINK_TC, pkt),
+            (TC_ACT_OK, pkt.clone()),
+            "uplink TC: {what}"
+        );
+        assert_eq!(
+            dp.run_tc(program_names::POD_TC, pkt),
+            (TC_ACT_OK, pkt.clone()),
+            "pod TC: {what}"
+        );
     }
     // The same steered packet does get forwarded: the cases above pass because of what they are.
     assert_eq!(dp.run_xdp(&steered).0, XDP_TX);
@@ -405,7 +462,10 @@ fn forwarded_packets_are_accepted_only_from_cluster_nodes() {
     // A LAN host sends to this node's MAC with the peer's address: not ours to serve.
     let spoofed = client_tcp(PEER, 80).build();
     assert_eq!(dp.run_xdp(&spoofed), (XDP_PASS, spoofed.clone()));
-    assert_eq!(dp.run_tc(program_names::UPLINK_TC, &spoofed), (TC_ACT_OK, spoofed.clone()));
+    assert_eq!(
+        dp.run_tc(program_names::UPLINK_TC, &spoofed),
+        (TC_ACT_OK, spoofed.clone())
+    );
     assert_eq!(dp.counters(0).untrusted_peer, 1);
     assert_eq!(dp.counters(0).delivered_local, 0);
 
@@ -441,29 +501,49 @@ fn a_flow_keeps_its_backend_until_the_backend_goes_away() {
     assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC);
 
     // A new backend arrives and the table now sends every new flow to it.
-    dp.port(80, PROTO_TCP, 0, 1, &[(PEER3, PEER3_MAC, false), (PEER, PEER_MAC, false)], 0, false);
+    dp.port(
+        80,
+        PROTO_TCP,
+        0,
+        1,
+        &[(PEER3, PEER3_MAC, false), (PEER, PEER_MAC, false)],
+        0,
+        false,
+    );
     assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC, "the established flow stays");
     let mut g = client_tcp(SELF, 80);
     g.sport = 40001;
-    assert_eq!(&dp.run_xdp(&g.build()).1[0..6], &PEER3_MAC, "a new flow takes the new table");
+    assert_eq!(
+        &dp.run_xdp(&g.build()).1[0..6],
+        &PEER3_MAC,
+        "a new flow takes the new table"
+    );
 
     // The flow's backend leaves: the flow is re-steered instead of black-holed.
     dp.port(80, PROTO_TCP, 0, 0, &[(PEER3, PEER3_MAC, false)], 0, false);
     assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER3_MAC);
-    assert_eq!(dp.flow(&flow_key(&f)).map(|v| v.backend_addr_be), Some(be(a(PEER3))));
+    assert_eq!(
+        dp.flow(&flow_key(&f)).map(|v| v.backend_addr_be),
+        Some(be(a(PEER3)))
+    );
 }
 
 /// 4c: without local preference, Maglev spreads new flows over every backend, this node's too.
 #[test]
 fn maglev_spreads_flows_and_local_preference_wins_when_set() {
-    let backends = [(SELF, [0u8; 6], true), (PEER, PEER_MAC, false), (PEER3, PEER3_MAC, false)];
+    let backends = [
+        (SELF, [0u8; 6], true),
+        (PEER, PEER_MAC, false),
+        (PEER3, PEER3_MAC, false),
+    ];
     let names = ["node1", "node2", "node3"];
     let table = st8s::maglev::table(&names, 7);
     let mut dp = Dp::new(CONFIG_XDP_FORWARDS);
     // Write the real Maglev table.
     dp.port(80, PROTO_TCP, 0, 0, &backends, 0, true);
     {
-        let mut m: Array<_, MaglevRow> = Array::try_from(dp.ebpf.map_mut(map_names::MAGLEV).expect("map")).expect("type");
+        let mut m: Array<_, MaglevRow> =
+            Array::try_from(dp.ebpf.map_mut(map_names::MAGLEV).expect("map")).expect("type");
         let mut row = MaglevRow::default();
         row.slots.copy_from_slice(&table);
         m.set(0, row, 0).expect("row");
@@ -491,4 +571,3 @@ fn maglev_spreads_flows_and_local_preference_wins_when_set() {
         assert_eq!(dp.run_xdp(&f.build()).0, XDP_PASS);
     }
 }
-

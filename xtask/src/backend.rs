@@ -86,7 +86,11 @@ fn http_conn(s: TcpStream, name: &str) {
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         );
-        if w.write_all(head.as_bytes()).and_then(|_| w.write_all(body.as_bytes())).is_err() || close {
+        if w.write_all(head.as_bytes())
+            .and_then(|_| w.write_all(body.as_bytes()))
+            .is_err()
+            || close
+        {
             return;
         }
     }
@@ -103,7 +107,9 @@ fn dns_tcp_conn(mut s: TcpStream, name: &str) {
         if s.read_exact(&mut q).is_err() {
             return;
         }
-        let Some(a) = dns_answer(&q, name, peer, 65535) else { return };
+        let Some(a) = dns_answer(&q, name, peer, 65535) else {
+            return;
+        };
         let mut out = (a.len() as u16).to_be_bytes().to_vec();
         out.extend(a);
         if s.write_all(&out).is_err() {
@@ -158,13 +164,19 @@ mod tests {
     #[test]
     fn answers_a_txt_query() {
         // id 0x1234, RD, one question: "a.lab" TXT IN
-        let q = [0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 3, b'l', b'a', b'b', 0, 0, 16, 0, 1];
-        let r = dns_answer(&q, "ns/dns", "10.0.0.1:5000".parse().unwrap(), 512).expect("answer");
+        let q = [
+            0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 3, b'l', b'a', b'b', 0, 0, 16, 0, 1,
+        ];
+        let r =
+            dns_answer(&q, "ns/dns", "10.0.0.1:5000".parse().expect("test address"), 512).expect("answer");
         assert_eq!(&r[0..2], &[0x12, 0x34]);
         assert_eq!(r[2] & 0x80, 0x80);
         assert_eq!(&r[6..8], &[0, 1], "one answer");
         let text = String::from_utf8_lossy(&r);
         assert!(text.contains("pod=ns/dns client=10.0.0.1:5000"), "{text}");
-        assert!(dns_answer(&r, "x", "10.0.0.1:1".parse().unwrap(), 512).is_none(), "responses are not answered");
+        assert!(
+            dns_answer(&r, "x", "10.0.0.1:1".parse().expect("test address"), 512).is_none(),
+            "responses are not answered"
+        );
     }
 }

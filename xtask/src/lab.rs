@@ -77,7 +77,11 @@ impl PodSpec {
         PodSpec {
             name: name.into(),
             node,
-            ports: vec![HostPort { host: 80, container: 8080, proto: "TCP" }],
+            ports: vec![HostPort {
+                host: 80,
+                container: 8080,
+                proto: "TCP",
+            }],
             http: Some(8080),
             dns: None,
         }
@@ -89,8 +93,16 @@ impl PodSpec {
             name: name.into(),
             node,
             ports: vec![
-                HostPort { host: 53, container: 53, proto: "UDP" },
-                HostPort { host: 53, container: 53, proto: "TCP" },
+                HostPort {
+                    host: 53,
+                    container: 53,
+                    proto: "UDP",
+                },
+                HostPort {
+                    host: 53,
+                    container: 53,
+                    proto: "TCP",
+                },
             ],
             http: None,
             dns: Some(53),
@@ -123,7 +135,10 @@ impl Answer {
     }
 
     fn parse(out: &Output) -> Self {
-        let text = String::from_utf8_lossy(&out.stdout).trim().trim_matches('"').to_owned();
+        let text = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_matches('"')
+            .to_owned();
         let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         let field = |k: &str| {
             text.split_whitespace()
@@ -161,25 +176,36 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
-        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
 
 /// Namespaces left by labs whose process is gone (a run killed before it could clean up).
 fn remove_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix("s8-") else { continue };
+        let Some(rest) = name.strip_prefix("s8-") else {
+            continue;
+        };
         let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = Command::new("ip").args(["netns", "del", name]).status();
-                let _ = fs::remove_dir_all(format!("/sys/fs/bpf/st8s-lab-{pid}"));
-            }
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+            let _ = fs::remove_dir_all(format!("/sys/fs/bpf/st8s-lab-{pid}"));
         }
     }
 }
@@ -230,32 +256,74 @@ impl Lab {
             let node = i + 1;
             let port = format!("n{node}");
             self.add_ns(ns)?;
-            ip(&["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &sw])?;
+            ip(&[
+                "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", &port, "netns", &sw,
+            ])?;
             ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&["-n", ns, "addr", "add", &format!("{}/24", node_addr(node)), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", node_addr(node)),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", ns, "link", "add", "cni0", "type", "bridge"])?;
-            ip(&["-n", ns, "addr", "add", &format!("10.244.{node}.1/24"), "dev", "cni0"])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("10.244.{node}.1/24"),
+                "dev",
+                "cni0",
+            ])?;
             ip(&["-n", ns, "link", "set", "cni0", "up"])?;
-            sh("ip", &["netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            sh(
+                "ip",
+                &["netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            )?;
             for other in 1..=self.cfg.nodes {
                 if other != node {
-                    ip(&["-n", ns, "route", "add", &format!("10.244.{other}.0/24"), "via", &node_addr(other).to_string()])?;
+                    ip(&[
+                        "-n",
+                        ns,
+                        "route",
+                        "add",
+                        &format!("10.244.{other}.0/24"),
+                        "via",
+                        &node_addr(other).to_string(),
+                    ])?;
                 }
             }
             self.attach_stub(&port)?;
         }
         let client = self.client.clone();
         self.add_ns(&client)?;
-        ip(&["link", "add", "eth0", "netns", &client, "type", "veth", "peer", "name", "c", "netns", &sw])?;
+        ip(&[
+            "link", "add", "eth0", "netns", &client, "type", "veth", "peer", "name", "c", "netns", &sw,
+        ])?;
         ip(&["-n", &sw, "link", "set", "c", "master", "br0", "up"])?;
-        ip(&["-n", &client, "addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &client,
+            "addr",
+            "add",
+            &format!("{CLIENT_ADDR}/24"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &client, "link", "set", "eth0", "up"])?;
         // A LAN client's packets arrive with complete checksums, as they would off a wire. veth
         // would otherwise hand on CHECKSUM_PARTIAL packets whose checksum field is only the
         // pseudo-header sum; a frame that goes through XDP_TX loses that mark and the backend's
         // stack would then drop it as corrupt.
-        sh("ip", &["netns", "exec", &client, "ethtool", "-K", "eth0", "tx", "off"])?;
+        sh(
+            "ip",
+            &["netns", "exec", &client, "ethtool", "-K", "eth0", "tx", "off"],
+        )?;
         Ok(())
     }
 
@@ -272,7 +340,10 @@ impl Lab {
             .output()
             .context("running xtask lab-stub")?;
         if !out.status.success() {
-            bail!("attaching the XDP stub to {port}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "attaching the XDP stub to {port}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(())
     }
@@ -308,11 +379,21 @@ impl Lab {
         let node_if = format!("v{}", self.next_if);
         let pod_ip = Ipv4Addr::new(10, 244, spec.node as u8, 10 + self.next_if as u8);
         self.add_ns(&ns)?;
-        ip(&["link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &node_if, "netns", &node_ns])?;
+        ip(&[
+            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &node_if, "netns", &node_ns,
+        ])?;
         ip(&["-n", &node_ns, "link", "set", &node_if, "master", "cni0", "up"])?;
         ip(&["-n", &ns, "addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns, "route", "add", "default", "via", &format!("10.244.{}.1", spec.node)])?;
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.244.{}.1", spec.node),
+        ])?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{ns}"))
             .arg("--")
@@ -330,7 +411,16 @@ impl Lab {
             .stderr(log)
             .spawn()
             .context("starting a lab backend")?;
-        self.pods.insert(spec.name.clone(), Pod { spec, ns, ip: pod_ip, node_if, server });
+        self.pods.insert(
+            spec.name.clone(),
+            Pod {
+                spec,
+                ns,
+                ip: pod_ip,
+                node_if,
+                server,
+            },
+        );
         Ok(())
     }
 
@@ -370,7 +460,11 @@ impl Lab {
             );
         }
         for pod in self.pods.values() {
-            let ready = if self.unready.contains(&pod.spec.name) { "False" } else { "True" };
+            let ready = if self.unready.contains(&pod.spec.name) {
+                "False"
+            } else {
+                "True"
+            };
             let _ = write!(
                 y,
                 "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: {}\n    namespace: {NAMESPACE}\n  spec:\n    nodeName: {}\n    containers:\n    - name: server\n      ports:\n",
@@ -423,7 +517,10 @@ impl Lab {
             .arg("--pin-dir")
             .arg(self.agent_pin_dir(node))
             .args(["--iface", "eth0", "--poll-ms", "100", "--xdp", &self.cfg.xdp])
-            .args(["--prefer-local", if self.cfg.prefer_local { "true" } else { "false" }])
+            .args([
+                "--prefer-local",
+                if self.cfg.prefer_local { "true" } else { "false" },
+            ])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -471,10 +568,14 @@ impl Lab {
         for node in 1..=self.cfg.nodes {
             let want = st8s::plan::plan(&cluster, &node_name(node))?.desired;
             loop {
-                if let Some(child) = self.agents.get_mut(&node) {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        bail!("the agent of {} exited ({status})\n{}", node_name(node), self.agent_logs());
-                    }
+                if let Some(child) = self.agents.get_mut(&node)
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    bail!(
+                        "the agent of {} exited ({status})\n{}",
+                        node_name(node),
+                        self.agent_logs()
+                    );
                 }
                 let matches = self.snapshot(node).is_ok_and(|s| table_matches(&s, &want));
                 if matches {
@@ -509,22 +610,39 @@ impl Lab {
 
     pub fn http_to(&self, addr: Ipv4Addr, port: u16) -> Answer {
         let url = format!("http://{addr}:{port}/");
-        match self.exec(&self.client, "curl", &["-sS", "--max-time", "3", "--connect-timeout", "2", &url]) {
+        match self.exec(
+            &self.client,
+            "curl",
+            &["-sS", "--max-time", "3", "--connect-timeout", "2", &url],
+        ) {
             Ok(out) => Answer::parse(&out),
-            Err(e) => Answer { detail: e.to_string(), ..Answer::default() },
+            Err(e) => Answer {
+                detail: e.to_string(),
+                ..Answer::default()
+            },
         }
     }
 
     /// `dig TXT whoami.lab @<node>` from the client, over UDP or TCP.
     pub fn dns(&self, node: usize, tcp: bool) -> Answer {
         let server = format!("@{}", node_addr(node));
-        let mut args = vec!["+short", "+time=2", "+tries=1", server.as_str(), "whoami.lab", "TXT"];
+        let mut args = vec![
+            "+short",
+            "+time=2",
+            "+tries=1",
+            server.as_str(),
+            "whoami.lab",
+            "TXT",
+        ];
         if tcp {
             args.insert(0, "+tcp");
         }
         match self.exec(&self.client, "dig", &args) {
             Ok(out) => Answer::parse(&out),
-            Err(e) => Answer { detail: e.to_string(), ..Answer::default() },
+            Err(e) => Answer {
+                detail: e.to_string(),
+                ..Answer::default()
+            },
         }
     }
 
@@ -584,10 +702,20 @@ pub fn table_matches(s: &st8s::inspect::Snapshot, want: &st8s::plan::Desired) ->
         return false;
     }
     for (k, v, backends, _) in &s.ports {
-        let Some(proto) = st8s::plan::Proto::from_number(k.proto) else { return false };
-        let id = st8s::plan::PortId { port: u16::from_be(k.port_be), proto };
-        let Some(p) = want.ports.get(&id) else { return false };
-        let have: Vec<Ipv4Addr> = backends.iter().map(|b| Ipv4Addr::from(u32::from_be(b.node_addr_be))).collect();
+        let Some(proto) = st8s::plan::Proto::from_number(k.proto) else {
+            return false;
+        };
+        let id = st8s::plan::PortId {
+            port: u16::from_be(k.port_be),
+            proto,
+        };
+        let Some(p) = want.ports.get(&id) else {
+            return false;
+        };
+        let have: Vec<Ipv4Addr> = backends
+            .iter()
+            .map(|b| Ipv4Addr::from(u32::from_be(b.node_addr_be)))
+            .collect();
         let need: Vec<Ipv4Addr> = p.backends.iter().map(|b| b.node_addr).collect();
         if have != need {
             return false;
@@ -613,5 +741,7 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
         }
         Ok(f())
     });
-    handle.join().map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
 }

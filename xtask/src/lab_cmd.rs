@@ -57,9 +57,24 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
             2 => vec!["lab/web-node2".to_owned()],
             _ => web.clone(),
         };
-        rows.push(Row { node, service: "http 80/tcp", answer: lab.http(node, 80), expected: expected_web });
-        rows.push(Row { node, service: "dns 53/udp", answer: lab.dns(node, false), expected: dns.clone() });
-        rows.push(Row { node, service: "dns 53/tcp", answer: lab.dns(node, true), expected: dns.clone() });
+        rows.push(Row {
+            node,
+            service: "http 80/tcp",
+            answer: lab.http(node, 80),
+            expected: expected_web,
+        });
+        rows.push(Row {
+            node,
+            service: "dns 53/udp",
+            answer: lab.dns(node, false),
+            expected: dns.clone(),
+        });
+        rows.push(Row {
+            node,
+            service: "dns 53/tcp",
+            answer: lab.dns(node, true),
+            expected: dns.clone(),
+        });
     }
 
     println!();
@@ -75,14 +90,19 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
             Some(_) => "forwarded",
             None => "-",
         };
-        let ok = r.answer.ok
-            && r.expected.contains(&backend)
-            && r.answer.client_ip() == Some(CLIENT_ADDR);
+        let ok = r.answer.ok && r.expected.contains(&backend) && r.answer.client_ip() == Some(CLIENT_ADDR);
         let result = if ok {
             "ok".to_owned()
         } else {
             failed += 1;
-            format!("FAILED ({})", if r.answer.ok { "wrong backend or client address".to_owned() } else { r.answer.detail.clone() })
+            format!(
+                "FAILED ({})",
+                if r.answer.ok {
+                    "wrong backend or client address".to_owned()
+                } else {
+                    r.answer.detail.clone()
+                }
+            )
         };
         println!(
             "{:<20} {:<12} {:<16} {:<20} {:<10} {result}",
@@ -99,7 +119,12 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
             let c = st8s::inspect::counters_by_port(&s);
             let line: Vec<String> = c
                 .iter()
-                .map(|(p, c)| format!("{p}: local {} fwd {} replied {}", c.delivered_local, c.forwarded, c.replied))
+                .map(|(p, c)| {
+                    format!(
+                        "{p}: local {} fwd {} replied {}",
+                        c.delivered_local, c.forwarded, c.replied
+                    )
+                })
                 .collect();
             println!("{} counters  {}", node_name(node), line.join("  |  "));
         }
@@ -107,11 +132,29 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     println!();
     if args.keep {
         println!("The lab stays up (id {}). Try:", lab.id);
-        println!("  ip netns exec {} curl http://{}/", lab.client_ns(), node_addr(3));
-        println!("  ip netns exec {} dig @{} whoami.lab TXT", lab.client_ns(), node_addr(1));
-        println!("  {} inspect --pin-dir {}", target_dir().join("debug/st8s").display(), lab.agent_pin_dir(1).display());
-        println!("  bpftool map dump pinned {}/ST8S_PORTS", lab.agent_pin_dir(1).display());
-        println!("Tear it down with: ip -all netns delete  (or reboot), and rm -r {}", lab.pin_root.display());
+        println!(
+            "  ip netns exec {} curl http://{}/",
+            lab.client_ns(),
+            node_addr(3)
+        );
+        println!(
+            "  ip netns exec {} dig @{} whoami.lab TXT",
+            lab.client_ns(),
+            node_addr(1)
+        );
+        println!(
+            "  {} inspect --pin-dir {}",
+            target_dir().join("debug/st8s").display(),
+            lab.agent_pin_dir(1).display()
+        );
+        println!(
+            "  bpftool map dump pinned {}/ST8S_PORTS",
+            lab.agent_pin_dir(1).display()
+        );
+        println!(
+            "Tear it down with: ip -all netns delete  (or reboot), and rm -r {}",
+            lab.pin_root.display()
+        );
         lab.leak();
     } else {
         progress("tearing the lab down");
@@ -120,6 +163,9 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     if failed > 0 {
         bail!("{failed} of {} requests failed", rows.len());
     }
-    progress(&format!("all {} requests answered by the right backend, client address kept", rows.len()));
+    progress(&format!(
+        "all {} requests answered by the right backend, client address kept",
+        rows.len()
+    ));
     Ok(())
 }

@@ -27,6 +27,10 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
+    /// Clippy in two passes (host crates, then the kernel programs) and rustfmt, all as errors.
+    Lint,
+    /// Format everything with nightly rustfmt (import grouping needs nightly).
+    Fmt,
     /// Set up, build, and run the network-namespace lab: three nodes, pods, a client, one agent
     /// per node; send real requests to every node and print who answered.
     Lab(lab_cmd::LabArgs),
@@ -66,6 +70,8 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::setup(),
         Task::BuildEbpf => setup::build_ebpf(),
         Task::Build { release } => build(release),
+        Task::Lint => lint(),
+        Task::Fmt => fmt(false),
         Task::Lab(args) => {
             setup::setup()?;
             build(false)?;
@@ -76,6 +82,7 @@ fn main() -> anyhow::Result<()> {
                 setup::setup()?;
             }
             build(false)?;
+            lint()?;
             if !setup::is_root() {
                 bail!("the BPF and network-namespace tests need root (CAP_BPF, CAP_NET_ADMIN): run as root");
             }
@@ -98,25 +105,81 @@ fn build(release: bool) -> anyhow::Result<()> {
     setup::build_ebpf()?;
     progress("building st8s and the lab tools");
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(workspace_root()).args(["build", "-p", "st8s-userspace", "-p", "xtask"]);
+    cmd.current_dir(workspace_root())
+        .args(["build", "-p", "st8s-userspace", "-p", "xtask"]);
     if release {
         cmd.arg("--release");
     }
     run(&mut cmd).context("building st8s")
 }
 
+fn fmt(check: bool) -> anyhow::Result<()> {
+    let tc = setup::nightly()?;
+    let check_arg: &[&str] = if check { &["--", "--check"] } else { &[] };
+    run(Command::new("cargo")
+        .current_dir(workspace_root())
+        .arg(format!("+{tc}"))
+        .args(["fmt", "--all"])
+        .args(check_arg))
+    .context("rustfmt (workspace); run `cargo xtask fmt`")?;
+    run(Command::new("cargo")
+        .current_dir(workspace_root().join("st8s-ebpf"))
+        .arg(format!("+{tc}"))
+        .arg("fmt")
+        .args(check_arg))
+    .context("rustfmt (st8s-ebpf); run `cargo xtask fmt`")
+}
+
+fn lint() -> anyhow::Result<()> {
+    progress("clippy: host crates");
+    run(Command::new("cargo").current_dir(workspace_root()).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy (host crates)")?;
+    progress("clippy: kernel programs");
+    let tc = setup::nightly()?;
+    run(Command::new("cargo")
+        .current_dir(workspace_root().join("st8s-ebpf"))
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .arg(format!("+{tc}"))
+        .args([
+            "clippy",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    .context("clippy (kernel programs)")?;
+    progress("rustfmt --check");
+    fmt(true)
+}
+
 fn stub(iface: &str, pin: &std::path::Path) -> anyhow::Result<()> {
     use aya::programs::{Xdp, XdpMode, links::FdLink};
-    let obj = std::fs::read(setup::ebpf_object()).context("reading the kernel programs (run `cargo xtask build-ebpf`)")?;
+    let obj = std::fs::read(setup::ebpf_object())
+        .context("reading the kernel programs (run `cargo xtask build-ebpf`)")?;
     let mut ebpf = aya::Ebpf::load(&obj).context("loading the kernel programs")?;
     let prog: &mut Xdp = ebpf
         .program_mut(st8s_common::program_names::XDP_PASS)
         .context("XDP_PASS program missing")?
         .try_into()?;
     prog.load()?;
-    let id = prog.attach(iface, XdpMode::Driver).with_context(|| format!("attaching to {iface}"))?;
+    let id = prog
+        .attach(iface, XdpMode::Driver)
+        .with_context(|| format!("attaching to {iface}"))?;
     let link = prog.take_link(id)?;
     let link: FdLink = link.try_into().context("the XDP link is not a bpf_link")?;
-    link.pin(pin).with_context(|| format!("pinning {}", pin.display()))?;
+    link.pin(pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
     Ok(())
 }

@@ -1,10 +1,7 @@
 //! `cargo xtask setup` and `cargo xtask build-ebpf`: everything a fresh machine lacks, installed
 //! idempotently; a machine that has it all is checked in about a second.
 
-use std::{
-    path::PathBuf,
-    process::Command,
-};
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
@@ -63,7 +60,14 @@ fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
     update.extend(["apt-get", "update", "-qq"]);
     run(Command::new(update[0]).args(&update[1..])).context("apt-get update")?;
     let mut install = sudo;
-    install.extend(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-qq"]);
+    install.extend([
+        "env",
+        "DEBIAN_FRONTEND=noninteractive",
+        "apt-get",
+        "install",
+        "-y",
+        "-qq",
+    ]);
     install.extend(pkgs);
     run(Command::new(install[0]).args(&install[1..])).with_context(|| format!("apt-get install {pkgs:?}"))
 }
@@ -85,7 +89,9 @@ pub fn nightly() -> anyhow::Result<String> {
             return Ok(tc.to_owned());
         }
     }
-    progress(&format!("installing Rust {NIGHTLY_DATED} (for the kernel programs)"));
+    progress(&format!(
+        "installing Rust {NIGHTLY_DATED} (for the kernel programs)"
+    ));
     run(Command::new("rustup").args([
         "toolchain",
         "install",
@@ -101,7 +107,10 @@ pub fn nightly() -> anyhow::Result<String> {
 }
 
 fn ensure_rust_src(tc: &str) -> anyhow::Result<()> {
-    let sysroot = Command::new("rustc").arg(format!("+{tc}")).args(["--print", "sysroot"]).output()?;
+    let sysroot = Command::new("rustc")
+        .arg(format!("+{tc}"))
+        .args(["--print", "sysroot"])
+        .output()?;
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
         return Ok(());
@@ -114,12 +123,23 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     if have("bpf-linker") || cargo_bin("bpf-linker").is_file() {
         return Ok(());
     }
-    let missing: Vec<&str> = LLVM_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    let missing: Vec<&str> = LLVM_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
     apt_install(&missing)?;
     progress("building bpf-linker against LLVM 22 (about 3 minutes, once)");
     run(Command::new("cargo")
         .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-        .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22", "--locked"]))
+        .args([
+            "install",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+            "--locked",
+        ]))
     .context("cargo install bpf-linker")
 }
 
@@ -128,7 +148,11 @@ pub fn setup() -> anyhow::Result<()> {
     let tc = nightly()?;
     ensure_rust_src(&tc)?;
     ensure_bpf_linker()?;
-    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, cmd)| !have(cmd)).map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, cmd)| !have(cmd))
+        .map(|(p, _)| *p)
+        .collect();
     apt_install(&missing)?;
     for (pkg, cmd) in PACKAGES {
         if !have(cmd) {
@@ -143,7 +167,9 @@ pub fn setup() -> anyhow::Result<()> {
 /// Pinned maps live on bpffs; mount it at /sys/fs/bpf when it is not there yet.
 pub fn ensure_bpffs() -> anyhow::Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")) {
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")
+    }) {
         return Ok(());
     }
     if !is_root() {
@@ -177,7 +203,14 @@ pub fn build_ebpf() -> anyhow::Result<()> {
         .env_remove("CARGO_TARGET_DIR")
         .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
         .arg(format!("+{tc}"))
-        .args(["build", "--release", "-Z", "build-std=core", "--target", "bpfel-unknown-none"]))
+        .args([
+            "build",
+            "--release",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+        ]))
     .context("building st8s-ebpf")?;
     progress(&format!("kernel programs at {}", ebpf_object().display()));
     Ok(())

@@ -20,16 +20,33 @@ const SYNC: Duration = Duration::from_secs(20);
 
 fn bins() -> (PathBuf, PathBuf) {
     let target = xtask::target_dir().join("debug");
-    let st8s = std::env::var_os("ST8S_BIN").map(PathBuf::from).unwrap_or_else(|| target.join("st8s"));
-    assert!(st8s.is_file(), "{} missing: run the tests through `cargo xtask test`", st8s.display());
+    let st8s = std::env::var_os("ST8S_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target.join("st8s"));
+    assert!(
+        st8s.is_file(),
+        "{} missing: run the tests through `cargo xtask test`",
+        st8s.display()
+    );
     (st8s, PathBuf::from(env!("CARGO_BIN_EXE_xtask")))
 }
 
 fn lab(prefer_local: bool) -> Lab {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "network-namespace tests need root: run `cargo xtask test` as root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "network-namespace tests need root: run `cargo xtask test` as root"
+    );
     let (st8s_bin, xtask_bin) = bins();
-    Lab::new(LabConfig { nodes: 3, st8s_bin, xtask_bin, prefer_local, xdp: "auto".into() }).expect("lab builds")
+    Lab::new(LabConfig {
+        nodes: 3,
+        st8s_bin,
+        xtask_bin,
+        prefer_local,
+        xdp: "auto".into(),
+    })
+    .expect("lab builds")
 }
 
 fn pods_seen(lab: &Lab, node: usize, n: usize) -> BTreeSet<String> {
@@ -48,25 +65,44 @@ fn local_backend_answers_with_the_client_address_and_no_iptables() {
     lab.wait_synced(SYNC).expect("synced");
 
     for node in 1..=3 {
-        let rules = lab.exec(lab.node_ns(node), "iptables-save", &[]).expect("iptables-save");
+        let rules = lab
+            .exec(lab.node_ns(node), "iptables-save", &[])
+            .expect("iptables-save");
         let text = String::from_utf8_lossy(&rules.stdout);
         assert!(!text.contains("DNAT"), "node{node} has DNAT rules:\n{text}");
-        let nft = lab.exec(lab.node_ns(node), "nft", &["list", "ruleset"]).expect("nft");
-        assert!(!String::from_utf8_lossy(&nft.stdout).contains("dnat"), "node{node} has nft dnat rules");
+        let nft = lab
+            .exec(lab.node_ns(node), "nft", &["list", "ruleset"])
+            .expect("nft");
+        assert!(
+            !String::from_utf8_lossy(&nft.stdout).contains("dnat"),
+            "node{node} has nft dnat rules"
+        );
     }
 
     let web = lab.http(1, 80);
     assert!(web.ok, "{web:?}");
     assert_eq!(web.pod.as_deref(), Some("lab/web-node1"));
-    assert_eq!(web.client_ip(), Some(CLIENT_ADDR), "the pod sees the client's real address");
+    assert_eq!(
+        web.client_ip(),
+        Some(CLIENT_ADDR),
+        "the pod sees the client's real address"
+    );
     for tcp in [false, true] {
         let dns = lab.dns(1, tcp);
-        assert_eq!(dns.pod.as_deref(), Some("lab/dns-node1"), "dns tcp={tcp}: {dns:?}");
+        assert_eq!(
+            dns.pod.as_deref(),
+            Some("lab/dns-node1"),
+            "dns tcp={tcp}: {dns:?}"
+        );
         assert_eq!(dns.client_ip(), Some(CLIENT_ADDR));
     }
     let s = lab.snapshot(1).expect("snapshot");
     let c = st8s::inspect::counters_by_port(&s);
-    assert!(c["80/tcp"].delivered_local > 0 && c["80/tcp"].replied > 0, "{:?}", c["80/tcp"]);
+    assert!(
+        c["80/tcp"].delivered_local > 0 && c["80/tcp"].replied > 0,
+        "{:?}",
+        c["80/tcp"]
+    );
     assert!(c["53/udp"].delivered_local > 0 && c["53/udp"].replied > 0);
 
     // The same request without st8s on node1: nothing listens on 10.77.0.11:80.
@@ -74,8 +110,13 @@ fn local_backend_answers_with_the_client_address_and_no_iptables() {
     let without = lab.http(1, 80);
     assert!(!without.ok, "answered without st8s: {without:?}");
     assert!(!lab.agent_pin_dir(1).exists(), "SIGTERM unpins the maps");
-    let link = lab.exec(lab.node_ns(1), "ip", &["link", "show", "eth0"]).expect("ip link");
-    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"), "SIGTERM detaches XDP");
+    let link = lab
+        .exec(lab.node_ns(1), "ip", &["link", "show", "eth0"])
+        .expect("ip link");
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "SIGTERM detaches XDP"
+    );
 }
 
 /// 4b: no local backend: forwarded to the owning node; the backend sees the client; the reply
@@ -92,20 +133,35 @@ fn forwarded_requests_keep_the_client_address_and_reply_directly() {
 
     for node in [2, 3] {
         let web = lab.http(node, 80);
-        assert_eq!(web.pod.as_deref(), Some("lab/web-node1"), "via node{node}: {web:?}");
+        assert_eq!(
+            web.pod.as_deref(),
+            Some("lab/web-node1"),
+            "via node{node}: {web:?}"
+        );
         assert_eq!(web.client_ip(), Some(CLIENT_ADDR));
         // dig rejects an answer from any address but the one it asked: success proves the source.
         for tcp in [false, true] {
             let dns = lab.dns(node, tcp);
-            assert_eq!(dns.pod.as_deref(), Some("lab/dns-node1"), "via node{node} tcp={tcp}: {dns:?}");
+            assert_eq!(
+                dns.pod.as_deref(),
+                Some("lab/dns-node1"),
+                "via node{node} tcp={tcp}: {dns:?}"
+            );
             assert_eq!(dns.client_ip(), Some(CLIENT_ADDR));
         }
     }
     let first = st8s::inspect::counters_by_port(&lab.snapshot(1).expect("snapshot"));
     for node in [2, 3] {
         let c = st8s::inspect::counters_by_port(&lab.snapshot(node).expect("snapshot"));
-        assert!(c["80/tcp"].forwarded > 0, "node{node} forwarded: {:?}", c["80/tcp"]);
-        assert_eq!(c["80/tcp"].replied, 0, "node{node} saw a reply: replies must not hairpin");
+        assert!(
+            c["80/tcp"].forwarded > 0,
+            "node{node} forwarded: {:?}",
+            c["80/tcp"]
+        );
+        assert_eq!(
+            c["80/tcp"].replied, 0,
+            "node{node} saw a reply: replies must not hairpin"
+        );
         assert_eq!(c["53/udp"].replied, 0);
     }
     assert!(first["80/tcp"].replied > 0, "the backend's node sent the replies");
@@ -127,12 +183,15 @@ fn an_open_connection_keeps_its_backend_when_backends_change() {
     let client = lab.client_ns().to_owned();
     let conn = std::thread::spawn(move || {
         in_netns(&client, move || -> Result<(String, String), String> {
-            let mut s = TcpStream::connect_timeout(&(node_addr(3), 80).into(), Duration::from_secs(3)).map_err(|e| e.to_string())?;
-            s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+            let mut s = TcpStream::connect_timeout(&(node_addr(3), 80).into(), Duration::from_secs(3))
+                .map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))
+                .map_err(|e| e.to_string())?;
             let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
             let mut ask = || -> Result<String, String> {
-                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
-                let mut body = String::new();
+                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .map_err(|e| e.to_string())?;
+                let body;
                 loop {
                     let mut line = String::new();
                     if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
@@ -143,18 +202,27 @@ fn an_open_connection_keeps_its_backend_when_backends_change() {
                         break;
                     }
                 }
-                Ok(body.split_whitespace().next().unwrap_or("").trim_start_matches("pod=").to_owned())
+                Ok(body
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("pod=")
+                    .to_owned())
             };
             let first = ask()?;
             let _ = tx_first.send(first.clone());
-            rx_go.recv_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+            rx_go
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(|e| e.to_string())?;
             let second = ask()?;
             Ok((first, second))
         })
         .map_err(|e| e.to_string())
         .and_then(|r| r)
     });
-    let first = rx_first.recv_timeout(Duration::from_secs(10)).expect("first answer");
+    let first = rx_first
+        .recv_timeout(Duration::from_secs(10))
+        .expect("first answer");
     assert!(first == "lab/web-node1" || first == "lab/web-node2", "{first}");
 
     // A backend appears on node3 itself: new flows there go local (prefer local)...
@@ -162,7 +230,11 @@ fn an_open_connection_keeps_its_backend_when_backends_change() {
     lab.write_cluster().expect("cluster file");
     lab.wait_synced(SYNC).expect("synced");
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(lab.http(3, 80).pod.as_deref(), Some("lab/web-node3"), "new flows take the new backend");
+    assert_eq!(
+        lab.http(3, 80).pod.as_deref(),
+        Some("lab/web-node3"),
+        "new flows take the new backend"
+    );
     // ...and the open connection stays where it was.
     tx_go.send(()).expect("go");
     let (a, b) = conn.join().expect("thread").expect("connection survives");
@@ -186,9 +258,17 @@ fn new_flows_spread_and_local_is_preferred_when_configured() {
         assert_eq!(via3.len(), 2, "30 new connections via node3 all went to {via3:?}");
         let via1 = pods_seen(&lab, 1, 30);
         if prefer_local {
-            assert_eq!(via1, BTreeSet::from(["lab/web-node1".to_owned()]), "local preferred");
+            assert_eq!(
+                via1,
+                BTreeSet::from(["lab/web-node1".to_owned()]),
+                "local preferred"
+            );
         } else {
-            assert_eq!(via1.len(), 2, "without local preference node1 spreads too: {via1:?}");
+            assert_eq!(
+                via1.len(),
+                2,
+                "without local preference node1 spreads too: {via1:?}"
+            );
         }
     }
 }
@@ -218,14 +298,37 @@ fn other_traffic_is_left_to_the_kernel() {
     let _ = host_server.wait();
     assert_eq!(host.pod.as_deref(), Some("host/node1"), "{host:?}");
     assert_eq!(host.client_ip(), Some(CLIENT_ADDR));
-    let ping = lab.exec(lab.client_ns(), "ping", &["-c", "2", "-W", "2", "-i", "0.2", &node_addr(1).to_string()]).expect("ping");
-    assert!(ping.status.success(), "ICMP to a node: {}", String::from_utf8_lossy(&ping.stdout));
-    let neigh = lab.exec(lab.client_ns(), "ip", &["neigh", "show", &node_addr(1).to_string()]).expect("ip neigh");
-    assert!(String::from_utf8_lossy(&neigh.stdout).contains("lladdr"), "ARP resolved the node");
+    let ping = lab
+        .exec(
+            lab.client_ns(),
+            "ping",
+            &["-c", "2", "-W", "2", "-i", "0.2", &node_addr(1).to_string()],
+        )
+        .expect("ping");
+    assert!(
+        ping.status.success(),
+        "ICMP to a node: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let neigh = lab
+        .exec(
+            lab.client_ns(),
+            "ip",
+            &["neigh", "show", &node_addr(1).to_string()],
+        )
+        .expect("ip neigh");
+    assert!(
+        String::from_utf8_lossy(&neigh.stdout).contains("lladdr"),
+        "ARP resolved the node"
+    );
     // The steered port still works next to it.
     assert_eq!(lab.http(1, 80).pod.as_deref(), Some("lab/web-node2"));
     let c = st8s::inspect::counters_by_port(&lab.snapshot(1).expect("snapshot"));
-    assert_eq!(c.keys().collect::<Vec<_>>(), ["80/tcp"], "only the steered port is counted");
+    assert_eq!(
+        c.keys().collect::<Vec<_>>(),
+        ["80/tcp"],
+        "only the steered port is counted"
+    );
 }
 
 /// 4e: a LAN host that sends a node's address to another node's MAC ("as if forwarded") is not
@@ -239,20 +342,43 @@ fn a_lan_host_cannot_pose_as_a_forwarding_node() {
     lab.start_agents().expect("agents");
     lab.wait_synced(SYNC).expect("synced");
     // node1 does not route for others, so only st8s could answer what follows.
-    lab.exec(lab.node_ns(1), "sysctl", &["-qw", "net.ipv4.ip_forward=0"]).expect("sysctl");
+    lab.exec(lab.node_ns(1), "sysctl", &["-qw", "net.ipv4.ip_forward=0"])
+        .expect("sysctl");
     let mac1 = st8s::net::format_mac(&lab.snapshot(1).expect("snapshot").config.self_mac);
     // The client sends node2's address to node1's MAC.
     let out = lab
-        .exec(lab.client_ns(), "ip", &["neigh", "replace", &node_addr(2).to_string(), "lladdr", &mac1, "dev", "eth0", "nud", "permanent"])
+        .exec(
+            lab.client_ns(),
+            "ip",
+            &[
+                "neigh",
+                "replace",
+                &node_addr(2).to_string(),
+                "lladdr",
+                &mac1,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )
         .expect("ip neigh");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let spoofed = lab.http(2, 80);
-    assert!(!spoofed.ok, "a LAN host got served through the peer path: {spoofed:?}");
+    assert!(
+        !spoofed.ok,
+        "a LAN host got served through the peer path: {spoofed:?}"
+    );
     let c = st8s::inspect::counters_by_port(&lab.snapshot(1).expect("snapshot"));
     assert!(c["80/tcp"].untrusted_peer > 0, "{:?}", c["80/tcp"]);
     assert_eq!(c["80/tcp"].delivered_local, 0);
     // Once the client uses node2's real MAC again, node2 forwards and node1 serves.
-    lab.exec(lab.client_ns(), "ip", &["neigh", "del", &node_addr(2).to_string(), "dev", "eth0"]).expect("ip neigh");
+    lab.exec(
+        lab.client_ns(),
+        "ip",
+        &["neigh", "del", &node_addr(2).to_string(), "dev", "eth0"],
+    )
+    .expect("ip neigh");
     let real = lab.http(2, 80);
     assert_eq!(real.pod.as_deref(), Some("lab/web-node1"), "{real:?}");
 }
@@ -278,7 +404,11 @@ fn backends_appear_move_and_disappear_and_bad_updates_are_refused() {
     lab.write_cluster().expect("cluster file");
     lab.wait_synced(SYNC).expect("synced");
     for node in 1..=3 {
-        assert_eq!(lab.http(node, 80).pod.as_deref(), Some("lab/web-node3"), "moved, via node{node}");
+        assert_eq!(
+            lab.http(node, 80).pod.as_deref(),
+            Some("lab/web-node3"),
+            "moved, via node{node}"
+        );
     }
 
     // Not Ready: the pod leaves the table.
@@ -292,16 +422,31 @@ fn backends_appear_move_and_disappear_and_bad_updates_are_refused() {
 
     // Bad updates: the last good table stays and keeps serving.
     let good = lab.cluster_yaml();
-    let conflict = good.clone() + &good[good.find("- apiVersion: v1\n  kind: Pod").expect("a pod")..].replace("name: web-node3", "name: web-node3-twin");
-    for (what, text) in [("unparseable", "items: [".to_owned()), ("hostPort conflict", conflict)] {
+    let conflict = good.clone()
+        + &good[good.find("- apiVersion: v1\n  kind: Pod").expect("a pod")..]
+            .replace("name: web-node3", "name: web-node3-twin");
+    for (what, text) in [
+        ("unparseable", "items: [".to_owned()),
+        ("hostPort conflict", conflict),
+    ] {
         lab.write_raw(&text).expect("write");
         std::thread::sleep(Duration::from_millis(600));
-        assert_eq!(lab.http(1, 80).pod.as_deref(), Some("lab/web-node3"), "after a {what} update");
+        assert_eq!(
+            lab.http(1, 80).pod.as_deref(),
+            Some("lab/web-node3"),
+            "after a {what} update"
+        );
         let log = std::fs::read_to_string(lab.agent_log(1)).unwrap_or_default();
-        assert!(log.contains("update rejected"), "the agent says why ({what}):\n{log}");
+        assert!(
+            log.contains("update rejected"),
+            "the agent says why ({what}):\n{log}"
+        );
     }
     let log = std::fs::read_to_string(lab.agent_log(1)).unwrap_or_default();
-    assert!(log.contains("lab/web-node3-twin"), "the conflict names the pods:\n{log}");
+    assert!(
+        log.contains("lab/web-node3-twin"),
+        "the conflict names the pods:\n{log}"
+    );
 
     lab.remove_pod("web-node3").expect("remove");
     lab.write_cluster().expect("cluster file");
