@@ -9,11 +9,7 @@ use st8s_common::{
     FlowValue, GLOBAL_COUNTER_SLOT, PortInfo, PortKey, map_names,
 };
 
-use crate::{
-    dataplane::open_pinned,
-    net::{format_mac, iface_name},
-    plan::Proto,
-};
+use crate::{dataplane::open_pinned, net::format_mac, plan::Proto};
 
 fn addr(be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(be))
@@ -91,9 +87,8 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
     let c = &s.config;
     let _ = writeln!(
         o,
-        "node {}  uplink {} ({})  mac {}  xdp forwards: {}  prefer local: {}",
+        "node {}  uplink ifindex {}  mac {}  xdp forwards: {}  prefer local: {}",
         addr(c.self_addr_be),
-        iface_name(c.uplink_ifindex).unwrap_or_else(|| "?".into()),
         c.uplink_ifindex,
         format_mac(&c.self_mac),
         if c.flags & CONFIG_XDP_FORWARDS != 0 {

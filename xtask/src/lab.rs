@@ -190,24 +190,46 @@ fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Namespaces left by labs whose process is gone (a run killed before it could clean up).
+/// Namespaces left by labs whose process is gone (a run killed before it could clean up, or a
+/// `--keep` lab): their processes are killed, their namespaces and pins removed.
 fn remove_stale() {
+    remove_labs(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+}
+
+/// Removes every lab on this machine (`cargo xtask lab --down`).
+pub fn remove_all() -> usize {
+    remove_labs(|_| true)
+}
+
+fn remove_labs(select: impl Fn(u32) -> bool) -> usize {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
+        return 0;
     };
+    let mut removed = 0;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
         let Some(rest) = name.strip_prefix("s8-") else {
             continue;
         };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-            let _ = fs::remove_dir_all(format!("/sys/fs/bpf/st8s-lab-{pid}"));
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !select(pid) {
+            continue;
         }
+        if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
+            for p in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                if let Ok(p) = p.parse::<i32>() {
+                    // SAFETY: kill(2) on a process inside the lab's own namespace.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let _ = fs::remove_dir_all(format!("/sys/fs/bpf/st8s-lab-{pid}"));
+        removed += 1;
     }
+    removed
 }
 
 impl Lab {

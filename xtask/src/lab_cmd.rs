@@ -13,6 +13,9 @@ pub struct LabArgs {
     /// Leave the lab up afterwards (namespaces, agents, pods) to poke at; prints how to.
     #[arg(long)]
     keep: bool,
+    /// Remove every lab left up by `--keep` (namespaces, processes, pins) and exit.
+    #[arg(long)]
+    pub down: bool,
     /// XDP mode for the agents (auto, native, off).
     #[arg(long, default_value = "auto")]
     xdp: String,
@@ -26,6 +29,11 @@ struct Row {
 }
 
 pub fn run(args: LabArgs) -> anyhow::Result<()> {
+    if args.down {
+        let n = xtask::lab::remove_all();
+        progress(&format!("removed {n} lab namespaces"));
+        return Ok(());
+    }
     let cfg = LabConfig {
         nodes: 3,
         st8s_bin: target_dir().join("debug/st8s"),
@@ -151,10 +159,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
             "  bpftool map dump pinned {}/ST8S_PORTS",
             lab.agent_pin_dir(1).display()
         );
-        println!(
-            "Tear it down with: ip -all netns delete  (or reboot), and rm -r {}",
-            lab.pin_root.display()
-        );
+        println!("Tear it down with: cargo xtask lab --down");
         lab.leak();
     } else {
         progress("tearing the lab down");

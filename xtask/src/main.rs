@@ -72,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Task::Build { release } => build(release),
         Task::Lint => lint(),
         Task::Fmt => fmt(false),
+        Task::Lab(args) if args.down => lab_cmd::run(args),
         Task::Lab(args) => {
             setup::setup()?;
             build(false)?;

@@ -32,6 +32,10 @@ fn bins() -> (PathBuf, PathBuf) {
 }
 
 fn lab(prefer_local: bool) -> Lab {
+    lab_with(prefer_local, "auto")
+}
+
+fn lab_with(prefer_local: bool, xdp: &str) -> Lab {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
         unsafe { libc::geteuid() },
@@ -44,7 +48,7 @@ fn lab(prefer_local: bool) -> Lab {
         st8s_bin,
         xtask_bin,
         prefer_local,
-        xdp: "auto".into(),
+        xdp: xdp.into(),
     })
     .expect("lab builds")
 }
@@ -453,4 +457,33 @@ fn backends_appear_move_and_disappear_and_bad_updates_are_refused() {
     lab.wait_synced(SYNC).expect("synced");
     assert!(!lab.http(3, 80).ok, "disappeared");
     assert!(lab.snapshot(3).expect("snapshot").ports.is_empty());
+}
+
+/// On NICs without native XDP the agent runs TC alone (`--xdp off` forces it): the TC program
+/// forwards remote flows itself, with the same result.
+#[test]
+fn tc_only_mode_forwards_too() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = lab_with(true, "off");
+    lab.add_pod(PodSpec::web("web-node1", 1)).expect("pod");
+    lab.add_pod(PodSpec::dns("dns-node2", 2)).expect("pod");
+    lab.write_cluster().expect("cluster file");
+    lab.start_agents().expect("agents");
+    lab.wait_synced(SYNC).expect("synced");
+    let s = lab.snapshot(3).expect("snapshot");
+    assert_eq!(s.config.flags & st8s_common::CONFIG_XDP_FORWARDS, 0, "XDP is off");
+    let link = lab
+        .exec(lab.node_ns(3), "ip", &["link", "show", "eth0"])
+        .expect("ip link");
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "no XDP program attached"
+    );
+    let web = lab.http(3, 80);
+    assert_eq!(web.pod.as_deref(), Some("lab/web-node1"), "{web:?}");
+    assert_eq!(web.client_ip(), Some(CLIENT_ADDR));
+    let dns = lab.dns(3, false);
+    assert_eq!(dns.pod.as_deref(), Some("lab/dns-node2"), "{dns:?}");
+    let c = st8s::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
+    assert!(c["80/tcp"].forwarded > 0 && c["53/udp"].forwarded > 0, "{c:?}");
 }
