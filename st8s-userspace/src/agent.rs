@@ -118,25 +118,33 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Set when the maps lag behind the desired state; cleared only by a successful sync, so a
     // failed write is retried on the next tick.
     let mut dirty = false;
+    // The last problem reported, so that a file that stays broken is reported once, not per tick.
+    let mut last_problem: Option<String> = None;
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: detaching and unpinning"); break; }
             _ = int.recv() => { info!("SIGINT: detaching and unpinning"); break; }
             _ = tick.tick() => {
-                match source.poll() {
-                    Ok(None) => {}
+                let problem = match source.poll() {
+                    Ok(None) => None,
                     Ok(Some(cluster)) => match plan_strict(&cluster, &args.node) {
                         Ok(desired) => {
                             dirty |= desired != good.desired;
                             good.desired = desired;
+                            last_problem = None;
+                            None
                         }
-                        Err(problems) => {
-                            for p in problems {
-                                error!(file = %source.path().display(), problem = %p, "update rejected; the last good state stays programmed");
-                            }
-                        }
+                        Err(problems) => Some(problems.join("; ")),
                     },
-                    Err(e) => error!(error = %anyhow::Error::from(e), "update rejected; the last good state stays programmed"),
+                    Err(e) => Some(format!("{:#}", anyhow::Error::from(e))),
+                };
+                if let Some(p) = problem
+                    && last_problem.as_ref() != Some(&p)
+                {
+                    for line in p.split("; ") {
+                        error!(file = %source.path().display(), problem = %line, "update rejected; the last good state stays programmed");
+                    }
+                    last_problem = Some(p);
                 }
                 let new_macs = peer_macs(&good.desired);
                 if new_macs != macs {

@@ -237,6 +237,14 @@ impl Dataplane {
     ) -> anyhow::Result<ApplyReport> {
         let mut report = ApplyReport::default();
         let self_name = desired.self_node.name.clone();
+        // Everything that can fail because of the node's network is resolved before the first
+        // write, so that a missing pod route leaves the maps as they were.
+        let mut pod_ifindexes = BTreeMap::new();
+        for (id, plan) in &desired.ports {
+            if let Some(local) = &plan.local {
+                pod_ifindexes.insert(*id, self.pod_ifindex(local.addr)?);
+            }
+        }
 
         let mut flags = 0;
         if self.opts.prefer_local {
@@ -334,7 +342,7 @@ impl Dataplane {
             }
             let (local_addr_be, local_port_be, local_ifindex, has_local) = match t.local {
                 Some((addr, port)) => {
-                    let ifindex = self.pod_ifindex(addr)?;
+                    let ifindex = pod_ifindexes.get(id).copied().unwrap_or_default();
                     (u32::from(addr).to_be(), port.to_be(), ifindex, 1)
                 }
                 None => (0, 0, 0, 0),
