@@ -35,6 +35,11 @@ pub mod program_names {
     pub const XDP_PASS: &str = "st8s_xdp_pass";
 }
 
+/// Version of what the maps mean. Bump it whenever a map's meaning changes without its shape
+/// (key size, value size, type, capacity) changing: an agent that finds pinned maps written under
+/// another version rebuilds them instead of misreading them. Shape changes are detected anyway.
+pub const LAYOUT_VERSION: u16 = 1;
+
 /// Steered (port, protocol) pairs at most. A home cluster exposes a handful.
 pub const MAX_PORTS: u32 = 64;
 /// Backends (nodes owning a backend pod) per steered port at most.
@@ -86,7 +91,8 @@ pub struct Config {
     /// `CONFIG_*` bits.
     pub flags: u32,
     pub self_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// `LAYOUT_VERSION` of the agent that wrote the maps; 0 before the first sync.
+    pub layout: u16,
 }
 assert_size!(Config, 24);
 

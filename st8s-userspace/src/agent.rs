@@ -1,6 +1,12 @@
 //! `st8s agent`: keeps this node's dataplane in step with the cluster.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -8,6 +14,7 @@ use tracing::{error, info, info_span, warn};
 
 use crate::{
     dataplane::{Dataplane, Options, XdpChoice},
+    http::Metrics,
     model::Cluster,
     net,
     plan::{Desired, plan},
@@ -39,6 +46,13 @@ pub struct AgentArgs {
     /// Flow-hash seed. Must be the same on every node.
     #[arg(long, default_value_t = 0x5717_8500)]
     pub hash_seed: u32,
+    /// On exit, detach the programs and remove the pins (by default the dataplane keeps running
+    /// without the agent, so that upgrades and crashes never stop traffic).
+    #[arg(long)]
+    pub cleanup_on_exit: bool,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9470")]
+    pub listen: std::net::SocketAddr,
     /// How often to look at the source file and at peer MAC addresses.
     #[arg(long, value_name = "MS", default_value_t = 500)]
     pub poll_ms: u64,
@@ -78,6 +92,16 @@ fn peer_macs(desired: &Desired) -> BTreeMap<Ipv4Addr, [u8; 6]> {
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    metrics.set_ready(false, Some("starting"));
+    {
+        let (m, dir, addr) = (metrics.clone(), args.pin_dir.clone(), args.listen);
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(addr, m, dir).await {
+                error!(error = format!("{e:#}"), "health and metrics endpoint failed");
+            }
+        });
+    }
     let mut source = FileSource::new(&args.from_file);
     let cluster = source
         .poll()
@@ -99,18 +123,26 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         })?,
     };
     info!(node = %args.node, addr = %desired.self_node.addr, %iface, "starting");
-    let mut dp = Dataplane::start(Options {
+    let (mut dp, fates) = Dataplane::load(Options {
         iface: iface.clone(),
         pin_dir: args.pin_dir.clone(),
         xdp: args.xdp,
         prefer_local: args.prefer_local,
         hash_seed: args.hash_seed,
     })?;
-    info!(mac = %dp.self_mac(), xdp_forwards = dp.xdp_forwards(), "dataplane attached");
+    let adopted = fates.iter().all(|(_, f)| *f == crate::pins::MapFate::Adopted);
+    info!(mac = %dp.self_mac(), adopted, "programs loaded");
 
     let mut good = Good { desired };
     let mut macs = peer_macs(&good.desired);
+    // Program the table first, attach second: new programs never see an empty table, and an
+    // adopted dataplane keeps forwarding with its old programs until the swap.
+    let started = Instant::now();
     sync(&mut dp, &good.desired, &macs, "initial")?;
+    dp.attach()?;
+    metrics.observe_sync(started.elapsed());
+    metrics.set_ready(true, None);
+    info!(xdp_forwards = dp.xdp_forwards(), "dataplane attached; ready");
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -122,9 +154,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut last_problem: Option<String> = None;
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: detaching and unpinning"); break; }
-            _ = int.recv() => { info!("SIGINT: detaching and unpinning"); break; }
+            _ = term.recv() => { info!("SIGTERM"); break; }
+            _ = int.recv() => { info!("SIGINT"); break; }
             _ = tick.tick() => {
+                let seen = Instant::now();
                 let problem = match source.poll() {
                     Ok(None) => None,
                     Ok(Some(cluster)) => match plan_strict(&cluster, &args.node) {
@@ -144,6 +177,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     for line in p.split("; ") {
                         error!(file = %source.path().display(), problem = %line, "update rejected; the last good state stays programmed");
                     }
+                    metrics.error("bad_update");
                     last_problem = Some(p);
                 }
                 let new_macs = peer_macs(&good.desired);
@@ -153,15 +187,26 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 }
                 if dirty {
                     match sync(&mut dp, &good.desired, &macs, "update") {
-                        Ok(()) => dirty = false,
-                        Err(e) => error!(error = format!("{e:#}"), "programming the maps failed; retrying"),
+                        Ok(()) => {
+                            dirty = false;
+                            metrics.observe_sync(seen.elapsed());
+                        }
+                        Err(e) => {
+                            metrics.error("map_write");
+                            error!(error = format!("{e:#}"), "programming the maps failed; retrying");
+                        }
                     }
                 }
             }
         }
     }
     drop(dp);
-    info!("stopped");
+    if args.cleanup_on_exit {
+        let removed = crate::pins::uninstall(&args.pin_dir)?;
+        info!(pins = removed.len(), "dataplane detached and unpinned");
+    } else {
+        info!(pin_dir = %args.pin_dir.display(), "stopped; the dataplane keeps running (`st8s uninstall` removes it)");
+    }
     Ok(())
 }
 

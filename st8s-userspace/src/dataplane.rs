@@ -7,7 +7,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -16,18 +15,22 @@ use anyhow::Context as _;
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc, tc::SchedClassifierLink, xdp::XdpLink,
+    },
 };
 use st8s_common::{
-    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, MAX_PORTS, MacKey,
-    MaglevRow, NodeInfo, PortInfo, PortKey, map_names, program_names,
+    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, LAYOUT_VERSION,
+    MAX_PORTS, MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, map_names, program_names,
 };
 use tracing::{info, warn};
 
+pub use crate::pins::MapFate;
 use crate::{
     maglev,
     net::{self, format_mac},
-    plan::{Desired, PortId, PortPlan},
+    pins,
+    plan::{Desired, PortId, PortPlan, Proto},
 };
 
 /// The kernel programs, embedded at build time (see build.rs).
@@ -135,7 +138,6 @@ pub struct Dataplane {
     nodes: BTreeMap<Ipv4Addr, NodeInfo>,
     peer_macs: BTreeSet<[u8; 6]>,
     config: Option<Config>,
-    pinned: Vec<PathBuf>,
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
@@ -144,83 +146,190 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::ma
 }
 
 impl Dataplane {
-    /// Loads the programs, attaches them to the uplink and pins the maps.
-    pub fn start(opts: Options) -> anyhow::Result<Self> {
+    /// Loads the programs onto the pinned maps (adopting, migrating or rebuilding each, see
+    /// [`pins`]) and reads back what the maps hold, so that the first [`apply`](Self::apply)
+    /// writes only what differs. Nothing is attached yet: see [`attach`](Self::attach).
+    pub fn load(opts: Options) -> anyhow::Result<(Self, Vec<(&'static str, MapFate)>)> {
         let uplink_ifindex = net::ifindex(&opts.iface)?;
         let self_mac = net::mac_of(&opts.iface)?;
-        let mut ebpf = Ebpf::load(ebpf_object()?).context("loading the st8s programs")?;
-
-        let xdp_forwards = match opts.xdp {
-            XdpChoice::Off => false,
-            choice => {
-                let prog: &mut Xdp = ebpf
-                    .program_mut(program_names::UPLINK_XDP)
-                    .context("XDP program missing")?
-                    .try_into()?;
-                prog.load().context("loading the XDP program (verifier)")?;
-                match prog.attach(&opts.iface, XdpMode::Driver) {
-                    Ok(_) => {
-                        info!(iface = %opts.iface, "native XDP attached: remote flows are forwarded in XDP");
-                        true
-                    }
-                    Err(e) if choice == XdpChoice::Auto => {
-                        warn!(iface = %opts.iface, error = %e, "native XDP unavailable on this interface: TC forwards remote flows instead");
-                        false
-                    }
-                    Err(e) => {
-                        return Err(e).context(format!("attaching native XDP to {}", opts.iface));
-                    }
-                }
-            }
-        };
-        // EEXIST when the qdisc is there already; on kernels with tcx it is not even needed.
-        let _ = tc::qdisc_add_clsact(&opts.iface);
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(program_names::UPLINK_TC)
-            .context("uplink TC program missing")?
-            .try_into()?;
-        prog.load().context("loading the uplink TC program (verifier)")?;
-        prog.attach(&opts.iface, TcAttachType::Ingress)
-            .with_context(|| format!("attaching TC ingress to {}", opts.iface))?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(program_names::POD_TC)
-            .context("pod TC program missing")?
-            .try_into()?;
-        prog.load().context("loading the pod TC program (verifier)")?;
-
+        let pins::Loaded { mut ebpf, fates } = pins::load_pinned(&opts.pin_dir, ebpf_object()?)?;
+        for name in [program_names::UPLINK_XDP] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .context("XDP program missing")?
+                .try_into()?;
+            prog.load().context("loading the XDP program (verifier)")?;
+        }
+        for name in [program_names::UPLINK_TC, program_names::POD_TC] {
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(name).context("TC program missing")?.try_into()?;
+            prog.load()
+                .with_context(|| format!("loading {name} (verifier)"))?;
+        }
         let mut dp = Dataplane {
             ebpf,
             opts,
             uplink_ifindex,
             self_mac,
-            xdp_forwards,
+            xdp_forwards: false,
             pod_ifaces: BTreeSet::new(),
             ports: BTreeMap::new(),
             nodes: BTreeMap::new(),
             peer_macs: BTreeSet::new(),
             config: None,
-            pinned: Vec::new(),
         };
-        dp.pin()?;
-        Ok(dp)
+        dp.read_back()?;
+        Ok((dp, fates))
     }
 
-    fn pin(&mut self) -> anyhow::Result<()> {
-        let dir = self.opts.pin_dir.clone();
-        fs::create_dir_all(&dir)
-            .with_context(|| format!("creating {} (is bpffs mounted at /sys/fs/bpf?)", dir.display()))?;
-        for name in map_names::ALL {
-            let path = dir.join(name);
-            if path.exists() {
-                warn!(path = %path.display(), "removing a pin left by an earlier agent");
-                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-            }
-            map_mut(&mut self.ebpf, name)?
-                .pin(&path)
-                .with_context(|| format!("pinning {name} at {}", path.display()))?;
-            self.pinned.push(path);
+    /// Rebuilds the agent's idea of the live state from the maps (after a restart).
+    fn read_back(&mut self) -> anyhow::Result<()> {
+        let config: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, map_names::CONFIG)?)?;
+        let c = config.get(&0, 0)?;
+        // Only a config written by a sync describes anything; the flags are recomputed anyway.
+        self.config = (c.layout == LAYOUT_VERSION).then_some(c);
+        self.xdp_forwards = c.flags & CONFIG_XDP_FORWARDS != 0;
+        let nodes: HashMap<_, u32, NodeInfo> = HashMap::try_from(map_mut(&mut self.ebpf, map_names::NODES)?)?;
+        self.nodes = nodes
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Ipv4Addr::from(u32::from_be(k)), v))
+            .collect();
+        let macs: HashMap<_, MacKey, u32> =
+            HashMap::try_from(map_mut(&mut self.ebpf, map_names::PEER_MACS)?)?;
+        self.peer_macs = macs.keys().filter_map(Result::ok).map(|k| k.mac).collect();
+        let ports: Vec<(PortKey, PortInfo)> = {
+            let m: HashMap<_, PortKey, PortInfo> =
+                HashMap::try_from(map_mut(&mut self.ebpf, map_names::PORTS)?)?;
+            m.iter().filter_map(Result::ok).collect()
+        };
+        for (k, info) in ports {
+            let Some(proto) = Proto::from_number(k.proto) else {
+                continue;
+            };
+            let id = PortId {
+                port: u16::from_be(k.port_be),
+                proto,
+            };
+            let backends: Vec<Backend> = {
+                let m: Array<_, Backend> = Array::try_from(map_mut(&mut self.ebpf, map_names::BACKENDS)?)?;
+                (0..u32::from(info.backend_count))
+                    .map(|i| m.get(&info.backend_index(i), 0))
+                    .collect::<Result<_, _>>()?
+            };
+            let maglev = {
+                let m: Array<_, MaglevRow> = Array::try_from(map_mut(&mut self.ebpf, map_names::MAGLEV)?)?;
+                m.get(&info.maglev_index(), 0)?.slots.to_vec()
+            };
+            self.ports.insert(
+                id,
+                PortState {
+                    slot: info.slot,
+                    bank: info.bank,
+                    info,
+                    backends,
+                    maglev,
+                },
+            );
         }
-        info!(dir = %dir.display(), "maps pinned");
+        if self.config.is_some() {
+            info!(
+                ports = self.ports.len(),
+                nodes = self.nodes.len(),
+                "adopted the live table"
+            );
+        }
+        Ok(())
+    }
+
+    /// Attaches the programs, or swaps them into the links an earlier agent pinned
+    /// (`bpf_link_update`: no packet sees a detached uplink). Call after the first sync, so that
+    /// new programs never run against an empty table.
+    pub fn attach(&mut self) -> anyhow::Result<()> {
+        let dir = self.opts.pin_dir.clone();
+        let iface = self.opts.iface.clone();
+        let xdp_path = pins::link_path(&dir, "uplink_xdp");
+        let xdp_forwards = match self.opts.xdp {
+            XdpChoice::Off => {
+                pins::unpin_link(&xdp_path);
+                false
+            }
+            choice => {
+                let prog: &mut Xdp = self
+                    .ebpf
+                    .program_mut(program_names::UPLINK_XDP)
+                    .context("XDP program missing")?
+                    .try_into()?;
+                let replaced = pins::pinned_link(&xdp_path)
+                    .and_then(|l| XdpLink::try_from(l).ok())
+                    .map(|l| prog.attach_to_link(l));
+                let attached = match replaced {
+                    Some(Ok(id)) => Ok(id),
+                    Some(Err(e)) => {
+                        warn!(error = %e, "could not update the pinned XDP link: attaching anew");
+                        pins::unpin_link(&xdp_path);
+                        prog.attach(&iface, XdpMode::Driver)
+                    }
+                    None => prog.attach(&iface, XdpMode::Driver),
+                };
+                match attached {
+                    Ok(id) => {
+                        let link: FdLink = prog
+                            .take_link(id)?
+                            .try_into()
+                            .context("XDP link is not a bpf_link")?;
+                        let _ = std::fs::remove_file(&xdp_path);
+                        link.pin(&xdp_path).context("pinning the XDP link")?;
+                        info!(%iface, "native XDP attached: remote flows are forwarded in XDP");
+                        true
+                    }
+                    Err(e) if choice == XdpChoice::Auto => {
+                        warn!(%iface, error = %e, "native XDP unavailable on this interface: TC forwards remote flows instead");
+                        false
+                    }
+                    Err(e) => return Err(e).context(format!("attaching native XDP to {iface}")),
+                }
+            }
+        };
+        if xdp_forwards != self.xdp_forwards {
+            self.xdp_forwards = xdp_forwards;
+            self.write_config()?;
+        }
+        self.attach_tc(program_names::UPLINK_TC, &iface, "uplink_tc")?;
+        Ok(())
+    }
+
+    /// Attaches a TC ingress program to `iface`, or updates the link pinned under `what`.
+    fn attach_tc(&mut self, program: &str, iface: &str, what: &str) -> anyhow::Result<()> {
+        let path = pins::link_path(&self.opts.pin_dir, what);
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program)
+            .context("TC program missing")?
+            .try_into()?;
+        let replaced = pins::pinned_link(&path)
+            .and_then(|l| SchedClassifierLink::try_from(l).ok())
+            .map(|l| prog.attach_to_link(l));
+        let id = match replaced {
+            Some(Ok(id)) => id,
+            other => {
+                if let Some(Err(e)) = other {
+                    warn!(%iface, error = %e, "could not update the pinned TC link: attaching anew");
+                }
+                pins::unpin_link(&path);
+                // EEXIST when the qdisc is there already; with tcx it is not even needed.
+                let _ = tc::qdisc_add_clsact(iface);
+                prog.attach(iface, TcAttachType::Ingress)
+                    .with_context(|| format!("attaching {program} to {iface}"))?
+            }
+        };
+        let link: FdLink = prog
+            .take_link(id)?
+            .try_into()
+            .context("TC link is not a bpf_link")?;
+        let _ = std::fs::remove_file(&path);
+        link.pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
         Ok(())
     }
 
@@ -246,27 +355,7 @@ impl Dataplane {
             }
         }
 
-        let mut flags = 0;
-        if self.opts.prefer_local {
-            flags |= CONFIG_PREFER_LOCAL;
-        }
-        if self.xdp_forwards {
-            flags |= CONFIG_XDP_FORWARDS;
-        }
-        let config = Config {
-            self_addr_be: u32::from(desired.self_node.addr).to_be(),
-            uplink_ifindex: self.uplink_ifindex,
-            hash_seed: self.opts.hash_seed,
-            flags,
-            self_mac: self.self_mac,
-            _pad: [0; 2],
-        };
-        if self.config != Some(config) {
-            let mut m: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, map_names::CONFIG)?)?;
-            m.set(0, config, 0).context("writing ST8S_CONFIG")?;
-            self.config = Some(config);
-            report.writes += 1;
-        }
+        self.write_config_for(desired.self_node.addr, &mut report)?;
 
         // Nodes and the MACs of peers, for recognising forwarded packets.
         let nodes: BTreeMap<Ipv4Addr, NodeInfo> = desired
@@ -418,6 +507,44 @@ impl Dataplane {
         Ok(report)
     }
 
+    fn config_for(&self, self_addr: Ipv4Addr) -> Config {
+        let mut flags = 0;
+        if self.opts.prefer_local {
+            flags |= CONFIG_PREFER_LOCAL;
+        }
+        if self.xdp_forwards {
+            flags |= CONFIG_XDP_FORWARDS;
+        }
+        Config {
+            self_addr_be: u32::from(self_addr).to_be(),
+            uplink_ifindex: self.uplink_ifindex,
+            hash_seed: self.opts.hash_seed,
+            flags,
+            self_mac: self.self_mac,
+            layout: LAYOUT_VERSION,
+        }
+    }
+
+    fn write_config_for(&mut self, self_addr: Ipv4Addr, report: &mut ApplyReport) -> anyhow::Result<()> {
+        let config = self.config_for(self_addr);
+        if self.config != Some(config) {
+            let mut m: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, map_names::CONFIG)?)?;
+            m.set(0, config, 0).context("writing ST8S_CONFIG")?;
+            self.config = Some(config);
+            report.writes += 1;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the config after the XDP mode changed.
+    fn write_config(&mut self) -> anyhow::Result<()> {
+        if let Some(c) = self.config {
+            let addr = Ipv4Addr::from(u32::from_be(c.self_addr_be));
+            self.write_config_for(addr, &mut ApplyReport::default())?;
+        }
+        Ok(())
+    }
+
     fn free_slot(&self) -> Option<u16> {
         let used: BTreeSet<u16> = self.ports.values().map(|p| p.slot).collect();
         (0..MAX_PORTS as u16).find(|s| !used.contains(s))
@@ -441,14 +568,7 @@ impl Dataplane {
             );
         }
         if !self.pod_ifaces.contains(&dev) {
-            let _ = tc::qdisc_add_clsact(&dev);
-            let prog: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(program_names::POD_TC)
-                .context("pod TC program missing")?
-                .try_into()?;
-            prog.attach(&dev, TcAttachType::Ingress)
-                .with_context(|| format!("attaching the pod program to {dev}"))?;
+            self.attach_tc(program_names::POD_TC, &dev, &format!("pod_{dev}"))?;
             info!(iface = %dev, "pod program attached");
             self.pod_ifaces.insert(dev.clone());
         }
@@ -457,17 +577,6 @@ impl Dataplane {
 
     pub fn self_mac(&self) -> String {
         format_mac(&self.self_mac)
-    }
-}
-
-impl Drop for Dataplane {
-    fn drop(&mut self) {
-        for path in &self.pinned {
-            if let Err(e) = fs::remove_file(path) {
-                warn!(path = %path.display(), error = %e, "could not unpin");
-            }
-        }
-        let _ = fs::remove_dir(&self.opts.pin_dir);
     }
 }
 

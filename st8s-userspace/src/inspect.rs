@@ -22,6 +22,7 @@ pub struct Snapshot {
     pub global: Counters,
     pub flows: Vec<(FlowKey, FlowValue)>,
     pub nodes: Vec<Ipv4Addr>,
+    pub revnat_entries: usize,
 }
 
 pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
@@ -66,7 +67,11 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
         ns.push(addr(k.context("reading ST8S_NODES")?));
     }
     ns.sort();
+    let revnat: HashMap<MapData, st8s_common::RevNatKey, st8s_common::RevNatValue> =
+        HashMap::try_from(open_pinned(dir, map_names::REVNAT)?)?;
+    let revnat_entries = revnat.keys().filter(Result::is_ok).count();
     Ok(Snapshot {
+        revnat_entries,
         config,
         ports: out,
         global: sum(GLOBAL_COUNTER_SLOT)?,

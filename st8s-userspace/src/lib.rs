@@ -3,10 +3,12 @@
 
 pub mod agent;
 pub mod dataplane;
+pub mod http;
 pub mod inspect;
 pub mod maglev;
 pub mod model;
 pub mod net;
 pub mod packet;
+pub mod pins;
 pub mod plan;
 pub mod source;

@@ -31,6 +31,11 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         flows: usize,
     },
+    /// Detach the programs and remove every pin (stop the agent first).
+    Uninstall {
+        #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/st8s")]
+        pin_dir: PathBuf,
+    },
     /// Print the steering table a node would get from a cluster file, without touching the kernel.
     Plan {
         #[arg(long)]
@@ -56,6 +61,16 @@ fn main() -> anyhow::Result<()> {
         Command::Inspect { pin_dir, flows } => {
             let s = inspect::snapshot(&pin_dir)?;
             print!("{}", inspect::render(&s, flows));
+            Ok(())
+        }
+        Command::Uninstall { pin_dir } => {
+            let removed = st8s::pins::uninstall(&pin_dir)?;
+            if removed.is_empty() {
+                println!("nothing pinned under {}", pin_dir.display());
+            }
+            for p in removed {
+                println!("removed {p}");
+            }
             Ok(())
         }
         Command::Plan { node, from_file } => {

@@ -90,7 +90,7 @@ impl Dp {
             hash_seed: 7,
             flags,
             self_mac: SELF_MAC,
-            _pad: [0; 2],
+            layout: st8s_common::LAYOUT_VERSION,
         };
         m.set(0, c, 0).expect("config");
     }

@@ -529,7 +529,10 @@ impl Lab {
     }
 
     pub fn start_agent(&mut self, node: usize) -> anyhow::Result<()> {
-        let log = fs::File::create(self.agent_log(node))?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log(node))?;
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.node_ns(node)))
             .arg("--")
@@ -560,6 +563,24 @@ impl Lab {
         Ok(())
     }
 
+    /// Kills an agent with SIGKILL (a crash): nothing of its own cleanup runs.
+    pub fn kill_agent(&mut self, node: usize) {
+        if let Some(mut child) = self.agents.remove(&node) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `st8s uninstall` for one node's pin directory.
+    pub fn uninstall(&self, node: usize) -> anyhow::Result<Output> {
+        Command::new(&self.cfg.st8s_bin)
+            .arg("uninstall")
+            .arg("--pin-dir")
+            .arg(self.agent_pin_dir(node))
+            .output()
+            .context("running st8s uninstall")
+    }
+
     pub fn agent_log(&self, node: usize) -> PathBuf {
         self.dir.join(format!("agent-{}.log", node_name(node)))
     }
@@ -588,6 +609,9 @@ impl Lab {
         let cluster = st8s::model::Cluster::from_yaml(&fs::read_to_string(self.cluster_file())?)?;
         let start = Instant::now();
         for node in 1..=self.cfg.nodes {
+            if self.agents.contains_key(&node) {
+                self.wait_ready(node, timeout.saturating_sub(start.elapsed()))?;
+            }
             let want = st8s::plan::plan(&cluster, &node_name(node))?.desired;
             loop {
                 if let Some(child) = self.agents.get_mut(&node)
@@ -614,6 +638,38 @@ impl Lab {
             }
         }
         Ok(())
+    }
+
+    /// Waits until the node's agent answers `/readyz` with 200.
+    pub fn wait_ready(&mut self, node: usize, timeout: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(child) = self.agents.get_mut(&node)
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!(
+                    "the agent of {} exited ({status})\n{}",
+                    node_name(node),
+                    self.agent_logs()
+                );
+            }
+            let out = self.exec(
+                self.node_ns(node),
+                "curl",
+                &["-sf", "--max-time", "1", "http://127.0.0.1:9470/readyz"],
+            )?;
+            if out.status.success() {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "the agent of {} was not ready within {timeout:?}\n{}",
+                    node_name(node),
+                    self.agent_logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Runs a command in a namespace of the lab.

@@ -109,17 +109,30 @@ fn local_backend_answers_with_the_client_address_and_no_iptables() {
     );
     assert!(c["53/udp"].delivered_local > 0 && c["53/udp"].replied > 0);
 
-    // The same request without st8s on node1: nothing listens on 10.77.0.11:80.
+    // SIGTERM stops the agent but not the dataplane (upgrades and crashes never stop traffic).
     lab.stop_agent(1).expect("stop");
+    assert_eq!(
+        lab.http(1, 80).pod.as_deref(),
+        Some("lab/web-node1"),
+        "still served without the agent"
+    );
+    assert!(
+        lab.agent_pin_dir(1).join("ST8S_PORTS").exists(),
+        "maps stay pinned"
+    );
+
+    // `st8s uninstall` removes it: then nothing listens on 10.77.0.11:80.
+    let out = lab.uninstall(1).expect("uninstall");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let without = lab.http(1, 80);
     assert!(!without.ok, "answered without st8s: {without:?}");
-    assert!(!lab.agent_pin_dir(1).exists(), "SIGTERM unpins the maps");
+    assert!(!lab.agent_pin_dir(1).exists(), "uninstall removes the pins");
     let link = lab
         .exec(lab.node_ns(1), "ip", &["link", "show", "eth0"])
         .expect("ip link");
     assert!(
         !String::from_utf8_lossy(&link.stdout).contains("xdp"),
-        "SIGTERM detaches XDP"
+        "uninstall detaches XDP"
     );
 }
 
@@ -486,4 +499,84 @@ fn tc_only_mode_forwards_too() {
     assert_eq!(dns.pod.as_deref(), Some("lab/dns-node2"), "{dns:?}");
     let c = st8s::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
     assert!(c["80/tcp"].forwarded > 0 && c["53/udp"].forwarded > 0, "{c:?}");
+}
+
+/// Restart safety: agents killed with SIGKILL and restarted while a client keeps opening
+/// connections through a forwarded port: not one request fails, and the restarted agents adopt
+/// the pinned state instead of flushing it.
+#[test]
+fn agents_killed_and_restarted_under_load_lose_no_request() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = lab(true);
+    lab.add_pod(PodSpec::web("web-node1", 1)).expect("pod");
+    lab.write_cluster().expect("cluster file");
+    lab.start_agents().expect("agents");
+    lab.wait_synced(SYNC).expect("synced");
+    let before = st8s::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
+
+    // A bounded loop of new connections to node3 (forwarded to node1), in the client's netns.
+    let client = lab.client_ns().to_owned();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_loop = stop.clone();
+    let load = std::thread::spawn(move || {
+        in_netns(&client, move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            // Bounded: stops when the restarts are done, and never runs past 20,000 requests.
+            for i in 0..20_000 {
+                if stop_loop.load(std::sync::atomic::Ordering::Relaxed) && i > 200 {
+                    break;
+                }
+                let r = (|| -> std::io::Result<String> {
+                    let mut s =
+                        TcpStream::connect_timeout(&(node_addr(3), 80).into(), Duration::from_secs(2))?;
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+                    let mut body = String::new();
+                    std::io::Read::read_to_string(&mut s, &mut body)?;
+                    Ok(body)
+                })();
+                match r {
+                    Ok(b) if b.contains("pod=lab/web-node1") => ok += 1,
+                    Ok(b) => failed.push(format!("request {i}: unexpected answer {b:?}")),
+                    Err(e) => failed.push(format!("request {i}: {e}")),
+                }
+            }
+            (ok, failed)
+        })
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..2 {
+        for node in [3, 1] {
+            lab.kill_agent(node);
+            std::thread::sleep(Duration::from_millis(150));
+            lab.start_agent(node).expect("restart");
+        }
+        lab.wait_synced(SYNC)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().expect("load thread").expect("netns");
+    eprintln!(
+        "restart under load: {ok} requests answered, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 200, "the loop ran ({ok} requests)");
+    let log = std::fs::read_to_string(lab.agent_log(3)).unwrap_or_default();
+    assert!(
+        log.contains("adopted the live table"),
+        "the restarted agent adopted the pins:\n{log}"
+    );
+    let after = st8s::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
+    assert!(
+        after["80/tcp"].forwarded >= before["80/tcp"].forwarded + u64::from(ok),
+        "counters survive restarts"
+    );
 }
