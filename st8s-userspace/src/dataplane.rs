@@ -153,13 +153,11 @@ impl Dataplane {
         let uplink_ifindex = net::ifindex(&opts.iface)?;
         let self_mac = net::mac_of(&opts.iface)?;
         let pins::Loaded { mut ebpf, fates } = pins::load_pinned(&opts.pin_dir, ebpf_object()?)?;
-        for name in [program_names::UPLINK_XDP] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .context("XDP program missing")?
-                .try_into()?;
-            prog.load().context("loading the XDP program (verifier)")?;
-        }
+        let prog: &mut Xdp = ebpf
+            .program_mut(program_names::UPLINK_XDP)
+            .context("XDP program missing")?
+            .try_into()?;
+        prog.load().context("loading the XDP program (verifier)")?;
         for name in [program_names::UPLINK_TC, program_names::POD_TC] {
             let prog: &mut SchedClassifier =
                 ebpf.program_mut(name).context("TC program missing")?.try_into()?;
