@@ -1,7 +1,12 @@
 //! `st8s agent`: keeps this node's dataplane in step with the cluster.
+//!
+//! The source is the Kubernetes API (watchers, the default) or a YAML file (`--from-file`).
+//! Either feeds the pure core ([`plan`]); one owner ([`Runner`]) holds the dataplane and applies
+//! what changed. The dataplane is programmed before it is attached, and readiness is reported
+//! only once the first full sync is in the maps.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
@@ -15,6 +20,7 @@ use tracing::{error, info, info_span, warn};
 use crate::{
     dataplane::{Dataplane, Options, XdpChoice},
     http::Metrics,
+    kube_source::{self, KubeState},
     model::Cluster,
     net,
     plan::{Desired, plan},
@@ -27,13 +33,13 @@ pub struct AgentArgs {
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
     /// Read Nodes and Pods from this YAML file (`kubectl get nodes,pods -A -o yaml`) and follow
-    /// its changes, instead of the Kubernetes API.
+    /// its changes, instead of watching the Kubernetes API (in-cluster config or KUBECONFIG).
     #[arg(long, value_name = "PATH")]
-    pub from_file: PathBuf,
+    pub from_file: Option<PathBuf>,
     /// The uplink to attach to. Default: the interface that holds the node's InternalIP.
     #[arg(long, value_name = "IFACE")]
     pub iface: Option<String>,
-    /// Where the maps are pinned while the agent runs.
+    /// Where maps and links are pinned; they outlive the agent.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/st8s")]
     pub pin_dir: PathBuf,
     /// XDP on the uplink: `auto` uses native XDP when the driver has it and TC alone otherwise.
@@ -58,21 +64,6 @@ pub struct AgentArgs {
     pub poll_ms: u64,
 }
 
-/// The last cluster that planned cleanly, and what it planned.
-struct Good {
-    desired: Desired,
-}
-
-/// Plans `cluster` strictly: any problem with an object rejects the whole update, so that the
-/// last good state stays programmed (the file is one unit the operator edits at once).
-fn plan_strict(cluster: &Cluster, node: &str) -> Result<Desired, Vec<String>> {
-    match plan(cluster, node) {
-        Err(e) => Err(vec![e.to_string()]),
-        Ok(p) if !p.problems.is_empty() => Err(p.problems.iter().map(|p| p.to_string()).collect()),
-        Ok(p) => Ok(p.desired),
-    }
-}
-
 /// Current MACs of the other nodes; asks the kernel to resolve the ones it does not know yet.
 fn peer_macs(desired: &Desired) -> BTreeMap<Ipv4Addr, [u8; 6]> {
     let known = net::neighbours().unwrap_or_else(|e| {
@@ -91,6 +82,115 @@ fn peer_macs(desired: &Desired) -> BTreeMap<Ipv4Addr, [u8; 6]> {
     out
 }
 
+/// The single owner of the dataplane.
+struct Runner {
+    dp: Dataplane,
+    desired: Desired,
+    macs: BTreeMap<Ipv4Addr, [u8; 6]>,
+    /// The maps lag behind `desired`; cleared only by a successful sync (so failures retry).
+    dirty: bool,
+    /// When the oldest change not yet in the maps arrived.
+    pending_since: Option<Instant>,
+    metrics: Arc<Metrics>,
+}
+
+impl Runner {
+    /// Loads onto the pins, programs the first table, then attaches.
+    fn start(
+        args: &AgentArgs,
+        desired: Desired,
+        metrics: Arc<Metrics>,
+        since: Instant,
+    ) -> anyhow::Result<Self> {
+        let iface = match &args.iface {
+            Some(i) => i.clone(),
+            None => net::iface_with_addr(desired.self_node.addr).with_context(|| {
+                format!(
+                    "finding the uplink of node {} (pass --iface)",
+                    desired.self_node.name
+                )
+            })?,
+        };
+        info!(node = %args.node, addr = %desired.self_node.addr, %iface, "starting the dataplane");
+        let (dp, fates) = Dataplane::load(Options {
+            iface,
+            pin_dir: args.pin_dir.clone(),
+            xdp: args.xdp,
+            prefer_local: args.prefer_local,
+            hash_seed: args.hash_seed,
+        })?;
+        let adopted = fates.iter().all(|(_, f)| *f == crate::pins::MapFate::Adopted);
+        info!(mac = %dp.self_mac(), adopted, "programs loaded");
+        let macs = peer_macs(&desired);
+        let mut r = Runner {
+            dp,
+            desired,
+            macs,
+            dirty: true,
+            pending_since: Some(since),
+            metrics,
+        };
+        // Program first, attach second: new programs never see an empty table, and an adopted
+        // dataplane keeps forwarding with its old programs until the swap.
+        r.sync("initial")?;
+        r.dp.attach()?;
+        info!(xdp_forwards = r.dp.xdp_forwards(), "dataplane attached");
+        Ok(r)
+    }
+
+    fn set_desired(&mut self, desired: Desired, since: Instant) {
+        if desired != self.desired {
+            self.desired = desired;
+            self.dirty = true;
+            self.pending_since.get_or_insert(since);
+        }
+    }
+
+    fn refresh_macs(&mut self) {
+        let macs = peer_macs(&self.desired);
+        if macs != self.macs {
+            self.macs = macs;
+            self.dirty = true;
+        }
+    }
+
+    fn sync(&mut self, why: &str) -> anyhow::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let span = info_span!(
+            "sync",
+            why,
+            ports = self.desired.ports.len(),
+            nodes = self.desired.nodes.len()
+        );
+        let _g = span.enter();
+        let report = self
+            .dp
+            .apply(&self.desired, &self.macs)
+            .inspect_err(|_| self.metrics.error("map_write"))?;
+        self.dirty = false;
+        if let Some(since) = self.pending_since.take() {
+            self.metrics.observe_sync(since.elapsed());
+        }
+        if !report.unresolved.is_empty() {
+            warn!(nodes = ?report.unresolved, "MAC of these nodes not resolved yet: not forwarding to them");
+        }
+        info!(
+            writes = report.writes,
+            ports_changed = report.ports_changed,
+            "maps in sync"
+        );
+        Ok(())
+    }
+
+    fn sync_logged(&mut self, why: &str) {
+        if let Err(e) = self.sync(why) {
+            error!(error = format!("{e:#}"), "programming the maps failed; retrying");
+        }
+    }
+}
+
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     metrics.set_ready(false, Some("starting"));
@@ -102,7 +202,54 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let mut source = FileSource::new(&args.from_file);
+    let runner = match &args.from_file {
+        Some(path) => run_file(&args, path.clone(), metrics).await?,
+        None => run_kube(&args, metrics).await?,
+    };
+    drop(runner);
+    if args.cleanup_on_exit {
+        let removed = crate::pins::uninstall(&args.pin_dir)?;
+        info!(pins = removed.len(), "dataplane detached and unpinned");
+    } else {
+        info!(pin_dir = %args.pin_dir.display(), "stopped; the dataplane keeps running (`st8s uninstall` removes it)");
+    }
+    Ok(())
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM"),
+            _ = self.int.recv() => info!("SIGINT"),
+        }
+    }
+}
+
+/// Plans strictly: any problem with an object rejects the whole update, so that the last good
+/// state stays programmed (the file is one unit the operator edits at once).
+fn plan_strict(cluster: &Cluster, node: &str) -> Result<Desired, Vec<String>> {
+    match plan(cluster, node) {
+        Err(e) => Err(vec![e.to_string()]),
+        Ok(p) if !p.problems.is_empty() => Err(p.problems.iter().map(|p| p.to_string()).collect()),
+        Ok(p) => Ok(p.desired),
+    }
+}
+
+async fn run_file(args: &AgentArgs, path: PathBuf, metrics: Arc<Metrics>) -> anyhow::Result<Option<Runner>> {
+    let mut source = FileSource::new(&path);
+    let since = Instant::now();
     let cluster = source
         .poll()
         .context("reading the cluster file")?
@@ -113,57 +260,28 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             problems.join("\n  ")
         )
     })?;
-    let iface = match &args.iface {
-        Some(i) => i.clone(),
-        None => net::iface_with_addr(desired.self_node.addr).with_context(|| {
-            format!(
-                "finding the uplink of node {} (pass --iface)",
-                desired.self_node.name
-            )
-        })?,
-    };
-    info!(node = %args.node, addr = %desired.self_node.addr, %iface, "starting");
-    let (mut dp, fates) = Dataplane::load(Options {
-        iface: iface.clone(),
-        pin_dir: args.pin_dir.clone(),
-        xdp: args.xdp,
-        prefer_local: args.prefer_local,
-        hash_seed: args.hash_seed,
-    })?;
-    let adopted = fates.iter().all(|(_, f)| *f == crate::pins::MapFate::Adopted);
-    info!(mac = %dp.self_mac(), adopted, "programs loaded");
-
-    let mut good = Good { desired };
-    let mut macs = peer_macs(&good.desired);
-    // Program the table first, attach second: new programs never see an empty table, and an
-    // adopted dataplane keeps forwarding with its old programs until the swap.
-    let started = Instant::now();
-    sync(&mut dp, &good.desired, &macs, "initial")?;
-    dp.attach()?;
-    metrics.observe_sync(started.elapsed());
+    metrics.set_objects("node", cluster.nodes.len());
+    metrics.set_objects("pod", cluster.pods.len());
+    let mut runner = Runner::start(args, desired, metrics.clone(), since)?;
     metrics.set_ready(true, None);
-    info!(xdp_forwards = dp.xdp_forwards(), "dataplane attached; ready");
+    info!("ready");
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut signals = Signals::new()?;
     let mut tick = tokio::time::interval(Duration::from_millis(args.poll_ms.max(50)));
-    // Set when the maps lag behind the desired state; cleared only by a successful sync, so a
-    // failed write is retried on the next tick.
-    let mut dirty = false;
     // The last problem reported, so that a file that stays broken is reported once, not per tick.
     let mut last_problem: Option<String> = None;
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM"); break; }
-            _ = int.recv() => { info!("SIGINT"); break; }
+            _ = signals.recv() => break,
             _ = tick.tick() => {
                 let seen = Instant::now();
                 let problem = match source.poll() {
                     Ok(None) => None,
                     Ok(Some(cluster)) => match plan_strict(&cluster, &args.node) {
                         Ok(desired) => {
-                            dirty |= desired != good.desired;
-                            good.desired = desired;
+                            metrics.set_objects("node", cluster.nodes.len());
+                            metrics.set_objects("pod", cluster.pods.len());
+                            runner.set_desired(desired, seen);
                             last_problem = None;
                             None
                         }
@@ -180,57 +298,121 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     metrics.error("bad_update");
                     last_problem = Some(p);
                 }
-                let new_macs = peer_macs(&good.desired);
-                if new_macs != macs {
-                    macs = new_macs;
-                    dirty = true;
+                runner.refresh_macs();
+                runner.sync_logged("update");
+            }
+        }
+    }
+    Ok(Some(runner))
+}
+
+/// Plans leniently (the API serves objects one by one): objects with problems are left out with
+/// one warning each, the rest is applied.
+fn plan_lenient(cluster: &Cluster, node: &str, warned: &mut BTreeSet<String>) -> Result<Desired, String> {
+    let p = plan(cluster, node).map_err(|e| e.to_string())?;
+    let now: BTreeSet<String> = p.problems.iter().map(|p| p.to_string()).collect();
+    for problem in now.difference(warned) {
+        warn!(%problem, "object skipped");
+    }
+    *warned = now;
+    Ok(p.desired)
+}
+
+async fn run_kube(args: &AgentArgs, metrics: Arc<Metrics>) -> anyhow::Result<Option<Runner>> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let mut rx = kube_source::spawn_watchers(client);
+    let mut state = KubeState::default();
+    let mut runner: Option<Runner> = None;
+    let mut warned = BTreeSet::new();
+    let mut plan_error: Option<String> = None;
+    let mut signals = Signals::new()?;
+    let mut tick = tokio::time::interval(Duration::from_millis(args.poll_ms.max(50)));
+    loop {
+        tokio::select! {
+            _ = signals.recv() => break,
+            msg = rx.recv() => {
+                let Some(msg) = msg else { anyhow::bail!("the watchers stopped") };
+                // Take everything that is already queued: one plan and one sync per burst.
+                let mut batch = vec![msg];
+                while batch.len() < 4096 {
+                    match rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
                 }
-                if dirty {
-                    match sync(&mut dp, &good.desired, &macs, "update") {
-                        Ok(()) => {
-                            dirty = false;
-                            metrics.observe_sync(seen.elapsed());
-                        }
-                        Err(e) => {
-                            metrics.error("map_write");
-                            error!(error = format!("{e:#}"), "programming the maps failed; retrying");
+                let earliest = batch.iter().filter_map(kube_source::arrived).min();
+                let mut changed = false;
+                for msg in batch {
+                    if let kube_source::Msg::Failed { kind, kind_of_error, message } = &msg {
+                        metrics.error(kind_of_error);
+                        if *kind_of_error == "gone" {
+                            info!(watch = %kind, "resource version expired (410 Gone): relisting");
+                        } else if state.failing().all(|(k, e)| k != kind || e != kind_of_error) {
+                            error!(watch = %kind, error = kind_of_error, detail = %message, "watch failed; retrying with backoff, the last programmed state stays");
                         }
                     }
+                    let effect = state.handle(msg);
+                    if let Some(kind) = effect.recovered {
+                        info!(watch = %kind, "watch recovered");
+                    }
+                    changed |= effect.changed;
+                }
+                metrics.set_objects("node", state.cluster.nodes.len());
+                metrics.set_objects("pod", state.cluster.pods.len());
+                if changed && state.synced() {
+                    let since = earliest.unwrap_or_else(Instant::now);
+                    match plan_lenient(&state.cluster, &args.node, &mut warned) {
+                        Ok(desired) => {
+                            plan_error = None;
+                            match runner.as_mut() {
+                                Some(r) => {
+                                    r.set_desired(desired, since);
+                                    r.sync_logged("watch");
+                                }
+                                None => runner = Some(Runner::start(args, desired, metrics.clone(), since)?),
+                            }
+                        }
+                        Err(e) => {
+                            if plan_error.as_ref() != Some(&e) {
+                                error!(error = %e, "cannot program this node; the last programmed state stays");
+                                metrics.error("plan");
+                                plan_error = Some(e);
+                            }
+                        }
+                    }
+                }
+                report_readiness(&metrics, &state, runner.is_some(), plan_error.as_deref());
+            }
+            _ = tick.tick() => {
+                if let Some(r) = runner.as_mut() {
+                    r.refresh_macs();
+                    r.sync_logged("retry");
                 }
             }
         }
     }
-    drop(dp);
-    if args.cleanup_on_exit {
-        let removed = crate::pins::uninstall(&args.pin_dir)?;
-        info!(pins = removed.len(), "dataplane detached and unpinned");
-    } else {
-        info!(pin_dir = %args.pin_dir.display(), "stopped; the dataplane keeps running (`st8s uninstall` removes it)");
-    }
-    Ok(())
+    Ok(runner)
 }
 
-fn sync(
-    dp: &mut Dataplane,
-    desired: &Desired,
-    macs: &BTreeMap<Ipv4Addr, [u8; 6]>,
-    why: &str,
-) -> anyhow::Result<()> {
-    let span = info_span!(
-        "sync",
-        why,
-        ports = desired.ports.len(),
-        nodes = desired.nodes.len()
-    );
-    let _g = span.enter();
-    let report = dp.apply(desired, macs)?;
-    if !report.unresolved.is_empty() {
-        warn!(nodes = ?report.unresolved, "MAC of these nodes not resolved yet: not forwarding to them");
+fn report_readiness(metrics: &Metrics, state: &KubeState, programmed: bool, plan_error: Option<&str>) {
+    let reason = if !state.synced() {
+        Some("initial list of nodes and pods not complete".to_owned())
+    } else if let Some((kind, err)) = state.failing().next() {
+        Some(format!("watch of {kind} failing: {err}"))
+    } else if let Some(e) = plan_error {
+        Some(e.to_owned())
+    } else if !programmed {
+        Some("dataplane not programmed yet".to_owned())
+    } else {
+        None
+    };
+    if metrics.is_ready() != reason.is_none() {
+        match &reason {
+            None => info!("ready"),
+            Some(r) => warn!(reason = %r, "not ready"),
+        }
     }
-    info!(
-        writes = report.writes,
-        ports_changed = report.ports_changed,
-        "maps in sync"
-    );
-    Ok(())
+    metrics.set_ready(reason.is_none(), reason.as_deref());
 }

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod dataplane;
 pub mod http;
 pub mod inspect;
+pub mod kube_source;
 pub mod maglev;
 pub mod model;
 pub mod net;

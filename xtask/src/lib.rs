@@ -1,5 +1,6 @@
 //! st8s developer tasks, as a library so that the integration tests share the lab.
 
+pub mod apiserver;
 pub mod backend;
 pub mod lab;
 pub mod setup;

@@ -1,0 +1,505 @@
+//! The Kubernetes source: Nodes and Pods through kube-rs watchers.
+//!
+//! Two watcher tasks forward their events, stamped with the time they arrived, to the agent.
+//! [`KubeState`] folds them into the same [`Cluster`] the file source produces; it is pure and
+//! tested without an API server. A (re)list replaces that kind's objects as a whole once it is
+//! complete, so that objects deleted while the watch was down disappear too.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::{
+    api::core::v1::{
+        Container, ContainerPort, Node, NodeAddress, NodeCondition, NodeStatus, Pod, PodCondition, PodSpec,
+        PodStatus,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client,
+    api::ListParams,
+    runtime::{
+        WatchStreamExt as _,
+        watcher::{self, Event},
+    },
+};
+use tokio::sync::mpsc;
+
+use crate::model::{Cluster, pod_key};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Node,
+    Pod,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Node => "nodes",
+            Kind::Pod => "pods",
+        })
+    }
+}
+
+/// One message from a watcher task.
+#[derive(Debug)]
+pub enum Msg {
+    Node(Event<Node>, Instant),
+    Pod(Event<Pod>, Instant),
+    /// The watcher failed; it retries with backoff. `kind_of_error` is a short stable label
+    /// (also the metric label), `message` the error itself.
+    Failed {
+        kind: Kind,
+        kind_of_error: &'static str,
+        message: String,
+    },
+    /// A failing kind can be listed again (a quiet resource sends no event when its watch comes
+    /// back, so recovery is probed).
+    Reachable(Kind),
+}
+
+/// A short, stable name for a watcher failure: what the operator has to fix.
+pub fn classify(e: &watcher::Error) -> &'static str {
+    let client = match e {
+        watcher::Error::InitialListFailed(c)
+        | watcher::Error::WatchStartFailed(c)
+        | watcher::Error::WatchFailed(c) => c,
+        watcher::Error::WatchError(s) if s.code == 410 => return "gone",
+        watcher::Error::WatchError(_) => return "watch_error",
+        watcher::Error::NoResourceVersion => return "protocol",
+    };
+    match client {
+        kube::Error::Api(s) if s.code == 403 => "forbidden",
+        kube::Error::Api(s) if s.code == 401 => "unauthorized",
+        kube::Error::Api(s) if s.code == 410 => "gone",
+        kube::Error::Api(_) => "api_error",
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
+            "api_unreachable"
+        }
+        _ => "watch_failed",
+    }
+}
+
+/// Keeps only what st8s reads of a Node: name, labels, InternalIP, Ready.
+pub fn slim_node(n: Node) -> Node {
+    let status = n.status.map(|s| NodeStatus {
+        addresses: s.addresses.map(|a| {
+            a.into_iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .collect::<Vec<NodeAddress>>()
+        }),
+        conditions: s.conditions.map(|c| {
+            c.into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .collect::<Vec<NodeCondition>>()
+        }),
+        ..Default::default()
+    });
+    Node {
+        metadata: ObjectMeta {
+            name: n.metadata.name,
+            labels: n.metadata.labels,
+            resource_version: n.metadata.resource_version,
+            ..Default::default()
+        },
+        spec: None,
+        status,
+    }
+}
+
+/// Keeps only what st8s reads of a Pod, or nothing when it declares no hostPort (such pods can
+/// never matter: a pod's ports are immutable).
+pub fn slim_pod(p: Pod) -> Option<Pod> {
+    let spec = p.spec?;
+    let has_host_port = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .any(|p| p.host_port.is_some());
+    if !has_host_port {
+        return None;
+    }
+    let annotations = p
+        .metadata
+        .annotations
+        .map(|a| a.into_iter().filter(|(k, _)| k.starts_with("st8s.io/")).collect());
+    Some(Pod {
+        metadata: ObjectMeta {
+            name: p.metadata.name,
+            namespace: p.metadata.namespace,
+            annotations,
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: spec.node_name,
+            host_network: spec.host_network,
+            containers: spec
+                .containers
+                .into_iter()
+                .map(|c| Container {
+                    name: c.name,
+                    ports: c.ports.map(|ps| {
+                        ps.into_iter()
+                            .filter(|p| p.host_port.is_some())
+                            .map(|p| ContainerPort {
+                                container_port: p.container_port,
+                                host_port: p.host_port,
+                                protocol: p.protocol,
+                                ..Default::default()
+                            })
+                            .collect()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        status: p.status.map(|s| PodStatus {
+            pod_ip: s.pod_ip,
+            conditions: s.conditions.map(|c| {
+                c.into_iter()
+                    .filter(|c| c.type_ == "Ready")
+                    .collect::<Vec<PodCondition>>()
+            }),
+            ..Default::default()
+        }),
+    })
+}
+
+/// The cluster as the watchers have reported it so far.
+#[derive(Debug, Default)]
+pub struct KubeState {
+    pub cluster: Cluster,
+    relisting_nodes: Option<BTreeMap<String, Node>>,
+    relisting_pods: Option<BTreeMap<String, Pod>>,
+    listed_nodes: bool,
+    listed_pods: bool,
+    failing: BTreeMap<Kind, &'static str>,
+}
+
+/// What one message changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Effect {
+    /// The cluster changed (a re-plan is due).
+    pub changed: bool,
+    /// The watcher of this kind failed with a new kind of error (worth one log line).
+    pub new_failure: Option<(Kind, &'static str)>,
+    /// This kind's watcher recovered from a failure.
+    pub recovered: Option<Kind>,
+}
+
+impl KubeState {
+    /// Both watchers have completed a list at least once.
+    pub fn synced(&self) -> bool {
+        self.listed_nodes && self.listed_pods
+    }
+
+    /// Synced, and no watcher is failing right now.
+    pub fn healthy(&self) -> bool {
+        self.synced() && self.failing.is_empty()
+    }
+
+    pub fn failing(&self) -> impl Iterator<Item = (&Kind, &&'static str)> {
+        self.failing.iter()
+    }
+
+    pub fn handle(&mut self, msg: Msg) -> Effect {
+        let mut effect = Effect::default();
+        let kind = match &msg {
+            Msg::Node(..) => Kind::Node,
+            Msg::Pod(..) => Kind::Pod,
+            Msg::Reachable(kind) => {
+                if self.failing.remove(kind).is_some() {
+                    effect.recovered = Some(*kind);
+                }
+                return effect;
+            }
+            Msg::Failed {
+                kind, kind_of_error, ..
+            } => {
+                if self.failing.insert(*kind, kind_of_error) != Some(kind_of_error) {
+                    effect.new_failure = Some((*kind, kind_of_error));
+                }
+                return effect;
+            }
+        };
+        if self.failing.remove(&kind).is_some() {
+            effect.recovered = Some(kind);
+        }
+        match msg {
+            Msg::Node(ev, _) => match ev {
+                Event::Apply(n) => {
+                    self.cluster.upsert_node(slim_node(n));
+                    effect.changed = true;
+                }
+                Event::Delete(n) => {
+                    self.cluster
+                        .remove_node(n.metadata.name.as_deref().unwrap_or_default());
+                    effect.changed = true;
+                }
+                Event::Init => self.relisting_nodes = Some(BTreeMap::new()),
+                Event::InitApply(n) => {
+                    let n = slim_node(n);
+                    let name = n.metadata.name.clone().unwrap_or_default();
+                    self.relisting_nodes.get_or_insert_default().insert(name, n);
+                }
+                Event::InitDone => {
+                    let fresh = self.relisting_nodes.take().unwrap_or_default();
+                    effect.changed = fresh != self.cluster.nodes || !self.listed_nodes;
+                    self.cluster.nodes = fresh;
+                    self.listed_nodes = true;
+                }
+            },
+            Msg::Pod(ev, _) => match ev {
+                Event::Apply(p) => {
+                    let key = pod_key(&p);
+                    match slim_pod(p) {
+                        Some(p) => {
+                            self.cluster.upsert_pod(p);
+                            effect.changed = true;
+                        }
+                        None => {
+                            effect.changed = self.cluster.pods.remove(&key).is_some();
+                        }
+                    }
+                }
+                Event::Delete(p) => {
+                    effect.changed = self.cluster.pods.remove(&pod_key(&p)).is_some();
+                }
+                Event::Init => self.relisting_pods = Some(BTreeMap::new()),
+                Event::InitApply(p) => {
+                    if let Some(p) = slim_pod(p) {
+                        self.relisting_pods.get_or_insert_default().insert(pod_key(&p), p);
+                    }
+                }
+                Event::InitDone => {
+                    let fresh = self.relisting_pods.take().unwrap_or_default();
+                    effect.changed = fresh != self.cluster.pods || !self.listed_pods;
+                    self.cluster.pods = fresh;
+                    self.listed_pods = true;
+                }
+            },
+            Msg::Failed { .. } | Msg::Reachable(_) => {}
+        }
+        effect
+    }
+}
+
+/// Starts the two watchers, and a prober that lists a failing kind (one object) every few
+/// seconds to notice when it can be read again; their messages arrive on the returned channel.
+pub fn spawn_watchers(client: Client) -> mpsc::Receiver<Msg> {
+    let (tx, rx) = mpsc::channel(1024);
+    let failing: Arc<[AtomicBool; 2]> = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+    spawn_watcher::<Node>(
+        Api::all(client.clone()),
+        Kind::Node,
+        Msg::Node,
+        tx.clone(),
+        failing.clone(),
+    );
+    spawn_watcher::<Pod>(
+        Api::all(client.clone()),
+        Kind::Pod,
+        Msg::Pod,
+        tx.clone(),
+        failing.clone(),
+    );
+    tokio::spawn(async move {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let pods: Api<Pod> = Api::all(client);
+        let one = ListParams::default().limit(1);
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            for (i, kind) in [Kind::Node, Kind::Pod].into_iter().enumerate() {
+                if !failing[i].load(Ordering::Relaxed) {
+                    continue;
+                }
+                let ok = match kind {
+                    Kind::Node => nodes.list_metadata(&one).await.is_ok(),
+                    Kind::Pod => pods.list_metadata(&one).await.is_ok(),
+                };
+                if ok {
+                    failing[i].store(false, Ordering::Relaxed);
+                    if tx.send(Msg::Reachable(kind)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+fn spawn_watcher<K>(
+    api: Api<K>,
+    kind: Kind,
+    wrap: fn(Event<K>, Instant) -> Msg,
+    tx: mpsc::Sender<Msg>,
+    failing: Arc<[AtomicBool; 2]>,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
+{
+    let i = kind as usize;
+    tokio::spawn(async move {
+        let mut s = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        while let Some(item) = s.next().await {
+            let msg = match item {
+                Ok(ev) => {
+                    failing[i].store(false, Ordering::Relaxed);
+                    wrap(ev, Instant::now())
+                }
+                Err(e) => {
+                    let kind_of_error = classify(&e);
+                    if kind_of_error != "gone" {
+                        failing[i].store(true, Ordering::Relaxed);
+                    }
+                    Msg::Failed {
+                        kind,
+                        kind_of_error,
+                        message: e.to_string(),
+                    }
+                }
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// When the message's event arrived, for the event-to-map latency.
+pub fn arrived(msg: &Msg) -> Option<Instant> {
+    match msg {
+        Msg::Node(_, t) | Msg::Pod(_, t) => Some(*t),
+        Msg::Failed { .. } | Msg::Reachable(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, ip: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "managedFields": [{"manager": "kubelet"}]},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
+                       "conditions": [{"type": "Ready", "status": "True"}, {"type": "MemoryPressure", "status": "False"}]}
+        }))
+        .expect("node")
+    }
+
+    fn pod(name: &str, host_port: Option<i32>) -> Pod {
+        let mut port = serde_json::json!({"containerPort": 8080});
+        if let Some(h) = host_port {
+            port["hostPort"] = h.into();
+        }
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "annotations": {"st8s.io/steer": "true", "other": "x"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "img", "ports": [port]}]},
+            "status": {"podIP": "10.244.1.2", "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("pod")
+    }
+
+    fn t() -> Instant {
+        Instant::now()
+    }
+
+    #[test]
+    fn slimming_keeps_what_the_plan_reads() {
+        let n = slim_node(node("n1", "10.0.0.1"));
+        assert!(n.metadata.managed_fields.is_none());
+        assert_eq!(
+            crate::plan::node_internal_ip(&n),
+            Some("10.0.0.1".parse().expect("ip"))
+        );
+        assert!(crate::plan::node_ready(&n));
+        let p = slim_pod(pod("web", Some(80))).expect("has a hostPort");
+        assert_eq!(p.metadata.annotations.as_ref().map(|a| a.len()), Some(1));
+        assert!(crate::plan::pod_ready(&p));
+        assert!(
+            slim_pod(pod("plain", None)).is_none(),
+            "pods without hostPorts are not kept"
+        );
+    }
+
+    #[test]
+    fn relist_replaces_the_kind_and_drops_vanished_objects() {
+        let mut s = KubeState::default();
+        for ev in [
+            Event::Init,
+            Event::InitApply(node("a", "10.0.0.1")),
+            Event::InitApply(node("b", "10.0.0.2")),
+            Event::InitDone,
+        ] {
+            s.handle(Msg::Node(ev, t()));
+        }
+        assert!(!s.synced(), "pods not listed yet");
+        let e = s.handle(Msg::Pod(Event::Init, t()));
+        assert!(!e.changed);
+        s.handle(Msg::Pod(Event::InitApply(pod("web", Some(80))), t()));
+        assert!(s.handle(Msg::Pod(Event::InitDone, t())).changed);
+        assert!(s.synced() && s.healthy());
+        assert_eq!(s.cluster.nodes.len(), 2);
+        assert_eq!(s.cluster.pods.len(), 1);
+        // "b" was deleted while the watch was down: the relist drops it.
+        for ev in [Event::Init, Event::InitApply(node("a", "10.0.0.1"))] {
+            s.handle(Msg::Node(ev, t()));
+        }
+        assert_eq!(
+            s.cluster.nodes.len(),
+            2,
+            "the old view holds until the relist completes"
+        );
+        assert!(s.handle(Msg::Node(Event::InitDone, t())).changed);
+        assert_eq!(s.cluster.nodes.keys().collect::<Vec<_>>(), ["a"]);
+        // Incremental events.
+        assert!(
+            s.handle(Msg::Pod(Event::Delete(pod("web", Some(80))), t()))
+                .changed
+        );
+        assert!(
+            !s.handle(Msg::Pod(Event::Apply(pod("plain", None)), t())).changed,
+            "irrelevant pod"
+        );
+        assert!(s.cluster.pods.is_empty());
+    }
+
+    #[test]
+    fn failures_are_reported_once_per_kind_and_recovery_clears_them() {
+        let mut s = KubeState::default();
+        for ev in [Event::Init, Event::InitDone] {
+            s.handle(Msg::Node(ev, t()));
+        }
+        for ev in [Event::Init, Event::InitDone] {
+            s.handle(Msg::Pod(ev, t()));
+        }
+        assert!(s.healthy());
+        let fail = || Msg::Failed {
+            kind: Kind::Pod,
+            kind_of_error: "api_unreachable",
+            message: "refused".into(),
+        };
+        assert_eq!(s.handle(fail()).new_failure, Some((Kind::Pod, "api_unreachable")));
+        assert_eq!(
+            s.handle(fail()).new_failure,
+            None,
+            "the same failure again is not news"
+        );
+        assert!(!s.healthy());
+        let e = s.handle(Msg::Pod(Event::Init, t()));
+        assert_eq!(e.recovered, Some(Kind::Pod));
+        assert!(s.healthy());
+    }
+}
