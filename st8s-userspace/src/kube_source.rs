@@ -53,8 +53,8 @@ impl fmt::Display for Kind {
 /// One message from a watcher task.
 #[derive(Debug)]
 pub enum Msg {
-    Node(Event<Node>, Instant),
-    Pod(Event<Pod>, Instant),
+    Node(Box<Event<Node>>, Instant),
+    Pod(Box<Event<Pod>>, Instant),
     /// The watcher failed; it retries with backoff. `kind_of_error` is a short stable label
     /// (also the metric label), `message` the error itself.
     Failed {
@@ -236,7 +236,7 @@ impl KubeState {
             effect.recovered = Some(kind);
         }
         match msg {
-            Msg::Node(ev, _) => match ev {
+            Msg::Node(ev, _) => match *ev {
                 Event::Apply(n) => {
                     self.cluster.upsert_node(slim_node(n));
                     effect.changed = true;
@@ -259,7 +259,7 @@ impl KubeState {
                     self.listed_nodes = true;
                 }
             },
-            Msg::Pod(ev, _) => match ev {
+            Msg::Pod(ev, _) => match *ev {
                 Event::Apply(p) => {
                     let key = pod_key(&p);
                     match slim_pod(p) {
@@ -342,7 +342,7 @@ pub fn spawn_watchers(client: Client) -> mpsc::Receiver<Msg> {
 fn spawn_watcher<K>(
     api: Api<K>,
     kind: Kind,
-    wrap: fn(Event<K>, Instant) -> Msg,
+    wrap: fn(Box<Event<K>>, Instant) -> Msg,
     tx: mpsc::Sender<Msg>,
     failing: Arc<[AtomicBool; 2]>,
 ) where
@@ -357,7 +357,7 @@ fn spawn_watcher<K>(
             let msg = match item {
                 Ok(ev) => {
                     failing[i].store(false, Ordering::Relaxed);
-                    wrap(ev, Instant::now())
+                    wrap(Box::new(ev), Instant::now())
                 }
                 Err(e) => {
                     let kind_of_error = classify(&e);
@@ -443,34 +443,35 @@ mod tests {
             Event::InitApply(node("b", "10.0.0.2")),
             Event::InitDone,
         ] {
-            s.handle(Msg::Node(ev, t()));
+            s.handle(Msg::Node(Box::new(ev), t()));
         }
         assert!(!s.synced(), "pods not listed yet");
-        let e = s.handle(Msg::Pod(Event::Init, t()));
+        let e = s.handle(Msg::Pod(Box::new(Event::Init), t()));
         assert!(!e.changed);
-        s.handle(Msg::Pod(Event::InitApply(pod("web", Some(80))), t()));
-        assert!(s.handle(Msg::Pod(Event::InitDone, t())).changed);
+        s.handle(Msg::Pod(Box::new(Event::InitApply(pod("web", Some(80)))), t()));
+        assert!(s.handle(Msg::Pod(Box::new(Event::InitDone), t())).changed);
         assert!(s.synced() && s.healthy());
         assert_eq!(s.cluster.nodes.len(), 2);
         assert_eq!(s.cluster.pods.len(), 1);
         // "b" was deleted while the watch was down: the relist drops it.
         for ev in [Event::Init, Event::InitApply(node("a", "10.0.0.1"))] {
-            s.handle(Msg::Node(ev, t()));
+            s.handle(Msg::Node(Box::new(ev), t()));
         }
         assert_eq!(
             s.cluster.nodes.len(),
             2,
             "the old view holds until the relist completes"
         );
-        assert!(s.handle(Msg::Node(Event::InitDone, t())).changed);
+        assert!(s.handle(Msg::Node(Box::new(Event::InitDone), t())).changed);
         assert_eq!(s.cluster.nodes.keys().collect::<Vec<_>>(), ["a"]);
         // Incremental events.
         assert!(
-            s.handle(Msg::Pod(Event::Delete(pod("web", Some(80))), t()))
+            s.handle(Msg::Pod(Box::new(Event::Delete(pod("web", Some(80)))), t()))
                 .changed
         );
         assert!(
-            !s.handle(Msg::Pod(Event::Apply(pod("plain", None)), t())).changed,
+            !s.handle(Msg::Pod(Box::new(Event::Apply(pod("plain", None))), t()))
+                .changed,
             "irrelevant pod"
         );
         assert!(s.cluster.pods.is_empty());
@@ -480,10 +481,10 @@ mod tests {
     fn failures_are_reported_once_per_kind_and_recovery_clears_them() {
         let mut s = KubeState::default();
         for ev in [Event::Init, Event::InitDone] {
-            s.handle(Msg::Node(ev, t()));
+            s.handle(Msg::Node(Box::new(ev), t()));
         }
         for ev in [Event::Init, Event::InitDone] {
-            s.handle(Msg::Pod(ev, t()));
+            s.handle(Msg::Pod(Box::new(ev), t()));
         }
         assert!(s.healthy());
         let fail = || Msg::Failed {
@@ -498,7 +499,7 @@ mod tests {
             "the same failure again is not news"
         );
         assert!(!s.healthy());
-        let e = s.handle(Msg::Pod(Event::Init, t()));
+        let e = s.handle(Msg::Pod(Box::new(Event::Init), t()));
         assert_eq!(e.recovered, Some(Kind::Pod));
         assert!(s.healthy());
     }
