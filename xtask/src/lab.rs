@@ -35,6 +35,8 @@ use anyhow::{Context as _, bail};
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+/// The LAN address of the switch namespace, where an API-server double can listen.
+pub const API_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 pub const NAMESPACE: &str = "lab";
 
 pub fn node_addr(node: usize) -> Ipv4Addr {
@@ -52,6 +54,8 @@ pub struct LabConfig {
     pub xtask_bin: PathBuf,
     pub prefer_local: bool,
     pub xdp: String,
+    /// Agents watch this API (a kubeconfig) instead of reading the lab's cluster file.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// One hostPort a pod declares.
@@ -274,6 +278,8 @@ impl Lab {
         self.add_ns(&sw)?;
         ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        // The switch's own address: where a test's API-server double listens.
+        ip(&["-n", &sw, "addr", "add", &format!("{API_ADDR}/24"), "dev", "br0"])?;
         for (i, ns) in self.nodes.clone().iter().enumerate() {
             let node = i + 1;
             let port = format!("n{node}");
@@ -533,12 +539,16 @@ impl Lab {
             .create(true)
             .append(true)
             .open(self.agent_log(node))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.node_ns(node)))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.node_ns(node)))
             .arg("--")
             .arg(&self.cfg.st8s_bin)
-            .args(["agent", "--node", &node_name(node), "--from-file"])
-            .arg(self.cluster_file())
+            .args(["agent", "--node", &node_name(node)]);
+        match &self.cfg.kubeconfig {
+            Some(k) => cmd.env("KUBECONFIG", k),
+            None => cmd.arg("--from-file").arg(self.cluster_file()),
+        };
+        let child = cmd
             .arg("--pin-dir")
             .arg(self.agent_pin_dir(node))
             .args(["--iface", "eth0", "--poll-ms", "100", "--xdp", &self.cfg.xdp])
@@ -669,6 +679,42 @@ impl Lab {
                 );
             }
             thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `GET http://127.0.0.1:9470<path>` inside a node: (HTTP status, body).
+    pub fn agent_http(&self, node: usize, path: &str) -> anyhow::Result<(u16, String)> {
+        let url = format!("http://127.0.0.1:9470{path}");
+        let out = self.exec(
+            self.node_ns(node),
+            "curl",
+            &["-s", "--max-time", "2", "-w", "\n%{http_code}", &url],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+    }
+
+    /// Waits until `pred` holds for a node's live table; returns how long that took.
+    pub fn wait_table(
+        &self,
+        node: usize,
+        timeout: Duration,
+        pred: impl Fn(&st8s::inspect::Snapshot) -> bool,
+    ) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        loop {
+            if self.snapshot(node).is_ok_and(|s| pred(&s)) {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "{}'s table did not reach the expected state within {timeout:?}\n{}",
+                    node_name(node),
+                    self.agent_logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
         }
     }
 

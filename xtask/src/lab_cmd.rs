@@ -40,6 +40,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
         xtask_bin: std::env::current_exe()?,
         prefer_local: true,
         xdp: args.xdp.clone(),
+        kubeconfig: None,
     };
     progress("creating the lab: switch, 3 nodes with pod bridges, a client");
     let mut lab = Lab::new(cfg)?;

@@ -49,6 +49,7 @@ fn lab_with(prefer_local: bool, xdp: &str) -> Lab {
         xtask_bin,
         prefer_local,
         xdp: xdp.into(),
+        kubeconfig: None,
     })
     .expect("lab builds")
 }
@@ -579,4 +580,126 @@ fn agents_killed_and_restarted_under_load_lose_no_request() {
         after["80/tcp"].forwarded >= before["80/tcp"].forwarded + u64::from(ok),
         "counters survive restarts"
     );
+}
+
+/// The agents on a "real cluster": they watch the API-server double (on the LAN), program the
+/// dataplane from it, follow changes within milliseconds, and through an API outage keep the
+/// dataplane serving while reporting not ready.
+#[test]
+fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
+    use xtask::apiserver::{ApiServer, Kind, node, pod};
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "needs root");
+    let (st8s_bin, xtask_bin) = bins();
+    let kubeconfig = std::env::temp_dir().join(format!("st8s-kubeconfig-{}", std::process::id()));
+    let mut lab = Lab::new(LabConfig {
+        nodes: 3,
+        st8s_bin,
+        xtask_bin,
+        prefer_local: true,
+        xdp: "auto".into(),
+        kubeconfig: Some(kubeconfig.clone()),
+    })
+    .expect("lab builds");
+    let sw = lab.switch_ns().to_owned();
+    let listener = in_netns(&sw, || std::net::TcpListener::bind((xtask::lab::API_ADDR, 6443)))
+        .expect("netns")
+        .expect("bind on the LAN");
+    let api = ApiServer::start_on(listener).expect("double");
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    for n in 1..=3 {
+        api.apply(
+            Kind::Node,
+            node(&format!("node{n}"), &node_addr(n).to_string(), true),
+        );
+    }
+    lab.add_pod(PodSpec::web("web-node1", 1)).expect("pod");
+    api.apply(
+        Kind::Pod,
+        pod(
+            "web-node1",
+            "node1",
+            &lab.pod_ip("web-node1").expect("ip").to_string(),
+            80,
+            8080,
+            "TCP",
+        ),
+    );
+    lab.start_agents().expect("agents");
+    for n in 1..=3 {
+        lab.wait_ready(n, SYNC).expect("ready from the API");
+    }
+    lab.wait_table(3, SYNC, |s| s.ports.len() == 1 && s.ports[0].2.len() == 1)
+        .expect("node3 programmed");
+    assert_eq!(lab.http(3, 80).pod.as_deref(), Some("lab/web-node1"));
+
+    // A backend appears: time from the API event to node3's map.
+    lab.add_pod(PodSpec::web("web-node2", 2)).expect("pod");
+    let ip2 = lab.pod_ip("web-node2").expect("ip").to_string();
+    api.apply(Kind::Pod, pod("web-node2", "node2", &ip2, 80, 8080, "TCP"));
+    let took = lab
+        .wait_table(3, SYNC, |s| s.ports.first().is_some_and(|p| p.2.len() == 2))
+        .expect("2 backends");
+    eprintln!("API event to node3's map (observed from outside, 10 ms polling): {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let (code, metrics) = lab.agent_http(3, "/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("st8s_ready 1"), "{metrics}");
+    assert!(
+        metrics.contains("st8s_port_packets_total{port=\"80/tcp\",result=\"forwarded\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("st8s_map_capacity{map=\"ST8S_FLOWS\"} 65536"));
+    let count_line = metrics
+        .lines()
+        .find(|l| l.starts_with("st8s_sync_latency_seconds_count"))
+        .expect("histogram");
+    assert!(
+        count_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            >= 2,
+        "{count_line}"
+    );
+
+    // A node turns NotReady: its backend leaves every table.
+    api.apply(Kind::Node, node("node2", &node_addr(2).to_string(), false));
+    lab.wait_table(3, SYNC, |s| s.ports.first().is_some_and(|p| p.2.len() == 1))
+        .expect("node2 dropped");
+    api.apply(Kind::Node, node("node2", &node_addr(2).to_string(), true));
+    lab.wait_table(3, SYNC, |s| s.ports.first().is_some_and(|p| p.2.len() == 2))
+        .expect("node2 back");
+
+    // The API goes away: not ready, but the dataplane keeps serving with the last state.
+    api.set_down(true);
+    let start = std::time::Instant::now();
+    while lab.agent_http(3, "/readyz").expect("readyz").0 != 503 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "still ready 30 s into the outage"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..5 {
+        let a = lab.http(3, 80);
+        assert!(a.ok, "served during the outage: {a:?}");
+    }
+    let (_, metrics) = lab.agent_http(3, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("st8s_errors_total{kind=\"api_unreachable\"}"),
+        "{metrics}"
+    );
+    let log = std::fs::read_to_string(lab.agent_log(3)).unwrap_or_default();
+    let failures = log.lines().filter(|l| l.contains("watch failed")).count();
+    assert!(
+        (1..=2).contains(&failures),
+        "one line per failure kind and watch, got {failures}:\n{log}"
+    );
+    api.set_down(false);
+    lab.wait_ready(3, Duration::from_secs(60))
+        .expect("ready again after the outage");
+    let _ = std::fs::remove_file(&kubeconfig);
 }
