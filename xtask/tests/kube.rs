@@ -214,3 +214,36 @@ async fn dropped_watches_and_bookmarks_lose_no_event() {
         p.problems
     );
 }
+
+#[tokio::test]
+async fn bad_objects_are_skipped_by_name_and_the_rest_applies() {
+    let api = ApiServer::start().expect("double");
+    cluster_of_three(&api);
+    api.apply(
+        Kind::Node,
+        serde_json::json!({"metadata": {"name": "node9"}, "status": {}}),
+    );
+    let mut no_ip = pod("web-noip", "node2", "", 80, 8080, "TCP");
+    no_ip["status"].as_object_mut().expect("status").remove("podIP");
+    api.apply(Kind::Pod, no_ip);
+    let mut odd = pod("web-odd", "node3", "10.244.3.10", 80, 8080, "TCP");
+    odd["metadata"]["annotations"] = serde_json::json!({"st8s.io/steer": "perhaps"});
+    api.apply(Kind::Pod, odd);
+    let mut rx = kube_source::spawn_watchers(client(&api));
+    let mut state = KubeState::default();
+    until(&mut rx, &mut state, 10, |s, _| s.synced()).await;
+    let p = plan(&state.cluster, "node1").expect("plans despite bad objects");
+    let problems: Vec<String> = p.problems.iter().map(|p| p.to_string()).collect();
+    assert!(problems.iter().any(|p| p.contains("node node9")), "{problems:?}");
+    assert!(
+        problems.iter().any(|p| p.contains("lab/web-noip")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("lab/web-odd") && p.contains("perhaps")),
+        "{problems:?}"
+    );
+    assert_eq!(backends(&state), ["node1"], "the good pod is still steered");
+}
