@@ -33,6 +33,9 @@ pub mod program_names {
     pub const POD_TC: &str = "st8s_pod_tc";
     /// `XDP_PASS` only: the lab attaches it to the switch side of each veth uplink.
     pub const XDP_PASS: &str = "st8s_xdp_pass";
+    /// Benchmark baselines: header parsing only.
+    pub const PARSE_ONLY_XDP: &str = "st8s_parse_only_xdp";
+    pub const PARSE_ONLY_TC: &str = "st8s_parse_only_tc";
 }
 
 /// Version of what the maps mean. Bump it whenever a map's meaning changes without its shape

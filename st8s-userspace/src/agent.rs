@@ -112,6 +112,7 @@ impl Runner {
             })?,
         };
         info!(node = %args.node, addr = %desired.self_node.addr, %iface, "starting the dataplane");
+        let load_started = Instant::now();
         let (dp, fates) = Dataplane::load(Options {
             iface,
             pin_dir: args.pin_dir.clone(),
@@ -121,6 +122,12 @@ impl Runner {
         })?;
         let adopted = fates.iter().all(|(_, f)| *f == crate::pins::MapFate::Adopted);
         info!(mac = %dp.self_mac(), adopted, "programs loaded");
+        metrics.set_gauge(
+            "bpf_load_seconds",
+            load_started.elapsed().as_secs_f64(),
+            "Time to load the programs (verifier included) and adopt the pinned maps at start.",
+        );
+        let program_started = Instant::now();
         let macs = peer_macs(&desired);
         let mut r = Runner {
             dp,
@@ -128,11 +135,16 @@ impl Runner {
             macs,
             dirty: true,
             pending_since: Some(since),
-            metrics,
+            metrics: metrics.clone(),
         };
         // Program first, attach second: new programs never see an empty table, and an adopted
         // dataplane keeps forwarding with its old programs until the swap.
         r.sync("initial")?;
+        metrics.set_gauge(
+            "initial_program_seconds",
+            program_started.elapsed().as_secs_f64(),
+            "Time to plan and write the first full table into the maps.",
+        );
         r.dp.attach()?;
         info!(xdp_forwards = r.dp.xdp_forwards(), "dataplane attached");
         Ok(r)
@@ -170,8 +182,9 @@ impl Runner {
             .apply(&self.desired, &self.macs)
             .inspect_err(|_| self.metrics.error("map_write"))?;
         self.dirty = false;
-        if let Some(since) = self.pending_since.take() {
-            self.metrics.observe_sync(since.elapsed());
+        let latency = self.pending_since.take().map(|since| since.elapsed());
+        if let Some(l) = latency {
+            self.metrics.observe_sync(l);
         }
         if !report.unresolved.is_empty() {
             warn!(nodes = ?report.unresolved, "MAC of these nodes not resolved yet: not forwarding to them");
@@ -179,6 +192,7 @@ impl Runner {
         info!(
             writes = report.writes,
             ports_changed = report.ports_changed,
+            latency_us = latency.map(|l| l.as_micros() as u64),
             "maps in sync"
         );
         Ok(())
@@ -329,11 +343,13 @@ async fn run_kube(args: &AgentArgs, metrics: Arc<Metrics>) -> anyhow::Result<Opt
     let mut plan_error: Option<String> = None;
     let mut signals = Signals::new()?;
     let mut tick = tokio::time::interval(Duration::from_millis(args.poll_ms.max(50)));
+    let mut first_event: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = signals.recv() => break,
             msg = rx.recv() => {
                 let Some(msg) = msg else { anyhow::bail!("the watchers stopped") };
+                first_event.get_or_insert_with(Instant::now);
                 // Take everything that is already queued: one plan and one sync per burst.
                 let mut batch = vec![msg];
                 while batch.len() < 4096 {
@@ -371,7 +387,16 @@ async fn run_kube(args: &AgentArgs, metrics: Arc<Metrics>) -> anyhow::Result<Opt
                                     r.set_desired(desired, since);
                                     r.sync_logged("watch");
                                 }
-                                None => runner = Some(Runner::start(args, desired, metrics.clone(), since)?),
+                                None => {
+                                    if let Some(first) = first_event {
+                                        metrics.set_gauge(
+                                            "initial_list_seconds",
+                                            first.elapsed().as_secs_f64(),
+                                            "Time from the first watch event to the complete initial list.",
+                                        );
+                                    }
+                                    runner = Some(Runner::start(args, desired, metrics.clone(), since)?);
+                                }
                             }
                         }
                         Err(e) => {

@@ -75,6 +75,7 @@ struct Inner {
     syncs: u64,
     objects: BTreeMap<&'static str, u64>,
     errors: BTreeMap<String, u64>,
+    gauges: BTreeMap<&'static str, (f64, &'static str)>,
     not_ready_reason: Option<String>,
 }
 
@@ -100,6 +101,13 @@ impl Metrics {
     pub fn set_objects(&self, kind: &'static str, n: usize) {
         if let Ok(mut i) = self.inner.lock() {
             i.objects.insert(kind, n as u64);
+        }
+    }
+
+    /// A named gauge, rendered as `st8s_<name>` with its help text.
+    pub fn set_gauge(&self, name: &'static str, value: f64, help: &'static str) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.gauges.insert(name, (value, help));
         }
     }
 
@@ -151,6 +159,11 @@ impl Metrics {
             let _ = writeln!(o, "# TYPE st8s_objects gauge");
             for (k, n) in &i.objects {
                 let _ = writeln!(o, "st8s_objects{{kind=\"{k}\"}} {n}");
+            }
+            for (name, (v, help)) in &i.gauges {
+                let _ = writeln!(o, "# HELP st8s_{name} {help}");
+                let _ = writeln!(o, "# TYPE st8s_{name} gauge");
+                let _ = writeln!(o, "st8s_{name} {v}");
             }
             let _ = writeln!(o, "# HELP st8s_errors_total Errors by kind.");
             let _ = writeln!(o, "# TYPE st8s_errors_total counter");

@@ -571,3 +571,31 @@ fn maglev_spreads_flows_and_local_preference_wins_when_set() {
         assert_eq!(dp.run_xdp(&f.build()).0, XDP_PASS);
     }
 }
+
+/// A client that reaches the pod's address directly from a port an earlier steered connection
+/// used must get the pod's own address back: the old reply translation is dropped on its SYN.
+#[test]
+fn a_direct_connection_reusing_a_steered_4_tuple_is_not_rewritten() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    dp.port(80, PROTO_TCP, 0, 0, &[(SELF, [0; 6], true)], 0, true);
+    let steered = client_tcp(SELF, 80).build();
+    assert_eq!(dp.run_tc(program_names::UPLINK_TC, &steered).0, TC_ACT_REDIRECT);
+    let reply = Frame::tcp(a(POD), 8080, a(CLIENT), 40000).build();
+    assert_eq!(
+        dp.run_tc(program_names::POD_TC, &reply).0,
+        TC_ACT_REDIRECT,
+        "steered reply rewritten"
+    );
+
+    // Later, the same client port opens a connection to the pod address itself (routed).
+    let direct = client_tcp(POD, 8080).build();
+    assert_eq!(
+        dp.run_tc(program_names::UPLINK_TC, &direct),
+        (TC_ACT_OK, direct.clone())
+    );
+    assert_eq!(
+        dp.run_tc(program_names::POD_TC, &reply),
+        (TC_ACT_OK, reply.clone()),
+        "not rewritten any more"
+    );
+}

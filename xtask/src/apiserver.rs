@@ -286,14 +286,28 @@ fn serve(
             return watch(sock, shared, stop, kind, &params);
         }
         let st = m.lock().unwrap_or_else(|e| e.into_inner());
+        // Pages: `limit` objects from the `continue` offset, as kube-rs asks for them.
+        let offset: usize = params.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+        let limit: usize = params
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .filter(|l| *l > 0)
+            .unwrap_or(usize::MAX);
+        let total = st.objects.keys().filter(|(k, _)| *k == kind).count();
         let items: Vec<Value> = st
             .objects
             .iter()
             .filter(|((k, _), _)| *k == kind)
+            .skip(offset)
+            .take(limit)
             .map(|(_, v)| v.clone())
             .collect();
+        let mut meta = json!({"resourceVersion": st.rv.to_string()});
+        if offset.saturating_add(items.len()) < total {
+            meta["continue"] = json!((offset + items.len()).to_string());
+        }
         let list = json!({"apiVersion": "v1", "kind": format!("{}List", kind.name()),
-                          "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
+                          "metadata": meta, "items": items});
         drop(st);
         respond(&mut sock, 200, "OK", &list)?;
         cv.notify_all();

@@ -73,6 +73,8 @@ pub struct PodSpec {
     pub ports: Vec<HostPort>,
     pub http: Option<u16>,
     pub dns: Option<u16>,
+    /// Run this server instead of the lab backend (benchmarks use nginx, knotd, iperf3).
+    pub command: Option<Vec<String>>,
 }
 
 impl PodSpec {
@@ -88,6 +90,7 @@ impl PodSpec {
             }],
             http: Some(8080),
             dns: None,
+            command: None,
         }
     }
 
@@ -110,6 +113,7 @@ impl PodSpec {
             ],
             http: None,
             dns: Some(53),
+            command: None,
         }
     }
 }
@@ -423,15 +427,24 @@ impl Lab {
             &format!("10.244.{}.1", spec.node),
         ])?;
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{ns}"))
-            .arg("--")
-            .arg(&self.cfg.xtask_bin)
-            .args(["lab-backend", "--name", &format!("{NAMESPACE}/{}", spec.name)]);
-        if let Some(p) = spec.http {
-            cmd.args(["--http", &p.to_string()]);
-        }
-        if let Some(p) = spec.dns {
-            cmd.args(["--dns", &p.to_string()]);
+        cmd.arg(format!("--net=/run/netns/{ns}")).arg("--");
+        match &spec.command {
+            Some(argv) => {
+                cmd.args(argv);
+            }
+            None => {
+                cmd.arg(&self.cfg.xtask_bin).args([
+                    "lab-backend",
+                    "--name",
+                    &format!("{NAMESPACE}/{}", spec.name),
+                ]);
+                if let Some(p) = spec.http {
+                    cmd.args(["--http", &p.to_string()]);
+                }
+                if let Some(p) = spec.dns {
+                    cmd.args(["--dns", &p.to_string()]);
+                }
+            }
         }
         let log = fs::File::create(self.dir.join(format!("pod-{}.log", spec.name)))?;
         let server = cmd
@@ -589,6 +602,16 @@ impl Lab {
             .arg(self.agent_pin_dir(node))
             .output()
             .context("running st8s uninstall")
+    }
+
+    /// The pid of a node's agent (nsenter execs it in place).
+    pub fn agent_pid(&self, node: usize) -> Option<u32> {
+        self.agents.get(&node).map(Child::id)
+    }
+
+    /// The lab's private directory (cluster file, logs, server configs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn agent_log(&self, node: usize) -> PathBuf {

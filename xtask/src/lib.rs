@@ -2,6 +2,7 @@
 
 pub mod apiserver;
 pub mod backend;
+pub mod bench;
 pub mod lab;
 pub mod setup;
 

@@ -34,6 +34,26 @@ enum Task {
     /// Set up, build, and run the network-namespace lab: three nodes, pods, a client, one agent
     /// per node; send real requests to every node and print who answered.
     Lab(lab_cmd::LabArgs),
+    /// Benchmarks side by side (release build): st8s against direct routing, iptables DNAT and
+    /// a haproxy hop; per-packet cost against a parse-only program; control-plane latency,
+    /// sync time and memory. Writes docs/benchmarks.md.
+    Bench {
+        /// Rounds per workload and path (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 4)]
+        seconds: u64,
+        /// Skip the data-path workloads and the per-packet cost.
+        #[arg(long)]
+        skip_dataplane: bool,
+        /// Skip the control-plane part.
+        #[arg(long)]
+        skip_control: bool,
+        /// Where to write the report.
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
     /// Set up, build, and run every test: unit tests, BPF_PROG_TEST_RUN fixtures through the
     /// real programs, and network-namespace integration tests (root needed).
     Test {
@@ -96,6 +116,38 @@ fn main() -> anyhow::Result<()> {
             run(&mut cmd)?;
             progress("all tests passed");
             Ok(())
+        }
+        Task::Bench {
+            rounds,
+            seconds,
+            skip_dataplane,
+            skip_control,
+            out,
+        } => {
+            setup::setup()?;
+            setup::build_ebpf()?;
+            progress("building st8s (release)");
+            run(Command::new("cargo").current_dir(workspace_root()).args([
+                "build",
+                "--release",
+                "-p",
+                "st8s-userspace",
+            ]))?;
+            if !setup::is_root() {
+                bail!("benchmarks need root (network namespaces, BPF)");
+            }
+            let out = if out.is_absolute() {
+                out
+            } else {
+                workspace_root().join(out)
+            };
+            xtask::bench::run(xtask::bench::BenchArgs {
+                rounds,
+                seconds,
+                skip_dataplane,
+                skip_control,
+                out,
+            })
         }
         Task::LabBackend { name, http, dns } => xtask::backend::serve(name, http, dns),
         Task::LabStub { iface, pin } => stub(&iface, &pin),
