@@ -147,6 +147,10 @@ impl Runner {
         );
         r.dp.attach()?;
         info!(xdp_forwards = r.dp.xdp_forwards(), "dataplane attached");
+        // Loading parsed the object and the initial list built large temporaries: give the
+        // freed memory back, so the resident size reflects what the agent keeps.
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
         Ok(r)
     }
 

@@ -54,7 +54,7 @@ impl fmt::Display for Kind {
 #[derive(Debug)]
 pub enum Msg {
     Node(Box<Event<Node>>, Instant),
-    Pod(Box<Event<Pod>>, Instant),
+    Pod(Box<Event<WatchedPod>>, Instant),
     /// The watcher failed; it retries with backoff. `kind_of_error` is a short stable label
     /// (also the metric label), `message` the error itself.
     Failed {
@@ -116,63 +116,184 @@ pub fn slim_node(n: Node) -> Node {
     }
 }
 
-/// Keeps only what st8s reads of a Pod, or nothing when it declares no hostPort (such pods can
-/// never matter: a pod's ports are immutable).
-pub fn slim_pod(p: Pod) -> Option<Pod> {
-    let spec = p.spec?;
-    let has_host_port = spec
-        .containers
-        .iter()
-        .flat_map(|c| c.ports.iter().flatten())
-        .any(|p| p.host_port.is_some());
-    if !has_host_port {
-        return None;
-    }
-    let annotations = p
-        .metadata
-        .annotations
-        .map(|a| a.into_iter().filter(|(k, _)| k.starts_with("st8s.io/")).collect());
-    Some(Pod {
-        metadata: ObjectMeta {
-            name: p.metadata.name,
-            namespace: p.metadata.namespace,
-            annotations,
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: spec.node_name,
-            host_network: spec.host_network,
-            containers: spec
-                .containers
-                .into_iter()
-                .map(|c| Container {
-                    name: c.name,
-                    ports: c.ports.map(|ps| {
-                        ps.into_iter()
-                            .filter(|p| p.host_port.is_some())
-                            .map(|p| ContainerPort {
-                                container_port: p.container_port,
-                                host_port: p.host_port,
-                                protocol: p.protocol,
-                                ..Default::default()
-                            })
-                            .collect()
-                    }),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }),
-        status: p.status.map(|s| PodStatus {
-            pod_ip: s.pod_ip,
-            conditions: s.conditions.map(|c| {
-                c.into_iter()
-                    .filter(|c| c.type_ == "Ready")
-                    .collect::<Vec<PodCondition>>()
-            }),
-            ..Default::default()
-        }),
+/// A Pod as st8s watches it: only the fields the plan reads are deserialized (everything else in
+/// the API's JSON is skipped while parsing, never allocated), which is what keeps a full list of
+/// a large cluster fast and the agent small.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct WatchedPod {
+    #[serde(deserialize_with = "slim_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<WatchedPodSpec>,
+    #[serde(default)]
+    pub status: Option<WatchedPodStatus>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchedPodSpec {
+    #[serde(default)]
+    pub node_name: Option<String>,
+    #[serde(default)]
+    pub host_network: Option<bool>,
+    #[serde(default)]
+    pub containers: Vec<WatchedContainer>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct WatchedContainer {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub ports: Vec<WatchedPort>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchedPort {
+    #[serde(default)]
+    pub container_port: i32,
+    #[serde(default)]
+    pub host_port: Option<i32>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchedPodStatus {
+    #[serde(default, rename = "podIP")]
+    pub pod_ip: Option<String>,
+    #[serde(default)]
+    pub conditions: Vec<WatchedCondition>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct WatchedCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SlimMeta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    resource_version: Option<String>,
+}
+
+/// Metadata without managedFields, labels and the rest: name, namespace, resourceVersion, and
+/// the `st8s.io/` annotations.
+fn slim_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = <SlimMeta as serde::Deserialize>::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        resource_version: m.resource_version,
+        annotations: m
+            .annotations
+            .map(|a| a.into_iter().filter(|(k, _)| k.starts_with("st8s.io/")).collect())
+            .filter(|a: &BTreeMap<String, String>| !a.is_empty()),
+        ..Default::default()
     })
+}
+
+impl kube::Resource for WatchedPod {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "Pod".into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "pods".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl WatchedPod {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}",
+            self.metadata.namespace.as_deref().unwrap_or("default"),
+            self.metadata.name.as_deref().unwrap_or("<unnamed>")
+        )
+    }
+
+    /// The Pod the plan reads, or nothing when it declares no hostPort (such a pod can never
+    /// matter: a pod's ports are immutable).
+    pub fn into_pod(self) -> Option<Pod> {
+        let spec = self.spec?;
+        if !spec
+            .containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .any(|p| p.host_port.is_some())
+        {
+            return None;
+        }
+        Some(Pod {
+            metadata: self.metadata,
+            spec: Some(PodSpec {
+                node_name: spec.node_name,
+                host_network: spec.host_network,
+                containers: spec
+                    .containers
+                    .into_iter()
+                    .map(|c| Container {
+                        name: c.name,
+                        ports: Some(
+                            c.ports
+                                .into_iter()
+                                .filter(|p| p.host_port.is_some())
+                                .map(|p| ContainerPort {
+                                    container_port: p.container_port,
+                                    host_port: p.host_port,
+                                    protocol: p.protocol,
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        ),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            status: self.status.map(|s| PodStatus {
+                pod_ip: s.pod_ip,
+                conditions: Some(
+                    s.conditions
+                        .into_iter()
+                        .filter(|c| c.type_ == "Ready")
+                        .map(|c| PodCondition {
+                            type_: c.type_,
+                            status: c.status,
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+        })
+    }
 }
 
 /// The cluster as the watchers have reported it so far.
@@ -261,8 +382,8 @@ impl KubeState {
             },
             Msg::Pod(ev, _) => match *ev {
                 Event::Apply(p) => {
-                    let key = pod_key(&p);
-                    match slim_pod(p) {
+                    let key = p.key();
+                    match p.into_pod() {
                         Some(p) => {
                             self.cluster.upsert_pod(p);
                             effect.changed = true;
@@ -273,11 +394,11 @@ impl KubeState {
                     }
                 }
                 Event::Delete(p) => {
-                    effect.changed = self.cluster.pods.remove(&pod_key(&p)).is_some();
+                    effect.changed = self.cluster.pods.remove(&p.key()).is_some();
                 }
                 Event::Init => self.relisting_pods = Some(BTreeMap::new()),
                 Event::InitApply(p) => {
-                    if let Some(p) = slim_pod(p) {
+                    if let Some(p) = p.into_pod() {
                         self.relisting_pods.get_or_insert_default().insert(pod_key(&p), p);
                     }
                 }
@@ -306,7 +427,7 @@ pub fn spawn_watchers(client: Client) -> mpsc::Receiver<Msg> {
         tx.clone(),
         failing.clone(),
     );
-    spawn_watcher::<Pod>(
+    spawn_watcher::<WatchedPod>(
         Api::all(client.clone()),
         Kind::Pod,
         Msg::Pod,
@@ -315,7 +436,7 @@ pub fn spawn_watchers(client: Client) -> mpsc::Receiver<Msg> {
     );
     tokio::spawn(async move {
         let nodes: Api<Node> = Api::all(client.clone());
-        let pods: Api<Pod> = Api::all(client);
+        let pods: Api<WatchedPod> = Api::all(client);
         let one = ListParams::default().limit(1);
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -399,7 +520,7 @@ mod tests {
         .expect("node")
     }
 
-    fn pod(name: &str, host_port: Option<i32>) -> Pod {
+    fn pod(name: &str, host_port: Option<i32>) -> WatchedPod {
         let mut port = serde_json::json!({"containerPort": 8080});
         if let Some(h) = host_port {
             port["hostPort"] = h.into();
@@ -425,11 +546,11 @@ mod tests {
             Some("10.0.0.1".parse().expect("ip"))
         );
         assert!(crate::plan::node_ready(&n));
-        let p = slim_pod(pod("web", Some(80))).expect("has a hostPort");
+        let p = pod("web", Some(80)).into_pod().expect("has a hostPort");
         assert_eq!(p.metadata.annotations.as_ref().map(|a| a.len()), Some(1));
         assert!(crate::plan::pod_ready(&p));
         assert!(
-            slim_pod(pod("plain", None)).is_none(),
+            pod("plain", None).into_pod().is_none(),
             "pods without hostPorts are not kept"
         );
     }

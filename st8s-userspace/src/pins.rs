@@ -94,7 +94,7 @@ pub fn load_pinned(dir: &Path, obj: &[u8]) -> anyhow::Result<Loaded> {
     fs::create_dir_all(dir)
         .with_context(|| format!("creating {} (is bpffs mounted at /sys/fs/bpf?)", dir.display()))?;
     // What this build's maps look like: a throwaway load with no pins.
-    let mut probe = Ebpf::load(obj).context("loading the st8s programs")?;
+    let mut probe = loader().load(obj).context("loading the st8s programs")?;
     let version = pinned_layout_version(dir);
 
     let mut fates = Vec::new();
@@ -141,7 +141,7 @@ pub fn load_pinned(dir: &Path, obj: &[u8]) -> anyhow::Result<Loaded> {
     drop(probe);
 
     let paths: Vec<(&'static str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
-    let mut loader = EbpfLoader::new();
+    let mut loader = loader();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -166,6 +166,14 @@ pub fn load_pinned(dir: &Path, obj: &[u8]) -> anyhow::Result<Loaded> {
         }
     }
     Ok(Loaded { ebpf, fates })
+}
+
+/// A loader without the kernel's BTF: the programs touch no kernel structures (nothing to
+/// relocate), and parsing /sys/kernel/btf/vmlinux would cost the agent several MiB.
+fn loader() -> EbpfLoader<'static> {
+    let mut l = EbpfLoader::new();
+    l.btf(None);
+    l
 }
 
 /// The kernel map behind one of the map kinds st8s uses.
