@@ -448,7 +448,7 @@ fn forget_stale_reply_translation(pkt: &Packet) {
             proto: pkt.proto,
             _pad: [0; 3],
         };
-        let _ = ST8S_REVNAT.remove(&key);
+        let _ = ST8S_REVNAT.remove(key);
     }
 }
 
