@@ -10,6 +10,7 @@
 pub mod map_names {
     pub const CONFIG: &str = "ST8S_CONFIG";
     pub const PORTS: &str = "ST8S_PORTS";
+    pub const PORT_FILTER: &str = "ST8S_PORT_FILTER";
     pub const BACKENDS: &str = "ST8S_BACKENDS";
     pub const MAGLEV: &str = "ST8S_MAGLEV";
     pub const NODES: &str = "ST8S_NODES";
@@ -18,8 +19,17 @@ pub mod map_names {
     pub const REVNAT: &str = "ST8S_REVNAT";
     pub const COUNTERS: &str = "ST8S_COUNTERS";
 
-    pub const ALL: [&str; 9] = [
-        CONFIG, PORTS, BACKENDS, MAGLEV, NODES, PEER_MACS, FLOWS, REVNAT, COUNTERS,
+    pub const ALL: [&str; 10] = [
+        CONFIG,
+        PORTS,
+        PORT_FILTER,
+        BACKENDS,
+        MAGLEV,
+        NODES,
+        PEER_MACS,
+        FLOWS,
+        REVNAT,
+        COUNTERS,
     ];
 }
 
@@ -57,6 +67,15 @@ pub const BANKS: u32 = 2;
 pub const MAX_FLOWS: u32 = 65_536;
 /// Cluster nodes at most.
 pub const MAX_NODES: u32 = 256;
+/// `ST8S_PORT_FILTER`: one bit per (port, protocol), 64 per word; TCP words first, then UDP.
+pub const PORT_FILTER_WORDS: u32 = 2 * 65536 / 64;
+
+/// The word of `ST8S_PORT_FILTER` that holds (`proto`, `port`); the bit is `port % 64`.
+pub const fn port_filter_index(proto: u8, port: u32) -> u32 {
+    let base = if proto == PROTO_UDP { 65536 / 64 } else { 0 };
+    base + port / 64
+}
+
 /// Slot of the counters not tied to a steered port.
 pub const GLOBAL_COUNTER_SLOT: u32 = MAX_PORTS;
 
@@ -228,8 +247,9 @@ pub struct FlowValue {
     pub backend_port_be: u16,
     pub kind: u8,
     pub _pad: u8,
-    /// `bpf_ktime_get_ns` of the last packet.
-    pub last_seen_ns: u64,
+    /// `bpf_ktime_get_ns` when the flow was steered (the LRU keeps recency itself; nothing is
+    /// written per packet).
+    pub created_ns: u64,
 }
 assert_size!(FlowValue, 16);
 

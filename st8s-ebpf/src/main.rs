@@ -22,9 +22,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use st8s_common::{
-    flow_hash, Backend, Config, Counters, FlowKey, FlowValue, MacKey, MaglevRow, NodeInfo, PortInfo, PortKey,
-    RevNatKey, RevNatValue, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL, FLOW_LOCAL, FLOW_REMOTE,
-    GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_NODES, MAX_PORTS, PROTO_TCP, PROTO_UDP,
+    flow_hash, port_filter_index, Backend, Config, Counters, FlowKey, FlowValue, MacKey, MaglevRow, NodeInfo,
+    PortInfo, PortKey, RevNatKey, RevNatValue, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL, FLOW_LOCAL,
+    FLOW_REMOTE, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_NODES, MAX_PORTS,
+    PORT_FILTER_WORDS, PROTO_TCP, PROTO_UDP,
 };
 
 #[map]
@@ -35,6 +36,8 @@ static ST8S_PORTS: HashMap<PortKey, PortInfo> = HashMap::with_max_entries(MAX_PO
 static ST8S_BACKENDS: Array<Backend> = Array::with_max_entries(MAX_PORTS * BANKS * MAX_BACKENDS, 0);
 #[map]
 static ST8S_MAGLEV: Array<MaglevRow> = Array::with_max_entries(MAX_PORTS * BANKS, 0);
+#[map]
+static ST8S_PORT_FILTER: Array<u64> = Array::with_max_entries(PORT_FILTER_WORDS, 0);
 #[map]
 static ST8S_NODES: HashMap<u32, NodeInfo> = HashMap::with_max_entries(MAX_NODES, 0);
 #[map]
@@ -152,6 +155,18 @@ enum Steer {
     DropNoLocal { slot: u32 },
 }
 
+/// The cheap first test: one bit per (port, protocol) in an array, so that traffic to ports st8s
+/// does not steer costs an array read, not a hash lookup. A set bit only means "look it up".
+#[inline(always)]
+fn port_may_be_steered(pkt: &Packet) -> bool {
+    let port = u16::from_be(pkt.dport) as u32;
+    let index = port_filter_index(pkt.proto, port);
+    match ST8S_PORT_FILTER.get(index) {
+        Some(word) => word & (1u64 << (port & 63)) != 0,
+        None => false,
+    }
+}
+
 #[inline(always)]
 fn config() -> Option<&'static Config> {
     ST8S_CONFIG.get(0)
@@ -165,6 +180,9 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
         proto: pkt.proto,
         _pad: 0,
     };
+    if !port_may_be_steered(pkt) {
+        return Steer::NotOurs;
+    }
     // SAFETY: the value is copied out at once; the agent replaces whole entries.
     let port = match unsafe { ST8S_PORTS.get(port_key) } {
         Some(p) => *p,
@@ -208,15 +226,13 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(flow) = ST8S_FLOWS.get_ptr_mut(key) {
-        // SAFETY: LRU values stay valid for the duration of the program run.
-        let f = unsafe { &mut *flow };
+    // SAFETY: copied out at once; the LRU keeps its own recency, nothing is written per packet.
+    if let Some(f) = unsafe { ST8S_FLOWS.get(key) } {
         if let Some(s) = still_valid(f, &port, cfg) {
-            f.last_seen_ns = now;
             return s;
         }
     }
+    let now = unsafe { bpf_ktime_get_ns() };
     // New flow, or its backend went away: choose again.
     let chosen = if cfg.flags & CONFIG_PREFER_LOCAL != 0 && port.has_local != 0 {
         None
@@ -262,7 +278,7 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
                 backend_port_be: 0,
                 kind: FLOW_REMOTE,
                 _pad: 0,
-                last_seen_ns: now,
+                created_ns: now,
             },
             Steer::Remote {
                 slot,
@@ -275,7 +291,7 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
                 backend_port_be: port.local_port_be,
                 kind: FLOW_LOCAL,
                 _pad: 0,
-                last_seen_ns: now,
+                created_ns: now,
             },
             Steer::Local { port },
         ),

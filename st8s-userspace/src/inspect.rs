@@ -61,7 +61,7 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
     for entry in flows.iter() {
         fl.push(entry.context("reading ST8S_FLOWS")?);
     }
-    fl.sort_by_key(|(_, v)| std::cmp::Reverse(v.last_seen_ns));
+    fl.sort_by_key(|(_, v)| std::cmp::Reverse(v.created_ns));
     let mut ns = Vec::new();
     for k in nodes.keys() {
         ns.push(addr(k.context("reading ST8S_NODES")?));

@@ -143,6 +143,11 @@ impl Dp {
         let mut m: HashMap<_, PortKey, PortInfo> =
             HashMap::try_from(self.ebpf.map_mut(map_names::PORTS).expect("map")).expect("type");
         m.insert(PortKey::new(port, proto), info, 0).expect("port");
+        let mut filter: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut(map_names::PORT_FILTER).expect("map")).expect("type");
+        let index = st8s_common::port_filter_index(proto, u32::from(port));
+        let word = filter.get(&index, 0).expect("word") | 1u64 << (port & 63);
+        filter.set(index, word, 0).expect("filter");
     }
 
     fn run_xdp(&self, pkt: &[u8]) -> (u32, Vec<u8>) {
