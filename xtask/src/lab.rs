@@ -474,6 +474,7 @@ impl Lab {
         let _ = pod.server.wait();
         let _ = ip(&["-n", self.node_ns(pod.spec.node), "link", "del", &pod.node_if]);
         self.netns.retain(|n| *n != pod.ns);
+        kill_netns_processes(&pod.ns);
         ip(&["netns", "del", &pod.ns])
     }
 
@@ -803,6 +804,7 @@ impl Lab {
         }
         self.pods.clear();
         for ns in self.netns.drain(..).rev() {
+            kill_netns_processes(&ns);
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }
         let _ = fs::remove_dir_all(&self.pin_root);
@@ -824,6 +826,19 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+/// Kills every process inside a namespace (servers that fork workers leave them behind when only
+/// the parent is killed).
+fn kill_netns_processes(ns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for p in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = p.parse::<i32>() {
+                // SAFETY: kill(2) on a process inside the lab's own namespace.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
     }
 }
 

@@ -47,6 +47,9 @@ enum Task {
         /// Skip the data-path workloads and the per-packet cost.
         #[arg(long)]
         skip_dataplane: bool,
+        /// Skip the data-path workloads but keep the per-packet cost.
+        #[arg(long)]
+        skip_workloads: bool,
         /// Skip the control-plane part.
         #[arg(long)]
         skip_control: bool,
@@ -121,6 +124,7 @@ fn main() -> anyhow::Result<()> {
             rounds,
             seconds,
             skip_dataplane,
+            skip_workloads,
             skip_control,
             out,
         } => {
@@ -145,6 +149,7 @@ fn main() -> anyhow::Result<()> {
                 rounds,
                 seconds,
                 skip_dataplane,
+                skip_workloads,
                 skip_control,
                 out,
             })
