@@ -274,8 +274,13 @@ pub struct RevNatValue {
     pub frontend_port_be: u16,
     /// Counter slot of the port.
     pub slot: u16,
+    pub _pad: [u8; 8],
+    /// `bpf_ktime_get_ns` of the last TCP SYN (or UDP datagram) st8s delivered on this flow: a
+    /// pod's SYN-ACK, or a UDP reply, with an old stamp belongs to another path and is not
+    /// rewritten.
+    pub stamp_ns: u64,
 }
-assert_size!(RevNatValue, 8);
+assert_size!(RevNatValue, 24);
 
 /// Value of `ST8S_COUNTERS` (a per-CPU array indexed by port slot; `GLOBAL_COUNTER_SLOT` for the
 /// rest). The names are the ones `st8s inspect` prints.

@@ -481,16 +481,32 @@ fn deliver_local(ctx: &TcContext, pkt: &Packet, port: &PortInfo) -> i32 {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    let rev = RevNatValue {
-        frontend_addr_be: pkt.daddr,
-        frontend_port_be: pkt.dport,
-        slot: port.slot,
-    };
-    // SAFETY: the value is only compared.
-    let known = unsafe { ST8S_REVNAT.get(rev_key) }.is_some_and(|v| *v == rev);
-    if !known && ST8S_REVNAT.insert(rev_key, rev, 0).is_err() {
-        count(slot, |c| c.drop_error += 1);
-        return TC_ACT_SHOT;
+    // The stamp proves that a reply belongs to a flow st8s delivered: a TCP SYN (re)stamps it,
+    // and every UDP datagram does; the pod program refuses stale stamps (see `reply_is_ours`).
+    let syn = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let stamp = syn || pkt.proto == PROTO_UDP;
+    match ST8S_REVNAT.get_ptr_mut(rev_key) {
+        // SAFETY: LRU values stay valid for the duration of the program run.
+        Some(v) if unsafe { (*v).frontend_addr_be == pkt.daddr && (*v).frontend_port_be == pkt.dport } => {
+            if stamp {
+                // SAFETY: as above; a plain store into the value.
+                unsafe { (*v).stamp_ns = bpf_ktime_get_ns() };
+            }
+        }
+        _ => {
+            let rev = RevNatValue {
+                frontend_addr_be: pkt.daddr,
+                frontend_port_be: pkt.dport,
+                slot: port.slot,
+                _pad: [0; 8],
+                // SAFETY: plain helper call.
+                stamp_ns: unsafe { bpf_ktime_get_ns() },
+            };
+            if ST8S_REVNAT.insert(rev_key, rev, 0).is_err() {
+                count(slot, |c| c.drop_error += 1);
+                return TC_ACT_SHOT;
+            }
+        }
     }
     if rewrite(
         ctx,
@@ -545,6 +561,23 @@ fn rewrite(
     Ok(())
 }
 
+/// TCP: a SYN-ACK answers a SYN st8s delivered only if that SYN was stamped moments ago.
+/// UDP: the entry lives while datagrams keep flowing through st8s.
+const SYN_ACK_WINDOW_NS: u64 = 10_000_000_000;
+const UDP_IDLE_NS: u64 = 60_000_000_000;
+
+#[inline(always)]
+fn reply_is_ours(pkt: &Packet, rev: &RevNatValue) -> bool {
+    let syn_ack = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+    if !syn_ack && pkt.proto == PROTO_TCP {
+        return true;
+    }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let window = if syn_ack { SYN_ACK_WINDOW_NS } else { UDP_IDLE_NS };
+    now.wrapping_sub(rev.stamp_ns) <= window
+}
+
 #[classifier]
 pub fn st8s_pod_tc(ctx: TcContext) -> i32 {
     try_pod_tc(&ctx).unwrap_or(TC_ACT_OK)
@@ -563,6 +596,12 @@ fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
     };
     // SAFETY: copied out at once.
     let rev = unsafe { *ST8S_REVNAT.get(key)? };
+    if !reply_is_ours(&pkt, &rev) {
+        // A new connection (or UDP exchange) that reached the pod another way, reusing the
+        // 4-tuple of an old steered one: not ours to rewrite, and the old entry is dead.
+        let _ = ST8S_REVNAT.remove(key);
+        return None;
+    }
     let cfg = config()?;
     let slot = rev.slot as u32;
     if rewrite(

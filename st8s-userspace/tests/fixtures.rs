@@ -215,6 +215,17 @@ impl TestRunTc for SchedClassifier {
     }
 }
 
+/// `bpf_ktime_get_ns` from userspace: CLOCK_MONOTONIC.
+fn ktime_now() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn unsafe_geteuid() -> u32 {
     // SAFETY: no preconditions.
     unsafe { libc::geteuid() }
@@ -342,6 +353,8 @@ fn pod_reply_is_rewritten_to_the_frontend_for_tcp_and_udp() {
                 frontend_addr_be: be(a(PEER)),
                 frontend_port_be: 80u16.to_be(),
                 slot: 5,
+                _pad: [0; 8],
+                stamp_ns: ktime_now(),
             },
             0,
         )
@@ -603,4 +616,55 @@ fn a_direct_connection_reusing_a_steered_4_tuple_is_not_rewritten() {
         (TC_ACT_OK, reply.clone()),
         "not rewritten any more"
     );
+}
+
+/// Reply translations prove themselves: a pod's SYN-ACK is rewritten only when st8s delivered
+/// the SYN moments ago, a UDP reply only while datagrams flow through st8s. An old entry whose
+/// 4-tuple a connection through another path (kube-proxy, iptables, direct routing) reuses is
+/// dropped instead of hijacking that connection's replies.
+#[test]
+fn stale_reply_translations_do_not_hijack_other_paths() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    let key = |proto| RevNatKey {
+        pod_addr_be: be(a(POD)),
+        client_addr_be: be(a(CLIENT)),
+        pod_port_be: 8080u16.to_be(),
+        client_port_be: 40000u16.to_be(),
+        proto,
+        _pad: [0; 3],
+    };
+    let value = |stamp_ns| RevNatValue {
+        frontend_addr_be: be(a(SELF)),
+        frontend_port_be: 80u16.to_be(),
+        slot: 0,
+        _pad: [0; 8],
+        stamp_ns,
+    };
+    let mut syn_ack = Frame::tcp(a(POD), 8080, a(CLIENT), 40000).build();
+    syn_ack[packet::L4_OFF + 13] = 0x12; // SYN + ACK
+    let off = packet::l4_csum_off(PROTO_TCP);
+    syn_ack[off] = 0;
+    syn_ack[off + 1] = 0;
+    let udp = Frame::udp(a(POD), 8080, a(CLIENT), 40000).build();
+    let insert = |dp: &mut Dp, proto, stamp| {
+        let mut m: HashMap<_, RevNatKey, RevNatValue> =
+            HashMap::try_from(dp.ebpf.map_mut(map_names::REVNAT).expect("map")).expect("type");
+        m.insert(key(proto), value(stamp), 0).expect("insert");
+    };
+    // Fresh: rewritten.
+    insert(&mut dp, PROTO_TCP, ktime_now());
+    assert_eq!(dp.run_tc(program_names::POD_TC, &syn_ack).0, TC_ACT_REDIRECT);
+    insert(&mut dp, PROTO_UDP, ktime_now());
+    assert_eq!(dp.run_tc(program_names::POD_TC, &udp).0, TC_ACT_REDIRECT);
+    // Stale (an hour old): passed untouched, and the entry is gone.
+    let old = ktime_now().saturating_sub(3_600_000_000_000);
+    insert(&mut dp, PROTO_TCP, old);
+    assert_eq!(
+        dp.run_tc(program_names::POD_TC, &syn_ack),
+        (TC_ACT_OK, syn_ack.clone())
+    );
+    assert!(dp.revnat(&key(PROTO_TCP)).is_none());
+    insert(&mut dp, PROTO_UDP, old);
+    assert_eq!(dp.run_tc(program_names::POD_TC, &udp), (TC_ACT_OK, udp.clone()));
+    assert!(dp.revnat(&key(PROTO_UDP)).is_none());
 }

@@ -396,7 +396,7 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
     fs::write(
         &haproxy_conf,
         format!(
-            "global\n  nbthread 1\n  maxconn 20000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+            "global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
              listen web\n  bind 0.0.0.0:8082\n  server pod {web}:8080\n\
              listen iperf\n  bind 0.0.0.0:5203\n  server pod {iperf}:5201\n",
             web = pods["web"],
@@ -798,6 +798,8 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
             frontend_addr_be: be("10.244.1.5"),
             frontend_port_be: 8080u16.to_be(),
             slot: 1,
+            _pad: [0; 8],
+            stamp_ns: 0,
         },
         0,
     )?;

@@ -1,0 +1,475 @@
+//! `st8s dns`: LAN-first names. Turns the cluster's routes into an RFC 1035 zone that CoreDNS
+//! serves with its `file` plugin: every exposed hostname answers with the InternalIPs of the
+//! nodes that can serve it, nodes get `<node>.<zone>.<domain>` names, and WAN-only services never
+//! get a LAN answer.
+//!
+//! Pure: objects in, zone text out. The sources of hostnames:
+//! - Ingress (`networking.k8s.io/v1`): `spec.rules[].host`;
+//! - Gateway API HTTPRoute: `spec.hostnames[]`;
+//! - Traefik IngressRoute: ``Host(`a`, `b`)`` matchers in `spec.routes[].match`;
+//! - Services annotated `st8s.io/hostname: "a.example.org,b.example.org"`.
+//!
+//! Exposure, from the annotation `st8s.io/exposure` on the same object: `both` (default), `lan`,
+//! `wan` (no LAN record). When objects disagree about one hostname, the most restrictive for the
+//! LAN wins (`wan` over `lan` over `both`) and a warning names both objects.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+
+use serde::Deserialize as _;
+
+use crate::plan::{node_internal_ip, node_ready};
+
+pub const EXPOSURE_ANNOTATION: &str = "st8s.io/exposure";
+pub const HOSTNAME_ANNOTATION: &str = "st8s.io/hostname";
+/// A node whose agent reports anything but "true" here leaves the answers.
+pub const AGENT_READY_ANNOTATION: &str = "st8s.io/agent-ready";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Exposure {
+    Both,
+    Lan,
+    Wan,
+}
+
+impl Exposure {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "both" => Some(Exposure::Both),
+            "lan" => Some(Exposure::Lan),
+            "wan" => Some(Exposure::Wan),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DnsConfig {
+    /// Zones to render, e.g. `home.example.org`.
+    pub domains: Vec<String>,
+    /// Node label that names a node's zone.
+    pub zone_label: String,
+    pub ttl: u32,
+    /// NS target of every zone (out of zone by default, so a zone is valid with no nodes).
+    pub ns: String,
+}
+
+/// One hostname to answer, and who asked for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exposed {
+    pub exposure: Exposure,
+    /// `Kind namespace/name` of every object that names the hostname.
+    pub sources: Vec<String>,
+}
+
+/// What the renderer found wrong; each names the object.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DnsWarning {
+    #[error("{object}: hostname {host:?} is outside the configured domains; skipped")]
+    OutsideDomains { object: String, host: String },
+    #[error("{object}: {host:?} is not a valid hostname; skipped")]
+    InvalidHostname { object: String, host: String },
+    #[error("{object}: annotation {EXPOSURE_ANNOTATION}={value:?} is not both, lan or wan; skipped")]
+    BadExposure { object: String, value: String },
+    #[error("{host}: {first} says {first_exposure:?} but {second} says {second_exposure:?}; {winner:?} wins")]
+    Conflict {
+        host: String,
+        first: String,
+        first_exposure: Exposure,
+        second: String,
+        second_exposure: Exposure,
+        winner: Exposure,
+    },
+}
+
+/// A node as the zone needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZoneNode {
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub zone: Option<String>,
+    /// Ready, and its agent ready: it answers for services.
+    pub serving: bool,
+}
+
+/// Everything the zones are rendered from.
+#[derive(Clone, Debug, Default)]
+pub struct DnsInput {
+    pub hosts: BTreeMap<String, Exposed>,
+    pub nodes: Vec<ZoneNode>,
+    pub warnings: Vec<DnsWarning>,
+}
+
+fn object_name(v: &serde_yaml::Value) -> String {
+    let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
+    let meta = v.get("metadata");
+    let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
+    match meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()) {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} {name}"),
+    }
+}
+
+fn annotation<'a>(v: &'a serde_yaml::Value, key: &str) -> Option<&'a str> {
+    v.get("metadata")?.get("annotations")?.get(key)?.as_str()
+}
+
+/// The hostnames in a Traefik rule: every ``Host(`a`, `b`)`` (also `Host("a")`).
+pub fn traefik_hosts(rule: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = rule;
+    while let Some(i) = rest.find("Host(") {
+        // `HostRegexp(` and `HostSNI(` are other matchers.
+        let before = rest[..i].chars().last();
+        rest = &rest[i + 5..];
+        if before.is_some_and(|c| c.is_ascii_alphanumeric()) {
+            continue;
+        }
+        let Some(end) = rest.find(')') else { break };
+        for arg in rest[..end].split(',') {
+            let h = arg.trim().trim_matches(|c| c == '`' || c == '"' || c == '\'');
+            if !h.is_empty() {
+                out.push(h.to_ascii_lowercase());
+            }
+        }
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// RFC 1123 hostname, with an optional leading `*.` wildcard label.
+pub fn valid_hostname(h: &str) -> bool {
+    let h = h.strip_prefix("*.").unwrap_or(h);
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// Collects hostnames and nodes from YAML documents (`kubectl get ... -o yaml`, lists or several
+/// documents). Objects of other kinds are ignored.
+pub fn collect(text: &str, cfg: &DnsConfig) -> Result<DnsInput, serde_yaml::Error> {
+    let mut values = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let v = serde_yaml::Value::deserialize(doc)?;
+        flatten(v, &mut values);
+    }
+    let mut input = DnsInput::default();
+    let mut claims: Vec<(String, Exposure, String)> = Vec::new();
+    for v in &values {
+        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let api = v.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("");
+        let spec = v.get("spec");
+        let hosts: Vec<String> = match (kind, api) {
+            ("Ingress", _) => spec
+                .and_then(|s| s.get("rules"))
+                .and_then(|r| r.as_sequence())
+                .map(|rules| rules.iter().filter_map(|r| r.get("host")?.as_str()).map(str::to_owned).collect())
+                .unwrap_or_default(),
+            ("HTTPRoute", a) if a.starts_with("gateway.networking.k8s.io/") => spec
+                .and_then(|s| s.get("hostnames"))
+                .and_then(|h| h.as_sequence())
+                .map(|hs| hs.iter().filter_map(|h| h.as_str()).map(str::to_owned).collect())
+                .unwrap_or_default(),
+            ("IngressRoute", a) if a.starts_with("traefik.") => spec
+                .and_then(|s| s.get("routes"))
+                .and_then(|r| r.as_sequence())
+                .map(|routes| {
+                    routes.iter().filter_map(|r| r.get("match")?.as_str()).flat_map(traefik_hosts).collect()
+                })
+                .unwrap_or_default(),
+            ("Service", _) => annotation(v, HOSTNAME_ANNOTATION)
+                .map(|a| a.split(',').map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect())
+                .unwrap_or_default(),
+            ("Node", _) => {
+                if let Ok(node) = serde_yaml::from_value::<k8s_openapi::api::core::v1::Node>(v.clone()) {
+                    if let Some(addr) = node_internal_ip(&node) {
+                        let name = node.metadata.name.clone().unwrap_or_default();
+                        let zone = node.metadata.labels.as_ref().and_then(|l| l.get(&cfg.zone_label)).cloned();
+                        let agent_ok = node
+                            .metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get(AGENT_READY_ANNOTATION))
+                            .is_none_or(|v| v == "true");
+                        input.nodes.push(ZoneNode { name, addr, zone, serving: node_ready(&node) && agent_ok });
+                    }
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        if hosts.is_empty() {
+            continue;
+        }
+        let object = object_name(v);
+        let exposure = match annotation(v, EXPOSURE_ANNOTATION) {
+            None => Exposure::Both,
+            Some(a) => match Exposure::parse(a) {
+                Some(e) => e,
+                None => {
+                    input.warnings.push(DnsWarning::BadExposure { object, value: a.to_owned() });
+                    continue;
+                }
+            },
+        };
+        for host in hosts {
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            if !valid_hostname(&host) {
+                input.warnings.push(DnsWarning::InvalidHostname { object: object.clone(), host });
+                continue;
+            }
+            if zone_of(&host, &cfg.domains).is_none() {
+                input.warnings.push(DnsWarning::OutsideDomains { object: object.clone(), host });
+                continue;
+            }
+            claims.push((host, exposure, object.clone()));
+        }
+    }
+    for (host, exposure, object) in claims {
+        match input.hosts.get_mut(&host) {
+            None => {
+                input.hosts.insert(host, Exposed { exposure, sources: vec![object] });
+            }
+            Some(e) => {
+                if e.exposure != exposure {
+                    let winner = e.exposure.max(exposure);
+                    input.warnings.push(DnsWarning::Conflict {
+                        host: host.clone(),
+                        first: e.sources[0].clone(),
+                        first_exposure: e.exposure,
+                        second: object.clone(),
+                        second_exposure: exposure,
+                        winner,
+                    });
+                    e.exposure = winner;
+                }
+                if !e.sources.contains(&object) {
+                    e.sources.push(object);
+                }
+            }
+        }
+    }
+    input.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(input)
+}
+
+fn flatten(v: serde_yaml::Value, out: &mut Vec<serde_yaml::Value>) {
+    let is_list = v.get("kind").and_then(|k| k.as_str()).is_some_and(|k| k == "List" || k.ends_with("List"));
+    if is_list {
+        if let Some(items) = v.get("items").and_then(|i| i.as_sequence()) {
+            for i in items.clone() {
+                flatten(i, out);
+            }
+        }
+    } else if !v.is_null() {
+        out.push(v);
+    }
+}
+
+/// The configured domain a hostname belongs to (the longest match).
+pub fn zone_of<'a>(host: &str, domains: &'a [String]) -> Option<&'a str> {
+    domains
+        .iter()
+        .filter(|d| host == d.as_str() || host.ends_with(&format!(".{d}")))
+        .max_by_key(|d| d.len())
+        .map(String::as_str)
+}
+
+/// The records of one zone, without the SOA (which carries the serial): comparing two renders'
+/// bodies says whether the serial must move.
+pub fn zone_body(input: &DnsInput, domain: &str, cfg: &DnsConfig) -> String {
+    let mut b = String::new();
+    let _ = writeln!(b, "@ IN NS {}", fqdn(&cfg.ns));
+    let serving: Vec<Ipv4Addr> = input.nodes.iter().filter(|n| n.serving).map(|n| n.addr).collect();
+    let rel = |name: &str| -> String {
+        if name == domain { "@".into() } else { name.strip_suffix(&format!(".{domain}")).unwrap_or(name).to_owned() }
+    };
+    for (host, e) in &input.hosts {
+        if e.exposure == Exposure::Wan || zone_of(host, &cfg.domains) != Some(domain) {
+            continue;
+        }
+        let _ = writeln!(b, "; {} ({:?})", e.sources.join(", "), e.exposure);
+        for addr in &serving {
+            let _ = writeln!(b, "{} IN A {addr}", rel(host));
+        }
+    }
+    for n in &input.nodes {
+        let name = match &n.zone {
+            Some(z) => format!("{}.{z}", n.name),
+            None => n.name.clone(),
+        };
+        if valid_hostname(&name) {
+            let _ = writeln!(b, "{name} IN A {}", n.addr);
+        }
+    }
+    b
+}
+
+fn fqdn(name: &str) -> String {
+    if name.ends_with('.') { name.to_owned() } else { format!("{name}.") }
+}
+
+/// The serial in a zone this renderer wrote, if any.
+pub fn serial_of(zone: &str) -> Option<u32> {
+    zone.lines().find_map(|l| l.split("; serial").next().filter(|_| l.contains("; serial"))?.trim().parse().ok())
+}
+
+/// The body of a zone this renderer wrote (everything after the SOA).
+pub fn body_of(zone: &str) -> Option<&str> {
+    zone.split_once(";; records\n").map(|(_, b)| b)
+}
+
+/// Renders the zone; `previous` is the last rendered text, whose serial is kept when nothing
+/// changed and incremented otherwise.
+pub fn render_zone(input: &DnsInput, domain: &str, cfg: &DnsConfig, previous: Option<&str>) -> (String, bool) {
+    let body = zone_body(input, domain, cfg);
+    let old_serial = previous.and_then(serial_of);
+    let unchanged = previous.and_then(body_of) == Some(body.as_str());
+    let serial = match (old_serial, unchanged) {
+        (Some(s), true) => s,
+        (Some(s), false) => s.wrapping_add(1).max(1),
+        (None, _) => 1,
+    };
+    let mut z = String::new();
+    let _ = writeln!(z, "; rendered by st8s dns; do not edit");
+    let _ = writeln!(z, "$ORIGIN {}", fqdn(domain));
+    let _ = writeln!(z, "$TTL {}", cfg.ttl);
+    let _ = writeln!(
+        z,
+        "@ IN SOA {} hostmaster.{} (\n    {serial} ; serial\n    3600 ; refresh\n    600 ; retry\n    86400 ; expire\n    {} ; negative TTL\n)",
+        fqdn(&cfg.ns),
+        fqdn(domain),
+        cfg.ttl
+    );
+    let _ = write!(z, ";; records\n{body}");
+    (z, !unchanged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> DnsConfig {
+        DnsConfig {
+            domains: vec!["home.example.org".into()],
+            zone_label: "st8s.io/zone".into(),
+            ttl: 30,
+            ns: "localhost".into(),
+        }
+    }
+
+    const NODES: &str = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node1, labels: {st8s.io/zone: attic}}
+  status:
+    addresses: [{type: InternalIP, address: 10.0.0.11}]
+    conditions: [{type: Ready, status: "True"}]
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node2, annotations: {st8s.io/agent-ready: "false"}}
+  status:
+    addresses: [{type: InternalIP, address: 10.0.0.12}]
+    conditions: [{type: Ready, status: "True"}]
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node3}
+  status:
+    addresses: [{type: InternalIP, address: 10.0.0.13}]
+    conditions: [{type: Ready, status: "False"}]
+"#;
+
+    #[test]
+    fn traefik_matchers() {
+        assert_eq!(traefik_hosts("Host(`a.x.org`) && PathPrefix(`/`)"), ["a.x.org"]);
+        assert_eq!(traefik_hosts("Host(`a.x.org`, `b.x.org`) || Host(\"c.x.org\")"), ["a.x.org", "b.x.org", "c.x.org"]);
+        assert!(traefik_hosts("HostRegexp(`{sub:[a-z]+}.x.org`)").is_empty());
+        assert!(traefik_hosts("HostSNI(`*`)").is_empty());
+    }
+
+    #[test]
+    fn hostnames() {
+        assert!(valid_hostname("jellyfin.home.example.org"));
+        assert!(valid_hostname("*.apps.home.example.org"));
+        assert!(!valid_hostname("bad_name.home.example.org"));
+        assert!(!valid_hostname("-x.home.example.org"));
+        assert!(!valid_hostname(""));
+        assert_eq!(zone_of("a.home.example.org", &cfg().domains), Some("home.example.org"));
+        assert_eq!(zone_of("a.example.org", &cfg().domains), None);
+    }
+
+    #[test]
+    fn exposure_policy_and_sources() {
+        let yaml = NODES.to_owned()
+            + r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: jellyfin, namespace: media}
+spec: {rules: [{host: jellyfin.home.example.org}, {host: other.example.com}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: gotify, namespace: notify, annotations: {st8s.io/exposure: wan}}
+spec: {hostnames: [gotify.home.example.org]}
+---
+apiVersion: traefik.io/v1alpha1
+kind: IngressRoute
+metadata: {name: ha, namespace: home, annotations: {st8s.io/exposure: lan}}
+spec: {routes: [{match: "Host(`ha.home.example.org`)", kind: Rule}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: gotify-lan, namespace: notify, annotations: {st8s.io/hostname: "gotify.home.example.org, Bad_Host.home.example.org"}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: odd, namespace: x, annotations: {st8s.io/hostname: "odd.home.example.org", st8s.io/exposure: public}}
+"#;
+        let input = collect(&yaml, &cfg()).expect("parses");
+        assert_eq!(input.hosts["jellyfin.home.example.org"].exposure, Exposure::Both);
+        assert_eq!(input.hosts["ha.home.example.org"].exposure, Exposure::Lan);
+        let gotify = &input.hosts["gotify.home.example.org"];
+        assert_eq!(gotify.exposure, Exposure::Wan, "the more restrictive for the LAN wins");
+        let text: Vec<String> = input.warnings.iter().map(|w| w.to_string()).collect();
+        let all = text.join("\n");
+        assert!(all.contains("HTTPRoute notify/gotify") && all.contains("Service notify/gotify-lan"), "{all}");
+        assert!(all.contains("other.example.com") && all.contains("outside"), "{all}");
+        assert!(all.contains("bad_host"), "{all}");
+        assert!(all.contains("Service x/odd") && all.contains("public"), "{all}");
+        assert!(!input.hosts.contains_key("odd.home.example.org"));
+
+        let (zone, _) = render_zone(&input, "home.example.org", &cfg(), None);
+        assert!(zone.contains("jellyfin IN A 10.0.0.11"), "{zone}");
+        assert!(!zone.contains("jellyfin IN A 10.0.0.12"), "agent not ready: {zone}");
+        assert!(!zone.contains("jellyfin IN A 10.0.0.13"), "NotReady: {zone}");
+        assert!(zone.contains("ha IN A 10.0.0.11"));
+        assert!(!zone.contains("gotify"), "a WAN-only name never gets a LAN record: {zone}");
+        assert!(zone.contains("node1.attic IN A 10.0.0.11"));
+        assert!(zone.contains("node3 IN A 10.0.0.13"), "node names stay");
+    }
+
+    #[test]
+    fn serial_moves_only_on_change_and_an_empty_cluster_is_valid() {
+        let empty = collect("", &cfg()).expect("parses");
+        let (z1, changed) = render_zone(&empty, "home.example.org", &cfg(), None);
+        assert!(changed);
+        assert_eq!(serial_of(&z1), Some(1));
+        assert!(z1.contains("IN SOA") && z1.contains("IN NS localhost."));
+        let (z2, changed) = render_zone(&empty, "home.example.org", &cfg(), Some(&z1));
+        assert!(!changed);
+        assert_eq!(z1, z2, "nothing changed, nothing moves");
+        let nodes = collect(NODES, &cfg()).expect("parses");
+        let (z3, changed) = render_zone(&nodes, "home.example.org", &cfg(), Some(&z2));
+        assert!(changed);
+        assert_eq!(serial_of(&z3), Some(2));
+    }
+}
