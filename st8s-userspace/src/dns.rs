@@ -102,7 +102,10 @@ pub struct DnsInput {
 fn object_name(v: &serde_yaml::Value) -> String {
     let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
     let meta = v.get("metadata");
-    let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("<unnamed>");
     match meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()) {
         Some(ns) => format!("{kind} {ns}/{name}"),
         None => format!("{kind} {name}"),
@@ -144,7 +147,8 @@ pub fn valid_hostname(h: &str) -> bool {
         && h.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         })
@@ -168,7 +172,13 @@ pub fn collect(text: &str, cfg: &DnsConfig) -> Result<DnsInput, serde_yaml::Erro
             ("Ingress", _) => spec
                 .and_then(|s| s.get("rules"))
                 .and_then(|r| r.as_sequence())
-                .map(|rules| rules.iter().filter_map(|r| r.get("host")?.as_str()).map(str::to_owned).collect())
+                .map(|rules| {
+                    rules
+                        .iter()
+                        .filter_map(|r| r.get("host")?.as_str())
+                        .map(str::to_owned)
+                        .collect()
+                })
                 .unwrap_or_default(),
             ("HTTPRoute", a) if a.starts_with("gateway.networking.k8s.io/") => spec
                 .and_then(|s| s.get("hostnames"))
@@ -179,24 +189,45 @@ pub fn collect(text: &str, cfg: &DnsConfig) -> Result<DnsInput, serde_yaml::Erro
                 .and_then(|s| s.get("routes"))
                 .and_then(|r| r.as_sequence())
                 .map(|routes| {
-                    routes.iter().filter_map(|r| r.get("match")?.as_str()).flat_map(traefik_hosts).collect()
+                    routes
+                        .iter()
+                        .filter_map(|r| r.get("match")?.as_str())
+                        .flat_map(traefik_hosts)
+                        .collect()
                 })
                 .unwrap_or_default(),
             ("Service", _) => annotation(v, HOSTNAME_ANNOTATION)
-                .map(|a| a.split(',').map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect())
+                .map(|a| {
+                    a.split(',')
+                        .map(|h| h.trim().to_owned())
+                        .filter(|h| !h.is_empty())
+                        .collect()
+                })
                 .unwrap_or_default(),
             ("Node", _) => {
-                if let Ok(node) = serde_yaml::from_value::<k8s_openapi::api::core::v1::Node>(v.clone()) {
-                    if let Some(addr) = node_internal_ip(&node) {
+                if let Ok(node) = serde_yaml::from_value::<k8s_openapi::api::core::v1::Node>(v.clone())
+                    && let Some(addr) = node_internal_ip(&node)
+                {
+                    {
                         let name = node.metadata.name.clone().unwrap_or_default();
-                        let zone = node.metadata.labels.as_ref().and_then(|l| l.get(&cfg.zone_label)).cloned();
+                        let zone = node
+                            .metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(&cfg.zone_label))
+                            .cloned();
                         let agent_ok = node
                             .metadata
                             .annotations
                             .as_ref()
                             .and_then(|a| a.get(AGENT_READY_ANNOTATION))
                             .is_none_or(|v| v == "true");
-                        input.nodes.push(ZoneNode { name, addr, zone, serving: node_ready(&node) && agent_ok });
+                        input.nodes.push(ZoneNode {
+                            name,
+                            addr,
+                            zone,
+                            serving: node_ready(&node) && agent_ok,
+                        });
                     }
                 }
                 continue;
@@ -212,7 +243,10 @@ pub fn collect(text: &str, cfg: &DnsConfig) -> Result<DnsInput, serde_yaml::Erro
             Some(a) => match Exposure::parse(a) {
                 Some(e) => e,
                 None => {
-                    input.warnings.push(DnsWarning::BadExposure { object, value: a.to_owned() });
+                    input.warnings.push(DnsWarning::BadExposure {
+                        object,
+                        value: a.to_owned(),
+                    });
                     continue;
                 }
             },
@@ -220,11 +254,17 @@ pub fn collect(text: &str, cfg: &DnsConfig) -> Result<DnsInput, serde_yaml::Erro
         for host in hosts {
             let host = host.trim_end_matches('.').to_ascii_lowercase();
             if !valid_hostname(&host) {
-                input.warnings.push(DnsWarning::InvalidHostname { object: object.clone(), host });
+                input.warnings.push(DnsWarning::InvalidHostname {
+                    object: object.clone(),
+                    host,
+                });
                 continue;
             }
             if zone_of(&host, &cfg.domains).is_none() {
-                input.warnings.push(DnsWarning::OutsideDomains { object: object.clone(), host });
+                input.warnings.push(DnsWarning::OutsideDomains {
+                    object: object.clone(),
+                    host,
+                });
                 continue;
             }
             claims.push((host, exposure, object.clone()));
@@ -233,7 +273,13 @@ pub fn collect(text: &str, cfg: &DnsConfig) -> Result<DnsInput, serde_yaml::Erro
     for (host, exposure, object) in claims {
         match input.hosts.get_mut(&host) {
             None => {
-                input.hosts.insert(host, Exposed { exposure, sources: vec![object] });
+                input.hosts.insert(
+                    host,
+                    Exposed {
+                        exposure,
+                        sources: vec![object],
+                    },
+                );
             }
             Some(e) => {
                 if e.exposure != exposure {
@@ -259,7 +305,10 @@ pub fn collect(text: &str, cfg: &DnsConfig) -> Result<DnsInput, serde_yaml::Erro
 }
 
 fn flatten(v: serde_yaml::Value, out: &mut Vec<serde_yaml::Value>) {
-    let is_list = v.get("kind").and_then(|k| k.as_str()).is_some_and(|k| k == "List" || k.ends_with("List"));
+    let is_list = v
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .is_some_and(|k| k == "List" || k.ends_with("List"));
     if is_list {
         if let Some(items) = v.get("items").and_then(|i| i.as_sequence()) {
             for i in items.clone() {
@@ -287,7 +336,13 @@ pub fn zone_body(input: &DnsInput, domain: &str, cfg: &DnsConfig) -> String {
     let _ = writeln!(b, "@ IN NS {}", fqdn(&cfg.ns));
     let serving: Vec<Ipv4Addr> = input.nodes.iter().filter(|n| n.serving).map(|n| n.addr).collect();
     let rel = |name: &str| -> String {
-        if name == domain { "@".into() } else { name.strip_suffix(&format!(".{domain}")).unwrap_or(name).to_owned() }
+        if name == domain {
+            "@".into()
+        } else {
+            name.strip_suffix(&format!(".{domain}"))
+                .unwrap_or(name)
+                .to_owned()
+        }
     };
     for (host, e) in &input.hosts {
         if e.exposure == Exposure::Wan || zone_of(host, &cfg.domains) != Some(domain) {
@@ -311,12 +366,23 @@ pub fn zone_body(input: &DnsInput, domain: &str, cfg: &DnsConfig) -> String {
 }
 
 fn fqdn(name: &str) -> String {
-    if name.ends_with('.') { name.to_owned() } else { format!("{name}.") }
+    if name.ends_with('.') {
+        name.to_owned()
+    } else {
+        format!("{name}.")
+    }
 }
 
 /// The serial in a zone this renderer wrote, if any.
 pub fn serial_of(zone: &str) -> Option<u32> {
-    zone.lines().find_map(|l| l.split("; serial").next().filter(|_| l.contains("; serial"))?.trim().parse().ok())
+    zone.lines().find_map(|l| {
+        l.split("; serial")
+            .next()
+            .filter(|_| l.contains("; serial"))?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// The body of a zone this renderer wrote (everything after the SOA).
@@ -326,7 +392,12 @@ pub fn body_of(zone: &str) -> Option<&str> {
 
 /// Renders the zone; `previous` is the last rendered text, whose serial is kept when nothing
 /// changed and incremented otherwise.
-pub fn render_zone(input: &DnsInput, domain: &str, cfg: &DnsConfig, previous: Option<&str>) -> (String, bool) {
+pub fn render_zone(
+    input: &DnsInput,
+    domain: &str,
+    cfg: &DnsConfig,
+    previous: Option<&str>,
+) -> (String, bool) {
     let body = zone_body(input, domain, cfg);
     let old_serial = previous.and_then(serial_of);
     let unchanged = previous.and_then(body_of) == Some(body.as_str());
@@ -390,7 +461,10 @@ items:
     #[test]
     fn traefik_matchers() {
         assert_eq!(traefik_hosts("Host(`a.x.org`) && PathPrefix(`/`)"), ["a.x.org"]);
-        assert_eq!(traefik_hosts("Host(`a.x.org`, `b.x.org`) || Host(\"c.x.org\")"), ["a.x.org", "b.x.org", "c.x.org"]);
+        assert_eq!(
+            traefik_hosts("Host(`a.x.org`, `b.x.org`) || Host(\"c.x.org\")"),
+            ["a.x.org", "b.x.org", "c.x.org"]
+        );
         assert!(traefik_hosts("HostRegexp(`{sub:[a-z]+}.x.org`)").is_empty());
         assert!(traefik_hosts("HostSNI(`*`)").is_empty());
     }
@@ -402,7 +476,10 @@ items:
         assert!(!valid_hostname("bad_name.home.example.org"));
         assert!(!valid_hostname("-x.home.example.org"));
         assert!(!valid_hostname(""));
-        assert_eq!(zone_of("a.home.example.org", &cfg().domains), Some("home.example.org"));
+        assert_eq!(
+            zone_of("a.home.example.org", &cfg().domains),
+            Some("home.example.org")
+        );
         assert_eq!(zone_of("a.example.org", &cfg().domains), None);
     }
 
@@ -438,21 +515,37 @@ metadata: {name: odd, namespace: x, annotations: {st8s.io/hostname: "odd.home.ex
         assert_eq!(input.hosts["jellyfin.home.example.org"].exposure, Exposure::Both);
         assert_eq!(input.hosts["ha.home.example.org"].exposure, Exposure::Lan);
         let gotify = &input.hosts["gotify.home.example.org"];
-        assert_eq!(gotify.exposure, Exposure::Wan, "the more restrictive for the LAN wins");
+        assert_eq!(
+            gotify.exposure,
+            Exposure::Wan,
+            "the more restrictive for the LAN wins"
+        );
         let text: Vec<String> = input.warnings.iter().map(|w| w.to_string()).collect();
         let all = text.join("\n");
-        assert!(all.contains("HTTPRoute notify/gotify") && all.contains("Service notify/gotify-lan"), "{all}");
-        assert!(all.contains("other.example.com") && all.contains("outside"), "{all}");
+        assert!(
+            all.contains("HTTPRoute notify/gotify") && all.contains("Service notify/gotify-lan"),
+            "{all}"
+        );
+        assert!(
+            all.contains("other.example.com") && all.contains("outside"),
+            "{all}"
+        );
         assert!(all.contains("bad_host"), "{all}");
         assert!(all.contains("Service x/odd") && all.contains("public"), "{all}");
         assert!(!input.hosts.contains_key("odd.home.example.org"));
 
         let (zone, _) = render_zone(&input, "home.example.org", &cfg(), None);
         assert!(zone.contains("jellyfin IN A 10.0.0.11"), "{zone}");
-        assert!(!zone.contains("jellyfin IN A 10.0.0.12"), "agent not ready: {zone}");
+        assert!(
+            !zone.contains("jellyfin IN A 10.0.0.12"),
+            "agent not ready: {zone}"
+        );
         assert!(!zone.contains("jellyfin IN A 10.0.0.13"), "NotReady: {zone}");
         assert!(zone.contains("ha IN A 10.0.0.11"));
-        assert!(!zone.contains("gotify"), "a WAN-only name never gets a LAN record: {zone}");
+        assert!(
+            !zone.contains("gotify"),
+            "a WAN-only name never gets a LAN record: {zone}"
+        );
         assert!(zone.contains("node1.attic IN A 10.0.0.11"));
         assert!(zone.contains("node3 IN A 10.0.0.13"), "node names stay");
     }

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod dataplane;
+pub mod dns;
 pub mod http;
 pub mod inspect;
 pub mod kube_source;

@@ -22,6 +22,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nftables", "nft"),
     ("ethtool", "ethtool"),
     ("iputils-ping", "ping"),
+    ("bind9-utils", "named-checkzone"),
+    ("knot", "knotd"),
 ];
 /// Needed to build bpf-linker against the LLVM that matches the nightly.
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
