@@ -99,7 +99,24 @@ const PATHS: [&str; 6] = [
 ];
 
 /// Where each path sends a workload: (address, port), or None when the path does not apply.
+///
+/// HTTP paths end on different nginx ports of the same pod (direct 8081, iptables-fwd 8082,
+/// iptables-local 8083, haproxy 8084, st8s-local 8080 via hostPort 80, st8s-fwd 8086 via
+/// hostPort 81): with a new connection per request the client recycles its ports within
+/// seconds, and a server-side TIME_WAIT left by one path would otherwise stall the next path's
+/// SYN from the same port (PAWS), whatever that path is.
 fn target(w: Workload, path: &str, pods: &BTreeMap<&str, Ipv4Addr>) -> Option<(Ipv4Addr, u16)> {
+    if matches!(w, Workload::HttpKeepAlive | Workload::HttpNewConn) {
+        return match path {
+            "direct" => Some((pods["web"], 8081)),
+            "iptables-fwd" => Some((node_addr(3), 8081)),
+            "iptables-local" => Some((node_addr(1), 8081)),
+            "haproxy" => Some((node_addr(3), 8082)),
+            "st8s-local" => Some((node_addr(1), 80)),
+            "st8s-fwd" => Some((node_addr(3), 81)),
+            _ => None,
+        };
+    }
     let (pod, pod_port, host_port, ipt_port, haproxy_port) = match w {
         Workload::HttpKeepAlive | Workload::HttpNewConn => (pods["web"], 8080, 80, 8081, Some(8082)),
         Workload::DnsUdp => (pods["dns"], 53, 53, 5354, None),
@@ -262,7 +279,7 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
              http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 60s;\n\
              client_body_temp_path {d}/nginx-body; proxy_temp_path {d}/nginx-proxy;\n\
              fastcgi_temp_path {d}/nginx-fcgi; uwsgi_temp_path {d}/nginx-uwsgi; scgi_temp_path {d}/nginx-scgi;\n\
-             server {{ listen 8080; location / {{ return 200 \"pod=lab/web-node1\\n\"; }} }} }}\n",
+             server {{ listen 8080; listen 8081; listen 8082; listen 8083; listen 8084; listen 8086; location / {{ return 200 \"pod=lab/web-node1\\n\"; }} }} }}\n",
             d = dir.display()
         ),
     )?;
@@ -289,11 +306,18 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
     lab.add_pod(PodSpec {
         name: "web-node1".into(),
         node: 1,
-        ports: vec![HostPort {
-            host: 80,
-            container: 8080,
-            proto: "TCP",
-        }],
+        ports: vec![
+            HostPort {
+                host: 80,
+                container: 8080,
+                proto: "TCP",
+            },
+            HostPort {
+                host: 81,
+                container: 8086,
+                proto: "TCP",
+            },
+        ],
         http: None,
         dns: None,
         command: cmd(&["nginx", "-c", nginx_conf.to_str().unwrap_or_default()]),
@@ -343,10 +367,10 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
         &node_addr(1).to_string(),
     ]))?;
     // iptables: forwarded on node3 (DNAT + MASQUERADE), local on node1 (DNAT only).
-    for (node, masquerade) in [(3, true), (1, false)] {
+    for (node, masquerade, web_port) in [(3, true, 8082), (1, false, 8083)] {
         let ns = lab.node_ns(node).to_owned();
         for (proto, from, to_ip, to_port) in [
-            ("tcp", 8081, pods["web"], 8080),
+            ("tcp", 8081, pods["web"], web_port),
             ("udp", 5354, pods["dns"], 53),
             ("tcp", 5202, pods["iperf"], 5201),
         ] {
@@ -397,7 +421,7 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
         &haproxy_conf,
         format!(
             "global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
-             listen web\n  bind 0.0.0.0:8082\n  server pod {web}:8080\n\
+             listen web\n  bind 0.0.0.0:8082\n  server pod {web}:8084\n\
              listen iperf\n  bind 0.0.0.0:5203\n  server pod {iperf}:5201\n",
             web = pods["web"],
             iperf = pods["iperf"]
