@@ -203,6 +203,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         control_plane(&mut report, &mut misses)?;
     }
     let _ = writeln!(report, "## Targets\n");
+    let _ = writeln!(
+        report,
+        "Findings behind these numbers, what was changed because of them, and why the remaining \
+         misses miss: [performance.md](performance.md).\n"
+    );
     if misses.is_empty() {
         let _ = writeln!(report, "Every target of issue 4 was met in this run.\n");
     } else {
