@@ -263,7 +263,7 @@ fn bench_lab() -> anyhow::Result<Lab> {
     Lab::new(LabConfig {
         nodes: 3,
         st8s_bin: target_dir().join("release/st8s"),
-        xtask_bin: std::env::current_exe()?,
+        xtask_bin: target_dir().join("debug/xtask"),
         prefer_local: true,
         xdp: "auto".into(),
         kubeconfig: None,
@@ -940,7 +940,7 @@ fn control_plane(report: &mut String, misses: &mut Vec<String>) -> anyhow::Resul
         let mut lab = Lab::new(LabConfig {
             nodes: 3,
             st8s_bin: target_dir().join("release/st8s"),
-            xtask_bin: std::env::current_exe()?,
+            xtask_bin: target_dir().join("debug/xtask"),
             prefer_local: true,
             xdp: "auto".into(),
             kubeconfig: Some(kubeconfig.clone()),

@@ -37,7 +37,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     let cfg = LabConfig {
         nodes: 3,
         st8s_bin: target_dir().join("debug/st8s"),
-        xtask_bin: std::env::current_exe()?,
+        xtask_bin: target_dir().join("debug/xtask"),
         prefer_local: true,
         xdp: args.xdp.clone(),
         kubeconfig: None,
