@@ -10,7 +10,8 @@
 pub mod map_names {
     pub const CONFIG: &str = "ST8S_CONFIG";
     pub const PORTS: &str = "ST8S_PORTS";
-    pub const PORT_FILTER: &str = "ST8S_PORT_FILTER";
+    pub const PORT_INDEX: &str = "ST8S_PORT_INDEX";
+    pub const PORT_INFO: &str = "ST8S_PORT_INFO";
     pub const BACKENDS: &str = "ST8S_BACKENDS";
     pub const MAGLEV: &str = "ST8S_MAGLEV";
     pub const NODES: &str = "ST8S_NODES";
@@ -19,17 +20,8 @@ pub mod map_names {
     pub const REVNAT: &str = "ST8S_REVNAT";
     pub const COUNTERS: &str = "ST8S_COUNTERS";
 
-    pub const ALL: [&str; 10] = [
-        CONFIG,
-        PORTS,
-        PORT_FILTER,
-        BACKENDS,
-        MAGLEV,
-        NODES,
-        PEER_MACS,
-        FLOWS,
-        REVNAT,
-        COUNTERS,
+    pub const ALL: [&str; 11] = [
+        CONFIG, PORTS, PORT_INDEX, PORT_INFO, BACKENDS, MAGLEV, NODES, PEER_MACS, FLOWS, REVNAT, COUNTERS,
     ];
 }
 
@@ -67,13 +59,16 @@ pub const BANKS: u32 = 2;
 pub const MAX_FLOWS: u32 = 65_536;
 /// Cluster nodes at most.
 pub const MAX_NODES: u32 = 256;
-/// `ST8S_PORT_FILTER`: one bit per (port, protocol), 64 per word; TCP words first, then UDP.
-pub const PORT_FILTER_WORDS: u32 = 2 * 65536 / 64;
+/// `ST8S_PORT_INDEX`: one `u32` per (protocol, port), TCP first, then UDP. 0: not steered;
+/// otherwise 1 + the index of the live `PortInfo` in `ST8S_PORT_INFO` (slot * BANKS + bank).
+/// The packet path reads two arrays instead of hashing, and a port flips to its other bank with
+/// one aligned 4-byte write.
+pub const PORT_INDEX_ENTRIES: u32 = 2 * 65536;
 
-/// The word of `ST8S_PORT_FILTER` that holds (`proto`, `port`); the bit is `port % 64`.
-pub const fn port_filter_index(proto: u8, port: u32) -> u32 {
-    let base = if proto == PROTO_UDP { 65536 / 64 } else { 0 };
-    base + port / 64
+/// The entry of `ST8S_PORT_INDEX` for (`proto`, `port`).
+pub const fn port_index(proto: u8, port: u32) -> u32 {
+    let base = if proto == PROTO_UDP { 65536 } else { 0 };
+    base + (port & 0xffff)
 }
 
 /// Slot of the counters not tied to a steered port.
@@ -118,7 +113,8 @@ pub struct Config {
 }
 assert_size!(Config, 24);
 
-/// Key of `ST8S_PORTS`: a steered hostPort.
+/// Key of `ST8S_PORTS`, the agent's registry of steered hostPorts (the packet path reads
+/// `ST8S_PORT_INDEX` and `ST8S_PORT_INFO` instead).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortKey {

@@ -22,22 +22,30 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use st8s_common::{
-    flow_hash, port_filter_index, Backend, Config, Counters, FlowKey, FlowValue, MacKey, MaglevRow, NodeInfo,
+    flow_hash, port_index, Backend, Config, Counters, FlowKey, FlowValue, MacKey, MaglevRow, NodeInfo,
     PortInfo, PortKey, RevNatKey, RevNatValue, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL, FLOW_LOCAL,
     FLOW_REMOTE, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_NODES, MAX_PORTS,
-    PORT_FILTER_WORDS, PROTO_TCP, PROTO_UDP,
+    PORT_INDEX_ENTRIES, PROTO_TCP, PROTO_UDP,
 };
 
 #[map]
 static ST8S_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+/// The agent's registry of steered ports (inspect and restarts read it); the packet path reads
+/// `ST8S_PORT_INDEX` and `ST8S_PORT_INFO`.
 #[map]
+#[expect(
+    dead_code,
+    reason = "written and read by the agent only; kept so it is created and pinned"
+)]
 static ST8S_PORTS: HashMap<PortKey, PortInfo> = HashMap::with_max_entries(MAX_PORTS, 0);
 #[map]
 static ST8S_BACKENDS: Array<Backend> = Array::with_max_entries(MAX_PORTS * BANKS * MAX_BACKENDS, 0);
 #[map]
 static ST8S_MAGLEV: Array<MaglevRow> = Array::with_max_entries(MAX_PORTS * BANKS, 0);
 #[map]
-static ST8S_PORT_FILTER: Array<u64> = Array::with_max_entries(PORT_FILTER_WORDS, 0);
+static ST8S_PORT_INDEX: Array<u32> = Array::with_max_entries(PORT_INDEX_ENTRIES, 0);
+#[map]
+static ST8S_PORT_INFO: Array<PortInfo> = Array::with_max_entries(MAX_PORTS * BANKS, 0);
 #[map]
 static ST8S_NODES: HashMap<u32, NodeInfo> = HashMap::with_max_entries(MAX_NODES, 0);
 #[map]
@@ -155,16 +163,15 @@ enum Steer {
     DropNoLocal { slot: u32 },
 }
 
-/// The cheap first test: one bit per (port, protocol) in an array, so that traffic to ports st8s
-/// does not steer costs an array read, not a hash lookup. A set bit only means "look it up".
+/// The live `PortInfo` of a steered (port, protocol): two array reads, no hashing.
 #[inline(always)]
-fn port_may_be_steered(pkt: &Packet) -> bool {
-    let port = u16::from_be(pkt.dport) as u32;
-    let index = port_filter_index(pkt.proto, port);
-    match ST8S_PORT_FILTER.get(index) {
-        Some(word) => word & (1u64 << (port & 63)) != 0,
-        None => false,
+fn port_info(pkt: &Packet) -> Option<PortInfo> {
+    let index = port_index(pkt.proto, u16::from_be(pkt.dport) as u32);
+    let live = *ST8S_PORT_INDEX.get(index)?;
+    if live == 0 {
+        return None;
     }
+    ST8S_PORT_INFO.get(live - 1).copied()
 }
 
 #[inline(always)]
@@ -175,17 +182,8 @@ fn config() -> Option<&'static Config> {
 /// The steering decision, shared by the XDP and the TC program so that both agree on every flow.
 #[inline(always)]
 fn steer(pkt: &Packet, cfg: &Config) -> Steer {
-    let port_key = PortKey {
-        port_be: pkt.dport,
-        proto: pkt.proto,
-        _pad: 0,
-    };
-    if !port_may_be_steered(pkt) {
-        return Steer::NotOurs;
-    }
-    // SAFETY: the value is copied out at once; the agent replaces whole entries.
-    let port = match unsafe { ST8S_PORTS.get(port_key) } {
-        Some(p) => *p,
+    let port = match port_info(pkt) {
+        Some(p) => p,
         None => return Steer::NotOurs,
     };
     let slot = port.slot as u32;

@@ -21,8 +21,7 @@ use aya::{
 };
 use st8s_common::{
     BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, LAYOUT_VERSION,
-    MAX_PORTS, MacKey, MaglevRow, NodeInfo, PORT_FILTER_WORDS, PortInfo, PortKey, map_names,
-    port_filter_index, program_names,
+    MAX_PORTS, MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, map_names, port_index, program_names,
 };
 use tracing::{info, warn};
 
@@ -139,8 +138,6 @@ pub struct Dataplane {
     nodes: BTreeMap<Ipv4Addr, NodeInfo>,
     peer_macs: BTreeSet<[u8; 6]>,
     config: Option<Config>,
-    /// Non-zero words of `ST8S_PORT_FILTER`, as last written.
-    port_filter: BTreeMap<u32, u64>,
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
@@ -178,7 +175,6 @@ impl Dataplane {
             nodes: BTreeMap::new(),
             peer_macs: BTreeSet::new(),
             config: None,
-            port_filter: BTreeMap::new(),
         };
         dp.read_back()?;
         Ok((dp, fates))
@@ -234,10 +230,6 @@ impl Dataplane {
                 },
             );
         }
-        let filter: Array<_, u64> = Array::try_from(map_mut(&mut self.ebpf, map_names::PORT_FILTER)?)?;
-        self.port_filter = (0..PORT_FILTER_WORDS)
-            .filter_map(|i| filter.get(&i, 0).ok().filter(|w| *w != 0).map(|w| (i, w)))
-            .collect();
         if self.config.is_some() {
             info!(
                 ports = self.ports.len(),
@@ -414,11 +406,6 @@ impl Dataplane {
             self.peer_macs = peer_macs;
         }
 
-        // The port filter first gains the new ports (a set bit only means "look it up"), and
-        // loses the old ones only after their entries are gone.
-        let union: BTreeSet<PortId> = self.ports.keys().chain(desired.ports.keys()).copied().collect();
-        self.write_port_filter(&union, &mut report)?;
-
         // Ports that went away.
         let gone: Vec<PortId> = self
             .ports
@@ -427,6 +414,10 @@ impl Dataplane {
             .copied()
             .collect();
         for id in gone {
+            let mut index: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, map_names::PORT_INDEX)?)?;
+            index
+                .set(port_index(id.proto.number(), u32::from(id.port)), 0, 0)
+                .context("writing ST8S_PORT_INDEX")?;
             let mut m: HashMap<_, PortKey, PortInfo> =
                 HashMap::try_from(map_mut(&mut self.ebpf, map_names::PORTS)?)?;
             let _ = m.remove(&PortKey::new(id.port, id.proto.number()));
@@ -491,12 +482,27 @@ impl Dataplane {
                 self.reset_counters(u32::from(slot))?;
             }
             {
+                // The idle bank's PortInfo, then the one 4-byte index write that makes it live.
+                let mut infos: Array<_, PortInfo> =
+                    Array::try_from(map_mut(&mut self.ebpf, map_names::PORT_INFO)?)?;
+                infos
+                    .set(info.maglev_index(), info, 0)
+                    .context("writing ST8S_PORT_INFO")?;
+                let mut index: Array<_, u32> =
+                    Array::try_from(map_mut(&mut self.ebpf, map_names::PORT_INDEX)?)?;
+                index
+                    .set(
+                        port_index(id.proto.number(), u32::from(id.port)),
+                        info.maglev_index() + 1,
+                        0,
+                    )
+                    .context("writing ST8S_PORT_INDEX")?;
                 let mut m: HashMap<_, PortKey, PortInfo> =
                     HashMap::try_from(map_mut(&mut self.ebpf, map_names::PORTS)?)?;
                 m.insert(PortKey::new(id.port, id.proto.number()), info, 0)
                     .context("writing ST8S_PORTS")?;
             }
-            report.writes += t.backends.len() + 2;
+            report.writes += t.backends.len() + 4;
             report.ports_changed += 1;
             info!(
                 port = %id,
@@ -515,8 +521,6 @@ impl Dataplane {
                 },
             );
         }
-        let wanted: BTreeSet<PortId> = desired.ports.keys().copied().collect();
-        self.write_port_filter(&wanted, &mut report)?;
         Ok(report)
     }
 
@@ -555,30 +559,6 @@ impl Dataplane {
             let addr = Ipv4Addr::from(u32::from_be(c.self_addr_be));
             self.write_config_for(addr, &mut ApplyReport::default())?;
         }
-        Ok(())
-    }
-
-    /// Makes `ST8S_PORT_FILTER` hold exactly the bits of `ports` (one word write per change).
-    fn write_port_filter(
-        &mut self,
-        ports: &BTreeSet<PortId>,
-        report: &mut ApplyReport,
-    ) -> anyhow::Result<()> {
-        let mut words: BTreeMap<u32, u64> = BTreeMap::new();
-        for id in ports {
-            let p = u32::from(id.port);
-            *words.entry(port_filter_index(id.proto.number(), p)).or_default() |= 1u64 << (p & 63);
-        }
-        let touched: BTreeSet<u32> = words.keys().chain(self.port_filter.keys()).copied().collect();
-        let mut m: Array<_, u64> = Array::try_from(map_mut(&mut self.ebpf, map_names::PORT_FILTER)?)?;
-        for index in touched {
-            let want = words.get(&index).copied().unwrap_or(0);
-            if self.port_filter.get(&index).copied().unwrap_or(0) != want {
-                m.set(index, want, 0).context("writing ST8S_PORT_FILTER")?;
-                report.writes += 1;
-            }
-        }
-        self.port_filter = words;
         Ok(())
     }
 

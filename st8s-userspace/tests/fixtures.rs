@@ -143,11 +143,18 @@ impl Dp {
         let mut m: HashMap<_, PortKey, PortInfo> =
             HashMap::try_from(self.ebpf.map_mut(map_names::PORTS).expect("map")).expect("type");
         m.insert(PortKey::new(port, proto), info, 0).expect("port");
-        let mut filter: Array<_, u64> =
-            Array::try_from(self.ebpf.map_mut(map_names::PORT_FILTER).expect("map")).expect("type");
-        let index = st8s_common::port_filter_index(proto, u32::from(port));
-        let word = filter.get(&index, 0).expect("word") | 1u64 << (port & 63);
-        filter.set(index, word, 0).expect("filter");
+        let mut infos: Array<_, PortInfo> =
+            Array::try_from(self.ebpf.map_mut(map_names::PORT_INFO).expect("map")).expect("type");
+        infos.set(info.maglev_index(), info, 0).expect("info");
+        let mut index: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(map_names::PORT_INDEX).expect("map")).expect("type");
+        index
+            .set(
+                st8s_common::port_index(proto, u32::from(port)),
+                info.maglev_index() + 1,
+                0,
+            )
+            .expect("index");
     }
 
     fn run_xdp(&self, pkt: &[u8]) -> (u32, Vec<u8>) {

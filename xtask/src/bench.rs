@@ -809,10 +809,16 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
             info,
             0,
         )?;
-        let mut filter = Array::<_, u64>::try_from(ebpf.map_mut(map_names::PORT_FILTER).context("map")?)?;
-        let index = st8s_common::port_filter_index(6, u32::from(port));
-        let word = filter.get(&index, 0)? | 1u64 << (port & 63);
-        filter.set(index, word, 0)?;
+        Array::<_, PortInfo>::try_from(ebpf.map_mut(map_names::PORT_INFO).context("map")?)?.set(
+            info.maglev_index(),
+            info,
+            0,
+        )?;
+        Array::<_, u32>::try_from(ebpf.map_mut(map_names::PORT_INDEX).context("map")?)?.set(
+            st8s_common::port_index(6, u32::from(port)),
+            info.maglev_index() + 1,
+            0,
+        )?;
     }
     HashMap::<_, RevNatKey, RevNatValue>::try_from(ebpf.map_mut(map_names::REVNAT).context("map")?)?.insert(
         RevNatKey {
