@@ -54,6 +54,17 @@ fn lab_with(prefer_local: bool, xdp: &str) -> Lab {
     .expect("lab builds")
 }
 
+/// A lab with these pods, its cluster file written and every agent's table programmed.
+fn running(mut lab: Lab, pods: &[PodSpec]) -> Lab {
+    for p in pods {
+        lab.add_pod(p.clone()).expect("pod");
+    }
+    lab.write_cluster().expect("cluster file");
+    lab.start_agents().expect("agents");
+    lab.wait_synced(SYNC).expect("synced");
+    lab
+}
+
 fn pods_seen(lab: &Lab, node: usize, n: usize) -> BTreeSet<String> {
     (0..n).filter_map(|_| lab.http(node, 80).pod).collect()
 }
@@ -62,12 +73,10 @@ fn pods_seen(lab: &Lab, node: usize, n: usize) -> BTreeSet<String> {
 #[test]
 fn local_backend_answers_with_the_client_address_and_no_iptables() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = lab(true);
-    lab.add_pod(PodSpec::web("web-node1", 1)).expect("pod");
-    lab.add_pod(PodSpec::dns("dns-node1", 1)).expect("pod");
-    lab.write_cluster().expect("cluster file");
-    lab.start_agents().expect("agents");
-    lab.wait_synced(SYNC).expect("synced");
+    let mut lab = running(
+        lab(true),
+        &[PodSpec::web("web-node1", 1), PodSpec::dns("dns-node1", 1)],
+    );
 
     for node in 1..=3 {
         let rules = lab
@@ -142,12 +151,10 @@ fn local_backend_answers_with_the_client_address_and_no_iptables() {
 #[test]
 fn forwarded_requests_keep_the_client_address_and_reply_directly() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = lab(true);
-    lab.add_pod(PodSpec::web("web-node1", 1)).expect("pod");
-    lab.add_pod(PodSpec::dns("dns-node1", 1)).expect("pod");
-    lab.write_cluster().expect("cluster file");
-    lab.start_agents().expect("agents");
-    lab.wait_synced(SYNC).expect("synced");
+    let lab = running(
+        lab(true),
+        &[PodSpec::web("web-node1", 1), PodSpec::dns("dns-node1", 1)],
+    );
 
     for node in [2, 3] {
         let web = lab.http(node, 80);
@@ -189,12 +196,10 @@ fn forwarded_requests_keep_the_client_address_and_reply_directly() {
 #[test]
 fn an_open_connection_keeps_its_backend_when_backends_change() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = lab(true);
-    lab.add_pod(PodSpec::web("web-node1", 1)).expect("pod");
-    lab.add_pod(PodSpec::web("web-node2", 2)).expect("pod");
-    lab.write_cluster().expect("cluster file");
-    lab.start_agents().expect("agents");
-    lab.wait_synced(SYNC).expect("synced");
+    let mut lab = running(
+        lab(true),
+        &[PodSpec::web("web-node1", 1), PodSpec::web("web-node2", 2)],
+    );
 
     let (tx_go, rx_go) = std::sync::mpsc::channel::<()>();
     let (tx_first, rx_first) = std::sync::mpsc::channel::<String>();
@@ -264,12 +269,10 @@ fn an_open_connection_keeps_its_backend_when_backends_change() {
 fn new_flows_spread_and_local_is_preferred_when_configured() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     for prefer_local in [true, false] {
-        let mut lab = lab(prefer_local);
-        lab.add_pod(PodSpec::web("web-node1", 1)).expect("pod");
-        lab.add_pod(PodSpec::web("web-node2", 2)).expect("pod");
-        lab.write_cluster().expect("cluster file");
-        lab.start_agents().expect("agents");
-        lab.wait_synced(SYNC).expect("synced");
+        let lab = running(
+            lab(prefer_local),
+            &[PodSpec::web("web-node1", 1), PodSpec::web("web-node2", 2)],
+        );
         std::thread::sleep(Duration::from_millis(200));
         // node3 has no backend: Maglev over node1 and node2.
         let via3 = pods_seen(&lab, 3, 30);
@@ -295,11 +298,7 @@ fn new_flows_spread_and_local_is_preferred_when_configured() {
 #[test]
 fn other_traffic_is_left_to_the_kernel() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = lab(true);
-    lab.add_pod(PodSpec::web("web-node2", 2)).expect("pod");
-    lab.write_cluster().expect("cluster file");
-    lab.start_agents().expect("agents");
-    lab.wait_synced(SYNC).expect("synced");
+    let lab = running(lab(true), &[PodSpec::web("web-node2", 2)]);
     // A server on node1 itself (host network), on a port st8s does not steer.
     let (_, xtask_bin) = bins();
     let mut host_server = std::process::Command::new("nsenter")
@@ -354,11 +353,7 @@ fn other_traffic_is_left_to_the_kernel() {
 #[test]
 fn a_lan_host_cannot_pose_as_a_forwarding_node() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = lab(true);
-    lab.add_pod(PodSpec::web("web-node1", 1)).expect("pod");
-    lab.write_cluster().expect("cluster file");
-    lab.start_agents().expect("agents");
-    lab.wait_synced(SYNC).expect("synced");
+    let lab = running(lab(true), &[PodSpec::web("web-node1", 1)]);
     // node1 does not route for others, so only st8s could answer what follows.
     lab.exec(lab.node_ns(1), "sysctl", &["-qw", "net.ipv4.ip_forward=0"])
         .expect("sysctl");
@@ -406,10 +401,7 @@ fn a_lan_host_cannot_pose_as_a_forwarding_node() {
 #[test]
 fn backends_appear_move_and_disappear_and_bad_updates_are_refused() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = lab(true);
-    lab.write_cluster().expect("cluster file");
-    lab.start_agents().expect("agents");
-    lab.wait_synced(SYNC).expect("synced");
+    let mut lab = running(lab(true), &[]);
     assert!(!lab.http(1, 80).ok, "no backend yet");
 
     lab.add_pod(PodSpec::web("web-node2", 2)).expect("pod");
@@ -478,12 +470,10 @@ fn backends_appear_move_and_disappear_and_bad_updates_are_refused() {
 #[test]
 fn tc_only_mode_forwards_too() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = lab_with(true, "off");
-    lab.add_pod(PodSpec::web("web-node1", 1)).expect("pod");
-    lab.add_pod(PodSpec::dns("dns-node2", 2)).expect("pod");
-    lab.write_cluster().expect("cluster file");
-    lab.start_agents().expect("agents");
-    lab.wait_synced(SYNC).expect("synced");
+    let lab = running(
+        lab_with(true, "off"),
+        &[PodSpec::web("web-node1", 1), PodSpec::dns("dns-node2", 2)],
+    );
     let s = lab.snapshot(3).expect("snapshot");
     assert_eq!(s.config.flags & st8s_common::CONFIG_XDP_FORWARDS, 0, "XDP is off");
     let link = lab
@@ -508,11 +498,7 @@ fn tc_only_mode_forwards_too() {
 #[test]
 fn agents_killed_and_restarted_under_load_lose_no_request() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = lab(true);
-    lab.add_pod(PodSpec::web("web-node1", 1)).expect("pod");
-    lab.write_cluster().expect("cluster file");
-    lab.start_agents().expect("agents");
-    lab.wait_synced(SYNC).expect("synced");
+    let mut lab = running(lab(true), &[PodSpec::web("web-node1", 1)]);
     let before = st8s::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
 
     // A bounded loop of new connections to node3 (forwarded to node1), in the client's netns.
