@@ -648,15 +648,7 @@ impl Lab {
             }
             let want = st8s::plan::plan(&cluster, &node_name(node))?.desired;
             loop {
-                if let Some(child) = self.agents.get_mut(&node)
-                    && let Ok(Some(status)) = child.try_wait()
-                {
-                    bail!(
-                        "the agent of {} exited ({status})\n{}",
-                        node_name(node),
-                        self.agent_logs()
-                    );
-                }
+                self.ensure_agent_running(node)?;
                 let matches = self.snapshot(node).is_ok_and(|s| table_matches(&s, &want));
                 if matches {
                     break;
@@ -674,19 +666,25 @@ impl Lab {
         Ok(())
     }
 
+    /// An error with the agents' logs if the node's agent has exited.
+    fn ensure_agent_running(&mut self, node: usize) -> anyhow::Result<()> {
+        if let Some(child) = self.agents.get_mut(&node)
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            bail!(
+                "the agent of {} exited ({status})\n{}",
+                node_name(node),
+                self.agent_logs()
+            );
+        }
+        Ok(())
+    }
+
     /// Waits until the node's agent answers `/readyz` with 200.
     pub fn wait_ready(&mut self, node: usize, timeout: Duration) -> anyhow::Result<()> {
         let start = Instant::now();
         loop {
-            if let Some(child) = self.agents.get_mut(&node)
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                bail!(
-                    "the agent of {} exited ({status})\n{}",
-                    node_name(node),
-                    self.agent_logs()
-                );
-            }
+            self.ensure_agent_running(node)?;
             let out = self.exec(
                 self.node_ns(node),
                 "curl",
