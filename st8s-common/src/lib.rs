@@ -38,6 +38,8 @@ pub mod program_names {
     /// Benchmark baselines: header parsing only.
     pub const PARSE_ONLY_XDP: &str = "st8s_parse_only_xdp";
     pub const PARSE_ONLY_TC: &str = "st8s_parse_only_tc";
+    /// Benchmark reference: parsing plus one flow-table lookup.
+    pub const PARSE_LOOKUP_XDP: &str = "st8s_parse_lookup_xdp";
 }
 
 /// Version of what the maps mean. Bump it whenever a map's meaning changes without its shape
@@ -229,7 +231,9 @@ pub struct FlowKey {
     pub client_port_be: u16,
     pub frontend_port_be: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Padding as scalars: an odd-sized array here makes LLVM call `memset` in the BPF programs.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 assert_size!(FlowKey, 16);
 
@@ -242,7 +246,9 @@ pub struct FlowValue {
     /// `FLOW_LOCAL`: the pod's containerPort. Unused for remote flows.
     pub backend_port_be: u16,
     pub kind: u8,
-    pub _pad: u8,
+    /// `FLOW_REMOTE`: where the backend sat in the port's list when it was chosen, so that the
+    /// packet path checks that one entry first instead of scanning the list.
+    pub backend_hint: u8,
     /// `bpf_ktime_get_ns` when the flow was steered (the LRU keeps recency itself; nothing is
     /// written per packet).
     pub created_ns: u64,
@@ -258,7 +264,9 @@ pub struct RevNatKey {
     pub pod_port_be: u16,
     pub client_port_be: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Padding as scalars: an odd-sized array here makes LLVM call `memset` in the BPF programs.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 assert_size!(RevNatKey, 16);
 
@@ -403,7 +411,8 @@ mod tests {
             client_port_be: 3,
             frontend_port_be: 4,
             proto: 6,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
         let h = flow_hash(&k, 7);
         assert_ne!(h, flow_hash(&k, 8));

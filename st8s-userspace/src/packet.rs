@@ -20,7 +20,12 @@ pub struct Frame {
     pub payload_len: usize,
     /// UDP only: send a zero checksum ("no checksum"), as RFC 768 allows.
     pub udp_no_checksum: bool,
+    /// TCP only: the flags byte (`TCP_SYN` by default).
+    pub tcp_flags: u8,
 }
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 
 impl Frame {
     pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
@@ -34,6 +39,7 @@ impl Frame {
             proto: 6,
             payload_len: 16,
             udp_no_checksum: false,
+            tcp_flags: TCP_SYN,
         }
     }
 
@@ -59,8 +65,25 @@ impl Frame {
         p.extend_from_slice(&self.sport.to_be_bytes());
         p.extend_from_slice(&self.dport.to_be_bytes());
         if self.proto == 6 {
-            // seq, ack, data offset 5, SYN, window, csum, urg
-            p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+            // seq, ack, data offset 5, flags, window, csum, urg
+            p.extend_from_slice(&[
+                0,
+                0,
+                0,
+                1,
+                0,
+                0,
+                0,
+                0,
+                0x50,
+                self.tcp_flags,
+                0xff,
+                0xff,
+                0,
+                0,
+                0,
+                0,
+            ]);
         } else {
             p.extend_from_slice(&(l4_len as u16).to_be_bytes());
             p.extend_from_slice(&[0, 0]);

@@ -252,7 +252,8 @@ fn flow_key(f: &Frame) -> FlowKey {
         client_port_be: f.sport.to_be(),
         frontend_port_be: f.dport.to_be(),
         proto: f.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     }
 }
 
@@ -328,7 +329,8 @@ fn local_backend_gets_the_packet_with_the_client_address_and_valid_checksums() {
             pod_port_be: 8080u16.to_be(),
             client_port_be: 40000u16.to_be(),
             proto: PROTO_TCP,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         })
         .expect("reply translation recorded");
     assert_eq!(
@@ -354,7 +356,8 @@ fn pod_reply_is_rewritten_to_the_frontend_for_tcp_and_udp() {
                 pod_port_be: 8080u16.to_be(),
                 client_port_be: 40000u16.to_be(),
                 proto,
-                _pad: [0; 3],
+                _pad: 0,
+                _pad2: 0,
             },
             RevNatValue {
                 frontend_addr_be: be(a(PEER)),
@@ -524,8 +527,10 @@ fn a_flow_keeps_its_backend_until_the_backend_goes_away() {
     let f = client_tcp(SELF, 80);
     let pkt = f.build();
     assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC);
+    assert_eq!(dp.flow(&flow_key(&f)).map(|v| v.backend_hint), Some(0));
 
-    // A new backend arrives and the table now sends every new flow to it.
+    // A new backend arrives and the table now sends every new flow to it. The flow's backend
+    // moves to index 1, so its hint (index 0) now names another node and the scan must find it.
     dp.port(
         80,
         PROTO_TCP,
@@ -638,7 +643,8 @@ fn stale_reply_translations_do_not_hijack_other_paths() {
         pod_port_be: 8080u16.to_be(),
         client_port_be: 40000u16.to_be(),
         proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     let value = |stamp_ns| RevNatValue {
         frontend_addr_be: be(a(SELF)),
