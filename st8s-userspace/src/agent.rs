@@ -14,6 +14,11 @@ use std::{
 };
 
 use anyhow::Context as _;
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::Timestamp,
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, info_span, warn};
 
@@ -62,6 +67,13 @@ pub struct AgentArgs {
     /// How often to look at the source file and at peer MAC addresses.
     #[arg(long, value_name = "MS", default_value_t = 500)]
     pub poll_ms: u64,
+    /// Namespace of this agent's Lease (`st8s-agent-<node>`), which it renews while it is ready
+    /// and which `st8s dns` reads (watching the Kubernetes API only).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "st8s-system")]
+    pub lease_namespace: String,
+    /// Lease duration; the agent renews at a third of it. 0: no Lease.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub lease_seconds: u32,
 }
 
 /// Current MACs of the other nodes; asks the kernel to resolve the ones it does not know yet.
@@ -340,7 +352,10 @@ async fn run_kube(args: &AgentArgs, metrics: Arc<Metrics>) -> anyhow::Result<Opt
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-    let mut rx = kube_source::spawn_watchers(client);
+    let mut rx = kube_source::spawn_watchers(client.clone());
+    if args.lease_seconds > 0 {
+        spawn_lease_renewer(client, args, metrics.clone());
+    }
     let mut state = KubeState::default();
     let mut runner: Option<Runner> = None;
     let mut warned = BTreeSet::new();
@@ -423,6 +438,58 @@ async fn run_kube(args: &AgentArgs, metrics: Arc<Metrics>) -> anyhow::Result<Opt
         }
     }
     Ok(runner)
+}
+
+/// Renews `st8s-agent-<node>` while the agent is ready, so that `st8s dns` keeps this node in its
+/// answers; when the agent stops or turns unready, the Lease runs out and the node leaves them.
+fn spawn_lease_renewer(client: kube::Client, args: &AgentArgs, metrics: Arc<Metrics>) {
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client, &args.lease_namespace);
+    let name = format!("{}{}", crate::dns::LEASE_PREFIX, args.node);
+    let node = args.node.clone();
+    let secs = args.lease_seconds;
+    let every = Duration::from_millis(u64::from(secs) * 1000 / 3);
+    tokio::spawn(async move {
+        let mut failing = false;
+        let mut renewed: Option<Instant> = None;
+        loop {
+            // Renewed as soon as the agent turns ready, then every third of the duration.
+            if metrics.is_ready() && renewed.is_none_or(|t| t.elapsed() >= every) {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        labels: Some([("app.kubernetes.io/name".to_owned(), "st8s".to_owned())].into()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(node.clone()),
+                        lease_duration_seconds: Some(secs as i32),
+                        renew_time: Some(MicroTime(Timestamp::now())),
+                        ..LeaseSpec::default()
+                    }),
+                };
+                let params = kube::api::PatchParams::apply(crate::FIELD_MANAGER).force();
+                let result = leases
+                    .patch(&name, &params, &kube::api::Patch::Apply(&lease))
+                    .await;
+                renewed = Some(Instant::now());
+                match result {
+                    Ok(_) if failing => {
+                        info!(lease = %name, "lease renewed again");
+                        failing = false;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        metrics.error("lease");
+                        if !failing {
+                            warn!(lease = %name, error = %e, "cannot renew the lease; st8s dns will drop this node when it runs out");
+                            failing = true;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(every.min(Duration::from_millis(250))).await;
+        }
+    });
 }
 
 fn report_readiness(metrics: &Metrics, state: &KubeState, programmed: bool, plan_error: Option<&str>) {

@@ -15,14 +15,20 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
+use k8s_openapi::{
+    api::coordination::v1::Lease,
+    jiff::{SignedDuration, Timestamp},
+};
 use serde::Deserialize as _;
 
 use crate::plan::{node_internal_ip, node_ready};
 
 pub const EXPOSURE_ANNOTATION: &str = "st8s.io/exposure";
 pub const HOSTNAME_ANNOTATION: &str = "st8s.io/hostname";
-/// A node whose agent reports anything but "true" here leaves the answers.
-pub const AGENT_READY_ANNOTATION: &str = "st8s.io/agent-ready";
+/// Each agent renews the Lease `st8s-agent-<node>` (coordination.k8s.io/v1) while its dataplane
+/// is programmed from a synced view of the cluster; a node whose Lease has run out leaves the
+/// answers.
+pub const LEASE_PREFIX: &str = "st8s-agent-";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Exposure {
@@ -51,6 +57,9 @@ pub struct DnsConfig {
     pub ttl: u32,
     /// NS target of every zone (out of zone by default, so a zone is valid with no nodes).
     pub ns: String,
+    /// A node answers for services only while its agent's Lease is fresh (always so on a
+    /// cluster; offline, only when the file holds the Leases).
+    pub agent_leases: bool,
 }
 
 /// One hostname to answer, and who asked for it.
@@ -97,6 +106,22 @@ pub struct DnsInput {
     pub hosts: BTreeMap<String, Exposed>,
     pub nodes: Vec<ZoneNode>,
     pub warnings: Vec<DnsWarning>,
+    /// When the first agent Lease that is fresh now runs out: the zones must be rendered again
+    /// then, even if no object changes.
+    pub next_expiry: Option<Timestamp>,
+}
+
+/// When an agent's Lease runs out: `(node, renewTime + leaseDurationSeconds)`.
+fn agent_lease(v: &serde_yaml::Value) -> Option<(String, Timestamp)> {
+    let lease = serde_yaml::from_value::<Lease>(v.clone()).ok()?;
+    let name = lease.metadata.name.as_deref()?;
+    let from_name = name.strip_prefix(LEASE_PREFIX)?;
+    let spec = lease.spec?;
+    let node = spec.holder_identity.unwrap_or_else(|| from_name.to_owned());
+    let renewed = spec.renew_time?.0;
+    let secs = i64::from(spec.lease_duration_seconds?.max(0));
+    let expiry = renewed.checked_add(SignedDuration::from_secs(secs)).ok()?;
+    Some((node, expiry))
 }
 
 fn object_name(v: &serde_yaml::Value) -> String {
@@ -156,15 +181,35 @@ pub fn valid_hostname(h: &str) -> bool {
 
 /// Collects hostnames and nodes from YAML documents (`kubectl get ... -o yaml`, lists or several
 /// documents). Objects of other kinds are ignored.
-pub fn collect(text: &str, cfg: &DnsConfig) -> Result<DnsInput, serde_yaml::Error> {
+pub fn collect(text: &str, cfg: &DnsConfig, now: Timestamp) -> Result<DnsInput, serde_yaml::Error> {
     let mut values = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(text) {
         let v = serde_yaml::Value::deserialize(doc)?;
         flatten(v, &mut values);
     }
+    Ok(collect_values(&values, cfg, now))
+}
+
+/// [`collect`] over objects already parsed (each with its `kind` and `apiVersion`), judging agent
+/// Leases at `now`.
+pub fn collect_values<'a>(
+    values: impl IntoIterator<Item = &'a serde_yaml::Value> + Clone,
+    cfg: &DnsConfig,
+    now: Timestamp,
+) -> DnsInput {
     let mut input = DnsInput::default();
+    let mut leases: BTreeMap<String, Timestamp> = BTreeMap::new();
+    for v in values.clone() {
+        if v.get("kind").and_then(|k| k.as_str()) == Some("Lease")
+            && let Some((node, expiry)) = agent_lease(v)
+        {
+            let e = leases.entry(node).or_insert(expiry);
+            *e = (*e).max(expiry);
+        }
+    }
+    input.next_expiry = leases.values().copied().filter(|e| *e > now).min();
     let mut claims: Vec<(String, Exposure, String)> = Vec::new();
-    for v in &values {
+    for v in values {
         let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("");
         let api = v.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("");
         let spec = v.get("spec");
@@ -216,12 +261,8 @@ pub fn collect(text: &str, cfg: &DnsConfig) -> Result<DnsInput, serde_yaml::Erro
                             .as_ref()
                             .and_then(|l| l.get(&cfg.zone_label))
                             .cloned();
-                        let agent_ok = node
-                            .metadata
-                            .annotations
-                            .as_ref()
-                            .and_then(|a| a.get(AGENT_READY_ANNOTATION))
-                            .is_none_or(|v| v == "true");
+                        let agent_ok =
+                            !cfg.agent_leases || leases.get(&name).is_some_and(|expiry| *expiry > now);
                         input.nodes.push(ZoneNode {
                             name,
                             addr,
@@ -301,7 +342,7 @@ pub fn collect(text: &str, cfg: &DnsConfig) -> Result<DnsInput, serde_yaml::Erro
         }
     }
     input.nodes.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(input)
+    input
 }
 
 fn flatten(v: serde_yaml::Value, out: &mut Vec<serde_yaml::Value>) {
@@ -431,7 +472,13 @@ mod tests {
             zone_label: "st8s.io/zone".into(),
             ttl: 30,
             ns: "localhost".into(),
+            agent_leases: true,
         }
+    }
+
+    /// The moment the fixtures are judged at.
+    fn now() -> Timestamp {
+        "2026-11-22T10:00:00Z".parse().expect("timestamp")
     }
 
     const NODES: &str = r#"
@@ -446,7 +493,7 @@ items:
     conditions: [{type: Ready, status: "True"}]
 - apiVersion: v1
   kind: Node
-  metadata: {name: node2, annotations: {st8s.io/agent-ready: "false"}}
+  metadata: {name: node2}
   status:
     addresses: [{type: InternalIP, address: 10.0.0.12}]
     conditions: [{type: Ready, status: "True"}]
@@ -456,6 +503,22 @@ items:
   status:
     addresses: [{type: InternalIP, address: 10.0.0.13}]
     conditions: [{type: Ready, status: "False"}]
+- apiVersion: coordination.k8s.io/v1
+  kind: Lease
+  metadata: {name: st8s-agent-node1, namespace: st8s-system}
+  spec: {holderIdentity: node1, leaseDurationSeconds: 10, renewTime: "2026-11-22T09:59:55.000000Z"}
+- apiVersion: coordination.k8s.io/v1
+  kind: Lease
+  metadata: {name: st8s-agent-node2, namespace: st8s-system}
+  spec: {holderIdentity: node2, leaseDurationSeconds: 10, renewTime: "2026-11-22T09:59:49.000000Z"}
+- apiVersion: coordination.k8s.io/v1
+  kind: Lease
+  metadata: {name: st8s-agent-node3, namespace: st8s-system}
+  spec: {holderIdentity: node3, leaseDurationSeconds: 10, renewTime: "2026-11-22T09:59:58.000000Z"}
+- apiVersion: coordination.k8s.io/v1
+  kind: Lease
+  metadata: {name: kube-node-lease-node2, namespace: kube-node-lease}
+  spec: {holderIdentity: node2, leaseDurationSeconds: 40, renewTime: "2026-11-22T09:59:59.000000Z"}
 "#;
 
     #[test]
@@ -511,7 +574,7 @@ apiVersion: v1
 kind: Service
 metadata: {name: odd, namespace: x, annotations: {st8s.io/hostname: "odd.home.example.org", st8s.io/exposure: public}}
 "#;
-        let input = collect(&yaml, &cfg()).expect("parses");
+        let input = collect(&yaml, &cfg(), now()).expect("parses");
         assert_eq!(input.hosts["jellyfin.home.example.org"].exposure, Exposure::Both);
         assert_eq!(input.hosts["ha.home.example.org"].exposure, Exposure::Lan);
         let gotify = &input.hosts["gotify.home.example.org"];
@@ -538,7 +601,7 @@ metadata: {name: odd, namespace: x, annotations: {st8s.io/hostname: "odd.home.ex
         assert!(zone.contains("jellyfin IN A 10.0.0.11"), "{zone}");
         assert!(
             !zone.contains("jellyfin IN A 10.0.0.12"),
-            "agent not ready: {zone}"
+            "the agent's Lease ran out (another Lease for the node does not count): {zone}"
         );
         assert!(!zone.contains("jellyfin IN A 10.0.0.13"), "NotReady: {zone}");
         assert!(zone.contains("ha IN A 10.0.0.11"));
@@ -551,8 +614,40 @@ metadata: {name: odd, namespace: x, annotations: {st8s.io/hostname: "odd.home.ex
     }
 
     #[test]
+    fn agent_leases_decide_until_they_run_out() {
+        let input = collect(NODES, &cfg(), now()).expect("parses");
+        let serving: Vec<&str> = input
+            .nodes
+            .iter()
+            .filter(|n| n.serving)
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(serving, ["node1"]);
+        assert_eq!(
+            input.next_expiry,
+            Some("2026-11-22T10:00:05Z".parse().expect("timestamp")),
+            "node1's Lease runs out first (node3's later, but node3 is NotReady anyway)"
+        );
+        let later: Timestamp = "2026-11-22T10:00:06Z".parse().expect("timestamp");
+        let input = collect(NODES, &cfg(), later).expect("parses");
+        assert!(input.nodes.iter().all(|n| !n.serving), "node1's Lease ran out");
+        let offline = DnsConfig {
+            agent_leases: false,
+            ..cfg()
+        };
+        let input = collect(NODES, &offline, later).expect("parses");
+        let serving: Vec<&str> = input
+            .nodes
+            .iter()
+            .filter(|n| n.serving)
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(serving, ["node1", "node2"], "without Leases, Ready alone decides");
+    }
+
+    #[test]
     fn serial_moves_only_on_change_and_an_empty_cluster_is_valid() {
-        let empty = collect("", &cfg()).expect("parses");
+        let empty = collect("", &cfg(), now()).expect("parses");
         let (z1, changed) = render_zone(&empty, "home.example.org", &cfg(), None);
         assert!(changed);
         assert_eq!(serial_of(&z1), Some(1));
@@ -560,7 +655,7 @@ metadata: {name: odd, namespace: x, annotations: {st8s.io/hostname: "odd.home.ex
         let (z2, changed) = render_zone(&empty, "home.example.org", &cfg(), Some(&z1));
         assert!(!changed);
         assert_eq!(z1, z2, "nothing changed, nothing moves");
-        let nodes = collect(NODES, &cfg()).expect("parses");
+        let nodes = collect(NODES, &cfg(), now()).expect("parses");
         let (z3, changed) = render_zone(&nodes, "home.example.org", &cfg(), Some(&z2));
         assert!(changed);
         assert_eq!(serial_of(&z3), Some(2));

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod dataplane;
 pub mod dns;
+pub mod dns_watch;
 pub mod http;
 pub mod inspect;
 pub mod kube_source;
@@ -14,3 +15,6 @@ pub mod packet;
 pub mod pins;
 pub mod plan;
 pub mod source;
+
+/// The field manager of every server-side apply st8s makes (agent Leases, the zones ConfigMap).
+pub const FIELD_MANAGER: &str = "st8s";

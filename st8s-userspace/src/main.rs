@@ -36,28 +36,9 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/st8s")]
         pin_dir: PathBuf,
     },
-    /// Render the LAN zone(s) for CoreDNS from Ingresses, HTTPRoutes, Traefik IngressRoutes,
-    /// annotated Services and Nodes (offline, from a YAML file).
-    Dns {
-        /// Objects as `kubectl get nodes,ingress,httproutes,ingressroutes,services -A -o yaml`.
-        #[arg(long, value_name = "PATH")]
-        from_file: PathBuf,
-        /// A LAN domain to render (repeat for several).
-        #[arg(long = "domain", value_name = "DOMAIN", required = true)]
-        domains: Vec<String>,
-        /// Zone file to write (one domain), or directory for `<domain>.zone` files (several).
-        #[arg(long, value_name = "PATH")]
-        out: PathBuf,
-        /// Node label naming a node's zone: `<node>.<zone>.<domain>`.
-        #[arg(long, default_value = "st8s.io/zone")]
-        zone_label: String,
-        /// TTL of every record (short, so that a node leaving is noticed quickly).
-        #[arg(long, default_value_t = 30)]
-        ttl: u32,
-        /// NS target of the zones (out of zone by default, so an empty zone stays valid).
-        #[arg(long, default_value = "localhost.")]
-        ns: String,
-    },
+    /// LAN names for CoreDNS: zones from Ingresses, HTTPRoutes, Traefik IngressRoutes, annotated
+    /// Services, Nodes and the agents' Leases, kept in a ConfigMap (or rendered once from a file).
+    Dns(st8s::dns_watch::DnsArgs),
     /// Print the steering table a node would get from a cluster file, without touching the kernel.
     Plan {
         #[arg(long)]
@@ -95,53 +76,11 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Dns {
-            from_file,
-            domains,
-            out,
-            zone_label,
-            ttl,
-            ns,
-        } => {
-            let cfg = st8s::dns::DnsConfig {
-                domains: domains.clone(),
-                zone_label,
-                ttl,
-                ns,
-            };
-            let text = std::fs::read_to_string(&from_file)
-                .with_context(|| format!("reading {}", from_file.display()))?;
-            let input = st8s::dns::collect(&text, &cfg)
-                .with_context(|| format!("parsing {}", from_file.display()))?;
-            for w in &input.warnings {
-                tracing::warn!("{w}");
-            }
-            for domain in &domains {
-                let path = if domains.len() == 1 {
-                    out.clone()
-                } else {
-                    out.join(format!("{domain}.zone"))
-                };
-                let previous = std::fs::read_to_string(&path).ok();
-                let (zone, changed) = st8s::dns::render_zone(&input, domain, &cfg, previous.as_deref());
-                if changed {
-                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                        std::fs::create_dir_all(dir)
-                            .with_context(|| format!("creating {}", dir.display()))?;
-                    }
-                    let tmp = path.with_extension("tmp");
-                    std::fs::write(&tmp, &zone).with_context(|| format!("writing {}", tmp.display()))?;
-                    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-                }
-                println!(
-                    "{domain}: serial {} ({}) -> {}",
-                    st8s::dns::serial_of(&zone).unwrap_or_default(),
-                    if changed { "changed" } else { "unchanged" },
-                    path.display()
-                );
-            }
-            Ok(())
-        }
+        Command::Dns(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(st8s::dns_watch::run(args)),
         Command::Plan { node, from_file } => {
             let text = std::fs::read_to_string(&from_file)
                 .with_context(|| format!("reading {}", from_file.display()))?;

@@ -1,9 +1,10 @@
 //! A Kubernetes API-server double for the tests: it speaks the real list/watch protocol over
-//! HTTP for Nodes and Pods (resourceVersion, ADDED/MODIFIED/DELETED events, bookmarks, 410 Gone
-//! after a compaction, 403 Forbidden), and can drop its connections or go down, so that the
-//! agent's Kubernetes source is tested against what kube-rs really sends and receives.
+//! HTTP (resourceVersion, ADDED/MODIFIED/DELETED events, bookmarks, 410 Gone after a compaction,
+//! 403 Forbidden, 404 for a CRD that is not installed), takes server-side apply PATCHes and GETs
+//! of single objects, and can drop its connections or go down, so that st8s's Kubernetes code is
+//! tested against what kube-rs really sends and receives.
 //!
-//! It serves JSON the tests build (real Node/Pod objects), one thread per connection.
+//! It serves JSON the tests build (real objects), one thread per connection.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,23 +26,96 @@ use serde_json::{Value, json};
 pub enum Kind {
     Node,
     Pod,
+    Service,
+    ConfigMap,
+    Lease,
+    Ingress,
+    HttpRoute,
+    IngressRoute,
 }
 
 impl Kind {
-    fn from_path(path: &str) -> Option<Self> {
-        match path {
-            "/api/v1/nodes" => Some(Kind::Node),
-            "/api/v1/pods" => Some(Kind::Pod),
-            _ => None,
+    const ALL: [Kind; 8] = [
+        Kind::Node,
+        Kind::Pod,
+        Kind::Service,
+        Kind::ConfigMap,
+        Kind::Lease,
+        Kind::Ingress,
+        Kind::HttpRoute,
+        Kind::IngressRoute,
+    ];
+
+    /// (path prefix, plural, apiVersion, kind)
+    const fn info(self) -> (&'static str, &'static str, &'static str, &'static str) {
+        match self {
+            Kind::Node => ("/api/v1", "nodes", "v1", "Node"),
+            Kind::Pod => ("/api/v1", "pods", "v1", "Pod"),
+            Kind::Service => ("/api/v1", "services", "v1", "Service"),
+            Kind::ConfigMap => ("/api/v1", "configmaps", "v1", "ConfigMap"),
+            Kind::Lease => (
+                "/apis/coordination.k8s.io/v1",
+                "leases",
+                "coordination.k8s.io/v1",
+                "Lease",
+            ),
+            Kind::Ingress => (
+                "/apis/networking.k8s.io/v1",
+                "ingresses",
+                "networking.k8s.io/v1",
+                "Ingress",
+            ),
+            Kind::HttpRoute => (
+                "/apis/gateway.networking.k8s.io/v1",
+                "httproutes",
+                "gateway.networking.k8s.io/v1",
+                "HTTPRoute",
+            ),
+            Kind::IngressRoute => (
+                "/apis/traefik.io/v1alpha1",
+                "ingressroutes",
+                "traefik.io/v1alpha1",
+                "IngressRoute",
+            ),
         }
     }
 
     fn name(self) -> &'static str {
-        match self {
-            Kind::Node => "Node",
-            Kind::Pod => "Pod",
-        }
+        self.info().3
     }
+
+    /// `<prefix>[/namespaces/<ns>]/<plural>[/<name>]` -> (kind, namespace, name).
+    fn parse_path(path: &str) -> Option<(Self, Option<String>, Option<String>)> {
+        Kind::ALL.into_iter().find_map(|k| {
+            let (prefix, plural, ..) = k.info();
+            let rest = path.strip_prefix(prefix)?.strip_prefix('/')?;
+            let (ns, rest) = match rest.strip_prefix("namespaces/") {
+                Some(r) => {
+                    let (ns, r) = r.split_once('/')?;
+                    (Some(ns.to_owned()), r)
+                }
+                None => (None, rest),
+            };
+            let rest = rest.strip_prefix(plural)?;
+            match rest.strip_prefix('/') {
+                Some(name) if !name.is_empty() && !name.contains('/') => Some((k, ns, Some(name.to_owned()))),
+                Some(_) => None,
+                None if rest.is_empty() => Some((k, ns, None)),
+                None => None,
+            }
+        })
+    }
+}
+
+/// One server-side apply the double took.
+#[derive(Clone, Debug)]
+pub struct Patch {
+    pub at: Instant,
+    pub kind: Kind,
+    /// `namespace/name`
+    pub key: String,
+    pub field_manager: String,
+    pub body: Value,
 }
 
 #[derive(Default)]
@@ -56,6 +130,9 @@ struct State {
     /// Watches from a resourceVersion below this get 410 Gone.
     compacted_below: u64,
     forbidden: BTreeSet<Kind>,
+    /// Kinds the API does not serve (a CRD that is not installed): 404.
+    missing: BTreeSet<Kind>,
+    patches: Vec<Patch>,
     down: bool,
     /// Bumped to end every open watch (dropped connections).
     generation: u64,
@@ -70,6 +147,26 @@ pub struct ApiServer {
     pub addr: SocketAddr,
     shared: Arc<(Mutex<State>, Condvar)>,
     stop: Arc<AtomicBool>,
+}
+
+impl State {
+    fn apply(&mut self, kind: Kind, mut obj: Value) -> Value {
+        self.rv += 1;
+        obj["apiVersion"] = json!(kind.info().2);
+        obj["kind"] = json!(kind.name());
+        obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let k = (kind, key(&obj));
+        let ty = if self.objects.contains_key(&k) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.rendered.insert(k.clone(), obj.to_string());
+        self.objects.insert(k, obj.clone());
+        let rv = self.rv;
+        self.history.push((rv, kind, ty, obj.clone()));
+        obj
+    }
 }
 
 fn key(obj: &Value) -> String {
@@ -124,22 +221,28 @@ impl ApiServer {
     }
 
     /// Creates or updates an object (ADDED or MODIFIED).
-    pub fn apply(&self, kind: Kind, mut obj: Value) {
+    pub fn apply(&self, kind: Kind, obj: Value) {
+        self.with(|st| st.apply(kind, obj));
+    }
+
+    /// The current object of `kind` named `name` or `namespace/name`.
+    pub fn get(&self, kind: Kind, name: &str) -> Option<Value> {
+        self.with(|st| st.objects.get(&(kind, name.to_owned())).cloned())
+    }
+
+    /// Every server-side apply taken so far, in order.
+    pub fn patches(&self) -> Vec<Patch> {
+        self.with(|st| st.patches.clone())
+    }
+
+    /// 404 for `kind` (its CRD is not installed), or served again.
+    pub fn set_missing(&self, kind: Kind, missing: bool) {
         self.with(|st| {
-            st.rv += 1;
-            obj["apiVersion"] = json!("v1");
-            obj["kind"] = json!(kind.name());
-            obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
-            let k = (kind, key(&obj));
-            let ty = if st.objects.contains_key(&k) {
-                "MODIFIED"
+            if missing {
+                st.missing.insert(kind);
             } else {
-                "ADDED"
-            };
-            st.rendered.insert(k.clone(), obj.to_string());
-            st.objects.insert(k, obj.clone());
-            let rv = st.rv;
-            st.history.push((rv, kind, ty, obj));
+                st.missing.remove(&kind);
+            }
         });
     }
 
@@ -257,46 +360,128 @@ fn serve(
         if reader.read_line(&mut request)? == 0 {
             return Ok(());
         }
-        // Headers, up to the blank line.
+        // Headers, up to the blank line; then the body, if any.
+        let mut length = 0usize;
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h)? == 0 || h == "\r\n" {
                 break;
             }
+            if let Some((name, value)) = h.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap_or(0);
+            }
         }
+        let mut body = vec![0u8; length];
+        std::io::Read::read_exact(&mut reader, &mut body)?;
+        let method = request.split_whitespace().next().unwrap_or("GET").to_owned();
         let target = request.split_whitespace().nth(1).unwrap_or("/").to_owned();
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let params: BTreeMap<&str, &str> = query.split('&').filter_map(|kv| kv.split_once('=')).collect();
         let (m, cv) = &**shared;
-        let (down, forbidden) = {
+        let parsed = Kind::parse_path(path);
+        let (down, forbidden, missing) = {
             let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
             st.requests.push(request.trim().to_owned());
-            let kind = Kind::from_path(path);
-            (st.down, kind.is_some_and(|k| st.forbidden.contains(&k)))
+            let kind = parsed.as_ref().map(|p| p.0);
+            (
+                st.down,
+                kind.is_some_and(|k| st.forbidden.contains(&k)),
+                kind.is_some_and(|k| st.missing.contains(&k)),
+            )
         };
         if down {
             // Unreachable: the connection closes without an answer.
             return Ok(());
         }
-        let Some(kind) = Kind::from_path(path) else {
+        let Some((kind, namespace, name)) = parsed.filter(|_| !missing) else {
             respond(
                 &mut sock,
                 404,
                 "Not Found",
-                &status(404, "NotFound", "no such resource"),
+                &status(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ),
             )?;
             continue;
         };
         if forbidden {
             let msg = format!(
-                "{}s is forbidden: User \"system:serviceaccount:st8s:st8s\" cannot list resource",
-                kind.name().to_lowercase()
+                "{}s is forbidden: User \"system:serviceaccount:st8s:st8s\" cannot {} resource",
+                kind.name().to_lowercase(),
+                method.to_lowercase()
             );
             respond(&mut sock, 403, "Forbidden", &status(403, "Forbidden", &msg))?;
             continue;
         }
+        if let Some(name) = name {
+            let key = match &namespace {
+                Some(ns) => format!("{ns}/{name}"),
+                None => name.clone(),
+            };
+            match method.as_str() {
+                "GET" => {
+                    let obj = m
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .objects
+                        .get(&(kind, key.clone()))
+                        .cloned();
+                    match obj {
+                        Some(o) => respond(&mut sock, 200, "OK", &o)?,
+                        None => respond(
+                            &mut sock,
+                            404,
+                            "Not Found",
+                            &status(404, "NotFound", &format!("{} \"{name}\" not found", kind.name())),
+                        )?,
+                    }
+                }
+                "PATCH" => {
+                    // Server-side apply with one field manager: the applied object is the object.
+                    let Ok(mut obj) = serde_json::from_slice::<Value>(&body) else {
+                        respond(
+                            &mut sock,
+                            400,
+                            "Bad Request",
+                            &status(400, "BadRequest", "not JSON"),
+                        )?;
+                        continue;
+                    };
+                    obj["metadata"]["name"] = json!(name);
+                    if let Some(ns) = &namespace {
+                        obj["metadata"]["namespace"] = json!(ns);
+                    }
+                    let field_manager = params.get("fieldManager").copied().unwrap_or_default().to_owned();
+                    let stored = {
+                        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+                        st.patches.push(Patch {
+                            at: Instant::now(),
+                            kind,
+                            key,
+                            field_manager,
+                            body: obj.clone(),
+                        });
+                        st.apply(kind, obj)
+                    };
+                    cv.notify_all();
+                    respond(&mut sock, 200, "OK", &stored)?;
+                }
+                _ => respond(
+                    &mut sock,
+                    405,
+                    "Method Not Allowed",
+                    &status(405, "MethodNotAllowed", "not in the double"),
+                )?,
+            }
+            continue;
+        }
+        let prefix = namespace.map(|ns| format!("{ns}/")).unwrap_or_default();
         if params.get("watch").is_some_and(|w| *w == "true" || *w == "1") {
-            return watch(sock, shared, stop, kind, &params);
+            return watch(sock, shared, stop, kind, &prefix, &params);
         }
         let st = m.lock().unwrap_or_else(|e| e.into_inner());
         // Pages: `limit` objects from the `continue` offset, as kube-rs asks for them.
@@ -306,21 +491,21 @@ fn serve(
             .and_then(|l| l.parse().ok())
             .filter(|l| *l > 0)
             .unwrap_or(usize::MAX);
-        let total = st.rendered.keys().filter(|(k, _)| *k == kind).count();
-        let items: Vec<&str> = st
+        let all: Vec<&str> = st
             .rendered
             .range((kind, String::new())..)
             .take_while(|((k, _), _)| *k == kind)
-            .skip(offset)
-            .take(limit)
+            .filter(|((_, key), _)| key.starts_with(&prefix))
             .map(|(_, v)| v.as_str())
             .collect();
+        let items: Vec<&str> = all.iter().skip(offset).take(limit).copied().collect();
         let mut meta = json!({"resourceVersion": st.rv.to_string()});
-        if offset.saturating_add(items.len()) < total {
+        if offset.saturating_add(items.len()) < all.len() {
             meta["continue"] = json!((offset + items.len()).to_string());
         }
         let body = format!(
-            "{{\"apiVersion\":\"v1\",\"kind\":\"{}List\",\"metadata\":{meta},\"items\":[{}]}}",
+            "{{\"apiVersion\":\"{}\",\"kind\":\"{}List\",\"metadata\":{meta},\"items\":[{}]}}",
+            kind.info().2,
             kind.name(),
             items.join(",")
         );
@@ -335,6 +520,7 @@ fn watch(
     shared: &Arc<(Mutex<State>, Condvar)>,
     stop: &AtomicBool,
     kind: Kind,
+    prefix: &str,
     params: &BTreeMap<&str, &str>,
 ) -> std::io::Result<()> {
     let (m, cv) = &**shared;
@@ -363,10 +549,18 @@ fn watch(
             chunk(&mut sock, &json!({"type": "ERROR", "object": gone}))?;
             break;
         }
+        // Events of other namespaces are passed over, not sent.
+        let scanned = st
+            .history
+            .iter()
+            .filter(|(rv, k, ..)| *k == kind && *rv > from)
+            .map(|(rv, ..)| *rv)
+            .max();
         let events: Vec<(u64, &'static str, Value)> = st
             .history
             .iter()
             .filter(|(rv, k, ..)| *k == kind && *rv > from)
+            .filter(|(.., obj)| key(obj).starts_with(prefix))
             .map(|(rv, _, ty, obj)| (*rv, *ty, obj.clone()))
             .collect();
         let bookmark = bookmarks_wanted && st.bookmarks != bookmarks_seen;
@@ -377,8 +571,9 @@ fn watch(
             chunk(&mut sock, &json!({"type": ty, "object": obj}))?;
             from = rv;
         }
+        from = from.max(scanned.unwrap_or(0));
         if bookmark {
-            let obj = json!({"kind": kind.name(), "apiVersion": "v1", "metadata": {"resourceVersion": rv_now.to_string()}});
+            let obj = json!({"kind": kind.name(), "apiVersion": kind.info().2, "metadata": {"resourceVersion": rv_now.to_string()}});
             chunk(&mut sock, &json!({"type": "BOOKMARK", "object": obj}))?;
             from = from.max(rv_now);
         }

@@ -620,6 +620,30 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
         .expect("node3 programmed");
     assert_eq!(lab.http(3, 80).pod.as_deref(), Some("lab/web-node1"));
 
+    // Each ready agent holds its Lease (server-side apply as st8s), which `st8s dns` reads.
+    let start = std::time::Instant::now();
+    loop {
+        let holders: BTreeSet<String> = api
+            .patches()
+            .iter()
+            .filter(|p| p.kind == Kind::Lease && p.field_manager == "st8s")
+            .filter_map(|p| p.body["spec"]["holderIdentity"].as_str().map(str::to_owned))
+            .collect();
+        if holders.len() == 3 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "agent Leases so far: {holders:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lease = api
+        .get(Kind::Lease, "st8s-system/st8s-agent-node1")
+        .expect("node1's Lease");
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 10);
+    assert!(lease["spec"]["renewTime"].is_string(), "{lease}");
+
     // A backend appears: time from the API event to node3's map.
     lab.add_pod(PodSpec::web("web-node2", 2)).expect("pod");
     let ip2 = lab.pod_ip("web-node2").expect("ip").to_string();

@@ -1,0 +1,516 @@
+//! `st8s dns` as a program: offline (a YAML file in, zone files out) or on a cluster, where it
+//! watches the objects that name hostnames, the Nodes and the agents' Leases, and keeps one
+//! ConfigMap (server-side apply, field manager `st8s`) with a zone file per domain, which CoreDNS
+//! serves with its `file` plugin.
+//!
+//! One replica runs it (a Deployment with `replicas: 1` and the `Recreate` strategy). There is no
+//! leader election: the ConfigMap write is idempotent, the zone's serial continues from what the
+//! ConfigMap holds, and a gap of a few seconds between two replicas only delays an update,
+//! since CoreDNS keeps serving the last zone it loaded.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use k8s_openapi::{api::core::v1::ConfigMap, jiff::Timestamp};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
+    runtime::{
+        WatchStreamExt as _,
+        watcher::{self, Event},
+    },
+};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::{
+    FIELD_MANAGER,
+    dns::{self, DnsConfig},
+};
+
+#[derive(clap::Args, Debug)]
+pub struct DnsArgs {
+    /// Render once from a YAML file (`kubectl get nodes,ingress,httproutes,ingressroutes,services
+    /// -A -o yaml`) instead of watching the cluster.
+    #[arg(long, value_name = "PATH", requires = "out")]
+    pub from_file: Option<PathBuf>,
+    /// A LAN domain to render (repeat for several).
+    #[arg(long = "domain", value_name = "DOMAIN", required = true)]
+    pub domains: Vec<String>,
+    /// Zone file to write (one domain), or directory for `<domain>.zone` files (several).
+    /// Required with --from-file; on a cluster the files are written next to the ConfigMap.
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+    /// Node label naming a node's zone: `<node>.<zone>.<domain>`.
+    #[arg(long, default_value = "st8s.io/zone")]
+    pub zone_label: String,
+    /// TTL of every record (short, so that a node leaving is noticed quickly).
+    #[arg(long, default_value_t = 30)]
+    pub ttl: u32,
+    /// NS target of the zones (out of zone by default, so an empty zone stays valid).
+    #[arg(long, default_value = "localhost.")]
+    pub ns: String,
+    /// Offline: count a node only while its agent's Lease (`st8s-agent-<node>`, include the
+    /// Leases in the file) is fresh. On a cluster this is always so.
+    #[arg(long)]
+    pub agent_leases: bool,
+    /// Namespace of the ConfigMap and of the agents' Leases.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "st8s-system")]
+    pub namespace: String,
+    /// The ConfigMap that holds the zones (`<domain>.db` keys). Empty: no ConfigMap, only the
+    /// --out files (a sidecar of CoreDNS writing into a shared volume).
+    #[arg(long, default_value = "st8s-zones")]
+    pub configmap: String,
+}
+
+impl DnsArgs {
+    fn config(&self, agent_leases: bool) -> DnsConfig {
+        DnsConfig {
+            domains: self
+                .domains
+                .iter()
+                .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
+            zone_label: self.zone_label.clone(),
+            ttl: self.ttl,
+            ns: self.ns.clone(),
+            agent_leases,
+        }
+    }
+}
+
+pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
+    match &args.from_file {
+        Some(path) => run_offline(&args, path),
+        None => {
+            let client = Client::try_default().await.context(
+                "no Kubernetes API to watch (in-cluster config or kubeconfig); use --from-file offline",
+            )?;
+            run_cluster(&args, client).await
+        }
+    }
+}
+
+/// Where the zone of `domain` goes on disk, if anywhere.
+fn zone_path(out: &Path, domains: &[String], domain: &str) -> PathBuf {
+    if domains.len() == 1 {
+        out.to_owned()
+    } else {
+        out.join(format!("{domain}.zone"))
+    }
+}
+
+fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+fn run_offline(args: &DnsArgs, from: &Path) -> anyhow::Result<()> {
+    let cfg = args.config(args.agent_leases);
+    let out = args
+        .out
+        .as_deref()
+        .context("--out is required with --from-file")?;
+    let text = std::fs::read_to_string(from).with_context(|| format!("reading {}", from.display()))?;
+    let input =
+        dns::collect(&text, &cfg, Timestamp::now()).with_context(|| format!("parsing {}", from.display()))?;
+    for w in &input.warnings {
+        warn!("{w}");
+    }
+    for domain in &cfg.domains {
+        let path = zone_path(out, &cfg.domains, domain);
+        let previous = std::fs::read_to_string(&path).ok();
+        let (zone, changed) = dns::render_zone(&input, domain, &cfg, previous.as_deref());
+        if changed {
+            write_atomically(&path, &zone)?;
+        }
+        println!(
+            "{domain}: serial {} ({}) -> {}",
+            dns::serial_of(&zone).unwrap_or_default(),
+            if changed { "changed" } else { "unchanged" },
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// A kind of object `st8s dns` reads on a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    Node,
+    Lease,
+    Ingress,
+    Service,
+    HttpRoute,
+    IngressRoute,
+}
+
+impl Source {
+    pub const ALL: [Source; 6] = [
+        Source::Node,
+        Source::Lease,
+        Source::Ingress,
+        Source::Service,
+        Source::HttpRoute,
+        Source::IngressRoute,
+    ];
+
+    /// (group, version, kind, plural)
+    pub const fn gvkp(self) -> (&'static str, &'static str, &'static str, &'static str) {
+        match self {
+            Source::Node => ("", "v1", "Node", "nodes"),
+            Source::Lease => ("coordination.k8s.io", "v1", "Lease", "leases"),
+            Source::Ingress => ("networking.k8s.io", "v1", "Ingress", "ingresses"),
+            Source::Service => ("", "v1", "Service", "services"),
+            Source::HttpRoute => ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+            Source::IngressRoute => ("traefik.io", "v1alpha1", "IngressRoute", "ingressroutes"),
+        }
+    }
+
+    pub fn resource(self) -> ApiResource {
+        let (g, v, k, p) = self.gvkp();
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(g, v, k), p)
+    }
+
+    /// Custom resources: a cluster without their CRD simply has none of them.
+    pub const fn optional(self) -> bool {
+        matches!(self, Source::HttpRoute | Source::IngressRoute)
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.gvkp().3)
+    }
+}
+
+/// One message from a watcher task.
+#[derive(Debug)]
+pub enum Msg {
+    Event(Source, Box<Event<DynamicObject>>, Instant),
+    /// The watcher failed and retries with backoff. `not_served`: the API has no such resource
+    /// (404: a CRD that is not installed).
+    Failed {
+        source: Source,
+        not_served: bool,
+        message: String,
+    },
+}
+
+/// The watched objects, as the renderer reads them. Pure: tested without an API server.
+#[derive(Default)]
+pub struct Objects {
+    objects: BTreeMap<Source, BTreeMap<String, serde_yaml::Value>>,
+    relisting: BTreeMap<Source, BTreeMap<String, serde_yaml::Value>>,
+    listed: BTreeSet<Source>,
+    /// Optional kinds the API does not serve.
+    absent: BTreeSet<Source>,
+}
+
+fn object_key(o: &DynamicObject) -> String {
+    format!(
+        "{}/{}",
+        o.metadata.namespace.as_deref().unwrap_or_default(),
+        o.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The object as YAML, with its `kind` and `apiVersion` (list items may come without them).
+fn to_value(source: Source, o: &DynamicObject) -> Option<serde_yaml::Value> {
+    let mut v = serde_yaml::to_value(o).ok()?;
+    let ar = source.resource();
+    if let serde_yaml::Value::Mapping(m) = &mut v {
+        m.insert("kind".into(), ar.kind.into());
+        m.insert("apiVersion".into(), ar.api_version.into());
+        // Nothing reads them, and they are most of an object's size.
+        if let Some(serde_yaml::Value::Mapping(meta)) = m.get_mut("metadata") {
+            meta.remove("managedFields");
+        }
+    }
+    Some(v)
+}
+
+impl Objects {
+    /// Every required kind has been listed, and every optional one listed or found absent: only
+    /// then may a zone be written (a zone from half a view would drop good answers).
+    pub fn synced(&self) -> bool {
+        Source::ALL
+            .iter()
+            .all(|s| self.listed.contains(s) || (s.optional() && self.absent.contains(s)))
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &serde_yaml::Value> + Clone {
+        self.objects.values().flat_map(|m| m.values())
+    }
+
+    /// Folds one message in; true when what the zones are rendered from may have changed.
+    pub fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Failed {
+                source, not_served, ..
+            } => {
+                if not_served && source.optional() && self.absent.insert(source) {
+                    self.objects.remove(&source);
+                    return true;
+                }
+                false
+            }
+            Msg::Event(source, ev, _) => {
+                self.absent.remove(&source);
+                match *ev {
+                    Event::Apply(o) => match to_value(source, &o) {
+                        Some(v) => {
+                            let old = self
+                                .objects
+                                .entry(source)
+                                .or_default()
+                                .insert(object_key(&o), v.clone());
+                            old.as_ref() != Some(&v)
+                        }
+                        None => false,
+                    },
+                    Event::Delete(o) => self
+                        .objects
+                        .entry(source)
+                        .or_default()
+                        .remove(&object_key(&o))
+                        .is_some(),
+                    Event::Init => {
+                        self.relisting.insert(source, BTreeMap::new());
+                        false
+                    }
+                    Event::InitApply(o) => {
+                        if let Some(v) = to_value(source, &o) {
+                            self.relisting
+                                .entry(source)
+                                .or_default()
+                                .insert(object_key(&o), v);
+                        }
+                        false
+                    }
+                    Event::InitDone => {
+                        let fresh = self.relisting.remove(&source).unwrap_or_default();
+                        let first = self.listed.insert(source);
+                        let changed = self.objects.get(&source) != Some(&fresh);
+                        self.objects.insert(source, fresh);
+                        first || changed
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Starts one watcher per kind (Leases only in `lease_namespace`); their messages arrive on the
+/// returned channel.
+pub fn spawn_watchers(client: &Client, lease_namespace: &str) -> mpsc::Receiver<Msg> {
+    let (tx, rx) = mpsc::channel(1024);
+    for source in Source::ALL {
+        let ar = source.resource();
+        let api: Api<DynamicObject> = match source {
+            Source::Lease => Api::namespaced_with(client.clone(), lease_namespace, &ar),
+            _ => Api::all_with(client.clone(), &ar),
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut s = watcher::watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            while let Some(item) = s.next().await {
+                let msg = match item {
+                    Ok(ev) => Msg::Event(source, Box::new(ev), Instant::now()),
+                    Err(e) => Msg::Failed {
+                        source,
+                        not_served: matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404),
+                        message: e.to_string(),
+                    },
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    rx
+}
+
+/// The ConfigMap key of a domain's zone.
+pub fn zone_key(domain: &str) -> String {
+    format!("{domain}.db")
+}
+
+async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
+    let cfg = args.config(true);
+    let cms: Option<Api<ConfigMap>> =
+        (!args.configmap.is_empty()).then(|| Api::namespaced(client.clone(), &args.namespace));
+    anyhow::ensure!(
+        cms.is_some() || args.out.is_some(),
+        "nowhere to write the zones: give --configmap or --out"
+    );
+    // The serial continues from what the ConfigMap (or the files) hold, across restarts.
+    let mut zones: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(out) = &args.out {
+        for domain in &cfg.domains {
+            if let Ok(z) = std::fs::read_to_string(zone_path(out, &cfg.domains, domain)) {
+                zones.insert(zone_key(domain), z);
+            }
+        }
+    }
+    if let Some(cms) = &cms {
+        match cms.get_opt(&args.configmap).await {
+            Ok(cm) => zones.extend(cm.and_then(|c| c.data).unwrap_or_default()),
+            Err(e) => {
+                warn!(error = %e, "cannot read ConfigMap {}/{}; zones start at serial 1", args.namespace, args.configmap);
+            }
+        }
+    }
+    info!(
+        domains = ?cfg.domains,
+        configmap = %format!("{}/{}", args.namespace, args.configmap),
+        "watching nodes, agent leases, ingresses, services, httproutes and ingressroutes"
+    );
+    let mut rx = spawn_watchers(&client, &args.namespace);
+    let mut objects = Objects::default();
+    let mut warned: BTreeSet<String> = BTreeSet::new();
+    let mut failing: BTreeMap<Source, String> = BTreeMap::new();
+    let mut written_once = false;
+    let mut wake: Option<Timestamp> = None;
+    loop {
+        let until_wake = wake.map(|w| {
+            let d = w.duration_since(Timestamp::now());
+            Duration::from_millis(d.as_millis().clamp(0, 3_600_000) as u64)
+        });
+        let mut batch = Vec::new();
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => batch.push(m),
+                None => anyhow::bail!("every watcher stopped"),
+            },
+            () = tokio::time::sleep(until_wake.unwrap_or(Duration::from_secs(3600))) => {}
+        }
+        while let Ok(m) = rx.try_recv() {
+            batch.push(m);
+        }
+        let earliest = batch
+            .iter()
+            .filter_map(|m| match m {
+                Msg::Event(_, _, at) => Some(*at),
+                Msg::Failed { .. } => None,
+            })
+            .min();
+        for m in batch {
+            match &m {
+                Msg::Failed {
+                    source,
+                    not_served,
+                    message,
+                } => {
+                    if *not_served && source.optional() {
+                        if !objects.absent.contains(source) {
+                            info!(kind = %source, "not served by the API (CRD not installed); none to read");
+                        }
+                    } else if failing.insert(*source, message.clone()).is_none() {
+                        warn!(kind = %source, error = %message, "watch failing; the zones keep their last content");
+                    }
+                }
+                Msg::Event(source, ..) => {
+                    if failing.remove(source).is_some() {
+                        info!(kind = %source, "watch recovered");
+                    }
+                }
+            }
+            objects.handle(m);
+        }
+        if !objects.synced() {
+            continue;
+        }
+        let now = Timestamp::now();
+        let input = dns::collect_values(objects.values(), &cfg, now);
+        wake = input.next_expiry;
+        let fresh: BTreeSet<String> = input.warnings.iter().map(|w| w.to_string()).collect();
+        for w in fresh.difference(&warned) {
+            warn!("{w}");
+        }
+        warned = fresh;
+        let mut next = zones.clone();
+        let mut changed = Vec::new();
+        for domain in &cfg.domains {
+            let key = zone_key(domain);
+            let (zone, ch) = dns::render_zone(&input, domain, &cfg, zones.get(&key).map(String::as_str));
+            if ch || !written_once {
+                changed.push(format!(
+                    "{domain} serial {}",
+                    dns::serial_of(&zone).unwrap_or_default()
+                ));
+            }
+            next.insert(key, zone);
+        }
+        if changed.is_empty() {
+            continue;
+        }
+        next.retain(|k, _| cfg.domains.iter().any(|d| zone_key(d) == *k));
+        let written = match &cms {
+            Some(cms) => apply_configmap(cms, &args.configmap, &next).await,
+            None => Ok(()),
+        };
+        match written {
+            Ok(()) => {
+                written_once = true;
+                zones = next;
+                let serving = input.nodes.iter().filter(|n| n.serving).count();
+                info!(
+                    zones = %changed.join(", "),
+                    hostnames = input.hosts.len(),
+                    serving_nodes = serving,
+                    latency_us = earliest.map(|t| t.elapsed().as_micros() as u64),
+                    "zones written"
+                );
+                if let Some(out) = &args.out {
+                    for domain in &cfg.domains {
+                        if let Some(z) = zones.get(&zone_key(domain)) {
+                            write_atomically(&zone_path(out, &cfg.domains, domain), z)?;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "writing the zones failed; retrying in 2 s");
+                wake = Some(now + k8s_openapi::jiff::SignedDuration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn apply_configmap(
+    cms: &Api<ConfigMap>,
+    name: &str,
+    zones: &BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    let cm = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/name": "st8s", "app.kubernetes.io/component": "dns"},
+        },
+        "data": zones,
+    });
+    cms.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&cm),
+    )
+    .await
+    .with_context(|| format!("server-side apply of ConfigMap {name}"))?;
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! `st8s dns` on a cluster: the real binary against the API-server double. It watches Nodes,
+//! the agents' Leases, Ingresses, HTTPRoutes and Services (Traefik's CRD is not installed here),
+//! and keeps the zones ConfigMap by server-side apply. Measures how long a node that turns
+//! NotReady, or whose agent's Lease runs out, stays in the answers.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use xtask::apiserver::{ApiServer, Kind, Patch, node};
+
+const NS: &str = "st8s-system";
+const CM: &str = "st8s-system/st8s-zones";
+const KEY: &str = "home.example.org.db";
+
+fn st8s() -> PathBuf {
+    let p = xtask::target_dir().join("debug/st8s");
+    assert!(
+        p.is_file(),
+        "{} missing: run through `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+/// A Lease as an agent renews it, renewed `ago` before now.
+fn lease(node: &str, ago: Duration) -> Value {
+    use k8s_openapi::{
+        apimachinery::pkg::apis::meta::v1::MicroTime,
+        jiff::{SignedDuration, Timestamp},
+    };
+    let ago = SignedDuration::try_from(ago).expect("duration");
+    let renewed = MicroTime(Timestamp::now() - ago);
+    json!({
+        "metadata": {"name": format!("st8s-agent-{node}"), "namespace": NS},
+        "spec": {"holderIdentity": node, "leaseDurationSeconds": 10, "renewTime": renewed}
+    })
+}
+
+struct Dns {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Dns {
+    fn start(kubeconfig: &std::path::Path, tag: &str) -> Dns {
+        let log = std::env::temp_dir().join(format!("st8s-dns-cluster-{}-{tag}.log", std::process::id()));
+        let child = Command::new(st8s())
+            .args(["dns", "--domain", "home.example.org", "--namespace", NS])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("st8s dns starts");
+        Dns { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn zone_writes(api: &ApiServer) -> Vec<Patch> {
+    api.patches()
+        .into_iter()
+        .filter(|p| p.kind == Kind::ConfigMap && p.key == CM)
+        .collect()
+}
+
+fn zone(p: &Patch) -> String {
+    p.body["data"][KEY].as_str().unwrap_or_default().to_owned()
+}
+
+fn serial(z: &str) -> u32 {
+    st8s::dns::serial_of(z).unwrap_or_default()
+}
+
+/// Waits (bounded) for a zone write after the first `seen` ones that satisfies `ok`.
+fn wait_write(api: &ApiServer, dns: &Dns, seen: usize, secs: u64, ok: impl Fn(&str) -> bool) -> Patch {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(p) = zone_writes(api).into_iter().skip(seen).find(|p| ok(&zone(p))) {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no such zone write within {secs}s; writes: {:#?}\nst8s dns log:\n{}",
+            zone_writes(api).iter().map(zone).collect::<Vec<_>>(),
+            dns.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn zones_follow_the_cluster_and_unready_nodes_leave_the_answers() {
+    let api = ApiServer::start().expect("double");
+    let kubeconfig = std::env::temp_dir().join(format!("st8s-dns-cluster-{}.kubeconfig", std::process::id()));
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    for (n, ip) in [
+        ("node1", "10.77.0.11"),
+        ("node2", "10.77.0.12"),
+        ("node3", "10.77.0.13"),
+    ] {
+        api.apply(Kind::Node, node(n, ip, true));
+        api.apply(Kind::Lease, lease(n, Duration::ZERO));
+    }
+    // Another component's Lease in the namespace is not an agent's.
+    api.apply(
+        Kind::Lease,
+        json!({"metadata": {"name": "external-dns", "namespace": NS}, "spec": {"holderIdentity": "x"}}),
+    );
+    api.apply(
+        Kind::Ingress,
+        json!({"metadata": {"name": "jellyfin", "namespace": "media"},
+               "spec": {"rules": [{"host": "jellyfin.home.example.org"}]}}),
+    );
+    api.apply(
+        Kind::HttpRoute,
+        json!({"metadata": {"name": "gotify", "namespace": "notify", "annotations": {"st8s.io/exposure": "wan"}},
+               "spec": {"hostnames": ["gotify.home.example.org"]}}),
+    );
+    api.apply(
+        Kind::Service,
+        json!({"metadata": {"name": "ha", "namespace": "home",
+                            "annotations": {"st8s.io/hostname": "ha.home.example.org", "st8s.io/exposure": "lan"}},
+               "spec": {"ports": [{"port": 8123}]}}),
+    );
+    api.set_missing(Kind::IngressRoute, true);
+
+    let dns = Dns::start(&kubeconfig, "a");
+    let first = wait_write(&api, &dns, 0, 20, |z| z.contains("jellyfin IN A 10.77.0.13"));
+    assert_eq!(first.field_manager, "st8s", "server-side apply as st8s");
+    let z = zone(&first);
+    for ip in ["10.77.0.11", "10.77.0.12", "10.77.0.13"] {
+        assert!(z.contains(&format!("jellyfin IN A {ip}")), "{z}");
+        assert!(z.contains(&format!("ha IN A {ip}")), "{z}");
+    }
+    assert!(
+        !z.contains("gotify"),
+        "a WAN-only name never gets a LAN record: {z}"
+    );
+    assert!(z.contains("node1.lab IN A 10.77.0.11"), "node names: {z}");
+    assert_eq!(serial(&z), 1);
+    assert!(
+        dns.log().contains("CRD not installed"),
+        "a missing CRD is said once and tolerated:\n{}",
+        dns.log()
+    );
+
+    // A node turns NotReady.
+    let seen = zone_writes(&api).len();
+    let t0 = Instant::now();
+    api.apply(Kind::Node, node("node2", "10.77.0.12", false));
+    let w = wait_write(&api, &dns, seen, 10, |z| !z.contains("jellyfin IN A 10.77.0.12"));
+    let not_ready_ms = w.at.duration_since(t0).as_secs_f64() * 1e3;
+    assert_eq!(serial(&zone(&w)), 2, "one change, one serial step");
+    assert!(
+        zone(&w).contains("node2.lab IN A 10.77.0.12"),
+        "the node keeps its own name"
+    );
+
+    // An agent stops renewing: its Lease runs out about 1 s from now, with no event at all.
+    let seen = zone_writes(&api).len();
+    api.apply(Kind::Lease, lease("node3", Duration::from_secs(9)));
+    let expiry = Instant::now() + Duration::from_secs(1);
+    let w = wait_write(&api, &dns, seen, 10, |z| !z.contains("jellyfin IN A 10.77.0.13"));
+    let lease_ms = w.at.saturating_duration_since(expiry).as_secs_f64() * 1e3;
+    assert_eq!(serial(&zone(&w)), 3);
+    assert!(zone(&w).contains("jellyfin IN A 10.77.0.11"));
+
+    // Changes that do not touch the answers write nothing.
+    let seen = zone_writes(&api).len();
+    api.apply(
+        Kind::Service,
+        json!({"metadata": {"name": "plain", "namespace": "home"}, "spec": {"ports": [{"port": 80}]}}),
+    );
+    api.apply(Kind::Lease, lease("node1", Duration::ZERO));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        zone_writes(&api).len(),
+        seen,
+        "no write, no serial step, without a change"
+    );
+
+    // A restart continues the serial from the ConfigMap instead of starting again at 1.
+    let stored = api.get(Kind::ConfigMap, CM).expect("the ConfigMap exists");
+    let before = serial(stored["data"][KEY].as_str().unwrap_or_default());
+    drop(dns);
+    let dns = Dns::start(&kubeconfig, "b");
+    let seen = zone_writes(&api).len();
+    api.apply(Kind::Lease, lease("node2", Duration::ZERO));
+    api.apply(Kind::Node, node("node2", "10.77.0.12", true));
+    let w = wait_write(&api, &dns, seen, 20, |z| z.contains("jellyfin IN A 10.77.0.12"));
+    assert_eq!(serial(&zone(&w)), before + 1, "{}", dns.log());
+    drop(dns);
+    let _ = std::fs::remove_file(&kubeconfig);
+    println!(
+        "st8s dns, measured against the API double: node NotReady -> zone ConfigMap written in {not_ready_ms:.1} ms; agent Lease ran out -> written {lease_ms:.1} ms after the expiry"
+    );
+}
