@@ -22,6 +22,8 @@ use std::{
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
+use crate::deploy::ApiCall;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Node,
@@ -84,6 +86,15 @@ impl Kind {
         self.info().3
     }
 
+    /// The API group ("" for the core group).
+    fn group(self) -> &'static str {
+        let prefix = self.info().0;
+        prefix
+            .strip_prefix("/apis/")
+            .and_then(|g| g.split('/').next())
+            .unwrap_or_default()
+    }
+
     /// `<prefix>[/namespaces/<ns>]/<plural>[/<name>]` -> (kind, namespace, name).
     fn parse_path(path: &str) -> Option<(Self, Option<String>, Option<String>)> {
         Kind::ALL.into_iter().find_map(|k| {
@@ -116,6 +127,8 @@ pub struct Patch {
     pub key: String,
     pub field_manager: String,
     pub body: Value,
+    /// The object did not exist before: the apply created it (RBAC: `create` too).
+    pub created: bool,
 }
 
 #[derive(Default)]
@@ -302,6 +315,55 @@ impl ApiServer {
         self.with(|st| st.requests.clone())
     }
 
+    /// Every distinct API call made so far, as RBAC sees it (verb, group, resource, namespace,
+    /// name); a server-side apply that created its object counts as `patch` and `create`.
+    pub fn calls(&self) -> BTreeSet<ApiCall> {
+        let (requests, patches) = self.with(|st| (st.requests.clone(), st.patches.clone()));
+        let mut calls = BTreeSet::new();
+        for r in requests {
+            let mut parts = r.split_whitespace();
+            let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            let Some((kind, namespace, name)) = Kind::parse_path(path) else {
+                continue;
+            };
+            let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
+            let verb = match (method, &name) {
+                ("GET", Some(_)) => "get",
+                ("GET", None) if watch => "watch",
+                ("GET", None) => "list",
+                ("PATCH", _) => "patch",
+                ("POST", _) => "create",
+                ("PUT", _) => "update",
+                ("DELETE", _) => "delete",
+                _ => continue,
+            };
+            calls.insert(ApiCall {
+                verb: verb.to_owned(),
+                group: kind.group().to_owned(),
+                resource: kind.info().1.to_owned(),
+                namespace,
+                name,
+            });
+        }
+        for p in patches.iter().filter(|p| p.created) {
+            let (namespace, name) = match p.key.split_once('/') {
+                Some((ns, n)) => (Some(ns.to_owned()), n.to_owned()),
+                None => (None, p.key.clone()),
+            };
+            calls.insert(ApiCall {
+                verb: "create".into(),
+                group: p.kind.group().to_owned(),
+                resource: p.kind.info().1.to_owned(),
+                namespace,
+                name: Some(name),
+            });
+        }
+        calls
+    }
+
     /// A kubeconfig pointing at the double (plain HTTP).
     pub fn write_kubeconfig(&self, path: &Path) -> anyhow::Result<()> {
         let text = format!(
@@ -458,12 +520,14 @@ fn serve(
                     let field_manager = params.get("fieldManager").copied().unwrap_or_default().to_owned();
                     let stored = {
                         let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+                        let created = !st.objects.contains_key(&(kind, key.clone()));
                         st.patches.push(Patch {
                             at: Instant::now(),
                             kind,
                             key,
                             field_manager,
                             body: obj.clone(),
+                            created,
                         });
                         st.apply(kind, obj)
                     };

@@ -267,6 +267,7 @@ fn bench_lab() -> anyhow::Result<Lab> {
         prefer_local: true,
         xdp: "auto".into(),
         kubeconfig: None,
+        agent_caps: None,
     })
 }
 
@@ -970,6 +971,7 @@ fn control_plane(report: &mut String, misses: &mut Vec<String>) -> anyhow::Resul
             prefer_local: true,
             xdp: "auto".into(),
             kubeconfig: Some(kubeconfig.clone()),
+            agent_caps: None,
         })?;
         let sw = lab.switch_ns().to_owned();
         let listener = in_netns(&sw, || std::net::TcpListener::bind((API_ADDR, 6443)))??;

@@ -56,6 +56,29 @@ pub struct LabConfig {
     pub xdp: String,
     /// Agents watch this API (a kubeconfig) instead of reading the lab's cluster file.
     pub kubeconfig: Option<PathBuf>,
+    /// Run the agents with only these capabilities (names as in a Pod's securityContext, e.g.
+    /// `BPF`), as root, the way the DaemonSet runs them. `None`: every capability.
+    pub agent_caps: Option<Vec<String>>,
+}
+
+/// The number of a capability named as in a Pod's securityContext (`NET_ADMIN`), for the ones
+/// an eBPF agent may need.
+pub fn capability_number(name: &str) -> Option<u32> {
+    Some(match name.trim_start_matches("CAP_") {
+        "CHOWN" => 0,
+        "DAC_OVERRIDE" => 1,
+        "NET_BIND_SERVICE" => 10,
+        "NET_BROADCAST" => 11,
+        "NET_ADMIN" => 12,
+        "NET_RAW" => 13,
+        "IPC_LOCK" => 14,
+        "SYS_PTRACE" => 19,
+        "SYS_ADMIN" => 21,
+        "SYS_RESOURCE" => 24,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        _ => return None,
+    })
 }
 
 /// One hostPort a pod declares.
@@ -555,8 +578,17 @@ impl Lab {
             .open(self.agent_log(node))?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", self.node_ns(node)))
-            .arg("--")
-            .arg(&self.cfg.st8s_bin)
+            .arg("--");
+        if let Some(caps) = &self.cfg.agent_caps {
+            // setpriv after nsenter (which needs CAP_SYS_ADMIN): root, with a bounding set of
+            // exactly these, so the agent's permitted and effective sets are exactly these.
+            let set: Vec<String> = caps.iter().map(|c| format!("+{}", c.to_lowercase())).collect();
+            cmd.arg("setpriv")
+                .arg(format!("--bounding-set=-all,{}", set.join(",")))
+                .arg("--inh-caps=-all")
+                .arg("--");
+        }
+        cmd.arg(&self.cfg.st8s_bin)
             .args(["agent", "--node", &node_name(node)]);
         match &self.cfg.kubeconfig {
             Some(k) => cmd.env("KUBECONFIG", k),

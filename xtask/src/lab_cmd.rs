@@ -41,6 +41,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
         prefer_local: true,
         xdp: args.xdp.clone(),
         kubeconfig: None,
+        agent_caps: None,
     };
     progress("creating the lab: switch, 3 nodes with pod bridges, a client");
     let mut lab = Lab::new(cfg)?;

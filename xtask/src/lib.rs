@@ -3,6 +3,7 @@
 pub mod apiserver;
 pub mod backend;
 pub mod bench;
+pub mod deploy;
 pub mod lab;
 pub mod setup;
 

@@ -162,7 +162,50 @@ pub fn setup() -> anyhow::Result<()> {
         }
     }
     ensure_bpffs()?;
-    progress("setup: toolchain, bpf-linker and packages present");
+    ensure_kubernetes_validate()?;
+    progress("setup: toolchain, bpf-linker, packages and the manifest validator present");
+    Ok(())
+}
+
+/// kubernetes-validate (PyPI), pinned, in a virtualenv of its own under `target/`.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// The manifest validator the deploy tests run.
+pub fn kubernetes_validate() -> PathBuf {
+    crate::target_dir().join("pyenv/bin/kubernetes-validate")
+}
+
+fn ensure_kubernetes_validate() -> anyhow::Result<()> {
+    if kubernetes_validate().is_file() {
+        return Ok(());
+    }
+    if !have("python3") {
+        apt_install(&["python3"])?;
+    }
+    let venv = crate::target_dir().join("pyenv");
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !made {
+        // Debian splits venv out of python3.
+        apt_install(&["python3-venv"])?;
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .context("creating a Python virtualenv")?;
+    }
+    progress(&format!(
+        "installing {KUBERNETES_VALIDATE} (PyPI) into {}",
+        venv.display()
+    ));
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", KUBERNETES_VALIDATE]))
+        .context("pip install kubernetes-validate (needs PyPI)")?;
+    if !kubernetes_validate().is_file() {
+        bail!(
+            "{} is still missing after installing it",
+            kubernetes_validate().display()
+        );
+    }
     Ok(())
 }
 

@@ -140,6 +140,11 @@ fn zones_follow_the_cluster_and_unready_nodes_leave_the_answers() {
                "spec": {"ports": [{"port": 8123}]}}),
     );
     api.set_missing(Kind::IngressRoute, true);
+    // deploy/base ships the ConfigMap empty, so that `st8s dns` only ever patches it.
+    api.apply(
+        Kind::ConfigMap,
+        json!({"metadata": {"name": "st8s-zones", "namespace": NS}}),
+    );
 
     let dns = Dns::start(&kubeconfig, "a");
     let first = wait_write(&api, &dns, 0, 20, |z| z.contains("jellyfin IN A 10.77.0.13"));
@@ -208,6 +213,33 @@ fn zones_follow_the_cluster_and_unready_nodes_leave_the_answers() {
     assert_eq!(serial(&zone(&w)), before + 1, "{}", dns.log());
     drop(dns);
     let _ = std::fs::remove_file(&kubeconfig);
+
+    // Every call it made is one that deploy/base's RBAC grants st8s-dns, and it made the
+    // ones expected of it.
+    let manifests =
+        xtask::deploy::render(&xtask::deploy::deploy_dir().join("base")).expect("deploy/base renders");
+    let calls = api.calls();
+    for c in &calls {
+        assert!(
+            xtask::deploy::allowed(&manifests, NS, "st8s-dns", c),
+            "deploy/base does not let st8s dns make {c:?}"
+        );
+    }
+    for (verb, resource) in [
+        ("watch", "nodes"),
+        ("watch", "leases"),
+        ("watch", "ingresses"),
+        ("watch", "services"),
+        ("watch", "httproutes"),
+        ("list", "ingressroutes"),
+        ("get", "configmaps"),
+        ("patch", "configmaps"),
+    ] {
+        assert!(
+            calls.iter().any(|c| c.verb == verb && c.resource == resource),
+            "expected a {verb} of {resource} among {calls:?}"
+        );
+    }
     println!(
         "st8s dns, measured against the API double: node NotReady -> zone ConfigMap written in {not_ready_ms:.1} ms; agent Lease ran out -> written {lease_ms:.1} ms after the expiry"
     );

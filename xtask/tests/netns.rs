@@ -50,6 +50,7 @@ fn lab_with(prefer_local: bool, xdp: &str) -> Lab {
         prefer_local,
         xdp: xdp.into(),
         kubeconfig: None,
+        agent_caps: None,
     })
     .expect("lab builds")
 }
@@ -571,6 +572,8 @@ fn agents_killed_and_restarted_under_load_lose_no_request() {
 /// The agents on a "real cluster": they watch the API-server double (on the LAN), program the
 /// dataplane from it, follow changes within milliseconds, and through an API outage keep the
 /// dataplane serving while reporting not ready.
+/// The agents as the DaemonSet runs them: from the API, with exactly the capabilities that
+/// deploy/base grants, and making only the API calls that its RBAC allows.
 #[test]
 fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
     use xtask::apiserver::{ApiServer, Kind, node, pod};
@@ -578,6 +581,19 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "needs root");
     let (st8s_bin, xtask_bin) = bins();
+    let manifests =
+        xtask::deploy::render(&xtask::deploy::deploy_dir().join("base")).expect("deploy/base renders");
+    let daemonset = manifests
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("the agent DaemonSet");
+    let caps: Vec<String> =
+        daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+            .as_array()
+            .expect("capabilities.add")
+            .iter()
+            .filter_map(|c| c.as_str().map(str::to_owned))
+            .collect();
     let kubeconfig = std::env::temp_dir().join(format!("st8s-kubeconfig-{}", std::process::id()));
     let mut lab = Lab::new(LabConfig {
         nodes: 3,
@@ -586,6 +602,7 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
         prefer_local: true,
         xdp: "auto".into(),
         kubeconfig: Some(kubeconfig.clone()),
+        agent_caps: Some(caps.clone()),
     })
     .expect("lab builds");
     let sw = lab.switch_ns().to_owned();
@@ -619,6 +636,23 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
     lab.wait_table(3, SYNC, |s| s.ports.len() == 1 && s.ports[0].2.len() == 1)
         .expect("node3 programmed");
     assert_eq!(lab.http(3, 80).pod.as_deref(), Some("lab/web-node1"));
+
+    // The agents really ran with only those capabilities, and still attached, programmed and
+    // forwarded (the request above crossed node3's XDP program to node1's TC program).
+    let want: u64 = caps
+        .iter()
+        .map(|c| 1u64 << xtask::lab::capability_number(c).unwrap_or_else(|| panic!("unknown capability {c}")))
+        .sum();
+    for n in 1..=3 {
+        let pid = lab.agent_pid(n).expect("agent running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .expect("CapEff");
+        assert_eq!(eff, want, "node{n}'s agent runs with exactly {caps:?}");
+    }
 
     // Each ready agent holds its Lease (server-side apply as st8s), which `st8s dns` reads.
     let start = std::time::Instant::now();
@@ -711,5 +745,25 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
     api.set_down(false);
     lab.wait_ready(3, Duration::from_secs(60))
         .expect("ready again after the outage");
+
+    // Every call the agents made is one that deploy/base's RBAC grants them.
+    let calls = api.calls();
+    for c in &calls {
+        assert!(
+            xtask::deploy::allowed(&manifests, "st8s-system", "st8s-agent", c),
+            "deploy/base does not let the agent make {c:?}"
+        );
+    }
+    for (verb, resource) in [
+        ("list", "nodes"),
+        ("watch", "pods"),
+        ("create", "leases"),
+        ("patch", "leases"),
+    ] {
+        assert!(
+            calls.iter().any(|c| c.verb == verb && c.resource == resource),
+            "expected a {verb} of {resource} among {calls:?}"
+        );
+    }
     let _ = std::fs::remove_file(&kubeconfig);
 }
