@@ -19,9 +19,23 @@ pub mod map_names {
     pub const FLOWS: &str = "ST8S_FLOWS";
     pub const REVNAT: &str = "ST8S_REVNAT";
     pub const COUNTERS: &str = "ST8S_COUNTERS";
+    pub const DISCOVERY: &str = "ST8S_DISCOVERY";
+    pub const DISCOVERY_PODS: &str = "ST8S_DISCOVERY_PODS";
 
-    pub const ALL: [&str; 11] = [
-        CONFIG, PORTS, PORT_INDEX, PORT_INFO, BACKENDS, MAGLEV, NODES, PEER_MACS, FLOWS, REVNAT, COUNTERS,
+    pub const ALL: [&str; 13] = [
+        CONFIG,
+        PORTS,
+        PORT_INDEX,
+        PORT_INFO,
+        BACKENDS,
+        MAGLEV,
+        NODES,
+        PEER_MACS,
+        FLOWS,
+        REVNAT,
+        COUNTERS,
+        DISCOVERY,
+        DISCOVERY_PODS,
     ];
 }
 
@@ -112,8 +126,10 @@ pub struct Config {
     pub self_mac: [u8; 6],
     /// `LAYOUT_VERSION` of the agent that wrote the maps; 0 before the first sync.
     pub layout: u16,
+    /// The uplink subnet's broadcast address (0 if none): discovery broadcasts may use it.
+    pub broadcast_be: u32,
 }
-assert_size!(Config, 24);
+assert_size!(Config, 28);
 
 /// Key of `ST8S_PORTS`, the agent's registry of steered hostPorts (the packet path reads
 /// `ST8S_PORT_INDEX` and `ST8S_PORT_INFO` instead).
@@ -255,6 +271,35 @@ pub struct FlowValue {
 }
 assert_size!(FlowValue, 16);
 
+/// Discovery ports a node delivers broadcast and multicast to: one per (UDP) hostPort whose pod
+/// on this node declares it in `st8s.io/discovery`.
+pub const MAX_DISCOVERY: u32 = MAX_PORTS;
+
+/// Value of `ST8S_DISCOVERY` (key: the hostPort, a `u32` in host byte order) and of
+/// `ST8S_DISCOVERY_PODS`: the pod on this node that listens for a discovery port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Discovery {
+    pub pod_addr_be: u32,
+    /// The pod's containerPort.
+    pub pod_port_be: u16,
+    pub host_port_be: u16,
+    /// Counter slot of the port.
+    pub slot: u16,
+    pub _pad: u16,
+}
+assert_size!(Discovery, 12);
+
+/// Key of `ST8S_DISCOVERY_PODS`: a discovery pod's socket, as its announcements leave it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DiscoveryPodKey {
+    pub pod_addr_be: u32,
+    pub pod_port_be: u16,
+    pub _pad: u16,
+}
+assert_size!(DiscoveryPodKey, 8);
+
 /// Key of `ST8S_REVNAT`: a backend pod's reply as it leaves the pod.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -306,7 +351,8 @@ pub struct Counters {
     pub drop_no_local_backend: u64,
     /// Dropped: a checksum or redirect helper failed.
     pub drop_error: u64,
-    pub _reserved: u64,
+    /// Broadcast or multicast to a discovery port, copied to the local pod that declares it.
+    pub discovered: u64,
 }
 assert_size!(Counters, 64);
 
@@ -319,6 +365,7 @@ impl Counters {
         self.untrusted_peer += other.untrusted_peer;
         self.drop_no_local_backend += other.drop_no_local_backend;
         self.drop_error += other.drop_error;
+        self.discovered += other.discovered;
     }
 }
 
@@ -369,6 +416,8 @@ mod user {
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Discovery {}
+    unsafe impl aya::Pod for DiscoveryPodKey {}
 }
 
 #[cfg(test)]

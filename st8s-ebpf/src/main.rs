@@ -15,17 +15,17 @@ use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_redirect, bpf_redirect_neigh},
+        generated::{bpf_clone_redirect, bpf_redirect, bpf_redirect_neigh},
     },
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
 use st8s_common::{
-    flow_hash, port_index, Backend, Config, Counters, FlowKey, FlowValue, MacKey, MaglevRow, NodeInfo,
-    PortInfo, PortKey, RevNatKey, RevNatValue, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL, FLOW_LOCAL,
-    FLOW_REMOTE, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_NODES, MAX_PORTS,
-    PORT_INDEX_ENTRIES, PROTO_TCP, PROTO_UDP,
+    flow_hash, port_index, Backend, Config, Counters, Discovery, DiscoveryPodKey, FlowKey, FlowValue, MacKey,
+    MaglevRow, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatValue, BACKEND_LOCAL, BANKS,
+    CONFIG_PREFER_LOCAL, FLOW_LOCAL, FLOW_REMOTE, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS,
+    MAX_DISCOVERY, MAX_FLOWS, MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES, PROTO_TCP, PROTO_UDP,
 };
 
 #[map]
@@ -56,6 +56,12 @@ static ST8S_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries
 static ST8S_REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 #[map]
 static ST8S_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_PORTS + 1, 0);
+/// Discovery ports of this node's pods, by hostPort (uplink side).
+#[map]
+static ST8S_DISCOVERY: HashMap<u32, Discovery> = HashMap::with_max_entries(MAX_DISCOVERY, 0);
+/// The same, by the pod's address and containerPort (pod side).
+#[map]
+static ST8S_DISCOVERY_PODS: HashMap<DiscoveryPodKey, Discovery> = HashMap::with_max_entries(MAX_DISCOVERY, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -71,6 +77,8 @@ const UDP_HLEN: usize = 8;
 /// Enough linear bytes for every header the programs read.
 const PARSE_LEN: usize = L4_OFF + TCP_HLEN;
 
+const IP_TTL_OFF: usize = ETH_HLEN + 8;
+const BPF_F_INGRESS: u64 = 1;
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 
@@ -430,6 +438,11 @@ fn parse_tc(ctx: &TcContext) -> Option<Packet> {
 fn try_uplink_tc(ctx: &TcContext) -> Option<i32> {
     let pkt = parse_tc(ctx)?;
     let cfg = config()?;
+    if pkt.proto == PROTO_UDP && is_group_or_broadcast(pkt.daddr, cfg) {
+        deliver_discovery(ctx, &pkt, cfg);
+        // The host stack gets the original either way.
+        return None;
+    }
     match steer(&pkt, cfg) {
         Steer::NotOurs => {
             forget_stale_reply_translation(&pkt);
@@ -463,6 +476,127 @@ fn try_uplink_tc(ctx: &TcContext) -> Option<i32> {
         }
         Steer::Local { port } => Some(deliver_local(ctx, &pkt, &port)),
     }
+}
+
+/// Limited broadcast, the uplink subnet's broadcast, or any IPv4 multicast group.
+#[inline(always)]
+fn is_group_or_broadcast(daddr_be: u32, cfg: &Config) -> bool {
+    let first_octet = daddr_be & 0xff;
+    daddr_be == u32::MAX
+        || first_octet & 0xf0 == 0xe0
+        || (cfg.broadcast_be != 0 && daddr_be == cfg.broadcast_be)
+}
+
+/// A broadcast or multicast datagram to a discovery port: a copy goes to the local pod that
+/// declares the port, addressed to the pod (so that its socket receives it, from the asker's own
+/// address), and the pod's answer to the asker will leave as this node. The copy re-enters the
+/// uplink as a unicast packet to the pod and the kernel routes it there; the original is put back
+/// as it was for the host stack.
+#[inline(always)]
+fn deliver_discovery(ctx: &TcContext, pkt: &Packet, cfg: &Config) {
+    // SAFETY: copied out at once.
+    let Some(d) = (unsafe { ST8S_DISCOVERY.get(u16::from_be(pkt.dport) as u32) }).copied() else {
+        return;
+    };
+    let slot = d.slot as u32;
+    let rev_key = RevNatKey {
+        pod_addr_be: d.pod_addr_be,
+        client_addr_be: pkt.saddr,
+        pod_port_be: d.pod_port_be,
+        client_port_be: pkt.sport,
+        proto: PROTO_UDP,
+        _pad: 0,
+        _pad2: 0,
+    };
+    let rev = RevNatValue {
+        frontend_addr_be: cfg.self_addr_be,
+        frontend_port_be: pkt.dport,
+        slot: d.slot,
+        _pad: [0; 8],
+        // SAFETY: plain helper call.
+        stamp_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if ST8S_REVNAT.insert(rev_key, rev, 0).is_err() {
+        count(slot, |c| c.drop_error += 1);
+        return;
+    }
+    let Ok(dst_mac) = ctx.load::<[u8; 6]>(0) else {
+        return;
+    };
+    let Ok(ttl_proto) = ctx.load::<u16>(IP_TTL_OFF) else {
+        return;
+    };
+    // Multicast is often sent with TTL 1; the copy is forwarded once, to the pod.
+    let fresh_ttl = (u16::from_be(ttl_proto) & 0x00ff | 64 << 8).to_be();
+    let to_pod = rewrite(
+        ctx,
+        PROTO_UDP,
+        IP_DST_OFF,
+        pkt.daddr,
+        d.pod_addr_be,
+        L4_OFF + 2,
+        pkt.dport,
+        d.pod_port_be,
+    )
+    .and_then(|()| ctx.l3_csum_replace(IP_CSUM_OFF, ttl_proto as u64, fresh_ttl as u64, 2))
+    .and_then(|()| ctx.store(IP_TTL_OFF, &fresh_ttl, 0))
+    .and_then(|()| ctx.store(0, &cfg.self_mac, 0));
+    // SAFETY: plain helper call on this program's own skb.
+    let cloned =
+        to_pod.is_ok() && unsafe { bpf_clone_redirect(ctx.skb.skb, cfg.uplink_ifindex, BPF_F_INGRESS) } == 0;
+    let restored = ctx
+        .store(0, &dst_mac, 0)
+        .and_then(|()| ctx.l3_csum_replace(IP_CSUM_OFF, fresh_ttl as u64, ttl_proto as u64, 2))
+        .and_then(|()| ctx.store(IP_TTL_OFF, &ttl_proto, 0))
+        .and_then(|()| {
+            rewrite(
+                ctx,
+                PROTO_UDP,
+                IP_DST_OFF,
+                d.pod_addr_be,
+                pkt.daddr,
+                L4_OFF + 2,
+                d.pod_port_be,
+                pkt.dport,
+            )
+        });
+    if cloned && restored.is_ok() {
+        count(slot, |c| c.discovered += 1);
+    } else {
+        count(slot, |c| c.drop_error += 1);
+    }
+}
+
+/// A discovery pod's own broadcast or multicast (an announcement, or a multicast answer): it
+/// leaves by the uplink as this node (address, hostPort and MAC), as a LAN host's would.
+#[inline(always)]
+fn announce(ctx: &TcContext, pkt: &Packet, cfg: &Config) -> Option<i32> {
+    let key = DiscoveryPodKey {
+        pod_addr_be: pkt.saddr,
+        pod_port_be: pkt.sport,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let d = unsafe { ST8S_DISCOVERY_PODS.get(key) }.copied()?;
+    let slot = d.slot as u32;
+    let ok = rewrite(
+        ctx,
+        PROTO_UDP,
+        IP_SRC_OFF,
+        pkt.saddr,
+        cfg.self_addr_be,
+        L4_OFF,
+        pkt.sport,
+        d.host_port_be,
+    )
+    .and_then(|()| ctx.store(6, &cfg.self_mac, 0));
+    if ok.is_err() {
+        count(slot, |c| c.drop_error += 1);
+        return Some(TC_ACT_SHOT);
+    }
+    count(slot, |c| c.replied += 1);
+    // SAFETY: plain helper call.
+    Some(unsafe { bpf_redirect(cfg.uplink_ifindex, 0) } as i32)
 }
 
 const TCP_SYN: u8 = 0x02;
@@ -606,6 +740,12 @@ pub fn st8s_pod_tc(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
     let pkt = parse_tc(ctx)?;
+    if pkt.proto == PROTO_UDP {
+        let cfg = config()?;
+        if is_group_or_broadcast(pkt.daddr, cfg) {
+            return announce(ctx, &pkt, cfg);
+        }
+    }
     let key = RevNatKey {
         pod_addr_be: pkt.saddr,
         client_addr_be: pkt.daddr,

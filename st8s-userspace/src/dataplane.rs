@@ -20,8 +20,9 @@ use aya::{
     },
 };
 use st8s_common::{
-    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, LAYOUT_VERSION,
-    MAX_PORTS, MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, map_names, port_index, program_names,
+    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, Discovery,
+    DiscoveryPodKey, LAYOUT_VERSION, MAX_PORTS, MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, map_names,
+    port_index, program_names,
 };
 use tracing::{info, warn};
 
@@ -138,6 +139,10 @@ pub struct Dataplane {
     nodes: BTreeMap<Ipv4Addr, NodeInfo>,
     peer_macs: BTreeSet<[u8; 6]>,
     config: Option<Config>,
+    /// The uplink's addresses and their subnets' broadcast addresses.
+    broadcasts: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    /// `ST8S_DISCOVERY` as last written, by hostPort.
+    discovery: BTreeMap<u16, Discovery>,
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
@@ -152,6 +157,7 @@ impl Dataplane {
     pub fn load(opts: Options) -> anyhow::Result<(Self, Vec<(&'static str, MapFate)>)> {
         let uplink_ifindex = net::ifindex(&opts.iface)?;
         let self_mac = net::mac_of(&opts.iface)?;
+        let broadcasts = net::broadcasts(&opts.iface)?;
         let pins::Loaded { mut ebpf, fates } = pins::load_pinned(&opts.pin_dir, ebpf_object()?)?;
         let prog: &mut Xdp = ebpf
             .program_mut(program_names::UPLINK_XDP)
@@ -175,6 +181,8 @@ impl Dataplane {
             nodes: BTreeMap::new(),
             peer_macs: BTreeSet::new(),
             config: None,
+            broadcasts,
+            discovery: BTreeMap::new(),
         };
         dp.read_back()?;
         Ok((dp, fates))
@@ -196,6 +204,13 @@ impl Dataplane {
         let macs: HashMap<_, MacKey, u32> =
             HashMap::try_from(map_mut(&mut self.ebpf, map_names::PEER_MACS)?)?;
         self.peer_macs = macs.keys().filter_map(Result::ok).map(|k| k.mac).collect();
+        let discovery: HashMap<_, u32, Discovery> =
+            HashMap::try_from(map_mut(&mut self.ebpf, map_names::DISCOVERY)?)?;
+        self.discovery = discovery
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k as u16, v))
+            .collect();
         let ports: Vec<(PortKey, PortInfo)> = {
             let m: HashMap<_, PortKey, PortInfo> =
                 HashMap::try_from(map_mut(&mut self.ebpf, map_names::PORTS)?)?;
@@ -521,7 +536,68 @@ impl Dataplane {
                 },
             );
         }
+        self.apply_discovery(desired, &mut report)?;
         Ok(report)
+    }
+
+    /// Discovery ports: UDP hostPorts whose pod on this node declares them. Both maps are keyed
+    /// differently but hold the same entries; stale ones go first, so that a port that moved to
+    /// another pod never has two.
+    fn apply_discovery(&mut self, desired: &Desired, report: &mut ApplyReport) -> anyhow::Result<()> {
+        let want: BTreeMap<u16, Discovery> = desired
+            .ports
+            .iter()
+            .filter(|(id, _)| id.proto == Proto::Udp)
+            .filter_map(|(id, plan)| {
+                let local = plan.local.as_ref().filter(|l| l.discovery)?;
+                Some((
+                    id.port,
+                    Discovery {
+                        pod_addr_be: u32::from(local.addr).to_be(),
+                        pod_port_be: local.port.to_be(),
+                        host_port_be: id.port.to_be(),
+                        slot: self.ports.get(id)?.slot,
+                        _pad: 0,
+                    },
+                ))
+            })
+            .collect();
+        if want == self.discovery {
+            return Ok(());
+        }
+        let pod_key = |d: &Discovery| DiscoveryPodKey {
+            pod_addr_be: d.pod_addr_be,
+            pod_port_be: d.pod_port_be,
+            _pad: 0,
+        };
+        for (port, old) in &self.discovery {
+            if want.get(port) != Some(old) {
+                let mut m: HashMap<_, u32, Discovery> =
+                    HashMap::try_from(map_mut(&mut self.ebpf, map_names::DISCOVERY)?)?;
+                let _ = m.remove(&u32::from(*port));
+                let mut p: HashMap<_, DiscoveryPodKey, Discovery> =
+                    HashMap::try_from(map_mut(&mut self.ebpf, map_names::DISCOVERY_PODS)?)?;
+                let _ = p.remove(&pod_key(old));
+                report.writes += 2;
+                info!(port = *port, "discovery delivery stopped");
+            }
+        }
+        for (port, d) in &want {
+            if self.discovery.get(port) != Some(d) {
+                let mut p: HashMap<_, DiscoveryPodKey, Discovery> =
+                    HashMap::try_from(map_mut(&mut self.ebpf, map_names::DISCOVERY_PODS)?)?;
+                p.insert(pod_key(d), d, 0)
+                    .context("writing ST8S_DISCOVERY_PODS")?;
+                let mut m: HashMap<_, u32, Discovery> =
+                    HashMap::try_from(map_mut(&mut self.ebpf, map_names::DISCOVERY)?)?;
+                m.insert(u32::from(*port), d, 0)
+                    .context("writing ST8S_DISCOVERY")?;
+                report.writes += 2;
+                info!(port = *port, pod = %Ipv4Addr::from(u32::from_be(d.pod_addr_be)), "discovery delivered to the local pod");
+            }
+        }
+        self.discovery = want;
+        Ok(())
     }
 
     fn config_for(&self, self_addr: Ipv4Addr) -> Config {
@@ -539,6 +615,11 @@ impl Dataplane {
             flags,
             self_mac: self.self_mac,
             layout: LAYOUT_VERSION,
+            broadcast_be: self
+                .broadcasts
+                .get(&self_addr)
+                .map(|b| u32::from(*b).to_be())
+                .unwrap_or_default(),
         }
     }
 
@@ -635,6 +716,7 @@ mod tests {
                 pod: "p".into(),
                 addr: "10.244.1.2".parse().expect("test address"),
                 port: 8080,
+                discovery: false,
             }),
         }
     }

@@ -187,6 +187,7 @@ impl Metrics {
                         ("untrusted_peer", c.untrusted_peer),
                         ("drop_no_local_backend", c.drop_no_local_backend),
                         ("drop_error", c.drop_error),
+                        ("discovered", c.discovered),
                     ] {
                         let _ = writeln!(
                             o,

@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub flows: Vec<(FlowKey, FlowValue)>,
     pub nodes: Vec<Ipv4Addr>,
     pub revnat_entries: usize,
+    /// Discovery ports of this node's pods: (hostPort, entry), by port.
+    pub discovery: Vec<(u16, st8s_common::Discovery)>,
 }
 
 pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
@@ -70,8 +72,17 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
     let revnat: HashMap<MapData, st8s_common::RevNatKey, st8s_common::RevNatValue> =
         HashMap::try_from(open_pinned(dir, map_names::REVNAT)?)?;
     let revnat_entries = revnat.keys().filter(Result::is_ok).count();
+    let discovery: HashMap<MapData, u32, st8s_common::Discovery> =
+        HashMap::try_from(open_pinned(dir, map_names::DISCOVERY)?)?;
+    let mut disc = Vec::new();
+    for entry in discovery.iter() {
+        let (k, v) = entry.context("reading ST8S_DISCOVERY")?;
+        disc.push((k as u16, v));
+    }
+    disc.sort_by_key(|(k, _)| *k);
     Ok(Snapshot {
         revnat_entries,
+        discovery: disc,
         config,
         ports: out,
         global: sum(GLOBAL_COUNTER_SLOT)?,
@@ -119,7 +130,7 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10}",
+        "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10}",
         "PORT",
         "BACKENDS",
         "LOCAL",
@@ -129,7 +140,8 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
         "PASSED",
         "UNTRUSTED_PEER",
         "DROP_NO_LOCAL_BACKEND",
-        "DROP_ERROR"
+        "DROP_ERROR",
+        "DISCOVERED"
     );
     for (k, v, bs, n) in &s.ports {
         let backends = bs
@@ -151,7 +163,7 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
         };
         let _ = writeln!(
             o,
-            "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10}",
+            "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10}",
             port_name(k),
             backends,
             local,
@@ -161,7 +173,24 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
             n.passed,
             n.untrusted_peer,
             n.drop_no_local_backend,
-            n.drop_error
+            n.drop_error,
+            n.discovered
+        );
+    }
+    if !s.discovery.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "discovery (broadcast and multicast copied to the local pod): {}",
+            s.discovery
+                .iter()
+                .map(|(port, d)| format!(
+                    "{port}/udp -> {}:{}",
+                    addr(d.pod_addr_be),
+                    u16::from_be(d.pod_port_be)
+                ))
+                .collect::<Vec<_>>()
+                .join("  ")
         );
     }
     let _ = writeln!(o);

@@ -67,6 +67,47 @@ pub fn iface_with_addr(addr: Ipv4Addr) -> Result<String, NetError> {
     found.ok_or(NetError::NoInterfaceFor { addr })
 }
 
+/// The IPv4 addresses of `iface` with the broadcast address of each one's subnet (none for /31
+/// and /32, which have no broadcast).
+pub fn broadcasts(iface: &str) -> Result<BTreeMap<Ipv4Addr, Ipv4Addr>, NetError> {
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills ifap with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return Err(NetError::Ifaddrs(io::Error::last_os_error()));
+    }
+    let mut out = BTreeMap::new();
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_netmask.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_name is a C string owned by the list.
+        if unsafe { CStr::from_ptr(ifa.ifa_name) }.to_bytes() != iface.as_bytes() {
+            continue;
+        }
+        // SAFETY: ifa_addr is non-null; the family says which sockaddr it is.
+        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: AF_INET means sockaddr_in, for the address and its netmask alike.
+        let (addr, mask) = unsafe {
+            (
+                u32::from_be((*(ifa.ifa_addr as *const libc::sockaddr_in)).sin_addr.s_addr),
+                u32::from_be((*(ifa.ifa_netmask as *const libc::sockaddr_in)).sin_addr.s_addr),
+            )
+        };
+        if mask.count_ones() < 31 {
+            out.insert(Ipv4Addr::from(addr), Ipv4Addr::from(addr | !mask));
+        }
+    }
+    // SAFETY: ifap came from getifaddrs.
+    unsafe { libc::freeifaddrs(ifap) };
+    Ok(out)
+}
+
 pub fn ifindex(iface: &str) -> Result<u32, NetError> {
     let name = CString::new(iface).map_err(|_| NetError::NoSuchInterface {
         iface: iface.to_owned(),

@@ -3,7 +3,11 @@
 //! No kernel, no API server: [`plan`] is a function of the [`Cluster`] and the node's name, so the
 //! file source, the Kubernetes watcher and the tests all share it.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use st8s_common::{MAX_BACKENDS, MAX_NODES, MAX_PORTS, PROTO_TCP, PROTO_UDP};
@@ -12,6 +16,9 @@ use crate::model::{Cluster, pod_key};
 
 /// Pod annotation: `"false"` keeps the pod's hostPorts out of st8s.
 pub const STEER_ANNOTATION: &str = "st8s.io/steer";
+/// `"7359/udp,1900/udp"`: UDP hostPorts of the pod that also receive broadcast and multicast
+/// (discovery) on its node.
+pub const DISCOVERY_ANNOTATION: &str = "st8s.io/discovery";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Proto {
@@ -80,6 +87,9 @@ pub struct LocalBackend {
     pub pod: String,
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// The pod declares this (UDP) hostPort in `st8s.io/discovery`: broadcast and multicast to
+    /// it are delivered to the pod too.
+    pub discovery: bool,
 }
 
 /// One steered port: every node with a backend (sorted by node name, the order every agent uses
@@ -119,6 +129,12 @@ pub enum Problem {
     PortOutOfRange { pod: String, port: i32 },
     #[error("pod {pod}: annotation {STEER_ANNOTATION}={value:?} is neither \"true\" nor \"false\"")]
     BadAnnotation { pod: String, value: String },
+    #[error("pod {pod}: annotation {DISCOVERY_ANNOTATION}: {entry:?} {reason}")]
+    BadDiscovery {
+        pod: String,
+        entry: String,
+        reason: &'static str,
+    },
     #[error("pods {first} and {second} both claim hostPort {port} on node {node}")]
     HostPortConflict {
         port: PortId,
@@ -223,6 +239,48 @@ fn pod_claims(pod: &Pod, name: &str, problems: &mut Vec<Problem>) -> Vec<Claim> 
     claims
 }
 
+/// The hostPorts a pod declares for discovery (`st8s.io/discovery: "7359/udp,1900/udp"`): each
+/// must be one of its UDP hostPorts. Entries that are not are reported and left out.
+fn discovery_ports(pod: &Pod, name: &str, claims: &[Claim], problems: &mut Vec<Problem>) -> BTreeSet<u16> {
+    let Some(value) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DISCOVERY_ANNOTATION))
+    else {
+        return BTreeSet::new();
+    };
+    let mut ports = BTreeSet::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let bad = |reason| Problem::BadDiscovery {
+            pod: name.to_owned(),
+            entry: entry.to_owned(),
+            reason,
+        };
+        let (port, proto) = entry.split_once('/').unwrap_or((entry, "udp"));
+        let Ok(port) = port.parse::<u16>() else {
+            problems.push(bad("is not <port>/udp"));
+            continue;
+        };
+        if !proto.eq_ignore_ascii_case("udp") {
+            problems.push(bad(
+                "is not UDP (discovery is broadcast and multicast, which are UDP)",
+            ));
+            continue;
+        }
+        let id = PortId {
+            port,
+            proto: Proto::Udp,
+        };
+        if !claims.iter().any(|c| c.port == id) {
+            problems.push(bad("is not one of the pod's UDP hostPorts"));
+            continue;
+        }
+        ports.insert(port);
+    }
+    ports
+}
+
 /// Turns the cluster into the table node `self_name` should run.
 ///
 /// Every (hostPort, protocol) declared by a Ready pod on a Ready node becomes a steered port; the
@@ -265,8 +323,8 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
         });
     }
 
-    // (port, node) -> (pod, pod address, containerPort)
-    let mut owners: BTreeMap<(PortId, String), (String, Ipv4Addr, u16)> = BTreeMap::new();
+    // (port, node) -> (pod, pod address, containerPort, discovery)
+    let mut owners: BTreeMap<(PortId, String), (String, Ipv4Addr, u16, bool)> = BTreeMap::new();
     for (name, pod) in &cluster.pods {
         match pod
             .metadata
@@ -293,6 +351,7 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
         if claims.is_empty() {
             continue;
         }
+        let discovery = discovery_ports(pod, name, &claims, &mut problems);
         let Some(node) = spec
             .and_then(|s| s.node_name.as_ref())
             .and_then(|n| node_by_name.get(n))
@@ -324,12 +383,13 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
                 });
                 continue;
             }
-            owners.insert(key, (name.clone(), addr, claim.container_port));
+            let discovers = claim.port.proto == Proto::Udp && discovery.contains(&claim.port.port);
+            owners.insert(key, (name.clone(), addr, claim.container_port, discovers));
         }
     }
 
     let mut ports: BTreeMap<PortId, PortPlan> = BTreeMap::new();
-    for ((port, node_name), (pod, addr, container_port)) in owners {
+    for ((port, node_name), (pod, addr, container_port, discovery)) in owners {
         let entry = ports.entry(port).or_default();
         let node = &node_by_name[&node_name];
         entry.backends.push(BackendEntry {
@@ -342,6 +402,7 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
                 pod,
                 addr,
                 port: container_port,
+                discovery,
             });
         }
     }
@@ -407,6 +468,54 @@ mod tests {
         "{containerPort: 53, hostPort: 53, protocol: UDP}, {containerPort: 53, hostPort: 53, protocol: TCP}";
 
     #[test]
+    fn discovery_ports_are_udp_hostports_of_the_local_pod() {
+        const JELLYFIN: &str = "{containerPort: 8096, hostPort: 8096}, {containerPort: 7359, hostPort: 7359, protocol: UDP}, {containerPort: 1900, hostPort: 1900, protocol: UDP}";
+        let c = cluster(
+            &(three_nodes()
+                + &pod(
+                    "jellyfin",
+                    "node1",
+                    "10.244.1.2",
+                    JELLYFIN,
+                    ", annotations: {st8s.io/discovery: \"7359/udp, 1900, 8096/tcp, 5353/udp, x/udp\"}",
+                )),
+        );
+        let p = plan(&c, "node1").expect("plans");
+        let disc = |port: u16, proto: Proto| {
+            p.desired.ports[&PortId { port, proto }]
+                .local
+                .as_ref()
+                .map(|l| l.discovery)
+        };
+        assert_eq!(disc(7359, Proto::Udp), Some(true));
+        assert_eq!(disc(1900, Proto::Udp), Some(true), "udp is the default");
+        assert_eq!(disc(8096, Proto::Tcp), Some(false));
+        let text: Vec<String> = p.problems.iter().map(|e| e.to_string()).collect();
+        assert_eq!(p.problems.len(), 3, "{text:?}");
+        assert!(
+            text.iter()
+                .any(|t| t.contains("8096/tcp") && t.contains("not UDP")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("5353/udp") && t.contains("hostPorts")),
+            "{text:?}"
+        );
+        assert!(text.iter().any(|t| t.contains("x/udp")), "{text:?}");
+        // Another node sees the port, but no local pod, so it delivers nothing.
+        let p2 = plan(&c, "node2").expect("plans");
+        assert!(
+            p2.desired.ports[&PortId {
+                port: 7359,
+                proto: Proto::Udp
+            }]
+                .local
+                .is_none()
+        );
+    }
+
+    #[test]
     fn every_ready_hostport_is_steered_on_every_node() {
         let c = cluster(
             &(three_nodes()
@@ -436,7 +545,8 @@ mod tests {
             Some(LocalBackend {
                 pod: "ns/web-a".into(),
                 addr: "10.244.1.2".parse().expect("test address"),
-                port: 8080
+                port: 8080,
+                discovery: false,
             })
         );
     }

@@ -12,9 +12,9 @@ use aya::{
 };
 use st8s::packet::{self, Frame};
 use st8s_common::{
-    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, FLOW_LOCAL,
-    FLOW_REMOTE, FlowKey, FlowValue, MAGLEV_SIZE, MacKey, MaglevRow, NodeInfo, PROTO_TCP, PROTO_UDP,
-    PortInfo, PortKey, RevNatKey, RevNatValue, map_names, program_names,
+    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, Discovery,
+    DiscoveryPodKey, FLOW_LOCAL, FLOW_REMOTE, FlowKey, FlowValue, MAGLEV_SIZE, MacKey, MaglevRow, NodeInfo,
+    PROTO_TCP, PROTO_UDP, PortInfo, PortKey, RevNatKey, RevNatValue, map_names, program_names,
 };
 
 const XDP_DROP: u32 = 1;
@@ -39,6 +39,7 @@ fn be(addr: Ipv4Addr) -> u32 {
 }
 
 const SELF: &str = "10.0.0.11";
+const BROADCAST: &str = "10.0.0.255";
 const PEER: &str = "10.0.0.12";
 const PEER3: &str = "10.0.0.13";
 const CLIENT: &str = "10.0.0.100";
@@ -82,15 +83,20 @@ impl Dp {
     }
 
     fn config(&mut self, flags: u32) {
+        self.config_on(flags, UPLINK_IFINDEX);
+    }
+
+    fn config_on(&mut self, flags: u32, uplink_ifindex: u32) {
         let mut m: Array<_, Config> =
             Array::try_from(self.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("type");
         let c = Config {
             self_addr_be: be(a(SELF)),
-            uplink_ifindex: UPLINK_IFINDEX,
+            uplink_ifindex,
             hash_seed: 7,
             flags,
             self_mac: SELF_MAC,
             layout: st8s_common::LAYOUT_VERSION,
+            broadcast_be: be(a(BROADCAST)),
         };
         m.set(0, c, 0).expect("config");
     }
@@ -680,4 +686,105 @@ fn stale_reply_translations_do_not_hijack_other_paths() {
     insert(&mut dp, PROTO_UDP, old);
     assert_eq!(dp.run_tc(program_names::POD_TC, &udp), (TC_ACT_OK, udp.clone()));
     assert!(dp.revnat(&key(PROTO_UDP)).is_none());
+}
+
+/// Issue 7: a broadcast or multicast to a discovery port is copied to the local pod and the
+/// original is left for the host exactly as it came; the pod's answer to the asker will leave as
+/// this node; the pod's own multicast leaves by the uplink as this node. Other broadcast and
+/// multicast is untouched.
+#[test]
+fn discovery_copies_broadcasts_to_the_pod_and_its_announcements_leave_as_the_node() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL);
+    // An uplink index that does not exist: BPF_PROG_TEST_RUN really sends what
+    // bpf_clone_redirect clones, and a fixture must send nothing anywhere. The copy therefore
+    // fails here (counted as drop_error); the lab test sees it delivered.
+    dp.config_on(CONFIG_PREFER_LOCAL, 0x7fff_fff0);
+    let d = Discovery {
+        pod_addr_be: be(a(POD)),
+        pod_port_be: 7359u16.to_be(),
+        host_port_be: 7359u16.to_be(),
+        slot: 3,
+        _pad: 0,
+    };
+    {
+        let mut m: HashMap<_, u32, Discovery> =
+            HashMap::try_from(dp.ebpf.map_mut(map_names::DISCOVERY).expect("map")).expect("type");
+        m.insert(7359, d, 0).expect("insert");
+        let mut p: HashMap<_, DiscoveryPodKey, Discovery> =
+            HashMap::try_from(dp.ebpf.map_mut(map_names::DISCOVERY_PODS).expect("map")).expect("type");
+        p.insert(
+            DiscoveryPodKey {
+                pod_addr_be: be(a(POD)),
+                pod_port_be: 7359u16.to_be(),
+                _pad: 0,
+            },
+            d,
+            0,
+        )
+        .expect("insert");
+    }
+    for dst in ["255.255.255.255", BROADCAST, "239.255.255.250"] {
+        let mut f = Frame::udp(a(CLIENT), 50000, a(dst), 7359);
+        f.src_mac = CLIENT_MAC;
+        f.dst_mac = [0xff; 6];
+        let pkt = f.build();
+        let (verdict, out) = dp.run_tc(program_names::UPLINK_TC, &pkt);
+        assert_eq!(
+            (verdict, &out),
+            (TC_ACT_OK, &pkt),
+            "{dst}: the host's copy is the original"
+        );
+        let rev = dp
+            .revnat(&RevNatKey {
+                pod_addr_be: be(a(POD)),
+                client_addr_be: be(a(CLIENT)),
+                pod_port_be: 7359u16.to_be(),
+                client_port_be: 50000u16.to_be(),
+                proto: PROTO_UDP,
+                _pad: 0,
+                _pad2: 0,
+            })
+            .unwrap_or_else(|| panic!("{dst}: the pod's answer has a way back"));
+        assert_eq!(rev.frontend_addr_be, be(a(SELF)), "answers leave as this node");
+        assert_eq!(u16::from_be(rev.frontend_port_be), 7359);
+    }
+    assert_eq!(
+        dp.counters(3).drop_error,
+        3,
+        "the copies failed only for want of an uplink"
+    );
+
+    // The pod answers the asker: out as the node, to the asker.
+    let reply = Frame::udp(a(POD), 7359, a(CLIENT), 50000).build();
+    let (verdict, out) = dp.run_tc(program_names::POD_TC, &reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((packet::src_addr(&out), packet::src_port(&out)), (a(SELF), 7359));
+    assert_eq!(packet::dst_addr(&out), a(CLIENT));
+
+    // The pod announces by multicast: out as the node (address, port and MAC), same group.
+    let mut f = Frame::udp(a(POD), 7359, a("239.255.255.250"), 1900);
+    f.dst_mac = [0x01, 0x00, 0x5e, 0x7f, 0xff, 0xfa];
+    let (verdict, out) = dp.run_tc(program_names::POD_TC, &f.build());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((packet::src_addr(&out), packet::src_port(&out)), (a(SELF), 7359));
+    assert_eq!(packet::dst_addr(&out), a("239.255.255.250"));
+    assert_eq!(&out[6..12], &SELF_MAC);
+    assert_eq!(&out[0..6], &[0x01, 0x00, 0x5e, 0x7f, 0xff, 0xfa]);
+    assert!(packet::ip_checksum_ok(&out) && packet::l4_checksum_ok(&out));
+
+    // Unrelated broadcast and multicast: untouched, and nothing remembered.
+    for (dst, port) in [("255.255.255.255", 9999u16), ("224.0.0.251", 5353)] {
+        let pkt = Frame::udp(a(CLIENT), 50001, a(dst), port).build();
+        assert_eq!(
+            dp.run_tc(program_names::UPLINK_TC, &pkt),
+            (TC_ACT_OK, pkt.clone())
+        );
+    }
+    let other_pod = Frame::udp(a("10.244.1.9"), 5353, a("224.0.0.251"), 5353).build();
+    assert_eq!(
+        dp.run_tc(program_names::POD_TC, &other_pod),
+        (TC_ACT_OK, other_pod.clone()),
+        "a pod that declares no discovery port multicasts as usual"
+    );
+    assert_eq!(dp.counters(3).drop_error, 3);
 }

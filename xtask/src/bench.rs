@@ -736,6 +736,7 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
             flags: CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS,
             self_mac: [2, 0, 0, 0, 0, 11],
             layout: LAYOUT_VERSION,
+            broadcast_be: be("10.0.0.255"),
         },
         0,
     )?;
