@@ -3,6 +3,9 @@
 //!
 //! HTTP: `GET /` -> `pod=<name> client=<ip>:<port>` (keep-alive supported).
 //! DNS: any query -> one TXT record `pod=<name> client=<ip>:<port>` for the question's name.
+//! Discovery (UDP): any datagram -> `pod=<name> client=<ip>:<port>`, sent back to the asker; a
+//! datagram from port 5353 (an mDNS querier) is answered by multicast to 224.0.0.251:5353, as
+//! mDNS responders do.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -13,9 +16,26 @@ use std::{
 
 use anyhow::Context as _;
 
-pub fn serve(name: String, http: Option<u16>, dns: Option<u16>) -> anyhow::Result<()> {
+pub fn serve(name: String, http: Option<u16>, dns: Option<u16>, discovery: &[u16]) -> anyhow::Result<()> {
     let name = Arc::new(name);
     let mut threads = Vec::new();
+    for &port in discovery {
+        let u =
+            UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("binding discovery udp :{port}"))?;
+        let n = name.clone();
+        threads.push(thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((_, peer)) = u.recv_from(&mut buf) {
+                let reply = format!("pod={n} client={peer}");
+                let to: SocketAddr = if peer.port() == 5353 {
+                    SocketAddr::from(([224, 0, 0, 251], 5353))
+                } else {
+                    peer
+                };
+                let _ = u.send_to(reply.as_bytes(), to);
+            }
+        }));
+    }
     if let Some(port) = http {
         let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding http :{port}"))?;
         let n = name.clone();
@@ -46,7 +66,7 @@ pub fn serve(name: String, http: Option<u16>, dns: Option<u16>) -> anyhow::Resul
             }
         }));
     }
-    eprintln!("backend {name}: serving (http {http:?}, dns {dns:?})");
+    eprintln!("backend {name}: serving (http {http:?}, dns {dns:?}, discovery {discovery:?})");
     for t in threads {
         let _ = t.join();
     }

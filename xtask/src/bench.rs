@@ -326,6 +326,7 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
         ],
         http: None,
         dns: None,
+        discovery: Vec::new(),
         command: cmd(&["nginx", "-c", nginx_conf.to_str().unwrap_or_default()]),
     })?;
     lab.add_pod(PodSpec {
@@ -338,6 +339,7 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
         }],
         http: None,
         dns: None,
+        discovery: Vec::new(),
         command: cmd(&["knotd", "-c", knot_conf.to_str().unwrap_or_default()]),
     })?;
     lab.add_pod(PodSpec {
@@ -350,6 +352,7 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
         }],
         http: None,
         dns: None,
+        discovery: Vec::new(),
         command: cmd(&["iperf3", "-s", "-p", "5201"]),
     })?;
     let pods: BTreeMap<&str, Ipv4Addr> = [

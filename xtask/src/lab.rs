@@ -96,6 +96,9 @@ pub struct PodSpec {
     pub ports: Vec<HostPort>,
     pub http: Option<u16>,
     pub dns: Option<u16>,
+    /// UDP discovery ports: published as hostPorts (same port in the pod), declared in the
+    /// `st8s.io/discovery` annotation, and answered by the backend.
+    pub discovery: Vec<u16>,
     /// Run this server instead of the lab backend (benchmarks use nginx, knotd, iperf3).
     pub command: Option<Vec<String>>,
 }
@@ -113,6 +116,7 @@ impl PodSpec {
             }],
             http: Some(8080),
             dns: None,
+            discovery: Vec::new(),
             command: None,
         }
     }
@@ -136,6 +140,29 @@ impl PodSpec {
             ],
             http: None,
             dns: Some(53),
+            discovery: Vec::new(),
+            command: None,
+        }
+    }
+}
+
+impl PodSpec {
+    /// A media server's discovery ports (e.g. 7359 and 1900), without hostNetwork.
+    pub fn discovery(name: &str, node: usize, ports: &[u16]) -> Self {
+        PodSpec {
+            name: name.into(),
+            node,
+            ports: ports
+                .iter()
+                .map(|&p| HostPort {
+                    host: p,
+                    container: p,
+                    proto: "UDP",
+                })
+                .collect(),
+            http: None,
+            dns: None,
+            discovery: ports.to_vec(),
             command: None,
         }
     }
@@ -467,6 +494,9 @@ impl Lab {
                 if let Some(p) = spec.dns {
                     cmd.args(["--dns", &p.to_string()]);
                 }
+                for p in &spec.discovery {
+                    cmd.args(["--discovery", &p.to_string()]);
+                }
             }
         }
         let log = fs::File::create(self.dir.join(format!("pod-{}.log", spec.name)))?;
@@ -530,9 +560,18 @@ impl Lab {
             } else {
                 "True"
             };
+            let annotations = if pod.spec.discovery.is_empty() {
+                String::new()
+            } else {
+                let ports: Vec<String> = pod.spec.discovery.iter().map(|p| format!("{p}/udp")).collect();
+                format!(
+                    "    annotations:\n      st8s.io/discovery: \"{}\"\n",
+                    ports.join(",")
+                )
+            };
             let _ = write!(
                 y,
-                "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: {}\n    namespace: {NAMESPACE}\n  spec:\n    nodeName: {}\n    containers:\n    - name: server\n      ports:\n",
+                "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: {}\n    namespace: {NAMESPACE}\n{annotations}  spec:\n    nodeName: {}\n    containers:\n    - name: server\n      ports:\n",
                 pod.spec.name,
                 node_name(pod.spec.node)
             );
@@ -782,6 +821,73 @@ impl Lab {
     }
 
     /// `curl http://<node>:<port>/` from the client.
+    /// Sends one UDP datagram from the client (from `from_port`, or any port) to `dst:port`,
+    /// broadcast and multicast allowed, and collects every answer for `wait` (joined to `group`
+    /// when given). Answers from the client's own address (multicast loopback) are left out.
+    pub fn udp_ask(
+        &self,
+        dst: Ipv4Addr,
+        port: u16,
+        payload: &str,
+        from_port: u16,
+        group: Option<Ipv4Addr>,
+        wait: Duration,
+    ) -> anyhow::Result<Vec<(std::net::SocketAddrV4, String)>> {
+        let payload = payload.to_owned();
+        in_netns(
+            &self.client,
+            move || -> anyhow::Result<Vec<(std::net::SocketAddrV4, String)>> {
+                let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, from_port))?;
+                // The client has no default route: broadcast and multicast go out of its LAN port.
+                {
+                    use std::os::fd::AsRawFd as _;
+                    let dev = b"eth0\0";
+                    // SAFETY: a valid socket and a NUL-terminated name of the given length.
+                    let rc = unsafe {
+                        libc::setsockopt(
+                            s.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_BINDTODEVICE,
+                            dev.as_ptr().cast(),
+                            dev.len() as libc::socklen_t,
+                        )
+                    };
+                    if rc != 0 {
+                        return Err(std::io::Error::last_os_error().into());
+                    }
+                }
+                s.set_broadcast(true)?;
+                s.set_multicast_loop_v4(false)?;
+                if let Some(g) = group {
+                    s.join_multicast_v4(&g, &CLIENT_ADDR)?;
+                }
+                s.send_to(payload.as_bytes(), (dst, port))?;
+                let deadline = Instant::now() + wait;
+                let mut out = Vec::new();
+                let mut buf = [0u8; 1500];
+                while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                    s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+                    match s.recv_from(&mut buf) {
+                        Ok((n, std::net::SocketAddr::V4(from))) if *from.ip() != CLIENT_ADDR => {
+                            out.push((from, String::from_utf8_lossy(&buf[..n]).into_owned()));
+                        }
+                        Ok(_) => {}
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            break;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(out)
+            },
+        )?
+    }
+
     pub fn http(&self, node: usize, port: u16) -> Answer {
         self.http_to(node_addr(node), port)
     }

@@ -76,6 +76,9 @@ enum Task {
         http: Option<u16>,
         #[arg(long)]
         dns: Option<u16>,
+        /// A UDP discovery port to answer on (repeat for several).
+        #[arg(long)]
+        discovery: Vec<u16>,
     },
     /// (lab internal) Attach the XDP_PASS stub to a veth and pin the link.
     #[command(hide = true)]
@@ -154,7 +157,12 @@ fn main() -> anyhow::Result<()> {
                 out,
             })
         }
-        Task::LabBackend { name, http, dns } => xtask::backend::serve(name, http, dns),
+        Task::LabBackend {
+            name,
+            http,
+            dns,
+            discovery,
+        } => xtask::backend::serve(name, http, dns, &discovery),
         Task::LabStub { iface, pin } => stub(&iface, &pin),
     }
 }

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeSet,
     io::{BufRead as _, BufReader, Write as _},
-    net::TcpStream,
+    net::{Ipv4Addr, TcpStream},
     path::PathBuf,
     sync::Mutex,
     time::Duration,
@@ -766,4 +766,87 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
         );
     }
     let _ = std::fs::remove_file(&kubeconfig);
+}
+
+/// Issue 7: a media server's discovery without hostNetwork. Broadcast and multicast to its
+/// discovery ports reach the pod on its node only, the pod sees the asker, its answers come
+/// from that node's address, its own multicast leaves as the node, unrelated broadcast and
+/// multicast are untouched, and the answers move with the pod.
+#[test]
+fn discovery_broadcasts_reach_the_pod_and_move_with_it() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = running(lab(true), &[PodSpec::discovery("jelly", 1, &[7359, 1900, 5353])]);
+    lab.wait_table(1, SYNC, |s| s.discovery.len() == 3)
+        .expect("node1 delivers discovery");
+    let wait = Duration::from_millis(800);
+    let ask = |lab: &Lab, dst: &str, port: u16, payload: &str| {
+        lab.udp_ask(dst.parse().expect("address"), port, payload, 0, None, wait)
+            .expect("udp from the client")
+    };
+    let node1 = node_addr(1);
+    for dst in ["255.255.255.255", "10.77.0.255"] {
+        let answers = ask(&lab, dst, 7359, "who is JellyfinServer?");
+        assert_eq!(answers.len(), 1, "{dst}: exactly one answer: {answers:?}");
+        let (from, text) = &answers[0];
+        assert_eq!(
+            (*from.ip(), from.port()),
+            (node1, 7359),
+            "{dst}: from the node, like a LAN host"
+        );
+        assert!(text.contains("pod=lab/jelly"), "{text}");
+        assert!(
+            text.contains(&format!("client={CLIENT_ADDR}:")),
+            "{dst}: the pod saw the asker's own address: {text}"
+        );
+    }
+    let answers = ask(
+        &lab,
+        "239.255.255.250",
+        1900,
+        "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nST: ssdp:all\r\nMX: 1\r\n\r\n",
+    );
+    assert_eq!(answers.len(), 1, "SSDP: {answers:?}");
+    assert_eq!((*answers[0].0.ip(), answers[0].0.port()), (node1, 1900));
+    // mDNS from port 5353: the pod answers by multicast, which leaves node1 as node1.
+    let group: Ipv4Addr = "224.0.0.251".parse().expect("group");
+    let answers = lab
+        .udp_ask(group, 5353, "mdns query", 5353, Some(group), wait)
+        .expect("mdns");
+    assert_eq!(answers.len(), 1, "mDNS: {answers:?}");
+    assert_eq!((*answers[0].0.ip(), answers[0].0.port()), (node1, 5353));
+    assert!(answers[0].1.contains("pod=lab/jelly"));
+
+    // Unrelated broadcast and multicast: nobody answers, nothing is delivered.
+    assert!(ask(&lab, "255.255.255.255", 9999, "hello").is_empty());
+    assert!(ask(&lab, "239.255.255.250", 1901, "hello").is_empty());
+    let counters = |node: usize| {
+        st8s::inspect::counters_by_port(&st8s::inspect::snapshot(&lab.agent_pin_dir(node)).expect("snapshot"))
+    };
+    let c1 = counters(1);
+    assert_eq!(c1["7359/udp"].discovered, 2, "{c1:?}");
+    assert_eq!(c1["1900/udp"].discovered, 1);
+    assert_eq!(c1["5353/udp"].discovered, 1);
+    for node in [2, 3] {
+        let c = counters(node);
+        assert!(
+            c.values().all(|c| c.discovered == 0),
+            "node{node} delivers nothing: {c:?}"
+        );
+    }
+
+    // The pod moves to node2: the answers move with it, within one sync.
+    lab.remove_pod("jelly").expect("remove");
+    lab.add_pod(PodSpec::discovery("jelly2", 2, &[7359, 1900, 5353]))
+        .expect("pod");
+    lab.write_cluster().expect("cluster file");
+    let moved = lab
+        .wait_table(2, SYNC, |s| s.discovery.len() == 3)
+        .expect("node2 delivers discovery");
+    lab.wait_table(1, SYNC, |s| s.discovery.is_empty())
+        .expect("node1 stopped");
+    let answers = ask(&lab, "255.255.255.255", 7359, "who is JellyfinServer?");
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(*answers[0].0.ip(), node_addr(2));
+    assert!(answers[0].1.contains("pod=lab/jelly2"));
+    println!("discovery moved with its pod: node2 programmed {moved:?} after the cluster file changed");
 }
