@@ -86,6 +86,7 @@ const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 /// byte order, exactly as they sit in the packet.
 #[derive(Clone, Copy)]
 struct Packet {
+    dst_mac: [u8; 6],
     src_mac: [u8; 6],
     saddr: u32,
     daddr: u32,
@@ -137,6 +138,7 @@ fn parse(start: usize, end: usize, wire_len: usize) -> Option<Packet> {
         0
     };
     Some(Packet {
+        dst_mac: [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]],
         src_mac: [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]],
         saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
         daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
@@ -201,7 +203,12 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
             return Steer::NotOurs;
         }
         // Sent to another node's address: only a peer's forward may land here, and it must be
-        // served by this node's own backend, never forwarded again (no loops).
+        // served by this node's own backend, never forwarded again (no loops). A forward is
+        // addressed to this node's MAC: a switch that floods a frame meant for another node
+        // (its port went down, its address aged out) must not make this node serve it too.
+        if pkt.dst_mac != cfg.self_mac {
+            return Steer::NotOurs;
+        }
         let mac = MacKey {
             mac: pkt.src_mac,
             _pad: [0; 2],
@@ -816,7 +823,9 @@ pub fn st8s_parse_only_tc(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn uses_every_field(p: &Packet) -> bool {
     let mac = u32::from_ne_bytes([p.src_mac[0], p.src_mac[1], p.src_mac[2], p.src_mac[3]])
-        ^ u32::from_ne_bytes([p.src_mac[4], p.src_mac[5], p.tcp_flags, p.proto]);
+        ^ u32::from_ne_bytes([p.src_mac[4], p.src_mac[5], p.tcp_flags, p.proto])
+        ^ u32::from_ne_bytes([p.dst_mac[0], p.dst_mac[1], p.dst_mac[2], p.dst_mac[3]])
+        ^ u32::from_ne_bytes([p.dst_mac[4], p.dst_mac[5], 0, 0]);
     p.saddr ^ p.daddr ^ mac ^ ((p.sport as u32) << 16 | p.dport as u32) == 0xffff_ffff
 }
 

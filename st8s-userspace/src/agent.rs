@@ -74,6 +74,63 @@ pub struct AgentArgs {
     /// Lease duration; the agent renews at a third of it. 0: no Lease.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub lease_seconds: u32,
+    /// How often to probe the other nodes (a TCP connect to their --peer-port); a node that
+    /// stays silent for --peer-failures probes in a row gets no flows until it answers again.
+    /// 0: no probing.
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    pub peer_probe_ms: u64,
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub peer_failures: u32,
+    /// The port probed on the other nodes (their agents' --listen port). A refused connection
+    /// counts as an answer: the node is up even while its agent restarts.
+    #[arg(long, value_name = "PORT", default_value_t = 9470)]
+    pub peer_port: u16,
+}
+
+/// The peer prober's two ends, as the agent's loops hold them.
+struct Probing {
+    peers: tokio::sync::watch::Sender<Vec<Ipv4Addr>>,
+    down: tokio::sync::mpsc::Receiver<BTreeSet<Ipv4Addr>>,
+}
+
+impl Probing {
+    fn start(args: &AgentArgs) -> Self {
+        let (peers, peers_rx) = tokio::sync::watch::channel(Vec::new());
+        let (tx, down) = tokio::sync::mpsc::channel(16);
+        if args.peer_probe_ms > 0 {
+            crate::probe::spawn(
+                peers_rx,
+                args.peer_port,
+                Duration::from_millis(args.peer_probe_ms),
+                args.peer_failures,
+                tx,
+            );
+        }
+        Probing { peers, down }
+    }
+
+    /// The other nodes of the current table.
+    fn follow(&self, desired: &Desired) {
+        let peers: Vec<Ipv4Addr> = desired
+            .nodes
+            .keys()
+            .filter(|a| **a != desired.self_node.addr)
+            .copied()
+            .collect();
+        self.peers.send_if_modified(|p| {
+            let changed = *p != peers;
+            *p = peers;
+            changed
+        });
+    }
+
+    async fn recv(&mut self) -> BTreeSet<Ipv4Addr> {
+        match self.down.recv().await {
+            Some(d) => d,
+            // No prober (probing off): never resolves.
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// Current MACs of the other nodes; asks the kernel to resolve the ones it does not know yet.
@@ -98,6 +155,8 @@ fn peer_macs(desired: &Desired) -> BTreeMap<Ipv4Addr, [u8; 6]> {
 struct Runner {
     dp: Dataplane,
     desired: Desired,
+    /// Peers that do not answer probes: the maps hold `desired` without their backends.
+    down: BTreeSet<Ipv4Addr>,
     macs: BTreeMap<Ipv4Addr, [u8; 6]>,
     /// The maps lag behind `desired`; cleared only by a successful sync (so failures retry).
     dirty: bool,
@@ -144,6 +203,7 @@ impl Runner {
         let mut r = Runner {
             dp,
             desired,
+            down: BTreeSet::new(),
             macs,
             dirty: true,
             pending_since: Some(since),
@@ -174,6 +234,19 @@ impl Runner {
         }
     }
 
+    fn set_down(&mut self, down: BTreeSet<Ipv4Addr>, since: Instant) {
+        if down != self.down {
+            self.down = down;
+            self.metrics.set_gauge(
+                "unreachable_nodes",
+                self.down.len() as f64,
+                "Other nodes that do not answer probes; no flow is steered to them.",
+            );
+            self.dirty = true;
+            self.pending_since.get_or_insert(since);
+        }
+    }
+
     fn refresh_macs(&mut self) {
         let macs = peer_macs(&self.desired);
         if macs != self.macs {
@@ -195,7 +268,7 @@ impl Runner {
         let _g = span.enter();
         let report = self
             .dp
-            .apply(&self.desired, &self.macs)
+            .apply(&self.desired.without_nodes(&self.down), &self.macs)
             .inspect_err(|_| self.metrics.error("map_write"))?;
         self.dirty = false;
         let latency = self.pending_since.take().map(|since| since.elapsed());
@@ -295,6 +368,8 @@ async fn run_file(args: &AgentArgs, path: PathBuf, metrics: Arc<Metrics>) -> any
     let mut runner = Runner::start(args, desired, metrics.clone(), since)?;
     metrics.set_ready(true, None);
     info!("ready");
+    let mut probing = Probing::start(args);
+    probing.follow(&runner.desired);
 
     let mut signals = Signals::new()?;
     let mut tick = tokio::time::interval(Duration::from_millis(args.poll_ms.max(50)));
@@ -303,6 +378,10 @@ async fn run_file(args: &AgentArgs, path: PathBuf, metrics: Arc<Metrics>) -> any
     loop {
         tokio::select! {
             _ = signals.recv() => break,
+            down = probing.recv() => {
+                runner.set_down(down, Instant::now());
+                runner.sync_logged("peer probe");
+            }
             _ = tick.tick() => {
                 let seen = Instant::now();
                 let problem = match source.poll() {
@@ -328,6 +407,7 @@ async fn run_file(args: &AgentArgs, path: PathBuf, metrics: Arc<Metrics>) -> any
                     metrics.error("bad_update");
                     last_problem = Some(p);
                 }
+                probing.follow(&runner.desired);
                 runner.refresh_macs();
                 runner.sync_logged("update");
             }
@@ -363,9 +443,16 @@ async fn run_kube(args: &AgentArgs, metrics: Arc<Metrics>) -> anyhow::Result<Opt
     let mut signals = Signals::new()?;
     let mut tick = tokio::time::interval(Duration::from_millis(args.poll_ms.max(50)));
     let mut first_event: Option<Instant> = None;
+    let mut probing = Probing::start(args);
     loop {
         tokio::select! {
             _ = signals.recv() => break,
+            down = probing.recv() => {
+                if let Some(r) = runner.as_mut() {
+                    r.set_down(down, Instant::now());
+                    r.sync_logged("peer probe");
+                }
+            }
             msg = rx.recv() => {
                 let Some(msg) = msg else { anyhow::bail!("the watchers stopped") };
                 first_event.get_or_insert_with(Instant::now);
@@ -426,6 +513,9 @@ async fn run_kube(args: &AgentArgs, metrics: Arc<Metrics>) -> anyhow::Result<Opt
                             }
                         }
                     }
+                }
+                if let Some(r) = &runner {
+                    probing.follow(&r.desired);
                 }
                 report_readiness(&metrics, &state, runner.is_some(), plan_error.as_deref());
             }

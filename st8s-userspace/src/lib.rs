@@ -14,6 +14,7 @@ pub mod net;
 pub mod packet;
 pub mod pins;
 pub mod plan;
+pub mod probe;
 pub mod source;
 
 /// The field manager of every server-side apply st8s makes (agent Leases, the zones ConfigMap).

@@ -109,6 +109,22 @@ pub struct Desired {
     pub ports: BTreeMap<PortId, PortPlan>,
 }
 
+impl Desired {
+    /// The table without the backends on `down` nodes (unreachable peers): their flows move to
+    /// the remaining backends. This node's own backend is never removed.
+    pub fn without_nodes(&self, down: &BTreeSet<Ipv4Addr>) -> Desired {
+        let mut d = self.clone();
+        if down.is_empty() {
+            return d;
+        }
+        for port in d.ports.values_mut() {
+            port.backends
+                .retain(|b| b.node_addr == self.self_node.addr || !down.contains(&b.node_addr));
+        }
+        d
+    }
+}
+
 /// Something wrong with one object. The object is left out of the plan; the file source refuses
 /// the whole update while there are any, the Kubernetes source applies the rest.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -513,6 +529,28 @@ mod tests {
                 .local
                 .is_none()
         );
+    }
+
+    #[test]
+    fn unreachable_nodes_lose_their_backends_but_never_this_node() {
+        let c = cluster(
+            &(three_nodes()
+                + &pod("web-a", "node1", "10.244.1.2", WEB, "")
+                + &pod("web-b", "node2", "10.244.2.2", WEB, "")),
+        );
+        let d = plan(&c, "node1").expect("plans").desired;
+        let web = PortId {
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        let nodes =
+            |d: &Desired| -> Vec<String> { d.ports[&web].backends.iter().map(|b| b.node.clone()).collect() };
+        let down: BTreeSet<Ipv4Addr> =
+            ["10.0.0.11".parse().expect("a"), "10.0.0.12".parse().expect("a")].into();
+        let cut = d.without_nodes(&down);
+        assert_eq!(nodes(&cut), ["node1"], "node2 is gone, node1 is this node");
+        assert!(cut.ports[&web].local.is_some());
+        assert_eq!(nodes(&d.without_nodes(&BTreeSet::new())), ["node1", "node2"]);
     }
 
     #[test]

@@ -514,6 +514,19 @@ fn forwarded_packets_are_accepted_only_from_cluster_nodes() {
     assert_eq!(packet::src_addr(&out), a(CLIENT));
     assert_eq!(dp.counters(0).delivered_local, 1);
 
+    // The same forward, addressed to another node's MAC and flooded here by the switch (the
+    // other node's port went down): not for this node, untouched.
+    let mut f = client_tcp(PEER, 80);
+    f.src_mac = PEER_MAC;
+    f.dst_mac = PEER3_MAC;
+    let flooded = f.build();
+    assert_eq!(dp.run_xdp(&flooded), (XDP_PASS, flooded.clone()));
+    assert_eq!(
+        dp.run_tc(program_names::UPLINK_TC, &flooded),
+        (TC_ACT_OK, flooded.clone())
+    );
+    assert_eq!(dp.counters(0).delivered_local, 1, "a flooded copy is not served");
+
     // Forwarded here, but this node has no backend for the port: dropped, not bounced on.
     let mut f = client_tcp(PEER, 81);
     f.src_mac = PEER_MAC;

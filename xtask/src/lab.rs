@@ -821,6 +821,38 @@ impl Lab {
     }
 
     /// `curl http://<node>:<port>/` from the client.
+    /// Cuts a node's link to the LAN (its switch port goes down), or restores it.
+    pub fn set_link(&self, node: usize, up: bool) -> anyhow::Result<()> {
+        ip(&[
+            "-n",
+            &self.sw,
+            "link",
+            "set",
+            &format!("n{node}"),
+            if up { "up" } else { "down" },
+        ])
+    }
+
+    /// One quick HTTP GET from the client on a new connection (short timeouts, for loops that
+    /// measure outages): the pod that answered, or None.
+    pub fn quick_get(&self, addr: Ipv4Addr, port: u16, timeout: Duration) -> Option<String> {
+        in_netns(&self.client, move || -> Option<String> {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect_timeout(&(addr, port).into(), timeout).ok()?;
+            s.set_read_timeout(Some(timeout)).ok()?;
+            s.set_write_timeout(Some(timeout)).ok()?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+                .ok()?;
+            let mut body = String::new();
+            s.read_to_string(&mut body).ok()?;
+            body.split_whitespace()
+                .find_map(|w| w.strip_prefix("pod="))
+                .map(str::to_owned)
+        })
+        .ok()
+        .flatten()
+    }
+
     /// Sends one UDP datagram from the client (from `from_port`, or any port) to `dst:port`,
     /// broadcast and multicast allowed, and collects every answer for `wait` (joined to `group`
     /// when given). Answers from the client's own address (multicast loopback) are left out.

@@ -850,3 +850,59 @@ fn discovery_broadcasts_reach_the_pod_and_move_with_it() {
     assert!(answers[0].1.contains("pod=lab/jelly2"));
     println!("discovery moved with its pod: node2 programmed {moved:?} after the cluster file changed");
 }
+
+/// Issue 8, fast failover: a node's link is cut while a client keeps connecting through another
+/// node. The agents' probes notice, the cut node's backends leave every table, and the service
+/// recovers well before Kubernetes would even mark the node NotReady. The node comes back when
+/// its link does.
+#[test]
+fn a_cut_node_loses_its_flows_to_the_others_within_two_seconds() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = running(
+        lab(false),
+        &[PodSpec::web("web-node1", 1), PodSpec::web("web-node2", 2)],
+    );
+    let node3 = node_addr(3);
+    let quick = Duration::from_millis(300);
+    let seen: BTreeSet<String> = (0..30).filter_map(|_| lab.quick_get(node3, 80, quick)).collect();
+    assert_eq!(seen.len(), 2, "both backends serve before the cut: {seen:?}");
+
+    lab.set_link(2, false).expect("cut node2");
+    let cut = std::time::Instant::now();
+    let mut last_failure: Option<Duration> = None;
+    let (mut failed, mut streak, mut sent) = (0, 0, 0);
+    // Until 30 requests in a row succeed, for at most 10 s.
+    while streak < 30 && cut.elapsed() < Duration::from_secs(10) {
+        sent += 1;
+        match lab.quick_get(node3, 80, quick) {
+            Some(pod) => {
+                assert_eq!(pod, "lab/web-node1", "only node1 can answer now");
+                streak += 1;
+            }
+            None => {
+                failed += 1;
+                streak = 0;
+                last_failure = Some(cut.elapsed());
+            }
+        }
+    }
+    assert_eq!(streak, 30, "service never recovered: {failed} of {sent} failed");
+    let recovered = last_failure.unwrap_or_default();
+    println!(
+        "failover: node2's link cut; service through node3 recovered {:.0} ms after the cut ({failed} of {sent} requests failed meanwhile)",
+        recovered.as_secs_f64() * 1e3
+    );
+    assert!(recovered < Duration::from_secs(2), "recovery took {recovered:?}");
+    let (_, metrics) = lab.agent_http(3, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("st8s_unreachable_nodes 1"),
+        "{}",
+        std::fs::read_to_string(lab.agent_log(3)).unwrap_or_default()
+    );
+
+    lab.set_link(2, true).expect("restore node2");
+    lab.wait_table(3, SYNC, |s| s.ports.first().is_some_and(|p| p.2.len() == 2))
+        .expect("node2 back in node3's table");
+    let seen: BTreeSet<String> = (0..30).filter_map(|_| lab.quick_get(node3, 80, quick)).collect();
+    assert_eq!(seen.len(), 2, "both serve again: {seen:?}");
+}

@@ -1,0 +1,158 @@
+//! Fast failover: each agent checks that the other nodes are reachable, and steers no new or
+//! existing flow to a node that is not.
+//!
+//! The probe is a TCP connect to the peer's health port. A completed handshake, and also a
+//! refused one (RST), prove that the peer's kernel, and with it its pinned dataplane, is
+//! reachable: an agent that restarts (a rolling update) does not make its node look dead. Only
+//! silence (a timeout, or "host unreachable") counts as a failure, and `failures` of those in a
+//! row mark the node down. One answer brings it back.
+//!
+//! Why not the Kubernetes API: a node is marked NotReady only after 40 s or more, Leases only
+//! after their duration, and in a home cluster the API server may sit on the very node that
+//! died. Direct probes notice in `interval * failures` (about 0.6 s by default) and need nothing
+//! but the LAN.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+/// What one probe found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The peer's kernel answered (accepted or refused the connection).
+    Alive,
+    /// No answer in time, or no route to it.
+    Silent,
+}
+
+/// Consecutive silent probes per peer, and which peers are down. Pure: tested without a network.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    silent: BTreeMap<Ipv4Addr, u32>,
+    down: BTreeSet<Ipv4Addr>,
+}
+
+impl Tracker {
+    /// Folds one round of results in (peers absent from `results` are forgotten); returns the
+    /// set of down peers when it changed.
+    pub fn round(
+        &mut self,
+        results: &BTreeMap<Ipv4Addr, Outcome>,
+        failures: u32,
+    ) -> Option<BTreeSet<Ipv4Addr>> {
+        self.silent.retain(|a, _| results.contains_key(a));
+        let before = self.down.clone();
+        self.down.retain(|a| results.contains_key(a));
+        for (addr, outcome) in results {
+            match outcome {
+                Outcome::Alive => {
+                    self.silent.remove(addr);
+                    if self.down.remove(addr) {
+                        info!(peer = %addr, "peer reachable again: steering to it resumes");
+                    }
+                }
+                Outcome::Silent => {
+                    let n = self.silent.entry(*addr).or_default();
+                    *n += 1;
+                    if *n >= failures && self.down.insert(*addr) {
+                        warn!(peer = %addr, probes = *n, "peer unreachable: no flow is steered to it");
+                    }
+                }
+            }
+        }
+        (self.down != before).then(|| self.down.clone())
+    }
+}
+
+/// One probe: a TCP connect with a timeout.
+pub async fn probe(addr: SocketAddr, timeout: Duration) -> Outcome {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => Outcome::Alive,
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Outcome::Alive,
+        Ok(Err(_)) | Err(_) => Outcome::Silent,
+    }
+}
+
+/// Probes the peers in `peers` (kept current by the agent) every `interval`, and sends the set
+/// of down peers whenever it changes.
+pub fn spawn(
+    mut peers: watch::Receiver<Vec<Ipv4Addr>>,
+    port: u16,
+    interval: Duration,
+    failures: u32,
+    tx: mpsc::Sender<BTreeSet<Ipv4Addr>>,
+) {
+    tokio::spawn(async move {
+        let mut tracker = Tracker::default();
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let targets = peers.borrow_and_update().clone();
+            let probes = targets
+                .iter()
+                .map(|a| probe(SocketAddr::from((*a, port)), interval));
+            let outcomes = futures::future::join_all(probes).await;
+            let results: BTreeMap<Ipv4Addr, Outcome> = targets.into_iter().zip(outcomes).collect();
+            if let Some(down) = tracker.round(&results, failures.max(1))
+                && tx.send(down).await.is_err()
+            {
+                return;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> Ipv4Addr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn a_peer_is_down_after_enough_silence_and_up_at_the_first_answer() {
+        let mut t = Tracker::default();
+        let round = |t: &mut Tracker, o: Outcome| {
+            t.round(&[(a("10.0.0.2"), o), (a("10.0.0.3"), Outcome::Alive)].into(), 3)
+        };
+        assert_eq!(round(&mut t, Outcome::Silent), None);
+        assert_eq!(round(&mut t, Outcome::Silent), None);
+        assert_eq!(round(&mut t, Outcome::Silent), Some([a("10.0.0.2")].into()));
+        assert_eq!(round(&mut t, Outcome::Silent), None, "no news");
+        assert_eq!(round(&mut t, Outcome::Alive), Some(BTreeSet::new()));
+        // One silent probe between answers is not enough.
+        assert_eq!(round(&mut t, Outcome::Silent), None);
+        assert_eq!(round(&mut t, Outcome::Alive), None);
+        assert_eq!(round(&mut t, Outcome::Silent), None);
+        // A peer that leaves the cluster is forgotten, down or not.
+        for _ in 0..3 {
+            round(&mut t, Outcome::Silent);
+        }
+        assert_eq!(
+            t.round(&[(a("10.0.0.3"), Outcome::Alive)].into(), 3),
+            Some(BTreeSet::new())
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_and_accepted_both_count_as_alive() {
+        // A port nobody listens on, on loopback: the kernel refuses at once.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let free = l.local_addr().expect("addr");
+        drop(l);
+        assert_eq!(probe(free, Duration::from_millis(500)).await, Outcome::Alive);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        assert_eq!(
+            probe(l.local_addr().expect("addr"), Duration::from_millis(500)).await,
+            Outcome::Alive
+        );
+    }
+}
