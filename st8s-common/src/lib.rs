@@ -100,6 +100,9 @@ pub const CONFIG_XDP_FORWARDS: u32 = 2;
 
 /// `Backend::flags`: this backend is the node the program runs on.
 pub const BACKEND_LOCAL: u8 = 1;
+/// `Backend::flags`: the backend's pod is draining (NotReady or terminating, TCP only): flows
+/// already on it stay, the Maglev table sends no new flow to it.
+pub const BACKEND_DRAINING: u8 = 2;
 
 /// `FlowValue::kind`.
 pub const FLOW_LOCAL: u8 = 1;
@@ -168,9 +171,14 @@ pub struct PortInfo {
     pub local_ifindex: u32,
     pub local_port_be: u16,
     pub has_local: u8,
-    pub _pad: u8,
+    /// `PORT_*` bits.
+    pub flags: u8,
 }
 assert_size!(PortInfo, 16);
+
+/// `PortInfo::flags`: the local backend pod is draining (NotReady or terminating): its
+/// established flows keep reaching it, new flows go elsewhere.
+pub const PORT_LOCAL_DRAINING: u8 = 1;
 
 impl PortInfo {
     /// Index into `ST8S_BACKENDS` of backend `i` in the live bank.

@@ -23,9 +23,10 @@ use aya_ebpf::{
 };
 use st8s_common::{
     flow_hash, port_index, Backend, Config, Counters, Discovery, DiscoveryPodKey, FlowKey, FlowValue, MacKey,
-    MaglevRow, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatValue, BACKEND_LOCAL, BANKS,
+    MaglevRow, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatValue, BACKEND_DRAINING, BACKEND_LOCAL, BANKS,
     CONFIG_PREFER_LOCAL, FLOW_LOCAL, FLOW_REMOTE, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS,
-    MAX_DISCOVERY, MAX_FLOWS, MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES, PROTO_TCP, PROTO_UDP,
+    MAX_DISCOVERY, MAX_FLOWS, MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES, PORT_LOCAL_DRAINING, PROTO_TCP,
+    PROTO_UDP,
 };
 
 #[map]
@@ -248,7 +249,8 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
     }
     let now = unsafe { bpf_ktime_get_ns() };
     // New flow, or its backend went away: choose again.
-    let chosen = if cfg.flags & CONFIG_PREFER_LOCAL != 0 && port.has_local != 0 {
+    let local_takes_new = port.has_local != 0 && port.flags & PORT_LOCAL_DRAINING == 0;
+    let chosen = if cfg.flags & CONFIG_PREFER_LOCAL != 0 && local_takes_new {
         None
     } else {
         let h = flow_hash(&key, cfg.hash_seed);
@@ -276,6 +278,13 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
             };
         }
         match ST8S_BACKENDS.get(port.backend_index(idx)) {
+            // Draining backends keep their flows but take no new one.
+            Some(b) if b.flags & BACKEND_DRAINING != 0 => {
+                return Steer::Pass {
+                    slot,
+                    untrusted: false,
+                }
+            }
             Some(b) => Some((*b, idx as u8)),
             None => {
                 return Steer::Pass {

@@ -85,6 +85,11 @@ pub struct AgentArgs {
     /// counts as an answer: the node is up even while its agent restarts.
     #[arg(long, value_name = "PORT", default_value_t = 9470)]
     pub peer_port: u16,
+    /// A backend on another node that just became active takes no new flow for this long, so
+    /// that its own node has programmed its pod first (agents see changes at slightly different
+    /// times).
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    pub settle_ms: u64,
 }
 
 /// The peer prober's two ends, as the agent's loops hold them.
@@ -157,6 +162,10 @@ struct Runner {
     desired: Desired,
     /// Peers that do not answer probes: the maps hold `desired` without their backends.
     down: BTreeSet<Ipv4Addr>,
+    settling: crate::plan::Settling,
+    settle: Duration,
+    /// When a held backend settles: the maps must be written again then.
+    settle_at: Option<Instant>,
     macs: BTreeMap<Ipv4Addr, [u8; 6]>,
     /// The maps lag behind `desired`; cleared only by a successful sync (so failures retry).
     dirty: bool,
@@ -204,6 +213,9 @@ impl Runner {
             dp,
             desired,
             down: BTreeSet::new(),
+            settling: crate::plan::Settling::default(),
+            settle: Duration::from_millis(args.settle_ms),
+            settle_at: None,
             macs,
             dirty: true,
             pending_since: Some(since),
@@ -256,6 +268,9 @@ impl Runner {
     }
 
     fn sync(&mut self, why: &str) -> anyhow::Result<()> {
+        if self.settle_at.is_some_and(|t| Instant::now() >= t) {
+            self.dirty = true;
+        }
         if !self.dirty {
             return Ok(());
         }
@@ -266,9 +281,15 @@ impl Runner {
             nodes = self.desired.nodes.len()
         );
         let _g = span.enter();
+        let (table, settle_at) = self.settling.apply(
+            &self.desired.without_nodes(&self.down),
+            Instant::now(),
+            self.settle,
+        );
+        self.settle_at = settle_at;
         let report = self
             .dp
-            .apply(&self.desired.without_nodes(&self.down), &self.macs)
+            .apply(&table, &self.macs)
             .inspect_err(|_| self.metrics.error("map_write"))?;
         self.dirty = false;
         let latency = self.pending_since.take().map(|since| since.elapsed());

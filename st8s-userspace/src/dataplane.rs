@@ -20,9 +20,9 @@ use aya::{
     },
 };
 use st8s_common::{
-    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, Discovery,
-    DiscoveryPodKey, LAYOUT_VERSION, MAX_PORTS, MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, map_names,
-    port_index, program_names,
+    BACKEND_DRAINING, BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters,
+    Discovery, DiscoveryPodKey, LAYOUT_VERSION, MAX_PORTS, MacKey, MaglevRow, NodeInfo, PORT_LOCAL_DRAINING,
+    PortInfo, PortKey, map_names, port_index, program_names,
 };
 use tracing::{info, warn};
 
@@ -98,7 +98,9 @@ pub fn port_tables(
     seed: u32,
 ) -> PortTables {
     let mut backends = Vec::new();
-    let mut names = Vec::new();
+    // (name, index in `backends`) of the backends that take new flows.
+    let mut active = Vec::new();
+    let mut draining = Vec::new();
     let mut unresolved = Vec::new();
     for b in &plan.backends {
         let local = b.node == self_name;
@@ -109,19 +111,33 @@ pub fn port_tables(
         };
         match mac {
             Some(mac) => {
+                let mut flags = if local { BACKEND_LOCAL } else { 0 };
+                if b.draining {
+                    flags |= BACKEND_DRAINING;
+                    draining.push((b.node.as_str(), backends.len() as u8));
+                } else {
+                    active.push((b.node.as_str(), backends.len() as u8));
+                }
                 backends.push(Backend {
                     node_addr_be: u32::from(b.node_addr).to_be(),
                     node_mac: mac,
-                    flags: if local { BACKEND_LOCAL } else { 0 },
+                    flags,
                     _pad: 0,
                 });
-                names.push(b.node.as_str());
             }
             None => unresolved.push(b.node.clone()),
         }
     }
+    // New flows go to the active backends only. With none left, the table names draining ones,
+    // which the programs refuse for a new flow (the kernel then answers it).
+    let pool = if active.is_empty() { draining } else { active };
+    let names: Vec<&str> = pool.iter().map(|(n, _)| *n).collect();
+    let maglev = maglev::table(&names, seed)
+        .into_iter()
+        .map(|i| pool.get(usize::from(i)).map_or(0, |(_, full)| *full))
+        .collect();
     PortTables {
-        maglev: maglev::table(&names, seed),
+        maglev,
         backends,
         local: plan.local.as_ref().map(|l| (l.addr, l.port)),
         unresolved,
@@ -453,6 +469,11 @@ impl Dataplane {
                 }
                 None => (0, 0, 0, 0),
             };
+            let flags = if plan.local.as_ref().is_some_and(|l| l.draining) {
+                PORT_LOCAL_DRAINING
+            } else {
+                0
+            };
             let (slot, bank) = match self.ports.get(id) {
                 Some(s) => {
                     if s.backends == t.backends
@@ -460,6 +481,7 @@ impl Dataplane {
                         && s.info.local_addr_be == local_addr_be
                         && s.info.local_port_be == local_port_be
                         && s.info.local_ifindex == local_ifindex
+                        && s.info.flags == flags
                     {
                         continue;
                     }
@@ -475,7 +497,7 @@ impl Dataplane {
                 local_ifindex,
                 local_port_be,
                 has_local,
-                _pad: 0,
+                flags,
             };
             {
                 let mut m: Array<_, Backend> =
@@ -710,6 +732,7 @@ mod tests {
                     node: (*n).into(),
                     node_addr: a.parse().expect("test address"),
                     pod: format!("p-{n}"),
+                    draining: false,
                 })
                 .collect(),
             local: local.then(|| LocalBackend {
@@ -717,6 +740,7 @@ mod tests {
                 addr: "10.244.1.2".parse().expect("test address"),
                 port: 8080,
                 discovery: false,
+                draining: false,
             }),
         }
     }

@@ -79,6 +79,9 @@ pub struct BackendEntry {
     pub node: String,
     pub node_addr: Ipv4Addr,
     pub pod: String,
+    /// The pod is NotReady (or terminating) but still there: the flows it has keep reaching
+    /// it, no new flow is sent to it. TCP only: UDP has no connection to finish.
+    pub draining: bool,
 }
 
 /// The backend pod on this node.
@@ -90,6 +93,8 @@ pub struct LocalBackend {
     /// The pod declares this (UDP) hostPort in `st8s.io/discovery`: broadcast and multicast to
     /// it are delivered to the pod too.
     pub discovery: bool,
+    /// See [`BackendEntry::draining`].
+    pub draining: bool,
 }
 
 /// One steered port: every node with a backend (sorted by node name, the order every agent uses
@@ -122,6 +127,51 @@ impl Desired {
                 .retain(|b| b.node_addr == self.self_node.addr || !down.contains(&b.node_addr));
         }
         d
+    }
+}
+
+/// Make-before-break across nodes. A backend on another node that just became active is held
+/// as draining (no new flows) for a moment, so that its own node has programmed its pod before
+/// any node sends it new flows: agents learn of a change at slightly different times, and a
+/// flow forwarded to a node that has not yet switched to its new pod would be lost. Backends
+/// that leave, leave at once. The first table is taken as settled.
+#[derive(Debug, Default)]
+pub struct Settling {
+    since: BTreeMap<(PortId, String), std::time::Instant>,
+    started: bool,
+}
+
+impl Settling {
+    /// `desired` with the unsettled remote backends marked draining, and when the next one
+    /// settles.
+    pub fn apply(
+        &mut self,
+        desired: &Desired,
+        now: std::time::Instant,
+        hold: std::time::Duration,
+    ) -> (Desired, Option<std::time::Instant>) {
+        let settled_at = now.checked_sub(hold).unwrap_or(now);
+        let mut out = desired.clone();
+        let mut live = BTreeSet::new();
+        let mut next: Option<std::time::Instant> = None;
+        for (id, port) in &mut out.ports {
+            for b in port.backends.iter_mut().filter(|b| !b.draining) {
+                let key = (*id, b.node.clone());
+                let t = *self
+                    .since
+                    .entry(key.clone())
+                    .or_insert(if self.started { now } else { settled_at });
+                live.insert(key);
+                if b.node != desired.self_node.name && now.duration_since(t) < hold {
+                    b.draining = true;
+                    let at = t + hold;
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                }
+            }
+        }
+        self.since.retain(|k, _| live.contains(k));
+        self.started = true;
+        (out, next)
     }
 }
 
@@ -297,6 +347,10 @@ fn discovery_ports(pod: &Pod, name: &str, claims: &[Claim], problems: &mut Vec<P
     ports
 }
 
+/// The pod that holds a hostPort on a node: (pod, pod address, containerPort, discovery,
+/// draining).
+type Owner = (String, Ipv4Addr, u16, bool, bool);
+
 /// Turns the cluster into the table node `self_name` should run.
 ///
 /// Every (hostPort, protocol) declared by a Ready pod on a Ready node becomes a steered port; the
@@ -339,9 +393,12 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
         });
     }
 
-    // (port, node) -> (pod, pod address, containerPort, discovery)
-    let mut owners: BTreeMap<(PortId, String), (String, Ipv4Addr, u16, bool)> = BTreeMap::new();
-    for (name, pod) in &cluster.pods {
+    let mut owners: BTreeMap<(PortId, String), Owner> = BTreeMap::new();
+    // Ready pods first: a draining pod only keeps a hostPort that no Ready pod on its node took.
+    let mut pods: Vec<(&String, &Pod, bool)> =
+        cluster.pods.iter().map(|(n, p)| (n, p, pod_ready(p))).collect();
+    pods.sort_by_key(|(_, _, ready)| !*ready);
+    for (name, pod, ready) in pods {
         match pod
             .metadata
             .annotations
@@ -360,10 +417,23 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
             }
         }
         let spec = pod.spec.as_ref();
-        if spec.and_then(|s| s.host_network).unwrap_or(false) || !pod_ready(pod) {
+        if spec.and_then(|s| s.host_network).unwrap_or(false) {
             continue;
         }
-        let claims = pod_claims(pod, name, &mut problems);
+        let has_ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some();
+        if !ready && !has_ip {
+            continue;
+        }
+        let mut claims = if ready {
+            pod_claims(pod, name, &mut problems)
+        } else {
+            // Problems are reported for Ready pods; a draining pod's TCP ports are kept quietly.
+            let mut ignored = Vec::new();
+            pod_claims(pod, name, &mut ignored)
+        };
+        if !ready {
+            claims.retain(|c| c.port.proto == Proto::Tcp);
+        }
         if claims.is_empty() {
             continue;
         }
@@ -391,6 +461,9 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
         for claim in claims {
             let key = (claim.port, node.name.clone());
             if let Some((first, ..)) = owners.get(&key) {
+                if !ready {
+                    continue;
+                }
                 problems.push(Problem::HostPortConflict {
                     port: claim.port,
                     node: node.name.clone(),
@@ -400,18 +473,19 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
                 continue;
             }
             let discovers = claim.port.proto == Proto::Udp && discovery.contains(&claim.port.port);
-            owners.insert(key, (name.clone(), addr, claim.container_port, discovers));
+            owners.insert(key, (name.clone(), addr, claim.container_port, discovers, !ready));
         }
     }
 
     let mut ports: BTreeMap<PortId, PortPlan> = BTreeMap::new();
-    for ((port, node_name), (pod, addr, container_port, discovery)) in owners {
+    for ((port, node_name), (pod, addr, container_port, discovery, draining)) in owners {
         let entry = ports.entry(port).or_default();
         let node = &node_by_name[&node_name];
         entry.backends.push(BackendEntry {
             node: node_name.clone(),
             node_addr: node.addr,
             pod: pod.clone(),
+            draining,
         });
         if node_name == self_name {
             entry.local = Some(LocalBackend {
@@ -419,6 +493,7 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
                 addr,
                 port: container_port,
                 discovery,
+                draining,
             });
         }
     }
@@ -554,6 +629,56 @@ mod tests {
     }
 
     #[test]
+    fn new_remote_backends_settle_before_taking_new_flows() {
+        let base = three_nodes() + &pod("web-a", "node1", "10.244.1.2", WEB, "");
+        let d1 = plan(&cluster(&base), "node3").expect("plans").desired;
+        let d2 = plan(
+            &cluster(&(base + &pod("web-b", "node2", "10.244.2.2", WEB, ""))),
+            "node3",
+        )
+        .expect("plans")
+        .desired;
+        let web = PortId {
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        let draining = |d: &Desired| -> Vec<(String, bool)> {
+            d.ports[&web]
+                .backends
+                .iter()
+                .map(|b| (b.node.clone(), b.draining))
+                .collect()
+        };
+        let hold = std::time::Duration::from_millis(300);
+        let t0 = std::time::Instant::now();
+        let mut s = Settling::default();
+        let (first, next) = s.apply(&d1, t0, hold);
+        assert_eq!(
+            draining(&first),
+            [("node1".to_owned(), false)],
+            "the first table is settled"
+        );
+        assert_eq!(next, None);
+        let (held, next) = s.apply(&d2, t0 + std::time::Duration::from_millis(10), hold);
+        assert_eq!(
+            draining(&held),
+            [("node1".to_owned(), false), ("node2".to_owned(), true)]
+        );
+        assert_eq!(next, Some(t0 + std::time::Duration::from_millis(310)));
+        let (settled, next) = s.apply(&d2, t0 + std::time::Duration::from_millis(320), hold);
+        assert_eq!(
+            draining(&settled),
+            [("node1".to_owned(), false), ("node2".to_owned(), false)]
+        );
+        assert_eq!(next, None);
+        // Leaving is immediate, and coming back settles again.
+        let (gone, _) = s.apply(&d1, t0 + std::time::Duration::from_millis(400), hold);
+        assert_eq!(draining(&gone), [("node1".to_owned(), false)]);
+        let (back, _) = s.apply(&d2, t0 + std::time::Duration::from_millis(500), hold);
+        assert_eq!(draining(&back)[1], ("node2".to_owned(), true));
+    }
+
+    #[test]
     fn every_ready_hostport_is_steered_on_every_node() {
         let c = cluster(
             &(three_nodes()
@@ -585,6 +710,7 @@ mod tests {
                 addr: "10.244.1.2".parse().expect("test address"),
                 port: 8080,
                 discovery: false,
+                draining: false,
             })
         );
     }
@@ -615,9 +741,46 @@ mod tests {
             "",
         )
         .replace("status: \"True\"", "status: \"False\"");
+        y += &pod(
+            "unready-dns",
+            "node3",
+            "10.244.3.3",
+            "{containerPort: 53, hostPort: 53, protocol: UDP}",
+            "",
+        )
+        .replace("status: \"True\"", "status: \"False\"");
         let p = plan(&cluster(&y), "node1").expect("plans");
-        assert!(p.desired.ports.is_empty(), "{:?}", p.desired.ports);
+        // A NotReady pod takes no new flow: its TCP port is kept only as draining (flows it
+        // already has finish), its UDP port not at all.
+        let unready = PortId {
+            port: 82,
+            proto: Proto::Tcp,
+        };
+        assert_eq!(p.desired.ports.len(), 1, "{:?}", p.desired.ports);
+        assert!(p.desired.ports[&unready].backends.iter().all(|b| b.draining));
         assert!(p.problems.is_empty());
+    }
+
+    #[test]
+    fn a_ready_pod_wins_a_hostport_over_a_draining_one() {
+        let y = three_nodes()
+            + &pod("old", "node1", "10.244.1.2", WEB, "").replace("status: \"True\"", "status: \"False\"")
+            + &pod("new", "node1", "10.244.1.3", WEB, "");
+        let p = plan(&cluster(&y), "node1").expect("plans");
+        let web = &p.desired.ports[&PortId {
+            port: 80,
+            proto: Proto::Tcp,
+        }];
+        assert_eq!(web.backends.len(), 1);
+        assert_eq!(
+            (web.backends[0].pod.as_str(), web.backends[0].draining),
+            ("ns/new", false)
+        );
+        assert!(
+            p.problems.is_empty(),
+            "no conflict reported for a draining pod: {:?}",
+            p.problems
+        );
     }
 
     #[test]

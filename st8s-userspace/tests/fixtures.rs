@@ -122,7 +122,7 @@ impl Dp {
             local_ifindex: if local { POD_IFINDEX } else { 0 },
             local_port_be: if local { 8080u16.to_be() } else { 0 },
             has_local: u8::from(local),
-            _pad: 0,
+            flags: 0,
         };
         {
             let mut m: Array<_, Backend> =

@@ -785,7 +785,7 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
                 local_ifindex: 7,
                 local_port_be: 81u16.to_be(),
                 has_local: 1,
-                _pad: 0,
+                flags: 0,
             },
             Backend {
                 node_addr_be: be(me),

@@ -836,21 +836,7 @@ impl Lab {
     /// One quick HTTP GET from the client on a new connection (short timeouts, for loops that
     /// measure outages): the pod that answered, or None.
     pub fn quick_get(&self, addr: Ipv4Addr, port: u16, timeout: Duration) -> Option<String> {
-        in_netns(&self.client, move || -> Option<String> {
-            use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect_timeout(&(addr, port).into(), timeout).ok()?;
-            s.set_read_timeout(Some(timeout)).ok()?;
-            s.set_write_timeout(Some(timeout)).ok()?;
-            s.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
-                .ok()?;
-            let mut body = String::new();
-            s.read_to_string(&mut body).ok()?;
-            body.split_whitespace()
-                .find_map(|w| w.strip_prefix("pod="))
-                .map(str::to_owned)
-        })
-        .ok()
-        .flatten()
+        quick_get_in(&self.client, addr, port, timeout)
     }
 
     /// Sends one UDP datagram from the client (from `from_port`, or any port) to `dst:port`,
@@ -1042,16 +1028,25 @@ pub fn table_matches(s: &st8s::inspect::Snapshot, want: &st8s::plan::Desired) ->
         let Some(p) = want.ports.get(&id) else {
             return false;
         };
-        let have: Vec<Ipv4Addr> = backends
+        let have: Vec<(Ipv4Addr, bool)> = backends
             .iter()
-            .map(|b| Ipv4Addr::from(u32::from_be(b.node_addr_be)))
+            .map(|b| {
+                (
+                    Ipv4Addr::from(u32::from_be(b.node_addr_be)),
+                    b.flags & st8s_common::BACKEND_DRAINING != 0,
+                )
+            })
             .collect();
-        let need: Vec<Ipv4Addr> = p.backends.iter().map(|b| b.node_addr).collect();
+        let need: Vec<(Ipv4Addr, bool)> = p.backends.iter().map(|b| (b.node_addr, b.draining)).collect();
         if have != need {
             return false;
         }
         let local = (v.has_local != 0).then(|| Ipv4Addr::from(u32::from_be(v.local_addr_be)));
         if local != p.local.as_ref().map(|l| l.addr) {
+            return false;
+        }
+        let draining = v.flags & st8s_common::PORT_LOCAL_DRAINING != 0;
+        if draining != p.local.as_ref().is_some_and(|l| l.draining) {
             return false;
         }
     }
@@ -1074,4 +1069,23 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     handle
         .join()
         .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}
+
+/// [`Lab::quick_get`] for threads that do not hold the lab: from the namespace `ns`.
+pub fn quick_get_in(ns: &str, addr: Ipv4Addr, port: u16, timeout: Duration) -> Option<String> {
+    in_netns(ns, move || -> Option<String> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect_timeout(&(addr, port).into(), timeout).ok()?;
+        s.set_read_timeout(Some(timeout)).ok()?;
+        s.set_write_timeout(Some(timeout)).ok()?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.split_whitespace()
+            .find_map(|w| w.strip_prefix("pod="))
+            .map(str::to_owned)
+    })
+    .ok()
+    .flatten()
 }
