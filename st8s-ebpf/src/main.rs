@@ -193,6 +193,11 @@ fn config() -> Option<&'static Config> {
 /// The steering decision, shared by the XDP and the TC program so that both agree on every flow.
 #[inline(always)]
 fn steer(pkt: &Packet, cfg: &Config) -> Steer {
+    // Only frames addressed to this node's MAC: a switch that floods a frame meant for another
+    // node (its port went down, its address aged out) must not make this node serve it too.
+    if pkt.dst_mac != cfg.self_mac {
+        return Steer::NotOurs;
+    }
     let port = match port_info(pkt) {
         Some(p) => p,
         None => return Steer::NotOurs,
@@ -204,12 +209,7 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
             return Steer::NotOurs;
         }
         // Sent to another node's address: only a peer's forward may land here, and it must be
-        // served by this node's own backend, never forwarded again (no loops). A forward is
-        // addressed to this node's MAC: a switch that floods a frame meant for another node
-        // (its port went down, its address aged out) must not make this node serve it too.
-        if pkt.dst_mac != cfg.self_mac {
-            return Steer::NotOurs;
-        }
+        // served by this node's own backend, never forwarded again (no loops).
         let mac = MacKey {
             mac: pkt.src_mac,
             _pad: [0; 2],

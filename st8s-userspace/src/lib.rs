@@ -5,6 +5,7 @@ pub mod agent;
 pub mod dataplane;
 pub mod dns;
 pub mod dns_watch;
+pub mod fuzzing;
 pub mod http;
 pub mod inspect;
 pub mod kube_source;

@@ -67,6 +67,16 @@ enum Task {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Fuzz the userspace parsers with cargo-fuzz (libFuzzer, nightly), installing cargo-fuzz
+    /// if needed. The test suite runs a bounded version of the same targets.
+    Fuzz {
+        /// `cluster_yaml`, `annotations`, or `all`.
+        #[arg(long, default_value = "all")]
+        target: String,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// (lab internal) Run a backend pod's HTTP/DNS server.
     #[command(hide = true)]
     LabBackend {
@@ -116,11 +126,37 @@ fn main() -> anyhow::Result<()> {
             progress("running the test suite");
             let mut cmd = Command::new("cargo");
             cmd.current_dir(workspace_root()).args(["test", "--workspace"]);
-            if !cargo_args.is_empty() {
-                cmd.arg("--").args(&cargo_args);
-            }
+            // The tests that measure something (failover, churn, discovery, dns) print it.
+            cmd.arg("--").arg("--show-output").args(&cargo_args);
             run(&mut cmd)?;
             progress("all tests passed");
+            Ok(())
+        }
+        Task::Fuzz { target, seconds } => {
+            let tc = setup::nightly()?;
+            if run(Command::new("cargo").args(["fuzz", "--version"])).is_err() {
+                progress("installing cargo-fuzz (once)");
+                run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+                    .context("cargo install cargo-fuzz")?;
+            }
+            setup::build_ebpf()?;
+            let targets: Vec<&str> = match target.as_str() {
+                "all" => vec!["cluster_yaml", "annotations"],
+                t @ ("cluster_yaml" | "annotations") => vec![t],
+                other => bail!("no fuzz target {other:?}: cluster_yaml, annotations or all"),
+            };
+            for t in targets {
+                progress(&format!("fuzzing {t} for {seconds} s"));
+                run(Command::new("cargo")
+                    .current_dir(workspace_root())
+                    .arg(format!("+{tc}"))
+                    .args(["fuzz", "run", t, "--fuzz-dir", "fuzz", "--"])
+                    .arg(format!("-max_total_time={seconds}")))
+                .with_context(|| {
+                    format!("fuzzing {t} (a crash leaves its input under fuzz/artifacts/{t}/)")
+                })?;
+            }
+            progress("no crash");
             Ok(())
         }
         Task::Bench {
