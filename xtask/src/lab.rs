@@ -659,6 +659,27 @@ impl Lab {
     }
 
     /// Kills an agent with SIGKILL (a crash): nothing of its own cleanup runs.
+    /// Runs the agents started from now on with only these capabilities (`None`: all).
+    pub fn set_agent_caps(&mut self, caps: Option<Vec<String>>) {
+        self.cfg.agent_caps = caps;
+    }
+
+    /// Waits (bounded) for a node's agent to exit; its status, or None if it still runs.
+    pub fn wait_agent_exit(&mut self, node: usize, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.agents.get_mut(&node)?.try_wait().ok().flatten();
+            if let Some(s) = status {
+                self.agents.remove(&node);
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn kill_agent(&mut self, node: usize) {
         if let Some(mut child) = self.agents.remove(&node) {
             let _ = child.kill();

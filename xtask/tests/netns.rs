@@ -748,6 +748,21 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
     lab.wait_ready(3, Duration::from_secs(60))
         .expect("ready again after the outage");
 
+    // The endpoints expose metrics, not the credentials the agent holds (the kubeconfig's
+    // token), nor anything but st8s's own series.
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let (_, body) = lab.agent_http(3, path).expect("endpoint");
+        assert!(
+            !body.contains("test-token") && !body.contains("Bearer"),
+            "{path} leaks:\n{body}"
+        );
+        if path == "/metrics" {
+            for line in body.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+                assert!(line.starts_with("st8s_"), "{path}: unexpected series {line}");
+            }
+        }
+    }
+
     // Every call the agents made is one that deploy/base's RBAC grants them.
     let calls = api.calls();
     for c in &calls {
@@ -1039,7 +1054,7 @@ fn a_rolling_restart_under_load_fails_no_new_request() {
     // UDP: a client that always uses source port 5300.
     let ask = |lab: &Lab| -> Option<String> {
         let answers = lab
-            .udp_ask(node3, 53, &dns_query(), 5300, None, Duration::from_millis(300))
+            .udp_ask(node3, 53, &dns_query(), 5300, None, Duration::from_millis(100))
             .ok()?;
         // The TXT record's text sits after its length byte: look for it anywhere.
         answers.into_iter().find_map(|(_, text)| {
@@ -1071,4 +1086,61 @@ fn a_rolling_restart_under_load_fails_no_new_request() {
         took.as_secs_f64() * 1e3
     );
     assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// The capabilities the DaemonSet grants (deploy/base), as its manifest says them.
+fn daemonset_caps() -> Vec<String> {
+    let manifests =
+        xtask::deploy::render(&xtask::deploy::deploy_dir().join("base")).expect("deploy/base renders");
+    let ds = manifests
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("the agent DaemonSet");
+    ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities.add")
+        .iter()
+        .filter_map(|c| c.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Issue 8: the DaemonSet's capability set is the smallest that works. The agent runs with all
+/// of them (see the Kubernetes test, which also checks its effective set); without any one of
+/// them it stops with an error that says what failed, and programs nothing.
+#[test]
+fn the_agent_needs_every_capability_it_is_given_and_no_other() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let caps = daemonset_caps();
+    assert!(
+        !caps.iter().any(|c| c == "SYS_ADMIN"),
+        "no CAP_SYS_ADMIN: {caps:?}"
+    );
+    let mut lab = lab(true);
+    lab.add_pod(PodSpec::web("web-node1", 1)).expect("pod");
+    lab.write_cluster().expect("cluster file");
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        lab.set_agent_caps(Some(fewer.clone()));
+        let _ = std::fs::remove_file(lab.agent_log(1));
+        lab.start_agent(1).expect("agent starts");
+        let status = lab
+            .wait_agent_exit(1, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("without {missing} the agent kept running"));
+        assert!(!status.success(), "without {missing}: {status}");
+        let log = std::fs::read_to_string(lab.agent_log(1)).unwrap_or_default();
+        assert!(
+            log.contains("Permission denied") || log.contains("Operation not permitted"),
+            "without {missing} the agent says what was refused:\n{log}"
+        );
+        assert!(!lab.http(1, 80).ok, "without {missing} nothing is steered");
+        let _ = lab.uninstall(1);
+        println!("capabilities {fewer:?} (without {missing}): the agent stops, refused");
+    }
+    lab.set_agent_caps(Some(caps.clone()));
+    lab.start_agent(1).expect("agent starts");
+    lab.wait_ready(1, SYNC).expect("with all of them it works");
+    lab.wait_table(1, SYNC, |s| s.ports.len() == 1)
+        .expect("programmed");
+    assert_eq!(lab.http(1, 80).pod.as_deref(), Some("lab/web-node1"));
+    println!("capabilities {caps:?}: the agent runs and steers");
 }
