@@ -79,6 +79,7 @@ pub struct AgentArgs {
     /// 0: no probing.
     #[arg(long, value_name = "MS", default_value_t = 200)]
     pub peer_probe_ms: u64,
+    /// Silent probes in a row before a node gets no flows.
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub peer_failures: u32,
     /// The port probed on the other nodes (their agents' --listen port). A refused connection
