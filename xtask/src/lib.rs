@@ -29,6 +29,17 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// The debug `st8s` binary the tests run (`cargo xtask test` builds it first).
+pub fn st8s_debug_bin() -> PathBuf {
+    let p = target_dir().join("debug/st8s");
+    assert!(
+        p.is_file(),
+        "{} missing: run through `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
 /// A progress line on stderr, so long steps never look hung.
 pub fn progress(msg: &str) {
     eprintln!("==> {msg}");

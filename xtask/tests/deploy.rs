@@ -29,13 +29,7 @@ fn kustomizations() -> Vec<PathBuf> {
 }
 
 fn st8s() -> PathBuf {
-    let p = xtask::target_dir().join("debug/st8s");
-    assert!(
-        p.is_file(),
-        "{} missing: run through `cargo xtask test`",
-        p.display()
-    );
-    p
+    xtask::st8s_debug_bin()
 }
 
 fn help(args: &[&str]) -> String {

@@ -12,13 +12,7 @@ use std::{
 const DOMAIN: &str = "home.example.org";
 
 fn st8s() -> PathBuf {
-    let p = xtask::target_dir().join("debug/st8s");
-    assert!(
-        p.is_file(),
-        "{} missing: run through `cargo xtask test`",
-        p.display()
-    );
-    p
+    xtask::st8s_debug_bin()
 }
 
 fn cluster(node2_ready: bool) -> String {

@@ -17,13 +17,7 @@ const CM: &str = "st8s-system/st8s-zones";
 const KEY: &str = "home.example.org.db";
 
 fn st8s() -> PathBuf {
-    let p = xtask::target_dir().join("debug/st8s");
-    assert!(
-        p.is_file(),
-        "{} missing: run through `cargo xtask test`",
-        p.display()
-    );
-    p
+    xtask::st8s_debug_bin()
 }
 
 /// A Lease as an agent renews it, renewed `ago` before now.

@@ -585,17 +585,7 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
     let (st8s_bin, xtask_bin) = bins();
     let manifests =
         xtask::deploy::render(&xtask::deploy::deploy_dir().join("base")).expect("deploy/base renders");
-    let daemonset = manifests
-        .iter()
-        .find(|d| d["kind"] == "DaemonSet")
-        .expect("the agent DaemonSet");
-    let caps: Vec<String> =
-        daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
-            .as_array()
-            .expect("capabilities.add")
-            .iter()
-            .filter_map(|c| c.as_str().map(str::to_owned))
-            .collect();
+    let caps = daemonset_caps();
     let kubeconfig = std::env::temp_dir().join(format!("st8s-kubeconfig-{}", std::process::id()));
     let mut lab = Lab::new(LabConfig {
         nodes: 3,
