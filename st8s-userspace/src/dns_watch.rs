@@ -67,6 +67,17 @@ pub struct DnsArgs {
     /// --out files (a sidecar of CoreDNS writing into a shared volume).
     #[arg(long, default_value = "st8s-zones")]
     pub configmap: String,
+    /// How often to probe the nodes (a TCP connect to the agents' port, as the agents probe
+    /// each other): a node that stays silent leaves the answers at once, before its Lease runs
+    /// out. 0: Leases alone.
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    pub probe_ms: u64,
+    /// Silent probes in a row before a node leaves the answers.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub probe_failures: u32,
+    /// The port probed on the nodes (the agents' --listen port).
+    #[arg(long, value_name = "PORT", default_value_t = 9470)]
+    pub probe_port: u16,
 }
 
 impl DnsArgs {
@@ -380,6 +391,20 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         "watching nodes, agent leases, ingresses, services, httproutes and ingressroutes"
     );
     let mut rx = spawn_watchers(&client, &args.namespace);
+    let (peers, peers_rx) = tokio::sync::watch::channel(Vec::new());
+    let (probe_tx, mut probe_rx) = mpsc::channel(16);
+    if args.probe_ms > 0 {
+        crate::probe::spawn(
+            peers_rx,
+            args.probe_port,
+            Duration::from_millis(args.probe_ms),
+            args.probe_failures,
+            probe_tx,
+        );
+    } else {
+        drop(probe_tx);
+    }
+    let mut unreachable: std::collections::BTreeSet<std::net::Ipv4Addr> = Default::default();
     let mut objects = Objects::default();
     let mut warned: BTreeSet<String> = BTreeSet::new();
     let mut failing: BTreeMap<Source, String> = BTreeMap::new();
@@ -396,6 +421,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
                 Some(m) => batch.push(m),
                 None => anyhow::bail!("every watcher stopped"),
             },
+            Some(down) = probe_rx.recv() => unreachable = down,
             () = tokio::time::sleep(until_wake.unwrap_or(Duration::from_secs(3600))) => {}
         }
         while let Ok(m) = rx.try_recv() {
@@ -435,7 +461,18 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
             continue;
         }
         let now = Timestamp::now();
-        let input = dns::collect_values(objects.values(), &cfg, now);
+        let mut input = dns::collect_values(objects.values(), &cfg, now);
+        let addrs: Vec<std::net::Ipv4Addr> = input.nodes.iter().map(|n| n.addr).collect();
+        peers.send_if_modified(|p| {
+            let changed = *p != addrs;
+            *p = addrs;
+            changed
+        });
+        for n in &mut input.nodes {
+            if unreachable.contains(&n.addr) {
+                n.serving = false;
+            }
+        }
         wake = input.next_expiry;
         let fresh: BTreeSet<String> = input.warnings.iter().map(|w| w.to_string()).collect();
         for w in fresh.difference(&warned) {

@@ -54,14 +54,14 @@ impl Tracker {
                 Outcome::Alive => {
                     self.silent.remove(addr);
                     if self.down.remove(addr) {
-                        info!(peer = %addr, "peer reachable again: steering to it resumes");
+                        info!(peer = %addr, "peer reachable again");
                     }
                 }
                 Outcome::Silent => {
                     let n = self.silent.entry(*addr).or_default();
                     *n += 1;
                     if *n >= failures && self.down.insert(*addr) {
-                        warn!(peer = %addr, probes = *n, "peer unreachable: no flow is steered to it");
+                        warn!(peer = %addr, probes = *n, "peer unreachable: it gets no flows and no DNS answers until it answers again");
                     }
                 }
             }

@@ -43,7 +43,16 @@ impl Dns {
     fn start(kubeconfig: &std::path::Path, tag: &str) -> Dns {
         let log = std::env::temp_dir().join(format!("st8s-dns-cluster-{}-{tag}.log", std::process::id()));
         let child = Command::new(st8s())
-            .args(["dns", "--domain", "home.example.org", "--namespace", NS])
+            // The double's nodes are at addresses no test may send to: no probes.
+            .args([
+                "dns",
+                "--domain",
+                "home.example.org",
+                "--namespace",
+                NS,
+                "--probe-ms",
+                "0",
+            ])
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .env_remove("KUBERNETES_SERVICE_HOST")

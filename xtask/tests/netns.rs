@@ -1134,3 +1134,102 @@ fn the_agent_needs_every_capability_it_is_given_and_no_other() {
     assert_eq!(lab.http(1, 80).pod.as_deref(), Some("lab/web-node1"));
     println!("capabilities {caps:?}: the agent runs and steers");
 }
+
+/// Issue 8: `st8s dns` (in the LAN's switch namespace, watching the API double there) drops a
+/// node whose link is cut from the answers within about a second, by the same probes the agents
+/// use, long before the node's Lease would run out; and puts it back when the link returns.
+#[test]
+fn st8s_dns_drops_a_cut_node_from_the_answers() {
+    use xtask::apiserver::{ApiServer, Kind, node};
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = running(lab(false), &[]);
+    let sw = lab.switch_ns().to_owned();
+    let listener = in_netns(&sw, || std::net::TcpListener::bind((xtask::lab::API_ADDR, 6443)))
+        .expect("netns")
+        .expect("bind on the LAN");
+    let api = ApiServer::start_on(listener).expect("double");
+    let kubeconfig = lab.dir().join("dns.kubeconfig");
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    for n in 1..=3 {
+        let name = format!("node{n}");
+        api.apply(Kind::Node, node(&name, &node_addr(n).to_string(), true));
+        // Leases far from running out: only the probes can drop a node here.
+        let renewed =
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+        api.apply(
+            Kind::Lease,
+            serde_json::json!({"metadata": {"name": format!("st8s-agent-{name}"), "namespace": "st8s-system"},
+                               "spec": {"holderIdentity": name, "leaseDurationSeconds": 3600, "renewTime": renewed}}),
+        );
+    }
+    api.apply(
+        Kind::Ingress,
+        serde_json::json!({"metadata": {"name": "jellyfin", "namespace": "media"},
+                           "spec": {"rules": [{"host": "jellyfin.home.example.org"}]}}),
+    );
+    api.apply(
+        Kind::ConfigMap,
+        serde_json::json!({"metadata": {"name": "st8s-zones", "namespace": "st8s-system"}}),
+    );
+    struct Dns(std::process::Child);
+    impl Drop for Dns {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let log = lab.dir().join("dns.log");
+    let _dns = Dns(std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{sw}"))
+        .arg("--")
+        .arg(xtask::st8s_debug_bin())
+        .args([
+            "dns",
+            "--domain",
+            "home.example.org",
+            "--namespace",
+            "st8s-system",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("st8s dns"));
+    let zone_write = |seen: usize, ok: &dyn Fn(&str) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let writes: Vec<_> = api
+                .patches()
+                .into_iter()
+                .filter(|p| p.kind == Kind::ConfigMap)
+                .collect();
+            if let Some(p) = writes
+                .iter()
+                .skip(seen)
+                .find(|p| ok(p.body["data"]["home.example.org.db"].as_str().unwrap_or_default()))
+            {
+                return (p.at, writes.len());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no such zone write; st8s dns log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let all = |z: &str| (1..=3).all(|n| z.contains(&format!("jellyfin IN A {}", node_addr(n))));
+    let (_, seen) = zone_write(0, &all);
+    let cut = std::time::Instant::now();
+    lab.set_link(2, false).expect("cut node2");
+    let node2 = format!("jellyfin IN A {}", node_addr(2));
+    let (at, seen) = zone_write(seen, &|z| !z.contains(&node2) && z.contains("jellyfin IN A"));
+    let took = at.duration_since(cut);
+    println!(
+        "st8s dns: node2's link cut; its address left the zone {:.0} ms later (its Lease had an hour left)",
+        took.as_secs_f64() * 1e3
+    );
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    lab.set_link(2, true).expect("restore node2");
+    zone_write(seen, &all);
+}
