@@ -405,6 +405,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         drop(probe_tx);
     }
     let mut unreachable: std::collections::BTreeSet<std::net::Ipv4Addr> = Default::default();
+    let mut probes_blind = false;
     let mut objects = Objects::default();
     let mut warned: BTreeSet<String> = BTreeSet::new();
     let mut failing: BTreeMap<Source, String> = BTreeMap::new();
@@ -468,10 +469,30 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
             *p = addrs;
             changed
         });
-        for n in &mut input.nodes {
-            if unreachable.contains(&n.addr) {
-                n.serving = false;
+        // As the agents do: if no serving node answers probes at all, the probe path is the
+        // likelier failure (a NetworkPolicy, a firewall), so the Leases alone decide.
+        if input
+            .nodes
+            .iter()
+            .any(|n| n.serving && !unreachable.contains(&n.addr))
+        {
+            for n in &mut input.nodes {
+                if unreachable.contains(&n.addr) {
+                    n.serving = false;
+                }
             }
+        }
+        let blind = !unreachable.is_empty() && !input.nodes.iter().any(|n| !unreachable.contains(&n.addr));
+        if blind != probes_blind {
+            if blind {
+                warn!(
+                    port = args.probe_port,
+                    "no node answers probes: the Leases alone decide (is the port reachable?)"
+                );
+            } else {
+                info!("nodes answer probes again");
+            }
+            probes_blind = blind;
         }
         wake = input.next_expiry;
         let fresh: BTreeSet<String> = input.warnings.iter().map(|w| w.to_string()).collect();
