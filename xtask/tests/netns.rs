@@ -1231,5 +1231,60 @@ fn st8s_dns_drops_a_cut_node_from_the_answers() {
     );
     assert!(took < Duration::from_secs(2), "{took:?}");
     lab.set_link(2, true).expect("restore node2");
-    zone_write(seen, &all);
+    let (_, seen) = zone_write(seen, &all);
+    drop(_dns);
+
+    // A probe path that is blocked for every node (a firewall dropping the port): the Leases
+    // alone decide, and every node stays in the answers.
+    let drop_rule = ["OUTPUT", "-p", "tcp", "--dport", "9471", "-j", "DROP"];
+    let ipt = |op: &str| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &sw, "iptables", op])
+            .args(drop_rule)
+            .status()
+            .expect("iptables")
+    };
+    assert!(ipt("-A").success(), "iptables in the switch namespace");
+    let _ = std::fs::remove_file(&log);
+    let _dns = Dns(std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{sw}"))
+        .arg("--")
+        .arg(xtask::st8s_debug_bin())
+        .args([
+            "dns",
+            "--domain",
+            "home.example.org",
+            "--namespace",
+            "st8s-system",
+            "--probe-port",
+            "9471",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("st8s dns"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("no node answers probes")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never said the probes are blind"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let last = api
+        .patches()
+        .into_iter()
+        .filter(|p| p.kind == Kind::ConfigMap)
+        .skip(seen.saturating_sub(1))
+        .last()
+        .expect("a zone");
+    assert!(
+        all(last.body["data"]["home.example.org.db"]
+            .as_str()
+            .unwrap_or_default()),
+        "all nodes stay in the answers"
+    );
+    let _ = ipt("-D");
 }
