@@ -29,6 +29,7 @@ use crate::{
     model::Cluster,
     net,
     plan::{Desired, plan},
+    probe::Prober,
     source::FileSource,
 };
 
@@ -93,50 +94,19 @@ pub struct AgentArgs {
     pub settle_ms: u64,
 }
 
-/// The peer prober's two ends, as the agent's loops hold them.
-struct Probing {
-    peers: tokio::sync::watch::Sender<Vec<Ipv4Addr>>,
-    down: tokio::sync::mpsc::Receiver<BTreeSet<Ipv4Addr>>,
+/// The prober, started with the agent's flags.
+fn start_prober(args: &AgentArgs) -> Prober {
+    Prober::start(args.peer_port, args.peer_probe_ms, args.peer_failures)
 }
 
-impl Probing {
-    fn start(args: &AgentArgs) -> Self {
-        let (peers, peers_rx) = tokio::sync::watch::channel(Vec::new());
-        let (tx, down) = tokio::sync::mpsc::channel(16);
-        if args.peer_probe_ms > 0 {
-            crate::probe::spawn(
-                peers_rx,
-                args.peer_port,
-                Duration::from_millis(args.peer_probe_ms),
-                args.peer_failures,
-                tx,
-            );
-        }
-        Probing { peers, down }
-    }
-
-    /// The other nodes of the current table.
-    fn follow(&self, desired: &Desired) {
-        let peers: Vec<Ipv4Addr> = desired
-            .nodes
-            .keys()
-            .filter(|a| **a != desired.self_node.addr)
-            .copied()
-            .collect();
-        self.peers.send_if_modified(|p| {
-            let changed = *p != peers;
-            *p = peers;
-            changed
-        });
-    }
-
-    async fn recv(&mut self) -> BTreeSet<Ipv4Addr> {
-        match self.down.recv().await {
-            Some(d) => d,
-            // No prober (probing off): never resolves.
-            None => std::future::pending().await,
-        }
-    }
+/// The other nodes of the current table: whom the prober checks.
+fn peers(desired: &Desired) -> Vec<Ipv4Addr> {
+    desired
+        .nodes
+        .keys()
+        .filter(|a| **a != desired.self_node.addr)
+        .copied()
+        .collect()
 }
 
 /// Current MACs of the other nodes; asks the kernel to resolve the ones it does not know yet.
@@ -390,8 +360,8 @@ async fn run_file(args: &AgentArgs, path: PathBuf, metrics: Arc<Metrics>) -> any
     let mut runner = Runner::start(args, desired, metrics.clone(), since)?;
     metrics.set_ready(true, None);
     info!("ready");
-    let mut probing = Probing::start(args);
-    probing.follow(&runner.desired);
+    let mut probing = start_prober(args);
+    probing.follow(peers(&runner.desired));
 
     let mut signals = Signals::new()?;
     let mut tick = tokio::time::interval(Duration::from_millis(args.poll_ms.max(50)));
@@ -429,7 +399,7 @@ async fn run_file(args: &AgentArgs, path: PathBuf, metrics: Arc<Metrics>) -> any
                     metrics.error("bad_update");
                     last_problem = Some(p);
                 }
-                probing.follow(&runner.desired);
+                probing.follow(peers(&runner.desired));
                 runner.refresh_macs();
                 runner.sync_logged("update");
             }
@@ -465,7 +435,7 @@ async fn run_kube(args: &AgentArgs, metrics: Arc<Metrics>) -> anyhow::Result<Opt
     let mut signals = Signals::new()?;
     let mut tick = tokio::time::interval(Duration::from_millis(args.poll_ms.max(50)));
     let mut first_event: Option<Instant> = None;
-    let mut probing = Probing::start(args);
+    let mut probing = start_prober(args);
     loop {
         tokio::select! {
             _ = signals.recv() => break,
@@ -537,7 +507,7 @@ async fn run_kube(args: &AgentArgs, metrics: Arc<Metrics>) -> anyhow::Result<Opt
                     }
                 }
                 if let Some(r) = &runner {
-                    probing.follow(&r.desired);
+                    probing.follow(peers(&r.desired));
                 }
                 report_readiness(&metrics, &state, runner.is_some(), plan_error.as_deref());
             }

@@ -391,19 +391,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         "watching nodes, agent leases, ingresses, services, httproutes and ingressroutes"
     );
     let mut rx = spawn_watchers(&client, &args.namespace);
-    let (peers, peers_rx) = tokio::sync::watch::channel(Vec::new());
-    let (probe_tx, mut probe_rx) = mpsc::channel(16);
-    if args.probe_ms > 0 {
-        crate::probe::spawn(
-            peers_rx,
-            args.probe_port,
-            Duration::from_millis(args.probe_ms),
-            args.probe_failures,
-            probe_tx,
-        );
-    } else {
-        drop(probe_tx);
-    }
+    let mut prober = crate::probe::Prober::start(args.probe_port, args.probe_ms, args.probe_failures);
     let mut unreachable: std::collections::BTreeSet<std::net::Ipv4Addr> = Default::default();
     let mut probes_blind = false;
     let mut objects = Objects::default();
@@ -422,7 +410,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
                 Some(m) => batch.push(m),
                 None => anyhow::bail!("every watcher stopped"),
             },
-            Some(down) = probe_rx.recv() => unreachable = down,
+            down = prober.recv() => unreachable = down,
             () = tokio::time::sleep(until_wake.unwrap_or(Duration::from_secs(3600))) => {}
         }
         while let Ok(m) = rx.try_recv() {
@@ -464,11 +452,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         let now = Timestamp::now();
         let mut input = dns::collect_values(objects.values(), &cfg, now);
         let addrs: Vec<std::net::Ipv4Addr> = input.nodes.iter().map(|n| n.addr).collect();
-        peers.send_if_modified(|p| {
-            let changed = *p != addrs;
-            *p = addrs;
-            changed
-        });
+        prober.follow(addrs);
         // As the agents do: if no serving node answers probes at all, the probe path is the
         // likelier failure (a NetworkPolicy, a firewall), so the Leases alone decide.
         if input

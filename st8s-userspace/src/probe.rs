@@ -79,9 +79,45 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> Outcome {
     }
 }
 
+/// The prober as its owner holds it: tell it whom to probe, hear which peers are down.
+pub struct Prober {
+    peers: watch::Sender<Vec<Ipv4Addr>>,
+    down: mpsc::Receiver<BTreeSet<Ipv4Addr>>,
+}
+
+impl Prober {
+    /// Probes `port` every `interval_ms` (0: no probing; [`recv`](Self::recv) then never
+    /// resolves), `failures` silent probes in a row marking a peer down.
+    pub fn start(port: u16, interval_ms: u64, failures: u32) -> Self {
+        let (peers, peers_rx) = watch::channel(Vec::new());
+        let (tx, down) = mpsc::channel(16);
+        if interval_ms > 0 {
+            spawn(peers_rx, port, Duration::from_millis(interval_ms), failures, tx);
+        }
+        Prober { peers, down }
+    }
+
+    /// The peers to probe from now on.
+    pub fn follow(&self, peers: Vec<Ipv4Addr>) {
+        self.peers.send_if_modified(|p| {
+            let changed = *p != peers;
+            *p = peers;
+            changed
+        });
+    }
+
+    /// The set of down peers, when it changes.
+    pub async fn recv(&mut self) -> BTreeSet<Ipv4Addr> {
+        match self.down.recv().await {
+            Some(d) => d,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Probes the peers in `peers` (kept current by the agent) every `interval`, and sends the set
 /// of down peers whenever it changes.
-pub fn spawn(
+fn spawn(
     mut peers: watch::Receiver<Vec<Ipv4Addr>>,
     port: u16,
     interval: Duration,

@@ -863,7 +863,8 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
     let other = frame(client, 40000, me, 22, TCP_ACK);
     let reply = frame("10.244.1.5".parse()?, 8080, "10.0.0.100", 40000, TCP_ACK);
 
-    fn once<P>(p: &P, pkt: &[u8]) -> anyhow::Result<f64>
+    /// `repeat` runs of the program over one packet.
+    fn run<P>(p: &P, pkt: &[u8], repeat: u32) -> anyhow::Result<aya::programs::TestRunResult>
     where
         for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
     {
@@ -871,8 +872,14 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
         let mut o = TestRunOptions::new();
         o.data_in = Some(pkt);
         o.data_out = Some(&mut out);
-        o.repeat = 1_000_000;
-        Ok(p.test_run(o)?.duration.as_nanos() as f64)
+        o.repeat = repeat;
+        Ok(p.test_run(o)?)
+    }
+    fn once<P>(p: &P, pkt: &[u8]) -> anyhow::Result<f64>
+    where
+        for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+    {
+        Ok(run(p, pkt, 1_000_000)?.duration.as_nanos() as f64)
     }
     /// The program's verdict on a repeat of the same packet (test runs reuse one buffer, so a
     /// program's own rewrite is what the next repeat sees): a row measures the path it names
@@ -881,12 +888,7 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
     where
         for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
     {
-        let mut out = vec![0u8; pkt.len() + 64];
-        let mut o = TestRunOptions::new();
-        o.data_in = Some(pkt);
-        o.data_out = Some(&mut out);
-        o.repeat = 2;
-        Ok(p.test_run(o)?.return_value)
+        Ok(run(p, pkt, 2)?.return_value)
     }
     /// Alternates the program and its baseline 9 times (the VM's noise hits both alike) and
     /// returns the medians of each and of the pairwise ratios.

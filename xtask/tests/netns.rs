@@ -1179,22 +1179,27 @@ fn st8s_dns_drops_a_cut_node_from_the_answers() {
         }
     }
     let log = lab.dir().join("dns.log");
-    let _dns = Dns(std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{sw}"))
-        .arg("--")
-        .arg(xtask::st8s_debug_bin())
-        .args([
-            "dns",
-            "--domain",
-            "home.example.org",
-            "--namespace",
-            "st8s-system",
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("st8s dns"));
+    // `st8s dns` in the switch namespace, watching the double there.
+    let start_dns = |extra: &[&str]| {
+        Dns(std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{sw}"))
+            .arg("--")
+            .arg(xtask::st8s_debug_bin())
+            .args([
+                "dns",
+                "--domain",
+                "home.example.org",
+                "--namespace",
+                "st8s-system",
+            ])
+            .args(extra)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("st8s dns"))
+    };
+    let _dns = start_dns(&[]);
     let zone_write = |seen: usize, ok: &dyn Fn(&str) -> bool| {
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         loop {
@@ -1246,24 +1251,7 @@ fn st8s_dns_drops_a_cut_node_from_the_answers() {
     };
     assert!(ipt("-A").success(), "iptables in the switch namespace");
     let _ = std::fs::remove_file(&log);
-    let _dns = Dns(std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{sw}"))
-        .arg("--")
-        .arg(xtask::st8s_debug_bin())
-        .args([
-            "dns",
-            "--domain",
-            "home.example.org",
-            "--namespace",
-            "st8s-system",
-            "--probe-port",
-            "9471",
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("st8s dns"));
+    let _dns = start_dns(&["--probe-port", "9471"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("no node answers probes")) {
         assert!(
