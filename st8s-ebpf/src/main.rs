@@ -870,6 +870,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+// The kernel accepts "Dual MIT/GPL" as GPL-compatible (include/linux/license.h), which the
+// GPL-only helpers used here need; it matches the crate's "MIT OR GPL-2.0-only" (see LICENSE).
 #[link_section = "license"]
 #[no_mangle]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -2,6 +2,7 @@
 //! verdict and packet out (the Katran/Cilium approach). Needs root (CAP_BPF).
 //!
 //! The maps are written here by hand, so each test states exactly the table it runs against.
+#![cfg(feature = "privileged")]
 
 use std::net::Ipv4Addr;
 

@@ -1,5 +1,6 @@
 //! Map-layout changes between versions: adopt what fits, migrate flows across a capacity change,
 //! rebuild what cannot be read, and say which. Needs root (bpffs, CAP_BPF) and bpftool.
+#![cfg(feature = "privileged")]
 
 use std::{path::PathBuf, process::Command};
 

@@ -125,7 +125,8 @@ fn main() -> anyhow::Result<()> {
             }
             progress("running the test suite");
             let mut cmd = Command::new("cargo");
-            cmd.current_dir(workspace_root()).args(["test", "--workspace"]);
+            cmd.current_dir(workspace_root())
+                .args(["test", "--workspace", "--features", PRIVILEGED_TESTS]);
             // The tests that measure something (failover, churn, discovery, dns) print it.
             cmd.arg("--").arg("--show-output").args(&cargo_args);
             run(&mut cmd)?;
@@ -203,6 +204,9 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The features that turn on the tests needing root; a plain `cargo test` leaves them out.
+const PRIVILEGED_TESTS: &str = "st8s-userspace/privileged,xtask/privileged";
+
 fn build(release: bool) -> anyhow::Result<()> {
     setup::build_ebpf()?;
     progress("building st8s and the lab tools");
@@ -238,6 +242,8 @@ fn lint() -> anyhow::Result<()> {
         "clippy",
         "--workspace",
         "--all-targets",
+        "--features",
+        PRIVILEGED_TESTS,
         "--",
         "-D",
         "warnings",

@@ -117,146 +117,152 @@ impl Drop for Netns {
     }
 }
 
-fn dig(ns: &str, name: &str) -> (String, Vec<String>) {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "dig",
-            "+time=1",
-            "+tries=2",
-            "-p",
-            "5300",
-            "@127.0.0.1",
-            name,
-            "A",
-        ])
-        .output()
-        .expect("dig");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let status = text
-        .split("status: ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap_or("?")
-        .to_owned();
-    let mut answers: Vec<String> = text
-        .split(";; ANSWER SECTION:")
-        .nth(1)
-        .map(|a| {
-            a.lines()
-                .skip(1)
-                .take_while(|l| !l.trim().is_empty())
-                .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    answers.sort();
-    (status, answers)
-}
+/// Needs root: a network namespace of the test's own for knotd.
+#[cfg(feature = "privileged")]
+mod knot {
+    use super::*;
 
-#[test]
-fn knot_serves_the_zone_and_a_not_ready_node_leaves_the_answers() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "needs root: run through `cargo xtask test`"
-    );
-    let dir = tmpdir("knot");
-    let (_, _) = render(&dir.0, &cluster(true));
-    let name = format!("s8-{}-dns", std::process::id());
-    let _ = Command::new("ip").args(["netns", "del", &name]).status();
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip")
-            .success()
-    );
-    let mut ns = Netns(name.clone(), Vec::new());
-    assert!(
-        Command::new("ip")
-            .args(["-n", &name, "link", "set", "lo", "up"])
-            .status()
-            .expect("ip")
-            .success()
-    );
-    let conf = dir.0.join("knot.conf");
-    fs::write(
-        &conf,
-        format!(
-            "server:\n  listen: 127.0.0.1@5300\n  rundir: {d}\ndatabase:\n  storage: {d}/db\nlog:\n  - target: stderr\n    any: warning\nzone:\n  - domain: {DOMAIN}\n    file: {d}/zone.db\n    zonefile-load: whole\n",
-            d = dir.0.display()
-        ),
-    )
-    .expect("conf");
-    let knot = Command::new("ip")
-        .args(["netns", "exec", &name, "knotd", "-c"])
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("knotd");
-    ns.1.push(knot);
-    let start = Instant::now();
-    while dig(&name, "jellyfin.home.example.org").0 != "NOERROR" {
-        assert!(start.elapsed() < Duration::from_secs(10), "knotd did not come up");
-        std::thread::sleep(Duration::from_millis(100));
+    fn dig(ns: &str, name: &str) -> (String, Vec<String>) {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "dig",
+                "+time=1",
+                "+tries=2",
+                "-p",
+                "5300",
+                "@127.0.0.1",
+                name,
+                "A",
+            ])
+            .output()
+            .expect("dig");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let status = text
+            .split("status: ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or("?")
+            .to_owned();
+        let mut answers: Vec<String> = text
+            .split(";; ANSWER SECTION:")
+            .nth(1)
+            .map(|a| {
+                a.lines()
+                    .skip(1)
+                    .take_while(|l| !l.trim().is_empty())
+                    .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        answers.sort();
+        (status, answers)
     }
-    let (status, answers) = dig(&name, "jellyfin.home.example.org");
-    assert_eq!(
-        (status.as_str(), answers.clone()),
-        (
-            "NOERROR",
-            vec!["10.77.0.11".into(), "10.77.0.12".into(), "10.77.0.13".into()]
-        )
-    );
-    assert_eq!(
-        dig(&name, "ha.home.example.org").1.len(),
-        3,
-        "lan exposure answers on the LAN"
-    );
-    let (status, answers) = dig(&name, "gotify.home.example.org");
-    assert_eq!(
-        status, "NXDOMAIN",
-        "a WAN-only name has no LAN answer: {answers:?}"
-    );
-    assert_eq!(dig(&name, "node3.garage.home.example.org").1, ["10.77.0.13"]);
 
-    // node2 turns NotReady: re-render, reload, and measure until the answers change.
-    let changed = Instant::now();
-    let (zone, _) = render(&dir.0, &cluster(false));
-    let reload = Command::new("ip")
-        .args(["netns", "exec", &name, "knotc", "-c"])
-        .arg(&conf)
-        .args(["zone-reload", DOMAIN])
-        .output()
-        .expect("knotc");
-    assert!(
-        reload.status.success(),
-        "{}",
-        String::from_utf8_lossy(&reload.stderr)
-    );
-    loop {
-        let (_, a) = dig(&name, "jellyfin.home.example.org");
-        if a == ["10.77.0.11", "10.77.0.13"] {
-            break;
-        }
-        assert!(
-            changed.elapsed() < Duration::from_secs(10),
-            "node2 still answered: {a:?}\n{zone}"
+    #[test]
+    fn knot_serves_the_zone_and_a_not_ready_node_leaves_the_answers() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "needs root: run through `cargo xtask test`"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        let dir = tmpdir("knot");
+        let (_, _) = render(&dir.0, &cluster(true));
+        let name = format!("s8-{}-dns", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .expect("ip")
+                .success()
+        );
+        let mut ns = Netns(name.clone(), Vec::new());
+        assert!(
+            Command::new("ip")
+                .args(["-n", &name, "link", "set", "lo", "up"])
+                .status()
+                .expect("ip")
+                .success()
+        );
+        let conf = dir.0.join("knot.conf");
+        fs::write(
+            &conf,
+            format!(
+                "server:\n  listen: 127.0.0.1@5300\n  rundir: {d}\ndatabase:\n  storage: {d}/db\nlog:\n  - target: stderr\n    any: warning\nzone:\n  - domain: {DOMAIN}\n    file: {d}/zone.db\n    zonefile-load: whole\n",
+                d = dir.0.display()
+            ),
+        )
+        .expect("conf");
+        let knot = Command::new("ip")
+            .args(["netns", "exec", &name, "knotd", "-c"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("knotd");
+        ns.1.push(knot);
+        let start = Instant::now();
+        while dig(&name, "jellyfin.home.example.org").0 != "NOERROR" {
+            assert!(start.elapsed() < Duration::from_secs(10), "knotd did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (status, answers) = dig(&name, "jellyfin.home.example.org");
+        assert_eq!(
+            (status.as_str(), answers.clone()),
+            (
+                "NOERROR",
+                vec!["10.77.0.11".into(), "10.77.0.12".into(), "10.77.0.13".into()]
+            )
+        );
+        assert_eq!(
+            dig(&name, "ha.home.example.org").1.len(),
+            3,
+            "lan exposure answers on the LAN"
+        );
+        let (status, answers) = dig(&name, "gotify.home.example.org");
+        assert_eq!(
+            status, "NXDOMAIN",
+            "a WAN-only name has no LAN answer: {answers:?}"
+        );
+        assert_eq!(dig(&name, "node3.garage.home.example.org").1, ["10.77.0.13"]);
+
+        // node2 turns NotReady: re-render, reload, and measure until the answers change.
+        let changed = Instant::now();
+        let (zone, _) = render(&dir.0, &cluster(false));
+        let reload = Command::new("ip")
+            .args(["netns", "exec", &name, "knotc", "-c"])
+            .arg(&conf)
+            .args(["zone-reload", DOMAIN])
+            .output()
+            .expect("knotc");
+        assert!(
+            reload.status.success(),
+            "{}",
+            String::from_utf8_lossy(&reload.stderr)
+        );
+        loop {
+            let (_, a) = dig(&name, "jellyfin.home.example.org");
+            if a == ["10.77.0.11", "10.77.0.13"] {
+                break;
+            }
+            assert!(
+                changed.elapsed() < Duration::from_secs(10),
+                "node2 still answered: {a:?}\n{zone}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "NotReady node out of the answers (render + reload + first answer): {:?}",
+            changed.elapsed()
+        );
+        assert_eq!(
+            dig(&name, "node2.attic.home.example.org").1,
+            ["10.77.0.12"],
+            "node names stay"
+        );
     }
-    eprintln!(
-        "NotReady node out of the answers (render + reload + first answer): {:?}",
-        changed.elapsed()
-    );
-    assert_eq!(
-        dig(&name, "node2.attic.home.example.org").1,
-        ["10.77.0.12"],
-        "node names stay"
-    );
 }

@@ -3,6 +3,7 @@
 //!
 //! Every lab is built with unique names and torn down on drop, also when an assertion fails. The
 //! tests run one at a time (a lock), so that the two-core machines are not oversubscribed.
+#![cfg(feature = "privileged")]
 
 use std::{
     collections::BTreeSet,
