@@ -3,9 +3,9 @@
 //! panic.
 
 use crate::{
+    core::plan,
     dns::{self, DnsConfig},
-    model::Cluster,
-    plan,
+    sources::file::read_cluster,
 };
 
 /// Cluster YAML (Nodes, Pods and their `st8s.io/` annotations) through the model and the plan,
@@ -14,7 +14,7 @@ pub fn cluster_text(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(cluster) = Cluster::from_yaml(text) {
+    if let Ok(cluster) = read_cluster(text) {
         for node in cluster.nodes.keys().take(3) {
             let _ = plan::plan(&cluster, node);
         }

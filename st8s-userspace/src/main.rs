@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use st8s::{agent, inspect, model::Cluster, plan};
+use st8s::{agent, core::plan, dataplane::inspect, sources::file::read_cluster};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -38,7 +38,7 @@ enum Command {
     },
     /// LAN names for CoreDNS: zones from Ingresses, HTTPRoutes, Traefik IngressRoutes, annotated
     /// Services, Nodes and the agents' Leases, kept in a ConfigMap (or rendered once from a file).
-    Dns(st8s::dns_watch::DnsArgs),
+    Dns(st8s::dns::watch::DnsArgs),
     /// Print the steering table a node would get from a cluster file, without touching the kernel.
     Plan {
         #[arg(long)]
@@ -67,7 +67,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Uninstall { pin_dir } => {
-            let removed = st8s::pins::uninstall(&pin_dir)?;
+            let removed = st8s::dataplane::pins::uninstall(&pin_dir)?;
             if removed.is_empty() {
                 println!("nothing pinned under {}", pin_dir.display());
             }
@@ -80,12 +80,12 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()
             .context("starting the runtime")?
-            .block_on(st8s::dns_watch::run(args)),
+            .block_on(st8s::dns::watch::run(args)),
         Command::Plan { node, from_file } => {
             let text = std::fs::read_to_string(&from_file)
                 .with_context(|| format!("reading {}", from_file.display()))?;
-            let cluster = Cluster::from_yaml(&text)?;
-            let p = plan::plan(&cluster, &node)?;
+            let cluster = read_cluster(&text)?;
+            let p = plan(&cluster, &node)?;
             for problem in &p.problems {
                 eprintln!("problem: {problem}");
             }

@@ -587,7 +587,7 @@ fn maglev_spreads_flows_and_local_preference_wins_when_set() {
         (PEER3, PEER3_MAC, false),
     ];
     let names = ["node1", "node2", "node3"];
-    let table = st8s::maglev::table(&names, 7);
+    let table = st8s::core::maglev::table(&names, 7);
     let mut dp = Dp::new(CONFIG_XDP_FORWARDS);
     // Write the real Maglev table.
     dp.port(80, PROTO_TCP, 0, 0, &backends, 0, true);

@@ -5,7 +5,7 @@
 use std::{path::PathBuf, process::Command};
 
 use aya::maps::{Array, HashMap};
-use st8s::pins::{self, MapFate};
+use st8s::dataplane::pins::{self, MapFate};
 use st8s_common::{Config, FlowKey, FlowValue, LAYOUT_VERSION, map_names};
 
 struct PinDir(PathBuf);

@@ -725,20 +725,20 @@ impl Lab {
     }
 
     /// The live table of one node, read from its pinned maps.
-    pub fn snapshot(&self, node: usize) -> anyhow::Result<st8s::inspect::Snapshot> {
-        st8s::inspect::snapshot(&self.agent_pin_dir(node))
+    pub fn snapshot(&self, node: usize) -> anyhow::Result<st8s::dataplane::inspect::Snapshot> {
+        st8s::dataplane::inspect::snapshot(&self.agent_pin_dir(node))
     }
 
     /// Waits until every agent's maps hold what the cluster file says: each port with all its
     /// backends (peer MACs resolved) and the right local pod.
     pub fn wait_synced(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let cluster = st8s::model::Cluster::from_yaml(&fs::read_to_string(self.cluster_file())?)?;
+        let cluster = st8s::sources::file::read_cluster(&fs::read_to_string(self.cluster_file())?)?;
         let start = Instant::now();
         for node in 1..=self.cfg.nodes {
             if self.agents.contains_key(&node) {
                 self.wait_ready(node, timeout.saturating_sub(start.elapsed()))?;
             }
-            let want = st8s::plan::plan(&cluster, &node_name(node))?.desired;
+            let want = st8s::core::plan(&cluster, &node_name(node))?.desired;
             loop {
                 self.ensure_agent_running(node)?;
                 let matches = self.snapshot(node).is_ok_and(|s| table_matches(&s, &want));
@@ -814,7 +814,7 @@ impl Lab {
         &self,
         node: usize,
         timeout: Duration,
-        pred: impl Fn(&st8s::inspect::Snapshot) -> bool,
+        pred: impl Fn(&st8s::dataplane::inspect::Snapshot) -> bool,
     ) -> anyhow::Result<Duration> {
         let start = Instant::now();
         loop {
@@ -1034,15 +1034,15 @@ fn terminate(child: &mut Child) {
 }
 
 /// Does the live table hold the planned ports, all backends and the right local pod?
-pub fn table_matches(s: &st8s::inspect::Snapshot, want: &st8s::plan::Desired) -> bool {
+pub fn table_matches(s: &st8s::dataplane::inspect::Snapshot, want: &st8s::core::Desired) -> bool {
     if s.ports.len() != want.ports.len() {
         return false;
     }
     for (k, v, backends, _) in &s.ports {
-        let Some(proto) = st8s::plan::Proto::from_number(k.proto) else {
+        let Some(proto) = st8s::core::Proto::from_number(k.proto) else {
             return false;
         };
-        let id = st8s::plan::PortId {
+        let id = st8s::core::PortId {
             port: u16::from_be(k.port_be),
             proto,
         };

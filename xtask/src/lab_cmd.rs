@@ -126,7 +126,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     println!();
     for node in 1..=3 {
         if let Ok(s) = lab.snapshot(node) {
-            let c = st8s::inspect::counters_by_port(&s);
+            let c = st8s::dataplane::inspect::counters_by_port(&s);
             let line: Vec<String> = c
                 .iter()
                 .map(|(p, c)| {

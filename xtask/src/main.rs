@@ -123,6 +123,16 @@ fn main() -> anyhow::Result<()> {
             if !setup::is_root() {
                 bail!("the BPF and network-namespace tests need root (CAP_BPF, CAP_NET_ADMIN): run as root");
             }
+            // The planning core builds and passes its tests without aya, tokio or kube.
+            progress("the planning core alone (no kernel, runtime or API client)");
+            run(Command::new("cargo").current_dir(workspace_root()).args([
+                "test",
+                "-p",
+                "st8s-userspace",
+                "--no-default-features",
+                "--lib",
+            ]))
+            .context("the core without the agent's dependencies")?;
             progress("running the test suite");
             let mut cmd = Command::new("cargo");
             cmd.current_dir(workspace_root())

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use st8s::{
-    kube_source::{self, Effect, KubeState, Msg},
-    plan::{PortId, Proto, plan},
+    core::{PortId, Proto, plan},
+    sources::kube::{self as kube_source, Effect, KubeState, Msg},
 };
 use tokio::sync::mpsc::Receiver;
 use xtask::apiserver::{ApiServer, Kind, node, pod};

@@ -18,7 +18,8 @@ fn licence_of(manifest: &str) -> String {
             if l == "license.workspace = true" {
                 Some(None)
             } else {
-                l.strip_prefix("license = ").map(|v| Some(v.trim_matches('"').to_owned()))
+                l.strip_prefix("license = ")
+                    .map(|v| Some(v.trim_matches('"').to_owned()))
             }
         })
         .unwrap_or_else(|| panic!("{manifest} declares no licence"));

@@ -113,7 +113,7 @@ fn local_backend_answers_with_the_client_address_and_no_iptables() {
         assert_eq!(dns.client_ip(), Some(CLIENT_ADDR));
     }
     let s = lab.snapshot(1).expect("snapshot");
-    let c = st8s::inspect::counters_by_port(&s);
+    let c = st8s::dataplane::inspect::counters_by_port(&s);
     assert!(
         c["80/tcp"].delivered_local > 0 && c["80/tcp"].replied > 0,
         "{:?}",
@@ -177,9 +177,9 @@ fn forwarded_requests_keep_the_client_address_and_reply_directly() {
             assert_eq!(dns.client_ip(), Some(CLIENT_ADDR));
         }
     }
-    let first = st8s::inspect::counters_by_port(&lab.snapshot(1).expect("snapshot"));
+    let first = st8s::dataplane::inspect::counters_by_port(&lab.snapshot(1).expect("snapshot"));
     for node in [2, 3] {
-        let c = st8s::inspect::counters_by_port(&lab.snapshot(node).expect("snapshot"));
+        let c = st8s::dataplane::inspect::counters_by_port(&lab.snapshot(node).expect("snapshot"));
         assert!(
             c["80/tcp"].forwarded > 0,
             "node{node} forwarded: {:?}",
@@ -342,7 +342,7 @@ fn other_traffic_is_left_to_the_kernel() {
     );
     // The steered port still works next to it.
     assert_eq!(lab.http(1, 80).pod.as_deref(), Some("lab/web-node2"));
-    let c = st8s::inspect::counters_by_port(&lab.snapshot(1).expect("snapshot"));
+    let c = st8s::dataplane::inspect::counters_by_port(&lab.snapshot(1).expect("snapshot"));
     assert_eq!(
         c.keys().collect::<Vec<_>>(),
         ["80/tcp"],
@@ -359,7 +359,7 @@ fn a_lan_host_cannot_pose_as_a_forwarding_node() {
     // node1 does not route for others, so only st8s could answer what follows.
     lab.exec(lab.node_ns(1), "sysctl", &["-qw", "net.ipv4.ip_forward=0"])
         .expect("sysctl");
-    let mac1 = st8s::net::format_mac(&lab.snapshot(1).expect("snapshot").config.self_mac);
+    let mac1 = st8s::dataplane::net::format_mac(&lab.snapshot(1).expect("snapshot").config.self_mac);
     // The client sends node2's address to node1's MAC.
     let out = lab
         .exec(
@@ -384,7 +384,7 @@ fn a_lan_host_cannot_pose_as_a_forwarding_node() {
         !spoofed.ok,
         "a LAN host got served through the peer path: {spoofed:?}"
     );
-    let c = st8s::inspect::counters_by_port(&lab.snapshot(1).expect("snapshot"));
+    let c = st8s::dataplane::inspect::counters_by_port(&lab.snapshot(1).expect("snapshot"));
     assert!(c["80/tcp"].untrusted_peer > 0, "{:?}", c["80/tcp"]);
     assert_eq!(c["80/tcp"].delivered_local, 0);
     // Once the client uses node2's real MAC again, node2 forwards and node1 serves.
@@ -447,8 +447,8 @@ fn backends_appear_move_and_disappear_and_bad_updates_are_refused() {
             lab.http(1, 80).pod.as_deref(),
             Some("lab/web-node3"),
             "after a {what} update: {}\n{}",
-            st8s::inspect::render(&lab.snapshot(1).expect("s"), 5),
-            st8s::inspect::render(&lab.snapshot(3).expect("s"), 5)
+            st8s::dataplane::inspect::render(&lab.snapshot(1).expect("s"), 5),
+            st8s::dataplane::inspect::render(&lab.snapshot(3).expect("s"), 5)
         );
         let log = std::fs::read_to_string(lab.agent_log(1)).unwrap_or_default();
         assert!(
@@ -492,7 +492,7 @@ fn tc_only_mode_forwards_too() {
     assert_eq!(web.client_ip(), Some(CLIENT_ADDR));
     let dns = lab.dns(3, false);
     assert_eq!(dns.pod.as_deref(), Some("lab/dns-node2"), "{dns:?}");
-    let c = st8s::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
+    let c = st8s::dataplane::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
     assert!(c["80/tcp"].forwarded > 0 && c["53/udp"].forwarded > 0, "{c:?}");
 }
 
@@ -503,7 +503,7 @@ fn tc_only_mode_forwards_too() {
 fn agents_killed_and_restarted_under_load_lose_no_request() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut lab = running(lab(true), &[PodSpec::web("web-node1", 1)]);
-    let before = st8s::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
+    let before = st8s::dataplane::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
 
     // A bounded loop of new connections to node3 (forwarded to node1), in the client's netns.
     let client = lab.client_ns().to_owned();
@@ -565,7 +565,7 @@ fn agents_killed_and_restarted_under_load_lose_no_request() {
         log.contains("adopted the live table"),
         "the restarted agent adopted the pins:\n{log}"
     );
-    let after = st8s::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
+    let after = st8s::dataplane::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
     assert!(
         after["80/tcp"].forwarded >= before["80/tcp"].forwarded + u64::from(ok),
         "counters survive restarts"
@@ -828,7 +828,9 @@ fn discovery_broadcasts_reach_the_pod_and_move_with_it() {
     assert!(ask(&lab, "255.255.255.255", 9999, "hello").is_empty());
     assert!(ask(&lab, "239.255.255.250", 1901, "hello").is_empty());
     let counters = |node: usize| {
-        st8s::inspect::counters_by_port(&st8s::inspect::snapshot(&lab.agent_pin_dir(node)).expect("snapshot"))
+        st8s::dataplane::inspect::counters_by_port(
+            &st8s::dataplane::inspect::snapshot(&lab.agent_pin_dir(node)).expect("snapshot"),
+        )
     };
     let c1 = counters(1);
     assert_eq!(c1["7359/udp"].discovered, 2, "{c1:?}");

@@ -171,14 +171,14 @@ impl Metrics {
                 let _ = writeln!(o, "st8s_errors_total{{kind=\"{k}\"}} {n}");
             }
         }
-        match crate::inspect::snapshot(pin_dir) {
+        match crate::dataplane::inspect::snapshot(pin_dir) {
             Ok(s) => {
                 let _ = writeln!(
                     o,
                     "# HELP st8s_port_packets_total Packets per steered port and outcome (st8s inspect columns)."
                 );
                 let _ = writeln!(o, "# TYPE st8s_port_packets_total counter");
-                for (port, c) in crate::inspect::counters_by_port(&s) {
+                for (port, c) in crate::dataplane::inspect::counters_by_port(&s) {
                     for (result, n) in [
                         ("delivered_local", c.delivered_local),
                         ("forwarded", c.forwarded),

@@ -21,7 +21,9 @@ use k8s_openapi::{
 };
 use serde::Deserialize as _;
 
-use crate::plan::{node_internal_ip, node_ready};
+use crate::sources::k8s::{internal_ip as node_internal_ip, node_ready};
+
+pub mod watch;
 
 pub const EXPOSURE_ANNOTATION: &str = "st8s.io/exposure";
 pub const HOSTNAME_ANNOTATION: &str = "st8s.io/hostname";

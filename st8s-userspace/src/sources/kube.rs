@@ -16,13 +16,7 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::{
-    api::core::v1::{
-        Container, ContainerPort, Node, NodeAddress, NodeCondition, NodeStatus, Pod, PodCondition, PodSpec,
-        PodStatus,
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{
     Api, Client,
     api::ListParams,
@@ -33,7 +27,8 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use crate::model::{Cluster, pod_key};
+use super::k8s;
+use crate::core::{self, Cluster, DISCOVERY_ANNOTATION, HostPort, STEER_ANNOTATION};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -86,33 +81,6 @@ pub fn classify(e: &watcher::Error) -> &'static str {
             "api_unreachable"
         }
         _ => "watch_failed",
-    }
-}
-
-/// Keeps only what st8s reads of a Node: name, labels, InternalIP, Ready.
-pub fn slim_node(n: Node) -> Node {
-    let status = n.status.map(|s| NodeStatus {
-        addresses: s.addresses.map(|a| {
-            a.into_iter()
-                .filter(|a| a.type_ == "InternalIP")
-                .collect::<Vec<NodeAddress>>()
-        }),
-        conditions: s.conditions.map(|c| {
-            c.into_iter()
-                .filter(|c| c.type_ == "Ready")
-                .collect::<Vec<NodeCondition>>()
-        }),
-        ..Default::default()
-    });
-    Node {
-        metadata: ObjectMeta {
-            name: n.metadata.name,
-            labels: n.metadata.labels,
-            resource_version: n.metadata.resource_version,
-            ..Default::default()
-        },
-        spec: None,
-        status,
     }
 }
 
@@ -238,60 +206,40 @@ impl WatchedPod {
         )
     }
 
-    /// The Pod the plan reads, or nothing when it declares no hostPort (such a pod can never
-    /// matter: a pod's ports are immutable).
-    pub fn into_pod(self) -> Option<Pod> {
+    /// The pod as the core reads it, or nothing when it declares no hostPort (such a pod can
+    /// never matter: a pod's ports are immutable).
+    pub fn into_pod(self) -> Option<core::Pod> {
         let spec = self.spec?;
-        if !spec
+        let host_ports: Vec<HostPort> = spec
             .containers
             .iter()
             .flat_map(|c| &c.ports)
-            .any(|p| p.host_port.is_some())
-        {
+            .filter_map(|p| {
+                Some(HostPort::new(
+                    p.host_port?,
+                    p.container_port,
+                    p.protocol.as_deref().unwrap_or("TCP"),
+                ))
+            })
+            .collect();
+        if host_ports.is_empty() {
             return None;
         }
-        Some(Pod {
-            metadata: self.metadata,
-            spec: Some(PodSpec {
-                node_name: spec.node_name,
-                host_network: spec.host_network,
-                containers: spec
-                    .containers
-                    .into_iter()
-                    .map(|c| Container {
-                        name: c.name,
-                        ports: Some(
-                            c.ports
-                                .into_iter()
-                                .filter(|p| p.host_port.is_some())
-                                .map(|p| ContainerPort {
-                                    container_port: p.container_port,
-                                    host_port: p.host_port,
-                                    protocol: p.protocol,
-                                    ..Default::default()
-                                })
-                                .collect(),
-                        ),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }),
-            status: self.status.map(|s| PodStatus {
-                pod_ip: s.pod_ip,
-                conditions: Some(
-                    s.conditions
-                        .into_iter()
-                        .filter(|c| c.type_ == "Ready")
-                        .map(|c| PodCondition {
-                            type_: c.type_,
-                            status: c.status,
-                            ..Default::default()
-                        })
-                        .collect(),
-                ),
-                ..Default::default()
-            }),
+        let mut annotations = self.metadata.annotations.unwrap_or_default();
+        let status = self.status.unwrap_or_default();
+        Some(core::Pod {
+            namespace: self.metadata.namespace.unwrap_or_else(|| "default".into()),
+            name: self.metadata.name.unwrap_or_else(|| "<unnamed>".into()),
+            node: spec.node_name,
+            ip: status.pod_ip,
+            ready: status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True"),
+            host_network: spec.host_network.unwrap_or(false),
+            steer: annotations.remove(STEER_ANNOTATION),
+            discovery: annotations.remove(DISCOVERY_ANNOTATION),
+            host_ports,
         })
     }
 }
@@ -300,8 +248,8 @@ impl WatchedPod {
 #[derive(Debug, Default)]
 pub struct KubeState {
     pub cluster: Cluster,
-    relisting_nodes: Option<BTreeMap<String, Node>>,
-    relisting_pods: Option<BTreeMap<String, Pod>>,
+    relisting_nodes: Option<BTreeMap<String, core::Node>>,
+    relisting_pods: Option<BTreeMap<String, core::Pod>>,
     listed_nodes: bool,
     listed_pods: bool,
     failing: BTreeMap<Kind, &'static str>,
@@ -359,7 +307,7 @@ impl KubeState {
         match msg {
             Msg::Node(ev, _) => match *ev {
                 Event::Apply(n) => {
-                    self.cluster.upsert_node(slim_node(n));
+                    self.cluster.upsert_node(k8s::node(&n));
                     effect.changed = true;
                 }
                 Event::Delete(n) => {
@@ -369,9 +317,10 @@ impl KubeState {
                 }
                 Event::Init => self.relisting_nodes = Some(BTreeMap::new()),
                 Event::InitApply(n) => {
-                    let n = slim_node(n);
-                    let name = n.metadata.name.clone().unwrap_or_default();
-                    self.relisting_nodes.get_or_insert_default().insert(name, n);
+                    let n = k8s::node(&n);
+                    self.relisting_nodes
+                        .get_or_insert_default()
+                        .insert(n.name.clone(), n);
                 }
                 Event::InitDone => {
                     let fresh = self.relisting_nodes.take().unwrap_or_default();
@@ -388,18 +337,16 @@ impl KubeState {
                             self.cluster.upsert_pod(p);
                             effect.changed = true;
                         }
-                        None => {
-                            effect.changed = self.cluster.pods.remove(&key).is_some();
-                        }
+                        None => effect.changed = self.cluster.remove_pod(&key),
                     }
                 }
                 Event::Delete(p) => {
-                    effect.changed = self.cluster.pods.remove(&p.key()).is_some();
+                    effect.changed = self.cluster.remove_pod(&p.key());
                 }
                 Event::Init => self.relisting_pods = Some(BTreeMap::new()),
                 Event::InitApply(p) => {
                     if let Some(p) = p.into_pod() {
-                        self.relisting_pods.get_or_insert_default().insert(pod_key(&p), p);
+                        self.relisting_pods.get_or_insert_default().insert(p.key(), p);
                     }
                 }
                 Event::InitDone => {
@@ -538,17 +485,15 @@ mod tests {
     }
 
     #[test]
-    fn slimming_keeps_what_the_plan_reads() {
-        let n = slim_node(node("n1", "10.0.0.1"));
-        assert!(n.metadata.managed_fields.is_none());
-        assert_eq!(
-            crate::plan::node_internal_ip(&n),
-            Some("10.0.0.1".parse().expect("ip"))
-        );
-        assert!(crate::plan::node_ready(&n));
+    fn what_the_plan_reads_is_kept() {
+        let n = k8s::node(&node("n1", "10.0.0.1"));
+        assert_eq!(n.addr, Some("10.0.0.1".parse().expect("ip")));
+        assert!(n.ready);
         let p = pod("web", Some(80)).into_pod().expect("has a hostPort");
-        assert_eq!(p.metadata.annotations.as_ref().map(|a| a.len()), Some(1));
-        assert!(crate::plan::pod_ready(&p));
+        assert_eq!(p.key(), "ns/web");
+        assert_eq!(p.steer.as_deref(), Some("true"));
+        assert_eq!(p.host_ports, [HostPort::new(80, 8080, "TCP")]);
+        assert!(p.ready);
         assert!(
             pod("plain", None).into_pod().is_none(),
             "pods without hostPorts are not kept"

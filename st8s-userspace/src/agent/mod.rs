@@ -23,14 +23,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, info_span, warn};
 
 use crate::{
-    dataplane::{Dataplane, Options, XdpChoice},
+    core::{Cluster, Desired, Settling, plan},
+    dataplane::{Dataplane, Options, XdpChoice, net, pins},
     http::Metrics,
-    kube_source::{self, KubeState},
-    model::Cluster,
-    net,
-    plan::{Desired, plan},
-    probe::Prober,
-    source::FileSource,
+    sources::{
+        file::FileSource,
+        kube::{self as kube_source, KubeState},
+        probe::Prober,
+    },
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -133,7 +133,7 @@ struct Runner {
     desired: Desired,
     /// Peers that do not answer probes: the maps hold `desired` without their backends.
     down: BTreeSet<Ipv4Addr>,
-    settling: crate::plan::Settling,
+    settling: Settling,
     settle: Duration,
     /// When a held backend settles: the maps must be written again then.
     settle_at: Option<Instant>,
@@ -171,7 +171,7 @@ impl Runner {
             prefer_local: args.prefer_local,
             hash_seed: args.hash_seed,
         })?;
-        let adopted = fates.iter().all(|(_, f)| *f == crate::pins::MapFate::Adopted);
+        let adopted = fates.iter().all(|(_, f)| *f == pins::MapFate::Adopted);
         info!(mac = %dp.self_mac(), adopted, "programs loaded");
         metrics.set_gauge(
             "bpf_load_seconds",
@@ -184,7 +184,7 @@ impl Runner {
             dp,
             desired,
             down: BTreeSet::new(),
-            settling: crate::plan::Settling::default(),
+            settling: Settling::default(),
             settle: Duration::from_millis(args.settle_ms),
             settle_at: None,
             macs,
@@ -303,7 +303,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     drop(runner);
     if args.cleanup_on_exit {
-        let removed = crate::pins::uninstall(&args.pin_dir)?;
+        let removed = pins::uninstall(&args.pin_dir)?;
         info!(pins = removed.len(), "dataplane detached and unpinned");
     } else {
         info!(pin_dir = %args.pin_dir.display(), "stopped; the dataplane keeps running (`st8s uninstall` removes it)");

@@ -391,7 +391,8 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         "watching nodes, agent leases, ingresses, services, httproutes and ingressroutes"
     );
     let mut rx = spawn_watchers(&client, &args.namespace);
-    let mut prober = crate::probe::Prober::start(args.probe_port, args.probe_ms, args.probe_failures);
+    let mut prober =
+        crate::sources::probe::Prober::start(args.probe_port, args.probe_ms, args.probe_failures);
     let mut unreachable: std::collections::BTreeSet<std::net::Ipv4Addr> = Default::default();
     let mut probes_blind = false;
     let mut objects = Objects::default();

@@ -1,4 +1,4 @@
-//! The pure core: cluster objects in, the steering table one node should run out.
+//! Cluster in, the steering table one node should run out.
 //!
 //! No kernel, no API server: [`plan`] is a function of the [`Cluster`] and the node's name, so the
 //! file source, the Kubernetes watcher and the tests all share it.
@@ -9,10 +9,9 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::core::v1::{Node, Pod};
 use st8s_common::{MAX_BACKENDS, MAX_NODES, MAX_PORTS, PROTO_TCP, PROTO_UDP};
 
-use crate::model::{Cluster, pod_key};
+use super::cluster::{Cluster, Pod};
 
 /// Pod annotation: `"false"` keeps the pod's hostPorts out of st8s.
 pub const STEER_ANNOTATION: &str = "st8s.io/steer";
@@ -135,51 +134,6 @@ impl Desired {
     }
 }
 
-/// Make-before-break across nodes. A backend on another node that just became active is held
-/// as draining (no new flows) for a moment, so that its own node has programmed its pod before
-/// any node sends it new flows: agents learn of a change at slightly different times, and a
-/// flow forwarded to a node that has not yet switched to its new pod would be lost. Backends
-/// that leave, leave at once. The first table is taken as settled.
-#[derive(Debug, Default)]
-pub struct Settling {
-    since: BTreeMap<(PortId, String), std::time::Instant>,
-    started: bool,
-}
-
-impl Settling {
-    /// `desired` with the unsettled remote backends marked draining, and when the next one
-    /// settles.
-    pub fn apply(
-        &mut self,
-        desired: &Desired,
-        now: std::time::Instant,
-        hold: std::time::Duration,
-    ) -> (Desired, Option<std::time::Instant>) {
-        let settled_at = now.checked_sub(hold).unwrap_or(now);
-        let mut out = desired.clone();
-        let mut live = BTreeSet::new();
-        let mut next: Option<std::time::Instant> = None;
-        for (id, port) in &mut out.ports {
-            for b in port.backends.iter_mut().filter(|b| !b.draining) {
-                let key = (*id, b.node.clone());
-                let t = *self
-                    .since
-                    .entry(key.clone())
-                    .or_insert(if self.started { now } else { settled_at });
-                live.insert(key);
-                if b.node != desired.self_node.name && now.duration_since(t) < hold {
-                    b.draining = true;
-                    let at = t + hold;
-                    next = Some(next.map_or(at, |n| n.min(at)));
-                }
-            }
-        }
-        self.since.retain(|k, _| live.contains(k));
-        self.started = true;
-        (out, next)
-    }
-}
-
 /// Something wrong with one object. The object is left out of the plan; the file source refuses
 /// the whole update while there are any, the Kubernetes source applies the rest.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -236,30 +190,6 @@ pub struct Plan {
     pub problems: Vec<Problem>,
 }
 
-pub fn node_internal_ip(node: &Node) -> Option<Ipv4Addr> {
-    node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
-        .iter()
-        .filter(|a| a.type_ == "InternalIP")
-        .find_map(|a| a.address.parse().ok())
-}
-
-pub fn node_ready(node: &Node) -> bool {
-    node.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-pub fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 /// A hostPort one pod declares.
 struct Claim {
     port: PortId,
@@ -268,15 +198,10 @@ struct Claim {
 
 /// The hostPorts of a pod that st8s should steer, or the problems that keep it out.
 fn pod_claims(pod: &Pod, name: &str, problems: &mut Vec<Problem>) -> Vec<Claim> {
-    let Some(spec) = pod.spec.as_ref() else {
-        return Vec::new();
-    };
     let mut claims = Vec::new();
-    for port in spec.containers.iter().flat_map(|c| c.ports.iter().flatten()) {
-        let Some(host_port) = port.host_port else {
-            continue;
-        };
-        let proto = match port.protocol.as_deref().unwrap_or("TCP") {
+    for port in &pod.host_ports {
+        let host_port = port.host_port;
+        let proto = match port.protocol.as_str() {
             "TCP" => Proto::Tcp,
             "UDP" => Proto::Udp,
             other => {
@@ -313,12 +238,7 @@ fn pod_claims(pod: &Pod, name: &str, problems: &mut Vec<Problem>) -> Vec<Claim> 
 /// The hostPorts a pod declares for discovery (`st8s.io/discovery: "7359/udp,1900/udp"`): each
 /// must be one of its UDP hostPorts. Entries that are not are reported and left out.
 fn discovery_ports(pod: &Pod, name: &str, claims: &[Claim], problems: &mut Vec<Problem>) -> BTreeSet<u16> {
-    let Some(value) = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(DISCOVERY_ANNOTATION))
-    else {
+    let Some(value) = pod.discovery.as_deref() else {
         return BTreeSet::new();
     };
     let mut ports = BTreeSet::new();
@@ -366,14 +286,14 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
     let mut nodes = BTreeMap::new();
     let mut node_by_name = BTreeMap::new();
     for (name, node) in &cluster.nodes {
-        let Some(addr) = node_internal_ip(node) else {
+        let Some(addr) = node.addr else {
             problems.push(Problem::NodeWithoutAddress { node: name.clone() });
             continue;
         };
         let entry = NodeEntry {
             name: name.clone(),
             addr,
-            ready: node_ready(node),
+            ready: node.ready,
         };
         node_by_name.insert(name.clone(), entry.clone());
         nodes.insert(addr, entry);
@@ -400,17 +320,10 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
 
     let mut owners: BTreeMap<(PortId, String), Owner> = BTreeMap::new();
     // Ready pods first: a draining pod only keeps a hostPort that no Ready pod on its node took.
-    let mut pods: Vec<(&String, &Pod, bool)> =
-        cluster.pods.iter().map(|(n, p)| (n, p, pod_ready(p))).collect();
+    let mut pods: Vec<(&String, &Pod, bool)> = cluster.pods.iter().map(|(n, p)| (n, p, p.ready)).collect();
     pods.sort_by_key(|(_, _, ready)| !*ready);
     for (name, pod, ready) in pods {
-        match pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(STEER_ANNOTATION))
-            .map(String::as_str)
-        {
+        match pod.steer.as_deref() {
             None | Some("true") => {}
             Some("false") => continue,
             Some(other) => {
@@ -421,11 +334,10 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
                 continue;
             }
         }
-        let spec = pod.spec.as_ref();
-        if spec.and_then(|s| s.host_network).unwrap_or(false) {
+        if pod.host_network {
             continue;
         }
-        let has_ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some();
+        let has_ip = pod.ip.is_some();
         if !ready && !has_ip {
             continue;
         }
@@ -443,16 +355,13 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
             continue;
         }
         let discovery = discovery_ports(pod, name, &claims, &mut problems);
-        let Some(node) = spec
-            .and_then(|s| s.node_name.as_ref())
-            .and_then(|n| node_by_name.get(n))
-        else {
+        let Some(node) = pod.node.as_ref().and_then(|n| node_by_name.get(n)) else {
             continue;
         };
         if !node.ready {
             continue;
         }
-        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()) else {
+        let Some(ip) = pod.ip.as_ref() else {
             problems.push(Problem::PodWithoutIp { pod: name.clone() });
             continue;
         };
@@ -527,55 +436,70 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
     })
 }
 
-/// For messages: the pod's `namespace/name`.
-pub fn pod_name(pod: &Pod) -> String {
-    pod_key(pod)
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::core::cluster::{HostPort, Node};
 
-    fn cluster(yaml: &str) -> Cluster {
-        Cluster::from_yaml(yaml).expect("fixture parses")
+    pub fn node(name: &str, ip: &str, ready: bool) -> Node {
+        Node {
+            name: name.into(),
+            addr: Some(ip.parse().expect("test address")),
+            ready,
+        }
     }
 
-    fn node(name: &str, ip: &str, ready: bool) -> String {
-        format!(
-            "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {ip}}}]\n  conditions: [{{type: Ready, status: \"{}\"}}]\n",
-            if ready { "True" } else { "False" }
-        )
+    /// A Ready pod in namespace `ns`.
+    pub fn pod(name: &str, node: &str, ip: &str, ports: &[HostPort]) -> Pod {
+        Pod {
+            namespace: "ns".into(),
+            name: name.into(),
+            node: Some(node.into()),
+            ip: (!ip.is_empty()).then(|| ip.into()),
+            ready: true,
+            host_ports: ports.to_vec(),
+            ..Pod::default()
+        }
     }
 
-    fn pod(name: &str, node: &str, ip: &str, ports: &str, extra_meta: &str) -> String {
-        format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: ns{extra_meta}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: c, ports: [{ports}]}}]\nstatus:\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n"
-        )
+    pub fn cluster(nodes: Vec<Node>, pods: Vec<Pod>) -> Cluster {
+        let mut c = Cluster::default();
+        nodes.into_iter().for_each(|n| c.upsert_node(n));
+        pods.into_iter().for_each(|p| c.upsert_pod(p));
+        c
     }
 
-    fn three_nodes() -> String {
-        node("node1", "10.0.0.11", true)
-            + &node("node2", "10.0.0.12", true)
-            + &node("node3", "10.0.0.13", true)
+    pub fn three_nodes() -> Vec<Node> {
+        vec![
+            node("node1", "10.0.0.11", true),
+            node("node2", "10.0.0.12", true),
+            node("node3", "10.0.0.13", true),
+        ]
     }
 
-    const WEB: &str = "{containerPort: 8080, hostPort: 80}";
-    const DNS: &str =
-        "{containerPort: 53, hostPort: 53, protocol: UDP}, {containerPort: 53, hostPort: 53, protocol: TCP}";
+    pub fn web() -> Vec<HostPort> {
+        vec![HostPort::new(80, 8080, "TCP")]
+    }
+
+    fn dns() -> Vec<HostPort> {
+        vec![HostPort::new(53, 53, "UDP"), HostPort::new(53, 53, "TCP")]
+    }
+
+    pub const WEB_PORT: PortId = PortId {
+        port: 80,
+        proto: Proto::Tcp,
+    };
 
     #[test]
     fn discovery_ports_are_udp_hostports_of_the_local_pod() {
-        const JELLYFIN: &str = "{containerPort: 8096, hostPort: 8096}, {containerPort: 7359, hostPort: 7359, protocol: UDP}, {containerPort: 1900, hostPort: 1900, protocol: UDP}";
-        let c = cluster(
-            &(three_nodes()
-                + &pod(
-                    "jellyfin",
-                    "node1",
-                    "10.244.1.2",
-                    JELLYFIN,
-                    ", annotations: {st8s.io/discovery: \"7359/udp, 1900, 8096/tcp, 5353/udp, x/udp\"}",
-                )),
-        );
+        let jellyfin = [
+            HostPort::new(8096, 8096, "TCP"),
+            HostPort::new(7359, 7359, "UDP"),
+            HostPort::new(1900, 1900, "UDP"),
+        ];
+        let mut p = pod("jellyfin", "node1", "10.244.1.2", &jellyfin);
+        p.discovery = Some("7359/udp, 1900, 8096/tcp, 5353/udp, x/udp".into());
+        let c = cluster(three_nodes(), vec![p]);
         let p = plan(&c, "node1").expect("plans");
         let disc = |port: u16, proto: Proto| {
             p.desired.ports[&PortId { port, proto }]
@@ -614,22 +538,25 @@ mod tests {
     #[test]
     fn unreachable_nodes_lose_their_backends_but_never_this_node() {
         let c = cluster(
-            &(three_nodes()
-                + &pod("web-a", "node1", "10.244.1.2", WEB, "")
-                + &pod("web-b", "node2", "10.244.2.2", WEB, "")),
+            three_nodes(),
+            vec![
+                pod("web-a", "node1", "10.244.1.2", &web()),
+                pod("web-b", "node2", "10.244.2.2", &web()),
+            ],
         );
         let d = plan(&c, "node1").expect("plans").desired;
-        let web = PortId {
-            port: 80,
-            proto: Proto::Tcp,
+        let nodes = |d: &Desired| -> Vec<String> {
+            d.ports[&WEB_PORT]
+                .backends
+                .iter()
+                .map(|b| b.node.clone())
+                .collect()
         };
-        let nodes =
-            |d: &Desired| -> Vec<String> { d.ports[&web].backends.iter().map(|b| b.node.clone()).collect() };
         let down: BTreeSet<Ipv4Addr> =
             ["10.0.0.11".parse().expect("a"), "10.0.0.12".parse().expect("a")].into();
         let cut = d.without_nodes(&down);
         assert_eq!(nodes(&cut), ["node1"], "node2 is gone, node1 is this node");
-        assert!(cut.ports[&web].local.is_some());
+        assert!(cut.ports[&WEB_PORT].local.is_some());
         assert_eq!(nodes(&d.without_nodes(&BTreeSet::new())), ["node1", "node2"]);
         // Seen from node3, which has no backend: with both backends silent, both stay.
         let d3 = plan(&c, "node3").expect("plans").desired;
@@ -639,80 +566,24 @@ mod tests {
     }
 
     #[test]
-    fn new_remote_backends_settle_before_taking_new_flows() {
-        let base = three_nodes() + &pod("web-a", "node1", "10.244.1.2", WEB, "");
-        let d1 = plan(&cluster(&base), "node3").expect("plans").desired;
-        let d2 = plan(
-            &cluster(&(base + &pod("web-b", "node2", "10.244.2.2", WEB, ""))),
-            "node3",
-        )
-        .expect("plans")
-        .desired;
-        let web = PortId {
-            port: 80,
-            proto: Proto::Tcp,
-        };
-        let draining = |d: &Desired| -> Vec<(String, bool)> {
-            d.ports[&web]
-                .backends
-                .iter()
-                .map(|b| (b.node.clone(), b.draining))
-                .collect()
-        };
-        let hold = std::time::Duration::from_millis(300);
-        let t0 = std::time::Instant::now();
-        let mut s = Settling::default();
-        let (first, next) = s.apply(&d1, t0, hold);
-        assert_eq!(
-            draining(&first),
-            [("node1".to_owned(), false)],
-            "the first table is settled"
-        );
-        assert_eq!(next, None);
-        let (held, next) = s.apply(&d2, t0 + std::time::Duration::from_millis(10), hold);
-        assert_eq!(
-            draining(&held),
-            [("node1".to_owned(), false), ("node2".to_owned(), true)]
-        );
-        assert_eq!(next, Some(t0 + std::time::Duration::from_millis(310)));
-        let (settled, next) = s.apply(&d2, t0 + std::time::Duration::from_millis(320), hold);
-        assert_eq!(
-            draining(&settled),
-            [("node1".to_owned(), false), ("node2".to_owned(), false)]
-        );
-        assert_eq!(next, None);
-        // Leaving is immediate, and coming back settles again.
-        let (gone, _) = s.apply(&d1, t0 + std::time::Duration::from_millis(400), hold);
-        assert_eq!(draining(&gone), [("node1".to_owned(), false)]);
-        let (back, _) = s.apply(&d2, t0 + std::time::Duration::from_millis(500), hold);
-        assert_eq!(draining(&back)[1], ("node2".to_owned(), true));
-    }
-
-    #[test]
     fn every_ready_hostport_is_steered_on_every_node() {
         let c = cluster(
-            &(three_nodes()
-                + &pod("web-a", "node1", "10.244.1.2", WEB, "")
-                + &pod("dns", "node2", "10.244.2.2", DNS, "")),
+            three_nodes(),
+            vec![
+                pod("web-a", "node1", "10.244.1.2", &web()),
+                pod("dns", "node2", "10.244.2.2", &dns()),
+            ],
         );
         let p = plan(&c, "node3").expect("plans");
         assert!(p.problems.is_empty(), "{:?}", p.problems);
         let ids: Vec<String> = p.desired.ports.keys().map(|k| k.to_string()).collect();
         assert_eq!(ids, ["53/tcp", "53/udp", "80/tcp"]);
-        let web = &p.desired.ports[&PortId {
-            port: 80,
-            proto: Proto::Tcp,
-        }];
+        let web = &p.desired.ports[&WEB_PORT];
         assert_eq!(web.backends.len(), 1);
         assert_eq!(web.backends[0].node, "node1");
         assert_eq!(web.local, None, "node3 runs no web pod");
         let on_node1 = plan(&c, "node1").expect("plans");
-        let local = on_node1.desired.ports[&PortId {
-            port: 80,
-            proto: Proto::Tcp,
-        }]
-            .local
-            .clone();
+        let local = on_node1.desired.ports[&WEB_PORT].local.clone();
         assert_eq!(
             local,
             Some(LocalBackend {
@@ -727,39 +598,24 @@ mod tests {
 
     #[test]
     fn opted_out_not_ready_and_host_network_pods_are_left_alone() {
-        let mut y = three_nodes();
-        y += &pod(
-            "off",
-            "node1",
-            "10.244.1.2",
-            WEB,
-            ", annotations: {st8s.io/steer: \"false\"}",
-        );
-        y += &pod(
-            "hostnet",
-            "node2",
-            "10.0.0.12",
-            "{containerPort: 81, hostPort: 81}",
-            "",
-        )
-        .replace("  nodeName", "  hostNetwork: true\n  nodeName");
-        y += &pod(
-            "unready",
-            "node3",
-            "10.244.3.2",
-            "{containerPort: 82, hostPort: 82}",
-            "",
-        )
-        .replace("status: \"True\"", "status: \"False\"");
-        y += &pod(
+        let mut off = pod("off", "node1", "10.244.1.2", &web());
+        off.steer = Some("false".into());
+        let mut hostnet = pod("hostnet", "node2", "10.0.0.12", &[HostPort::new(81, 81, "TCP")]);
+        hostnet.host_network = true;
+        let mut unready = pod("unready", "node3", "10.244.3.2", &[HostPort::new(82, 82, "TCP")]);
+        unready.ready = false;
+        let mut unready_dns = pod(
             "unready-dns",
             "node3",
             "10.244.3.3",
-            "{containerPort: 53, hostPort: 53, protocol: UDP}",
-            "",
+            &[HostPort::new(53, 53, "UDP")],
+        );
+        unready_dns.ready = false;
+        let p = plan(
+            &cluster(three_nodes(), vec![off, hostnet, unready, unready_dns]),
+            "node1",
         )
-        .replace("status: \"True\"", "status: \"False\"");
-        let p = plan(&cluster(&y), "node1").expect("plans");
+        .expect("plans");
         // A NotReady pod takes no new flow: its TCP port is kept only as draining (flows it
         // already has finish), its UDP port not at all.
         let unready = PortId {
@@ -773,14 +629,11 @@ mod tests {
 
     #[test]
     fn a_ready_pod_wins_a_hostport_over_a_draining_one() {
-        let y = three_nodes()
-            + &pod("old", "node1", "10.244.1.2", WEB, "").replace("status: \"True\"", "status: \"False\"")
-            + &pod("new", "node1", "10.244.1.3", WEB, "");
-        let p = plan(&cluster(&y), "node1").expect("plans");
-        let web = &p.desired.ports[&PortId {
-            port: 80,
-            proto: Proto::Tcp,
-        }];
+        let mut old = pod("old", "node1", "10.244.1.2", &web());
+        old.ready = false;
+        let new = pod("new", "node1", "10.244.1.3", &web());
+        let p = plan(&cluster(three_nodes(), vec![old, new]), "node1").expect("plans");
+        let web = &p.desired.ports[&WEB_PORT];
         assert_eq!(web.backends.len(), 1);
         assert_eq!(
             (web.backends[0].pod.as_str(), web.backends[0].draining),
@@ -795,26 +648,29 @@ mod tests {
 
     #[test]
     fn pods_on_not_ready_nodes_are_not_backends() {
-        let y = node("node1", "10.0.0.11", true)
-            + &node("node2", "10.0.0.12", false)
-            + &pod("web", "node2", "10.244.2.2", WEB, "");
-        let p = plan(&cluster(&y), "node1").expect("plans");
+        let c = cluster(
+            vec![
+                node("node1", "10.0.0.11", true),
+                node("node2", "10.0.0.12", false),
+            ],
+            vec![pod("web", "node2", "10.244.2.2", &web())],
+        );
+        let p = plan(&c, "node1").expect("plans");
         assert!(p.desired.ports.is_empty());
         assert_eq!(p.desired.nodes.len(), 2, "a NotReady node is still a known peer");
     }
 
     #[test]
     fn backends_are_sorted_by_node_name() {
-        let y = three_nodes()
-            + &pod("w3", "node3", "10.244.3.2", WEB, "")
-            + &pod("w1", "node1", "10.244.1.2", WEB, "");
-        let p = plan(&cluster(&y), "node2").expect("plans");
-        let names: Vec<_> = p
-            .desired
-            .ports
-            .values()
-            .next()
-            .unwrap()
+        let c = cluster(
+            three_nodes(),
+            vec![
+                pod("w3", "node3", "10.244.3.2", &web()),
+                pod("w1", "node1", "10.244.1.2", &web()),
+            ],
+        );
+        let p = plan(&c, "node2").expect("plans");
+        let names: Vec<_> = p.desired.ports[&WEB_PORT]
             .backends
             .iter()
             .map(|b| b.node.as_str())
@@ -824,25 +680,24 @@ mod tests {
 
     #[test]
     fn bad_objects_are_named() {
-        let mut y = three_nodes() + "---\napiVersion: v1\nkind: Node\nmetadata: {name: noaddr}\n";
-        y += &pod(
-            "sctp",
-            "node1",
-            "10.244.1.2",
-            "{containerPort: 9, hostPort: 9, protocol: SCTP}",
-            "",
-        );
-        y += &pod("noip", "node1", "", WEB, "").replace("  podIP: \n", "");
-        y += &pod(
-            "weird",
-            "node1",
-            "10.244.1.3",
-            WEB,
-            ", annotations: {st8s.io/steer: \"maybe\"}",
-        );
-        y += &pod("a", "node2", "10.244.2.2", WEB, "");
-        y += &pod("b", "node2", "10.244.2.3", WEB, "");
-        let p = plan(&cluster(&y), "node1").expect("plans");
+        let mut nodes = three_nodes();
+        nodes.push(Node {
+            name: "noaddr".into(),
+            addr: None,
+            ready: true,
+        });
+        let mut weird = pod("weird", "node1", "10.244.1.3", &web());
+        weird.steer = Some("maybe".into());
+        let pods = vec![
+            pod("sctp", "node1", "10.244.1.2", &[HostPort::new(9, 9, "SCTP")]),
+            pod("noip", "node1", "", &web()),
+            weird,
+            pod("a", "node2", "10.244.2.2", &web()),
+            pod("b", "node2", "10.244.2.3", &web()),
+            pod("v6", "node3", "fd00::2", &web()),
+            pod("huge", "node3", "10.244.3.2", &[HostPort::new(70000, 80, "TCP")]),
+        ];
+        let p = plan(&cluster(nodes, pods), "node1").expect("plans");
         let text: Vec<String> = p.problems.iter().map(|e| e.to_string()).collect();
         let all = text.join("\n");
         assert!(all.contains("node noaddr: no InternalIP"), "{all}");
@@ -856,32 +711,35 @@ mod tests {
             all.contains("pods ns/a and ns/b both claim hostPort 80/tcp on node node2"),
             "{all}"
         );
-        assert_eq!(p.problems.len(), 5, "{all}");
+        assert!(all.contains("ns/v6") && all.contains("not an IPv4"), "{all}");
+        assert!(all.contains("ns/huge: port 70000 is out of range"), "{all}");
+        assert_eq!(p.problems.len(), 7, "{all}");
     }
 
     #[test]
     fn self_must_exist_with_an_address() {
-        let c = cluster(&three_nodes());
+        let c = cluster(three_nodes(), vec![]);
         assert_eq!(
             plan(&c, "nope"),
             Err(PlanError::UnknownNode { node: "nope".into() })
         );
-        let c = cluster("apiVersion: v1\nkind: Node\nmetadata: {name: bare}\n");
+        let bare = Node {
+            name: "bare".into(),
+            addr: None,
+            ready: true,
+        };
         assert_eq!(
-            plan(&c, "bare"),
+            plan(&cluster(vec![bare], vec![]), "bare"),
             Err(PlanError::SelfWithoutAddress { node: "bare".into() })
         );
     }
 
     #[test]
     fn too_many_ports_is_an_error_not_a_partial_table() {
-        let ports: Vec<String> = (1..=MAX_PORTS + 1)
-            .map(|p| format!("{{containerPort: {p}, hostPort: {p}}}"))
+        let ports: Vec<HostPort> = (1..=MAX_PORTS as i32 + 1)
+            .map(|p| HostPort::new(p, p, "TCP"))
             .collect();
-        let y = three_nodes() + &pod("big", "node1", "10.244.1.2", &ports.join(", "), "");
-        assert!(matches!(
-            plan(&cluster(&y), "node1"),
-            Err(PlanError::TooManyPorts { .. })
-        ));
+        let c = cluster(three_nodes(), vec![pod("big", "node1", "10.244.1.2", &ports)]);
+        assert!(matches!(plan(&c, "node1"), Err(PlanError::TooManyPorts { .. })));
     }
 }

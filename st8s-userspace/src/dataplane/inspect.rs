@@ -9,7 +9,8 @@ use st8s_common::{
     FlowValue, GLOBAL_COUNTER_SLOT, PortInfo, PortKey, map_names,
 };
 
-use crate::{dataplane::open_pinned, net::format_mac, plan::Proto};
+use super::{net::format_mac, open_pinned};
+use crate::core::Proto;
 
 fn addr(be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(be))

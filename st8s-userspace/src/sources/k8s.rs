@@ -1,0 +1,71 @@
+//! Kubernetes objects into the core's input types: what st8s reads of a Node and of a Pod.
+//! Shared by the file source (k8s-openapi types parsed from YAML) and `st8s dns`.
+
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+
+use crate::core::{self, DISCOVERY_ANNOTATION, HostPort, STEER_ANNOTATION};
+
+/// The node's first InternalIP that is an IPv4 address.
+pub fn internal_ip(node: &Node) -> Option<Ipv4Addr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse().ok())
+}
+
+/// The node's `Ready` condition is `True`.
+pub fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+pub fn node(node: &Node) -> core::Node {
+    core::Node {
+        name: node.metadata.name.clone().unwrap_or_default(),
+        addr: internal_ip(node),
+        ready: node_ready(node),
+    }
+}
+
+/// The pod as the core reads it, or nothing when it declares no hostPort (such a pod never
+/// matters: a pod's ports cannot change).
+pub fn pod(pod: &Pod) -> Option<core::Pod> {
+    let spec = pod.spec.as_ref()?;
+    let host_ports: Vec<HostPort> = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(HostPort::new(
+                p.host_port?,
+                p.container_port,
+                p.protocol.as_deref().unwrap_or("TCP"),
+            ))
+        })
+        .collect();
+    if host_ports.is_empty() {
+        return None;
+    }
+    let annotation = |key: &str| pod.metadata.annotations.as_ref()?.get(key).cloned();
+    let status = pod.status.as_ref();
+    Some(core::Pod {
+        namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: pod.metadata.name.clone().unwrap_or_else(|| "<unnamed>".into()),
+        node: spec.node_name.clone(),
+        ip: status.and_then(|s| s.pod_ip.clone()),
+        ready: status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+        host_network: spec.host_network.unwrap_or(false),
+        steer: annotation(STEER_ANNOTATION),
+        discovery: annotation(DISCOVERY_ANNOTATION),
+        host_ports,
+    })
+}
