@@ -4,27 +4,30 @@
 //! Either feeds the pure core ([`plan`]); one owner ([`Runner`]) holds the dataplane and applies
 //! what changed. The dataplane is programmed before it is attached, and readiness is reported
 //! only once the first full sync is in the maps.
+//!
+//! The loops ([`run_kube`], [`run_file`]) reach the kernel only through a [`Host`], so that their
+//! logic (sync, retries, draining, settling, failover) is tested with a recording dataplane and
+//! the API-server double, without root.
+
+mod lease;
+mod runner;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-    path::PathBuf,
+    collections::BTreeSet,
+    future::Future,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use k8s_openapi::{
-    api::coordination::v1::{Lease, LeaseSpec},
-    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
-    jiff::Timestamp,
-};
+pub use runner::Runner;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, info_span, warn};
+use tracing::{error, info, warn};
 
 use crate::{
-    core::{Cluster, Desired, Settling, plan},
-    dataplane::{Dataplane, Options, XdpChoice, net, pins},
+    core::{Cluster, Desired, plan},
+    dataplane::{Host, KernelHost, XdpChoice, pins},
     http::Metrics,
     sources::{
         file::FileSource,
@@ -94,198 +97,6 @@ pub struct AgentArgs {
     pub settle_ms: u64,
 }
 
-/// The prober, started with the agent's flags.
-fn start_prober(args: &AgentArgs) -> Prober {
-    Prober::start(args.peer_port, args.peer_probe_ms, args.peer_failures)
-}
-
-/// The other nodes of the current table: whom the prober checks.
-fn peers(desired: &Desired) -> Vec<Ipv4Addr> {
-    desired
-        .nodes
-        .keys()
-        .filter(|a| **a != desired.self_node.addr)
-        .copied()
-        .collect()
-}
-
-/// Current MACs of the other nodes; asks the kernel to resolve the ones it does not know yet.
-fn peer_macs(desired: &Desired) -> BTreeMap<Ipv4Addr, [u8; 6]> {
-    let known = net::neighbours().unwrap_or_else(|e| {
-        warn!(error = %e, "cannot read the neighbour table");
-        BTreeMap::new()
-    });
-    let mut out = BTreeMap::new();
-    for addr in desired.nodes.keys().filter(|a| **a != desired.self_node.addr) {
-        match known.get(addr) {
-            Some(mac) => {
-                out.insert(*addr, *mac);
-            }
-            None => net::solicit(*addr),
-        }
-    }
-    out
-}
-
-/// The single owner of the dataplane.
-struct Runner {
-    dp: Dataplane,
-    desired: Desired,
-    /// Peers that do not answer probes: the maps hold `desired` without their backends.
-    down: BTreeSet<Ipv4Addr>,
-    settling: Settling,
-    settle: Duration,
-    /// When a held backend settles: the maps must be written again then.
-    settle_at: Option<Instant>,
-    macs: BTreeMap<Ipv4Addr, [u8; 6]>,
-    /// The maps lag behind `desired`; cleared only by a successful sync (so failures retry).
-    dirty: bool,
-    /// When the oldest change not yet in the maps arrived.
-    pending_since: Option<Instant>,
-    metrics: Arc<Metrics>,
-}
-
-impl Runner {
-    /// Loads onto the pins, programs the first table, then attaches.
-    fn start(
-        args: &AgentArgs,
-        desired: Desired,
-        metrics: Arc<Metrics>,
-        since: Instant,
-    ) -> anyhow::Result<Self> {
-        let iface = match &args.iface {
-            Some(i) => i.clone(),
-            None => net::iface_with_addr(desired.self_node.addr).with_context(|| {
-                format!(
-                    "finding the uplink of node {} (pass --iface)",
-                    desired.self_node.name
-                )
-            })?,
-        };
-        info!(node = %args.node, addr = %desired.self_node.addr, %iface, "starting the dataplane");
-        let load_started = Instant::now();
-        let (dp, fates) = Dataplane::load(Options {
-            iface,
-            pin_dir: args.pin_dir.clone(),
-            xdp: args.xdp,
-            prefer_local: args.prefer_local,
-            hash_seed: args.hash_seed,
-        })?;
-        let adopted = fates.iter().all(|(_, f)| *f == pins::MapFate::Adopted);
-        info!(mac = %dp.self_mac(), adopted, "programs loaded");
-        metrics.set_gauge(
-            "bpf_load_seconds",
-            load_started.elapsed().as_secs_f64(),
-            "Time to load the programs (verifier included) and adopt the pinned maps at start.",
-        );
-        let program_started = Instant::now();
-        let macs = peer_macs(&desired);
-        let mut r = Runner {
-            dp,
-            desired,
-            down: BTreeSet::new(),
-            settling: Settling::default(),
-            settle: Duration::from_millis(args.settle_ms),
-            settle_at: None,
-            macs,
-            dirty: true,
-            pending_since: Some(since),
-            metrics: metrics.clone(),
-        };
-        // Program first, attach second: new programs never see an empty table, and an adopted
-        // dataplane keeps forwarding with its old programs until the swap.
-        r.sync("initial")?;
-        metrics.set_gauge(
-            "initial_program_seconds",
-            program_started.elapsed().as_secs_f64(),
-            "Time to plan and write the first full table into the maps.",
-        );
-        r.dp.attach()?;
-        info!(xdp_forwards = r.dp.xdp_forwards(), "dataplane attached");
-        // Loading parsed the object and the initial list built large temporaries: give the
-        // freed memory back, so the resident size reflects what the agent keeps.
-        // SAFETY: malloc_trim has no preconditions.
-        unsafe { libc::malloc_trim(0) };
-        Ok(r)
-    }
-
-    fn set_desired(&mut self, desired: Desired, since: Instant) {
-        if desired != self.desired {
-            self.desired = desired;
-            self.dirty = true;
-            self.pending_since.get_or_insert(since);
-        }
-    }
-
-    fn set_down(&mut self, down: BTreeSet<Ipv4Addr>, since: Instant) {
-        if down != self.down {
-            self.down = down;
-            self.metrics.set_gauge(
-                "unreachable_nodes",
-                self.down.len() as f64,
-                "Other nodes that do not answer probes; no flow is steered to them.",
-            );
-            self.dirty = true;
-            self.pending_since.get_or_insert(since);
-        }
-    }
-
-    fn refresh_macs(&mut self) {
-        let macs = peer_macs(&self.desired);
-        if macs != self.macs {
-            self.macs = macs;
-            self.dirty = true;
-        }
-    }
-
-    fn sync(&mut self, why: &str) -> anyhow::Result<()> {
-        if self.settle_at.is_some_and(|t| Instant::now() >= t) {
-            self.dirty = true;
-        }
-        if !self.dirty {
-            return Ok(());
-        }
-        let span = info_span!(
-            "sync",
-            why,
-            ports = self.desired.ports.len(),
-            nodes = self.desired.nodes.len()
-        );
-        let _g = span.enter();
-        let (table, settle_at) = self.settling.apply(
-            &self.desired.without_nodes(&self.down),
-            Instant::now(),
-            self.settle,
-        );
-        self.settle_at = settle_at;
-        let report = self
-            .dp
-            .apply(&table, &self.macs)
-            .inspect_err(|_| self.metrics.error("map_write"))?;
-        self.dirty = false;
-        let latency = self.pending_since.take().map(|since| since.elapsed());
-        if let Some(l) = latency {
-            self.metrics.observe_sync(l);
-        }
-        if !report.unresolved.is_empty() {
-            warn!(nodes = ?report.unresolved, "MAC of these nodes not resolved yet: not forwarding to them");
-        }
-        info!(
-            writes = report.writes,
-            ports_changed = report.ports_changed,
-            latency_us = latency.map(|l| l.as_micros() as u64),
-            "maps in sync"
-        );
-        Ok(())
-    }
-
-    fn sync_logged(&mut self, why: &str) {
-        if let Err(e) = self.sync(why) {
-            error!(error = format!("{e:#}"), "programming the maps failed; retrying");
-        }
-    }
-}
-
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     metrics.set_ready(false, Some("starting"));
@@ -297,11 +108,27 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let runner = match &args.from_file {
-        Some(path) => run_file(&args, path.clone(), metrics).await?,
-        None => run_kube(&args, metrics).await?,
+    let host = KernelHost {
+        iface: args.iface.clone(),
+        pin_dir: args.pin_dir.clone(),
+        xdp: args.xdp,
+        prefer_local: args.prefer_local,
+        hash_seed: args.hash_seed,
     };
-    drop(runner);
+    let prober = Prober::start(args.peer_port, args.peer_probe_ms, args.peer_failures);
+    let mut signals = Signals::new()?;
+    let shutdown = async move { signals.recv().await };
+    let dataplane = match &args.from_file {
+        Some(path) => run_file(&args, path, host, prober, metrics, shutdown).await?,
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            run_kube(&args, client, host, prober, metrics, shutdown).await?
+        }
+    };
+    // The programs and maps are closed before their pins are removed.
+    drop(dataplane);
     if args.cleanup_on_exit {
         let removed = pins::uninstall(&args.pin_dir)?;
         info!(pins = removed.len(), "dataplane detached and unpinned");
@@ -342,8 +169,17 @@ fn plan_strict(cluster: &Cluster, node: &str) -> Result<Desired, Vec<String>> {
     }
 }
 
-async fn run_file(args: &AgentArgs, path: PathBuf, metrics: Arc<Metrics>) -> anyhow::Result<Option<Runner>> {
-    let mut source = FileSource::new(&path);
+/// The agent's loop over a cluster file, until `shutdown` resolves; returns the dataplane it
+/// programmed.
+pub async fn run_file<H: Host>(
+    args: &AgentArgs,
+    path: &Path,
+    mut host: H,
+    mut probing: Prober,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Option<H::Dataplane>> {
+    let mut source = FileSource::new(path);
     let since = Instant::now();
     let cluster = source
         .poll()
@@ -357,19 +193,18 @@ async fn run_file(args: &AgentArgs, path: PathBuf, metrics: Arc<Metrics>) -> any
     })?;
     metrics.set_objects("node", cluster.nodes.len());
     metrics.set_objects("pod", cluster.pods.len());
-    let mut runner = Runner::start(args, desired, metrics.clone(), since)?;
+    let mut runner = Runner::start(&mut host, desired, settle(args), metrics.clone(), since)?;
     metrics.set_ready(true, None);
     info!("ready");
-    let mut probing = start_prober(args);
-    probing.follow(peers(&runner.desired));
+    probing.follow(runner.peers());
 
-    let mut signals = Signals::new()?;
+    tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(args.poll_ms.max(50)));
     // The last problem reported, so that a file that stays broken is reported once, not per tick.
     let mut last_problem: Option<String> = None;
     loop {
         tokio::select! {
-            _ = signals.recv() => break,
+            () = &mut shutdown => break,
             down = probing.recv() => {
                 runner.set_down(down, Instant::now());
                 runner.sync_logged("peer probe");
@@ -399,13 +234,13 @@ async fn run_file(args: &AgentArgs, path: PathBuf, metrics: Arc<Metrics>) -> any
                     metrics.error("bad_update");
                     last_problem = Some(p);
                 }
-                probing.follow(peers(&runner.desired));
-                runner.refresh_macs();
+                probing.follow(runner.peers());
+                runner.refresh_macs(&mut host);
                 runner.sync_logged("update");
             }
         }
     }
-    Ok(Some(runner))
+    Ok(Some(runner.into_dataplane()))
 }
 
 /// Plans leniently (the API serves objects one by one): objects with problems are left out with
@@ -420,25 +255,30 @@ fn plan_lenient(cluster: &Cluster, node: &str, warned: &mut BTreeSet<String>) ->
     Ok(p.desired)
 }
 
-async fn run_kube(args: &AgentArgs, metrics: Arc<Metrics>) -> anyhow::Result<Option<Runner>> {
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+/// The agent's loop over the Kubernetes API, until `shutdown` resolves; returns the dataplane
+/// it programmed, if it got that far.
+pub async fn run_kube<H: Host>(
+    args: &AgentArgs,
+    client: kube::Client,
+    mut host: H,
+    mut probing: Prober,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Option<H::Dataplane>> {
     let mut rx = kube_source::spawn_watchers(client.clone());
     if args.lease_seconds > 0 {
-        spawn_lease_renewer(client, args, metrics.clone());
+        lease::spawn_renewer(client, args, metrics.clone());
     }
     let mut state = KubeState::default();
-    let mut runner: Option<Runner> = None;
+    let mut runner: Option<Runner<H::Dataplane>> = None;
     let mut warned = BTreeSet::new();
     let mut plan_error: Option<String> = None;
-    let mut signals = Signals::new()?;
+    tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(args.poll_ms.max(50)));
     let mut first_event: Option<Instant> = None;
-    let mut probing = start_prober(args);
     loop {
         tokio::select! {
-            _ = signals.recv() => break,
+            () = &mut shutdown => break,
             down = probing.recv() => {
                 if let Some(r) = runner.as_mut() {
                     r.set_down(down, Instant::now());
@@ -493,7 +333,7 @@ async fn run_kube(args: &AgentArgs, metrics: Arc<Metrics>) -> anyhow::Result<Opt
                                             "Time from the first watch event to the complete initial list.",
                                         );
                                     }
-                                    runner = Some(Runner::start(args, desired, metrics.clone(), since)?);
+                                    runner = Some(Runner::start(&mut host, desired, settle(args), metrics.clone(), since)?);
                                 }
                             }
                         }
@@ -507,71 +347,23 @@ async fn run_kube(args: &AgentArgs, metrics: Arc<Metrics>) -> anyhow::Result<Opt
                     }
                 }
                 if let Some(r) = &runner {
-                    probing.follow(peers(&r.desired));
+                    probing.follow(r.peers());
                 }
                 report_readiness(&metrics, &state, runner.is_some(), plan_error.as_deref());
             }
             _ = tick.tick() => {
                 if let Some(r) = runner.as_mut() {
-                    r.refresh_macs();
+                    r.refresh_macs(&mut host);
                     r.sync_logged("retry");
                 }
             }
         }
     }
-    Ok(runner)
+    Ok(runner.map(Runner::into_dataplane))
 }
 
-/// Renews `st8s-agent-<node>` while the agent is ready, so that `st8s dns` keeps this node in its
-/// answers; when the agent stops or turns unready, the Lease runs out and the node leaves them.
-fn spawn_lease_renewer(client: kube::Client, args: &AgentArgs, metrics: Arc<Metrics>) {
-    let leases: kube::Api<Lease> = kube::Api::namespaced(client, &args.lease_namespace);
-    let name = format!("{}{}", crate::dns::LEASE_PREFIX, args.node);
-    let node = args.node.clone();
-    let secs = args.lease_seconds;
-    let every = Duration::from_millis(u64::from(secs) * 1000 / 3);
-    tokio::spawn(async move {
-        let mut failing = false;
-        let mut renewed: Option<Instant> = None;
-        loop {
-            // Renewed as soon as the agent turns ready, then every third of the duration.
-            if metrics.is_ready() && renewed.is_none_or(|t| t.elapsed() >= every) {
-                let lease = Lease {
-                    metadata: ObjectMeta {
-                        name: Some(name.clone()),
-                        labels: Some([("app.kubernetes.io/name".to_owned(), "st8s".to_owned())].into()),
-                        ..ObjectMeta::default()
-                    },
-                    spec: Some(LeaseSpec {
-                        holder_identity: Some(node.clone()),
-                        lease_duration_seconds: Some(secs as i32),
-                        renew_time: Some(MicroTime(Timestamp::now())),
-                        ..LeaseSpec::default()
-                    }),
-                };
-                let params = kube::api::PatchParams::apply(crate::FIELD_MANAGER).force();
-                let result = leases
-                    .patch(&name, &params, &kube::api::Patch::Apply(&lease))
-                    .await;
-                renewed = Some(Instant::now());
-                match result {
-                    Ok(_) if failing => {
-                        info!(lease = %name, "lease renewed again");
-                        failing = false;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        metrics.error("lease");
-                        if !failing {
-                            warn!(lease = %name, error = %e, "cannot renew the lease; st8s dns will drop this node when it runs out");
-                            failing = true;
-                        }
-                    }
-                }
-            }
-            tokio::time::sleep(every.min(Duration::from_millis(250))).await;
-        }
-    });
+fn settle(args: &AgentArgs) -> Duration {
+    Duration::from_millis(args.settle_ms)
 }
 
 fn report_readiness(metrics: &Metrics, state: &KubeState, programmed: bool, plan_error: Option<&str>) {

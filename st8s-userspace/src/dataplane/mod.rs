@@ -3,7 +3,7 @@
 //! turns a [`Desired`] table into map writes. It may call the core; it knows nothing of where the
 //! table came from.
 //!
-//! One owner holds the map handles; every change goes through [`Dataplane::apply`], which writes
+//! One owner holds the map handles; every change goes through [`BpfDataplane::apply`], which writes
 //! only what differs from the last applied state. A port's backends and Maglev row are written to
 //! the idle bank first and made live with a single `ST8S_PORTS` update.
 
@@ -35,7 +35,7 @@ pub mod pins;
 pub use pins::MapFate;
 
 use self::net::format_mac;
-use crate::core::{Desired, PortId, Proto, port_tables};
+use crate::core::{Desired, NodeEntry, PortId, Proto, port_tables};
 
 /// The kernel programs, embedded at build time (see build.rs).
 pub fn ebpf_object() -> anyhow::Result<&'static [u8]> {
@@ -82,7 +82,9 @@ struct PortState {
     maglev: Vec<u8>,
 }
 
-pub struct Dataplane {
+/// The dataplane in the kernel: the loaded programs and the agent's copy of what their maps
+/// hold.
+pub struct BpfDataplane {
     ebpf: Ebpf,
     opts: Options,
     uplink_ifindex: u32,
@@ -104,7 +106,7 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::ma
         .with_context(|| format!("map {name} missing from the object"))
 }
 
-impl Dataplane {
+impl BpfDataplane {
     /// Loads the programs onto the pinned maps (adopting, migrating or rebuilding each, see
     /// [`pins`]) and reads back what the maps hold, so that the first [`apply`](Self::apply)
     /// writes only what differs. Nothing is attached yet: see [`attach`](Self::attach).
@@ -124,7 +126,7 @@ impl Dataplane {
             prog.load()
                 .with_context(|| format!("loading {name} (verifier)"))?;
         }
-        let mut dp = Dataplane {
+        let mut dp = BpfDataplane {
             ebpf,
             opts,
             uplink_ifindex,
@@ -635,6 +637,91 @@ impl Dataplane {
 
     pub fn self_mac(&self) -> String {
         format_mac(&self.self_mac)
+    }
+}
+
+/// What the agent's loop needs of a dataplane. [`BpfDataplane`] is the kernel's; the loop's tests
+/// use one that records what it is given.
+pub trait Dataplane {
+    /// Makes the maps hold `table`, with `macs` for the other nodes; writes only what changed.
+    fn apply(&mut self, table: &Desired, macs: &Macs) -> anyhow::Result<ApplyReport>;
+    /// Attaches the programs (after the first [`apply`](Self::apply)).
+    fn attach(&mut self) -> anyhow::Result<()>;
+}
+
+impl Dataplane for BpfDataplane {
+    fn apply(&mut self, table: &Desired, macs: &Macs) -> anyhow::Result<ApplyReport> {
+        BpfDataplane::apply(self, table, macs)
+    }
+
+    fn attach(&mut self) -> anyhow::Result<()> {
+        BpfDataplane::attach(self)?;
+        info!(xdp_forwards = self.xdp_forwards, "dataplane attached");
+        Ok(())
+    }
+}
+
+/// The other nodes' MAC addresses, by node address.
+pub type Macs = BTreeMap<Ipv4Addr, [u8; 6]>;
+
+/// The node the agent runs on, as its loop needs it: a dataplane to load, and the neighbour
+/// table. [`KernelHost`] is this machine's kernel.
+pub trait Host {
+    type Dataplane: Dataplane;
+    /// Loads a dataplane for `self_node` onto the pins; nothing is attached yet.
+    fn load(&mut self, self_node: &NodeEntry) -> anyhow::Result<Self::Dataplane>;
+    /// The MACs of the other nodes of `desired` that are known; asks the network for the rest.
+    fn peer_macs(&mut self, desired: &Desired) -> Macs;
+}
+
+/// This machine's kernel.
+#[derive(Clone, Debug)]
+pub struct KernelHost {
+    /// The uplink; by default the interface that holds the node's address.
+    pub iface: Option<String>,
+    pub pin_dir: PathBuf,
+    pub xdp: XdpChoice,
+    pub prefer_local: bool,
+    pub hash_seed: u32,
+}
+
+impl Host for KernelHost {
+    type Dataplane = BpfDataplane;
+
+    fn load(&mut self, self_node: &NodeEntry) -> anyhow::Result<BpfDataplane> {
+        let iface = match &self.iface {
+            Some(i) => i.clone(),
+            None => net::iface_with_addr(self_node.addr)
+                .with_context(|| format!("finding the uplink of node {} (pass --iface)", self_node.name))?,
+        };
+        info!(node = %self_node.name, addr = %self_node.addr, %iface, "starting the dataplane");
+        let (dp, fates) = BpfDataplane::load(Options {
+            iface,
+            pin_dir: self.pin_dir.clone(),
+            xdp: self.xdp,
+            prefer_local: self.prefer_local,
+            hash_seed: self.hash_seed,
+        })?;
+        let adopted = fates.iter().all(|(_, f)| *f == MapFate::Adopted);
+        info!(mac = %dp.self_mac(), adopted, "programs loaded");
+        Ok(dp)
+    }
+
+    fn peer_macs(&mut self, desired: &Desired) -> Macs {
+        let known = net::neighbours().unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read the neighbour table");
+            BTreeMap::new()
+        });
+        let mut out = BTreeMap::new();
+        for addr in desired.nodes.keys().filter(|a| **a != desired.self_node.addr) {
+            match known.get(addr) {
+                Some(mac) => {
+                    out.insert(*addr, *mac);
+                }
+                None => net::solicit(*addr),
+            }
+        }
+        out
     }
 }
 

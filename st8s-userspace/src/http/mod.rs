@@ -117,6 +117,14 @@ impl Metrics {
         }
     }
 
+    /// How many errors of this kind were counted.
+    pub fn errors(&self, kind: &str) -> u64 {
+        self.inner
+            .lock()
+            .map(|i| i.errors.get(kind).copied().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
     pub fn latency(&self) -> Histogram {
         self.inner
             .lock()

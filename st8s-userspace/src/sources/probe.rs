@@ -97,6 +97,14 @@ impl Prober {
         Prober { peers, down }
     }
 
+    /// A prober that probes nothing: the sets of down peers come from the returned sender
+    /// (tests of the agent's loop decide which peers are silent).
+    pub fn manual() -> (Self, mpsc::Sender<BTreeSet<Ipv4Addr>>) {
+        let (peers, _) = watch::channel(Vec::new());
+        let (tx, down) = mpsc::channel(16);
+        (Prober { peers, down }, tx)
+    }
+
     /// The peers to probe from now on.
     pub fn follow(&self, peers: Vec<Ipv4Addr>) {
         self.peers.send_if_modified(|p| {

@@ -1,0 +1,69 @@
+//! The agent's Lease (`st8s-agent-<node>`), renewed while the agent is ready: `st8s dns` keeps a
+//! node in its answers only while its Lease is fresh.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::Timestamp,
+};
+use tracing::{info, warn};
+
+use super::AgentArgs;
+use crate::http::Metrics;
+
+/// Renews `st8s-agent-<node>` while the agent is ready, so that `st8s dns` keeps this node in its
+/// answers; when the agent stops or turns unready, the Lease runs out and the node leaves them.
+pub fn spawn_renewer(client: kube::Client, args: &AgentArgs, metrics: Arc<Metrics>) {
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client, &args.lease_namespace);
+    let name = format!("{}{}", crate::dns::LEASE_PREFIX, args.node);
+    let node = args.node.clone();
+    let secs = args.lease_seconds;
+    let every = Duration::from_millis(u64::from(secs) * 1000 / 3);
+    tokio::spawn(async move {
+        let mut failing = false;
+        let mut renewed: Option<Instant> = None;
+        loop {
+            // Renewed as soon as the agent turns ready, then every third of the duration.
+            if metrics.is_ready() && renewed.is_none_or(|t| t.elapsed() >= every) {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        labels: Some([("app.kubernetes.io/name".to_owned(), "st8s".to_owned())].into()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(node.clone()),
+                        lease_duration_seconds: Some(secs as i32),
+                        renew_time: Some(MicroTime(Timestamp::now())),
+                        ..LeaseSpec::default()
+                    }),
+                };
+                let params = kube::api::PatchParams::apply(crate::FIELD_MANAGER).force();
+                let result = leases
+                    .patch(&name, &params, &kube::api::Patch::Apply(&lease))
+                    .await;
+                renewed = Some(Instant::now());
+                match result {
+                    Ok(_) if failing => {
+                        info!(lease = %name, "lease renewed again");
+                        failing = false;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        metrics.error("lease");
+                        if !failing {
+                            warn!(lease = %name, error = %e, "cannot renew the lease; st8s dns will drop this node when it runs out");
+                            failing = true;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(every.min(Duration::from_millis(250))).await;
+        }
+    });
+}

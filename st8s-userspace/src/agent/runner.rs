@@ -1,0 +1,172 @@
+//! The single owner of the dataplane: holds the table the cluster asks for, the peers that look
+//! down and the settling of new backends, and writes the difference when any of them changes.
+//! A failed write leaves the runner dirty, so the next tick retries it.
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tracing::{error, info, info_span, warn};
+
+use crate::{
+    core::{Desired, Settling},
+    dataplane::{Dataplane, Host, Macs},
+    http::Metrics,
+};
+
+pub struct Runner<D> {
+    dp: D,
+    desired: Desired,
+    /// Peers that do not answer probes: the maps hold `desired` without their backends.
+    down: BTreeSet<Ipv4Addr>,
+    settling: Settling,
+    settle: Duration,
+    /// When a held backend settles: the maps must be written again then.
+    settle_at: Option<Instant>,
+    macs: Macs,
+    /// The maps lag behind `desired`; cleared only by a successful sync (so failures retry).
+    dirty: bool,
+    /// When the oldest change not yet in the maps arrived.
+    pending_since: Option<Instant>,
+    metrics: Arc<Metrics>,
+}
+
+impl<D: Dataplane> Runner<D> {
+    /// Loads onto the pins, programs the first table, then attaches.
+    pub fn start<H: Host<Dataplane = D>>(
+        host: &mut H,
+        desired: Desired,
+        settle: Duration,
+        metrics: Arc<Metrics>,
+        since: Instant,
+    ) -> anyhow::Result<Self> {
+        let load_started = Instant::now();
+        let dp = host.load(&desired.self_node)?;
+        metrics.set_gauge(
+            "bpf_load_seconds",
+            load_started.elapsed().as_secs_f64(),
+            "Time to load the programs (verifier included) and adopt the pinned maps at start.",
+        );
+        let program_started = Instant::now();
+        let macs = host.peer_macs(&desired);
+        let mut r = Runner {
+            dp,
+            desired,
+            down: BTreeSet::new(),
+            settling: Settling::default(),
+            settle,
+            settle_at: None,
+            macs,
+            dirty: true,
+            pending_since: Some(since),
+            metrics: metrics.clone(),
+        };
+        // Program first, attach second: new programs never see an empty table, and an adopted
+        // dataplane keeps forwarding with its old programs until the swap.
+        r.sync("initial")?;
+        metrics.set_gauge(
+            "initial_program_seconds",
+            program_started.elapsed().as_secs_f64(),
+            "Time to plan and write the first full table into the maps.",
+        );
+        r.dp.attach()?;
+        Ok(r)
+    }
+
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    pub fn into_dataplane(self) -> D {
+        self.dp
+    }
+
+    /// The other nodes of the current table: whom the prober checks.
+    pub fn peers(&self) -> Vec<Ipv4Addr> {
+        self.desired
+            .nodes
+            .keys()
+            .filter(|a| **a != self.desired.self_node.addr)
+            .copied()
+            .collect()
+    }
+
+    pub fn set_desired(&mut self, desired: Desired, since: Instant) {
+        if desired != self.desired {
+            self.desired = desired;
+            self.dirty = true;
+            self.pending_since.get_or_insert(since);
+        }
+    }
+
+    pub fn set_down(&mut self, down: BTreeSet<Ipv4Addr>, since: Instant) {
+        if down != self.down {
+            self.down = down;
+            self.metrics.set_gauge(
+                "unreachable_nodes",
+                self.down.len() as f64,
+                "Other nodes that do not answer probes; no flow is steered to them.",
+            );
+            self.dirty = true;
+            self.pending_since.get_or_insert(since);
+        }
+    }
+
+    pub fn refresh_macs(&mut self, host: &mut impl Host) {
+        let macs = host.peer_macs(&self.desired);
+        if macs != self.macs {
+            self.macs = macs;
+            self.dirty = true;
+        }
+    }
+
+    pub fn sync(&mut self, why: &str) -> anyhow::Result<()> {
+        if self.settle_at.is_some_and(|t| Instant::now() >= t) {
+            self.dirty = true;
+        }
+        if !self.dirty {
+            return Ok(());
+        }
+        let span = info_span!(
+            "sync",
+            why,
+            ports = self.desired.ports.len(),
+            nodes = self.desired.nodes.len()
+        );
+        let _g = span.enter();
+        let (table, settle_at) = self.settling.apply(
+            &self.desired.without_nodes(&self.down),
+            Instant::now(),
+            self.settle,
+        );
+        self.settle_at = settle_at;
+        let report = self
+            .dp
+            .apply(&table, &self.macs)
+            .inspect_err(|_| self.metrics.error("map_write"))?;
+        self.dirty = false;
+        let latency = self.pending_since.take().map(|since| since.elapsed());
+        if let Some(l) = latency {
+            self.metrics.observe_sync(l);
+        }
+        if !report.unresolved.is_empty() {
+            warn!(nodes = ?report.unresolved, "MAC of these nodes not resolved yet: not forwarding to them");
+        }
+        info!(
+            writes = report.writes,
+            ports_changed = report.ports_changed,
+            latency_us = latency.map(|l| l.as_micros() as u64),
+            "maps in sync"
+        );
+        Ok(())
+    }
+
+    pub fn sync_logged(&mut self, why: &str) {
+        if let Err(e) = self.sync(why) {
+            error!(error = format!("{e:#}"), "programming the maps failed; retrying");
+        }
+    }
+}
