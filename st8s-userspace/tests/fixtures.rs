@@ -1,21 +1,26 @@
 //! Packet fixtures through the real, verifier-loaded programs with BPF_PROG_TEST_RUN: packet in,
 //! verdict and packet out (the Katran/Cilium approach). Needs root (CAP_BPF).
 //!
-//! The maps are written here by hand, so each test states exactly the table it runs against.
+//! Each test states the table it runs against, and writes it through the agent's own
+//! [`MapWriter`], so the bank flip and the slot handling under test are the ones the agent uses.
 #![cfg(feature = "privileged")]
 
 use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use st8s::packet::{self, Frame};
+use st8s::{
+    core::{PortId, Proto},
+    dataplane::writer::{LocalPod, MapWriter, PortContents},
+    packet::{self, Frame},
+};
 use st8s_common::{
     BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, Discovery,
-    DiscoveryPodKey, FLOW_LOCAL, FLOW_REMOTE, FlowKey, FlowValue, MAGLEV_SIZE, MacKey, MaglevRow, NodeInfo,
-    PROTO_TCP, PROTO_UDP, PortInfo, PortKey, RevNatKey, RevNatValue, map_names, program_names,
+    FLOW_LOCAL, FLOW_REMOTE, FlowKey, FlowValue, MAGLEV_SIZE, NodeInfo, PROTO_TCP, PROTO_UDP, RevNatKey,
+    RevNatValue, map_names, program_names,
 };
 
 const XDP_DROP: u32 = 1;
@@ -48,6 +53,7 @@ const POD: &str = "10.244.1.5";
 
 struct Dp {
     ebpf: Ebpf,
+    writer: MapWriter,
 }
 
 impl Dp {
@@ -66,20 +72,19 @@ impl Dp {
             let p: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().expect("tc");
             p.load().expect("TC program passes the verifier");
         }
-        let mut dp = Dp { ebpf };
+        let mut dp = Dp {
+            ebpf,
+            writer: MapWriter::new(),
+        };
         dp.config(flags);
-        for (addr, mac) in [(SELF, SELF_MAC), (PEER, PEER_MAC), (PEER3, PEER3_MAC)] {
-            let mut nodes: HashMap<_, u32, NodeInfo> =
-                HashMap::try_from(dp.ebpf.map_mut(map_names::NODES).expect("map")).expect("type");
-            nodes
-                .insert(be(a(addr)), NodeInfo { mac, _pad: [0; 2] }, 0)
-                .expect("insert");
-            if addr != SELF {
-                let mut macs: HashMap<_, MacKey, u32> =
-                    HashMap::try_from(dp.ebpf.map_mut(map_names::PEER_MACS).expect("map")).expect("type");
-                macs.insert(MacKey::new(mac), 1, 0).expect("insert");
-            }
-        }
+        let nodes = [(SELF, SELF_MAC), (PEER, PEER_MAC), (PEER3, PEER3_MAC)]
+            .into_iter()
+            .map(|(addr, mac)| (a(addr), NodeInfo { mac, _pad: [0; 2] }))
+            .collect();
+        dp.writer.write_nodes(&mut dp.ebpf, nodes).expect("nodes");
+        dp.writer
+            .write_peer_macs(&mut dp.ebpf, [PEER_MAC, PEER3_MAC].into())
+            .expect("peer MACs");
         dp
     }
 
@@ -88,8 +93,6 @@ impl Dp {
     }
 
     fn config_on(&mut self, flags: u32, uplink_ifindex: u32) {
-        let mut m: Array<_, Config> =
-            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("type");
         let c = Config {
             self_addr_be: be(a(SELF)),
             uplink_ifindex,
@@ -99,69 +102,56 @@ impl Dp {
             layout: st8s_common::LAYOUT_VERSION,
             broadcast_be: be(a(BROADCAST)),
         };
-        m.set(0, c, 0).expect("config");
+        self.writer.write_config(&mut self.ebpf, c).expect("config");
     }
 
     /// Programs one port: `backends` as (node address, mac, local?), every Maglev slot pointing at
-    /// `maglev_to`, and the local pod if any.
-    #[expect(clippy::too_many_arguments, reason = "a fixture table row reads best flat")]
+    /// `maglev_to`, and the local pod if any. Returns the port's counter slot.
     fn port(
         &mut self,
         port: u16,
         proto: u8,
-        slot: u16,
-        bank: u8,
         backends: &[(&str, [u8; 6], bool)],
         maglev_to: u8,
         local: bool,
-    ) {
-        let info = PortInfo {
-            slot,
-            bank,
-            backend_count: backends.len() as u8,
-            local_addr_be: if local { be(a(POD)) } else { 0 },
-            local_ifindex: if local { POD_IFINDEX } else { 0 },
-            local_port_be: if local { 8080u16.to_be() } else { 0 },
-            has_local: u8::from(local),
-            flags: 0,
+    ) -> u32 {
+        self.port_with_maglev(port, proto, backends, vec![maglev_to; MAGLEV_SIZE], local)
+    }
+
+    fn port_with_maglev(
+        &mut self,
+        port: u16,
+        proto: u8,
+        backends: &[(&str, [u8; 6], bool)],
+        maglev: Vec<u8>,
+        local: bool,
+    ) -> u32 {
+        let id = PortId {
+            port,
+            proto: Proto::from_number(proto).expect("tcp or udp"),
         };
-        {
-            let mut m: Array<_, Backend> =
-                Array::try_from(self.ebpf.map_mut(map_names::BACKENDS).expect("map")).expect("type");
-            for (i, (addr, mac, is_local)) in backends.iter().enumerate() {
-                let b = Backend {
+        let contents = PortContents {
+            backends: backends
+                .iter()
+                .map(|(addr, mac, is_local)| Backend {
                     node_addr_be: be(a(addr)),
                     node_mac: *mac,
                     flags: if *is_local { BACKEND_LOCAL } else { 0 },
                     _pad: 0,
-                };
-                m.set(info.backend_index(i as u32), b, 0).expect("backend");
-            }
-        }
-        {
-            let mut m: Array<_, MaglevRow> =
-                Array::try_from(self.ebpf.map_mut(map_names::MAGLEV).expect("map")).expect("type");
-            let row = MaglevRow {
-                slots: [maglev_to; MAGLEV_SIZE],
-                _pad: [0; 3],
-            };
-            m.set(info.maglev_index(), row, 0).expect("maglev");
-        }
-        let mut m: HashMap<_, PortKey, PortInfo> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::PORTS).expect("map")).expect("type");
-        m.insert(PortKey::new(port, proto), info, 0).expect("port");
-        let mut infos: Array<_, PortInfo> =
-            Array::try_from(self.ebpf.map_mut(map_names::PORT_INFO).expect("map")).expect("type");
-        infos.set(info.maglev_index(), info, 0).expect("info");
-        let mut index: Array<_, u32> =
-            Array::try_from(self.ebpf.map_mut(map_names::PORT_INDEX).expect("map")).expect("type");
-        index
-            .set(
-                st8s_common::port_index(proto, u32::from(port)),
-                info.maglev_index() + 1,
-                0,
-            )
-            .expect("index");
+                })
+                .collect(),
+            maglev,
+            local: local.then(|| LocalPod {
+                addr: a(POD),
+                port: 8080,
+                ifindex: POD_IFINDEX,
+            }),
+            flags: 0,
+        };
+        self.writer
+            .write_port(&mut self.ebpf, id, contents)
+            .expect("port written");
+        u32::from(self.writer.slot(id).expect("slot"))
     }
 
     fn run_xdp(&self, pkt: &[u8]) -> (u32, Vec<u8>) {
@@ -268,7 +258,7 @@ fn flow_key(f: &Frame) -> FlowKey {
 #[test]
 fn xdp_forwards_a_remote_flow_with_only_the_macs_rewritten() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
-    dp.port(80, PROTO_TCP, 0, 0, &[(PEER, PEER_MAC, false)], 0, false);
+    dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
     let f = client_tcp(SELF, 80);
     let pkt = f.build();
     let (verdict, out) = dp.run_xdp(&pkt);
@@ -289,7 +279,7 @@ fn xdp_forwards_a_remote_flow_with_only_the_macs_rewritten() {
 #[test]
 fn tc_forwards_a_remote_flow_when_xdp_is_off() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL);
-    dp.port(80, PROTO_TCP, 0, 0, &[(PEER, PEER_MAC, false)], 0, false);
+    dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
     let pkt = client_tcp(SELF, 80).build();
     let (verdict, out) = dp.run_tc(program_names::UPLINK_TC, &pkt);
     assert_eq!(verdict, TC_ACT_REDIRECT);
@@ -303,15 +293,16 @@ fn tc_forwards_a_remote_flow_when_xdp_is_off() {
 #[test]
 fn local_backend_gets_the_packet_with_the_client_address_and_valid_checksums() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
-    dp.port(
+    // Another port first, so that the one under test does not sit in slot 0.
+    dp.port(81, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
+    let slot = dp.port(
         80,
         PROTO_TCP,
-        3,
-        0,
         &[(SELF, [0; 6], true), (PEER, PEER_MAC, false)],
         1,
         true,
     );
+    assert_eq!(slot, 1);
     let f = client_tcp(SELF, 80);
     let pkt = f.build();
     let (verdict, out) = dp.run_xdp(&pkt);
@@ -341,11 +332,11 @@ fn local_backend_gets_the_packet_with_the_client_address_and_valid_checksums() {
         })
         .expect("reply translation recorded");
     assert_eq!(
-        (rev.frontend_addr_be, rev.frontend_port_be, rev.slot),
-        (be(a(SELF)), 80u16.to_be(), 3)
+        (rev.frontend_addr_be, rev.frontend_port_be, u32::from(rev.slot)),
+        (be(a(SELF)), 80u16.to_be(), slot)
     );
     assert_eq!(dp.flow(&flow_key(&f)).map(|v| v.kind), Some(FLOW_LOCAL));
-    assert_eq!(dp.counters(3).delivered_local, 1);
+    assert_eq!(dp.counters(slot).delivered_local, 1);
 }
 
 /// 4a/4b: the pod's reply leaves from the address and port the client sent to.
@@ -409,8 +400,8 @@ fn pod_reply_is_rewritten_to_the_frontend_for_tcp_and_udp() {
 #[test]
 fn everything_else_passes_untouched() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
-    dp.port(80, PROTO_TCP, 0, 0, &[(PEER, PEER_MAC, false)], 0, false);
-    dp.port(53, PROTO_UDP, 1, 0, &[(PEER, PEER_MAC, false)], 0, false);
+    dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
+    dp.port(53, PROTO_UDP, &[(PEER, PEER_MAC, false)], 0, false);
     let steered = client_tcp(SELF, 80).build();
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
         ("other port", client_tcp(SELF, 8080).build()),
@@ -491,8 +482,8 @@ fn everything_else_passes_untouched() {
 #[test]
 fn forwarded_packets_are_accepted_only_from_cluster_nodes() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
-    dp.port(80, PROTO_TCP, 0, 0, &[(SELF, [0; 6], true)], 0, true);
-    dp.port(81, PROTO_TCP, 1, 0, &[(PEER3, PEER3_MAC, false)], 0, false);
+    dp.port(80, PROTO_TCP, &[(SELF, [0; 6], true)], 0, true);
+    dp.port(81, PROTO_TCP, &[(PEER3, PEER3_MAC, false)], 0, false);
 
     // A LAN host sends to this node's MAC with the peer's address: not ours to serve.
     let spoofed = client_tcp(PEER, 80).build();
@@ -543,7 +534,7 @@ fn forwarded_packets_are_accepted_only_from_cluster_nodes() {
 #[test]
 fn a_flow_keeps_its_backend_until_the_backend_goes_away() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
-    dp.port(80, PROTO_TCP, 0, 0, &[(PEER, PEER_MAC, false)], 0, false);
+    dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
     let f = client_tcp(SELF, 80);
     let pkt = f.build();
     assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC);
@@ -554,8 +545,6 @@ fn a_flow_keeps_its_backend_until_the_backend_goes_away() {
     dp.port(
         80,
         PROTO_TCP,
-        0,
-        1,
         &[(PEER3, PEER3_MAC, false), (PEER, PEER_MAC, false)],
         0,
         false,
@@ -570,7 +559,7 @@ fn a_flow_keeps_its_backend_until_the_backend_goes_away() {
     );
 
     // The flow's backend leaves: the flow is re-steered instead of black-holed.
-    dp.port(80, PROTO_TCP, 0, 0, &[(PEER3, PEER3_MAC, false)], 0, false);
+    dp.port(80, PROTO_TCP, &[(PEER3, PEER3_MAC, false)], 0, false);
     assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER3_MAC);
     assert_eq!(
         dp.flow(&flow_key(&f)).map(|v| v.backend_addr_be),
@@ -589,15 +578,7 @@ fn maglev_spreads_flows_and_local_preference_wins_when_set() {
     let names = ["node1", "node2", "node3"];
     let table = st8s::core::maglev::table(&names, 7);
     let mut dp = Dp::new(CONFIG_XDP_FORWARDS);
-    // Write the real Maglev table.
-    dp.port(80, PROTO_TCP, 0, 0, &backends, 0, true);
-    {
-        let mut m: Array<_, MaglevRow> =
-            Array::try_from(dp.ebpf.map_mut(map_names::MAGLEV).expect("map")).expect("type");
-        let mut row = MaglevRow::default();
-        row.slots.copy_from_slice(&table);
-        m.set(0, row, 0).expect("row");
-    }
+    dp.port_with_maglev(80, PROTO_TCP, &backends, table, true);
     let mut seen = [0usize; 3];
     for sport in 0..300u16 {
         let mut f = client_tcp(SELF, 80);
@@ -627,7 +608,7 @@ fn maglev_spreads_flows_and_local_preference_wins_when_set() {
 #[test]
 fn a_direct_connection_reusing_a_steered_4_tuple_is_not_rewritten() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
-    dp.port(80, PROTO_TCP, 0, 0, &[(SELF, [0; 6], true)], 0, true);
+    dp.port(80, PROTO_TCP, &[(SELF, [0; 6], true)], 0, true);
     let steered = client_tcp(SELF, 80).build();
     assert_eq!(dp.run_tc(program_names::UPLINK_TC, &steered).0, TC_ACT_REDIRECT);
     let reply = Frame::tcp(a(POD), 8080, a(CLIENT), 40000).build();
@@ -720,23 +701,9 @@ fn discovery_copies_broadcasts_to_the_pod_and_its_announcements_leave_as_the_nod
         slot: 3,
         _pad: 0,
     };
-    {
-        let mut m: HashMap<_, u32, Discovery> =
-            HashMap::try_from(dp.ebpf.map_mut(map_names::DISCOVERY).expect("map")).expect("type");
-        m.insert(7359, d, 0).expect("insert");
-        let mut p: HashMap<_, DiscoveryPodKey, Discovery> =
-            HashMap::try_from(dp.ebpf.map_mut(map_names::DISCOVERY_PODS).expect("map")).expect("type");
-        p.insert(
-            DiscoveryPodKey {
-                pod_addr_be: be(a(POD)),
-                pod_port_be: 7359u16.to_be(),
-                _pad: 0,
-            },
-            d,
-            0,
-        )
-        .expect("insert");
-    }
+    dp.writer
+        .write_discovery(&mut dp.ebpf, [(7359, d)].into())
+        .expect("discovery");
     for dst in ["255.255.255.255", BROADCAST, "239.255.255.250"] {
         let mut f = Frame::udp(a(CLIENT), 50000, a(dst), 7359);
         f.src_mac = CLIENT_MAC;
@@ -836,13 +803,11 @@ fn fuzzed_packets_keep_the_invariants() {
     let mut dp = Dp::new(CONFIG_XDP_FORWARDS);
     // Clones (discovery) must fail: BPF_PROG_TEST_RUN would really send them.
     dp.config_on(CONFIG_XDP_FORWARDS, 0x7fff_fff0);
-    dp.port(80, PROTO_TCP, 0, 0, &[(PEER, PEER_MAC, false)], 0, false);
-    dp.port(81, PROTO_TCP, 1, 0, &[(SELF, [0; 6], true)], 0, true);
+    dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
+    dp.port(81, PROTO_TCP, &[(SELF, [0; 6], true)], 0, true);
     dp.port(
         53,
         PROTO_UDP,
-        2,
-        0,
         &[(SELF, [0; 6], true), (PEER3, PEER3_MAC, false)],
         1,
         true,

@@ -707,14 +707,17 @@ fn parse_duration_ms(s: &str) -> Option<f64> {
 fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<()> {
     use aya::{
         Ebpf,
-        maps::{Array, HashMap},
+        maps::HashMap,
         programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     };
-    use st8s::packet::{Frame, TCP_ACK, TCP_SYN};
+    use st8s::{
+        core::{PortId, Proto},
+        dataplane::writer::{LocalPod, MapWriter, PortContents},
+        packet::{Frame, TCP_ACK, TCP_SYN},
+    };
     use st8s_common::{
         BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, LAYOUT_VERSION,
-        MAGLEV_SIZE, MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatValue, map_names,
-        program_names as pn,
+        MAGLEV_SIZE, NodeInfo, RevNatKey, RevNatValue, map_names, program_names as pn,
     };
     progress("per-packet cost: BPF_PROG_TEST_RUN, 1,000,000 repeats per measurement");
     let obj = fs::read(crate::setup::ebpf_object()).context("kernel programs (cargo xtask build-ebpf)")?;
@@ -731,8 +734,10 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
     let me = "10.0.0.11";
     let peer_mac = [2, 0, 0, 0, 0, 12];
     let self_mac = [2, 0, 0, 0, 0, 11];
-    Array::<_, Config>::try_from(ebpf.map_mut(map_names::CONFIG).context("map")?)?.set(
-        0,
+    // The table goes in through the agent's own writer.
+    let mut writer = MapWriter::new();
+    writer.write_config(
+        &mut ebpf,
         Config {
             self_addr_be: be(me),
             uplink_ifindex: 2,
@@ -742,93 +747,65 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
             layout: LAYOUT_VERSION,
             broadcast_be: be("10.0.0.255"),
         },
-        0,
     )?;
-    HashMap::<_, u32, NodeInfo>::try_from(ebpf.map_mut(map_names::NODES).context("map")?)?.insert(
-        be("10.0.0.12"),
-        NodeInfo {
-            mac: peer_mac,
-            _pad: [0; 2],
-        },
-        0,
-    )?;
-    HashMap::<_, MacKey, u32>::try_from(ebpf.map_mut(map_names::PEER_MACS).context("map")?)?.insert(
-        MacKey::new(peer_mac),
-        1,
-        0,
-    )?;
-    // Port 80: remote only (XDP forwarding). Port 81: local, with an identity translation
-    // (pod = this node, same port), so that every repetition of the same packet takes the full
-    // local path (BPF_PROG_TEST_RUN reuses one packet across repeats).
-    let ports = [
-        (
-            80u16,
-            PortInfo {
-                slot: 0,
-                bank: 0,
-                backend_count: 1,
-                ..Default::default()
+    let peer: Ipv4Addr = "10.0.0.12".parse()?;
+    writer.write_nodes(
+        &mut ebpf,
+        [(
+            peer,
+            NodeInfo {
+                mac: peer_mac,
+                _pad: [0; 2],
             },
-            // The backend node's MAC is this node's own: the forward rewrites the frame to an
-            // address this node accepts again, so that every repeat of the one reused packet
-            // takes the full forwarded path (the MAC check would otherwise pass it early).
-            Backend {
+        )]
+        .into(),
+    )?;
+    writer.write_peer_macs(&mut ebpf, [peer_mac].into())?;
+    let tcp = |port| PortId {
+        port,
+        proto: Proto::Tcp,
+    };
+    // Port 80: remote only (XDP forwarding). The backend node's MAC is this node's own: the
+    // forward rewrites the frame to an address this node accepts again, so that every repeat of
+    // the one reused packet takes the full forwarded path (the MAC check would otherwise pass it
+    // early).
+    writer.write_port(
+        &mut ebpf,
+        tcp(80),
+        PortContents {
+            backends: vec![Backend {
                 node_addr_be: be("10.0.0.12"),
                 node_mac: self_mac,
                 flags: 0,
                 _pad: 0,
-            },
-        ),
-        (
-            81u16,
-            PortInfo {
-                slot: 1,
-                bank: 0,
-                backend_count: 1,
-                local_addr_be: be(me),
-                local_ifindex: 7,
-                local_port_be: 81u16.to_be(),
-                has_local: 1,
-                flags: 0,
-            },
-            Backend {
+            }],
+            maglev: vec![0; MAGLEV_SIZE],
+            local: None,
+            flags: 0,
+        },
+    )?;
+    // Port 81: local, with an identity translation (pod = this node, same port), so that every
+    // repetition of the same packet takes the full local path (BPF_PROG_TEST_RUN reuses one
+    // packet across repeats).
+    writer.write_port(
+        &mut ebpf,
+        tcp(81),
+        PortContents {
+            backends: vec![Backend {
                 node_addr_be: be(me),
                 node_mac: [0; 6],
                 flags: BACKEND_LOCAL,
                 _pad: 0,
-            },
-        ),
-    ];
-    for (port, info, backend) in ports {
-        Array::<_, Backend>::try_from(ebpf.map_mut(map_names::BACKENDS).context("map")?)?.set(
-            info.backend_index(0),
-            backend,
-            0,
-        )?;
-        Array::<_, MaglevRow>::try_from(ebpf.map_mut(map_names::MAGLEV).context("map")?)?.set(
-            info.maglev_index(),
-            MaglevRow {
-                slots: [0; MAGLEV_SIZE],
-                _pad: [0; 3],
-            },
-            0,
-        )?;
-        HashMap::<_, PortKey, PortInfo>::try_from(ebpf.map_mut(map_names::PORTS).context("map")?)?.insert(
-            PortKey::new(port, 6),
-            info,
-            0,
-        )?;
-        Array::<_, PortInfo>::try_from(ebpf.map_mut(map_names::PORT_INFO).context("map")?)?.set(
-            info.maglev_index(),
-            info,
-            0,
-        )?;
-        Array::<_, u32>::try_from(ebpf.map_mut(map_names::PORT_INDEX).context("map")?)?.set(
-            st8s_common::port_index(6, u32::from(port)),
-            info.maglev_index() + 1,
-            0,
-        )?;
-    }
+            }],
+            maglev: vec![0; MAGLEV_SIZE],
+            local: Some(LocalPod {
+                addr: me.parse()?,
+                port: 81,
+                ifindex: 7,
+            }),
+            flags: 0,
+        },
+    )?;
     HashMap::<_, RevNatKey, RevNatValue>::try_from(ebpf.map_mut(map_names::REVNAT).context("map")?)?.insert(
         RevNatKey {
             pod_addr_be: be("10.244.1.5"),

@@ -16,25 +16,28 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::MapData,
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc, tc::SchedClassifierLink, xdp::XdpLink,
     },
 };
 use st8s_common::{
-    Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, Discovery, DiscoveryPodKey,
-    LAYOUT_VERSION, MAX_PORTS, MacKey, MaglevRow, NodeInfo, PORT_LOCAL_DRAINING, PortInfo, PortKey,
-    map_names, port_index, program_names,
+    CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Discovery, LAYOUT_VERSION, NodeInfo,
+    PORT_LOCAL_DRAINING, program_names,
 };
 use tracing::{info, warn};
 
 pub mod inspect;
 pub mod net;
 pub mod pins;
+pub mod writer;
 
 pub use pins::MapFate;
 
-use self::net::format_mac;
+use self::{
+    net::format_mac,
+    writer::{LocalPod, MapWriter, PortContents, WriteCount},
+};
 use crate::core::{Desired, NodeEntry, PortId, Proto, port_tables};
 
 /// The kernel programs, embedded at build time (see build.rs).
@@ -72,18 +75,8 @@ pub struct Options {
     pub hash_seed: u32,
 }
 
-/// A port's live contents, as last written.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct PortState {
-    slot: u16,
-    bank: u8,
-    info: PortInfo,
-    backends: Vec<Backend>,
-    maglev: Vec<u8>,
-}
-
-/// The dataplane in the kernel: the loaded programs and the agent's copy of what their maps
-/// hold.
+/// The dataplane in the kernel: the loaded programs, and the [`MapWriter`] that holds what their
+/// maps contain.
 pub struct BpfDataplane {
     ebpf: Ebpf,
     opts: Options,
@@ -91,19 +84,9 @@ pub struct BpfDataplane {
     self_mac: [u8; 6],
     xdp_forwards: bool,
     pod_ifaces: BTreeSet<String>,
-    ports: BTreeMap<PortId, PortState>,
-    nodes: BTreeMap<Ipv4Addr, NodeInfo>,
-    peer_macs: BTreeSet<[u8; 6]>,
-    config: Option<Config>,
     /// The uplink's addresses and their subnets' broadcast addresses.
     broadcasts: BTreeMap<Ipv4Addr, Ipv4Addr>,
-    /// `ST8S_DISCOVERY` as last written, by hostPort.
-    discovery: BTreeMap<u16, Discovery>,
-}
-
-fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
-    ebpf.map_mut(name)
-        .with_context(|| format!("map {name} missing from the object"))
+    writer: MapWriter,
 }
 
 impl BpfDataplane {
@@ -126,89 +109,24 @@ impl BpfDataplane {
             prog.load()
                 .with_context(|| format!("loading {name} (verifier)"))?;
         }
-        let mut dp = BpfDataplane {
+        let writer = MapWriter::read_back(&mut ebpf)?;
+        let xdp_forwards = writer
+            .config()
+            .is_some_and(|c| c.flags & CONFIG_XDP_FORWARDS != 0);
+        if writer.config().is_some() {
+            info!(ports = writer.ports().count(), "adopted the live table");
+        }
+        let dp = BpfDataplane {
             ebpf,
             opts,
             uplink_ifindex,
             self_mac,
-            xdp_forwards: false,
+            xdp_forwards,
             pod_ifaces: BTreeSet::new(),
-            ports: BTreeMap::new(),
-            nodes: BTreeMap::new(),
-            peer_macs: BTreeSet::new(),
-            config: None,
             broadcasts,
-            discovery: BTreeMap::new(),
+            writer,
         };
-        dp.read_back()?;
         Ok((dp, fates))
-    }
-
-    /// Rebuilds the agent's idea of the live state from the maps (after a restart).
-    fn read_back(&mut self) -> anyhow::Result<()> {
-        let config: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, map_names::CONFIG)?)?;
-        let c = config.get(&0, 0)?;
-        // Only a config written by a sync describes anything; the flags are recomputed anyway.
-        self.config = (c.layout == LAYOUT_VERSION).then_some(c);
-        self.xdp_forwards = c.flags & CONFIG_XDP_FORWARDS != 0;
-        let nodes: HashMap<_, u32, NodeInfo> = HashMap::try_from(map_mut(&mut self.ebpf, map_names::NODES)?)?;
-        self.nodes = nodes
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (Ipv4Addr::from(u32::from_be(k)), v))
-            .collect();
-        let macs: HashMap<_, MacKey, u32> =
-            HashMap::try_from(map_mut(&mut self.ebpf, map_names::PEER_MACS)?)?;
-        self.peer_macs = macs.keys().filter_map(Result::ok).map(|k| k.mac).collect();
-        let discovery: HashMap<_, u32, Discovery> =
-            HashMap::try_from(map_mut(&mut self.ebpf, map_names::DISCOVERY)?)?;
-        self.discovery = discovery
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k as u16, v))
-            .collect();
-        let ports: Vec<(PortKey, PortInfo)> = {
-            let m: HashMap<_, PortKey, PortInfo> =
-                HashMap::try_from(map_mut(&mut self.ebpf, map_names::PORTS)?)?;
-            m.iter().filter_map(Result::ok).collect()
-        };
-        for (k, info) in ports {
-            let Some(proto) = Proto::from_number(k.proto) else {
-                continue;
-            };
-            let id = PortId {
-                port: u16::from_be(k.port_be),
-                proto,
-            };
-            let backends: Vec<Backend> = {
-                let m: Array<_, Backend> = Array::try_from(map_mut(&mut self.ebpf, map_names::BACKENDS)?)?;
-                (0..u32::from(info.backend_count))
-                    .map(|i| m.get(&info.backend_index(i), 0))
-                    .collect::<Result<_, _>>()?
-            };
-            let maglev = {
-                let m: Array<_, MaglevRow> = Array::try_from(map_mut(&mut self.ebpf, map_names::MAGLEV)?)?;
-                m.get(&info.maglev_index(), 0)?.slots.to_vec()
-            };
-            self.ports.insert(
-                id,
-                PortState {
-                    slot: info.slot,
-                    bank: info.bank,
-                    info,
-                    backends,
-                    maglev,
-                },
-            );
-        }
-        if self.config.is_some() {
-            info!(
-                ports = self.ports.len(),
-                nodes = self.nodes.len(),
-                "adopted the live table"
-            );
-        }
-        Ok(())
     }
 
     /// Attaches the programs, or swaps them into the links an earlier agent pinned
@@ -262,7 +180,11 @@ impl BpfDataplane {
         };
         if xdp_forwards != self.xdp_forwards {
             self.xdp_forwards = xdp_forwards;
-            self.write_config()?;
+            // The programs read the mode from the config.
+            if let Some(c) = self.writer.config() {
+                let config = self.config_for(Ipv4Addr::from(u32::from_be(c.self_addr_be)));
+                self.writer.write_config(&mut self.ebpf, config)?;
+            }
         }
         self.attach_tc(program_names::UPLINK_TC, &iface, "uplink_tc")?;
         Ok(())
@@ -308,13 +230,8 @@ impl BpfDataplane {
 
     /// Makes the maps hold `desired`. Capacity was checked by the plan, so this never leaves a
     /// port half-written: each port flips to its new bank only once the bank is complete.
-    pub fn apply(
-        &mut self,
-        desired: &Desired,
-        macs: &BTreeMap<Ipv4Addr, [u8; 6]>,
-    ) -> anyhow::Result<ApplyReport> {
+    pub fn apply(&mut self, desired: &Desired, macs: &Macs) -> anyhow::Result<ApplyReport> {
         let mut report = ApplyReport::default();
-        let self_name = desired.self_node.name.clone();
         // Everything that can fail because of the node's network is resolved before the first
         // write, so that a missing pod route leaves the maps as they were.
         let mut pod_ifindexes = BTreeMap::new();
@@ -323,190 +240,59 @@ impl BpfDataplane {
                 pod_ifindexes.insert(*id, self.pod_ifindex(local.addr)?);
             }
         }
-
-        self.write_config_for(desired.self_node.addr, &mut report)?;
-
+        self.writer.count = WriteCount::default();
+        let config = self.config_for(desired.self_node.addr);
+        let (ebpf, w) = (&mut self.ebpf, &mut self.writer);
+        w.write_config(ebpf, config)?;
         // Nodes and the MACs of peers, for recognising forwarded packets.
-        let nodes: BTreeMap<Ipv4Addr, NodeInfo> = desired
+        let nodes = desired
             .nodes
             .keys()
             .map(|a| {
-                (
-                    *a,
-                    NodeInfo {
-                        mac: macs.get(a).copied().unwrap_or_default(),
-                        _pad: [0; 2],
-                    },
-                )
+                let mac = macs.get(a).copied().unwrap_or_default();
+                (*a, NodeInfo { mac, _pad: [0; 2] })
             })
             .collect();
-        if nodes != self.nodes {
-            let mut m: HashMap<_, u32, NodeInfo> =
-                HashMap::try_from(map_mut(&mut self.ebpf, map_names::NODES)?)?;
-            for (addr, info) in &nodes {
-                if self.nodes.get(addr) != Some(info) {
-                    m.insert(u32::from(*addr).to_be(), info, 0)
-                        .context("writing ST8S_NODES")?;
-                    report.writes += 1;
-                }
-            }
-            for addr in self.nodes.keys().filter(|a| !nodes.contains_key(a)) {
-                let _ = m.remove(&u32::from(*addr).to_be());
-                report.writes += 1;
-            }
-            self.nodes = nodes;
-        }
-        let peer_macs: BTreeSet<[u8; 6]> = desired
+        w.write_nodes(ebpf, nodes)?;
+        let peer_macs = desired
             .nodes
             .keys()
             .filter(|a| **a != desired.self_node.addr)
             .filter_map(|a| macs.get(a).copied())
             .collect();
-        if peer_macs != self.peer_macs {
-            let mut m: HashMap<_, MacKey, u32> =
-                HashMap::try_from(map_mut(&mut self.ebpf, map_names::PEER_MACS)?)?;
-            for mac in peer_macs.difference(&self.peer_macs) {
-                m.insert(MacKey::new(*mac), 1, 0)
-                    .context("writing ST8S_PEER_MACS")?;
-                report.writes += 1;
-            }
-            for mac in self.peer_macs.difference(&peer_macs) {
-                let _ = m.remove(&MacKey::new(*mac));
-                report.writes += 1;
-            }
-            self.peer_macs = peer_macs;
-        }
-
-        // Ports that went away.
-        let gone: Vec<PortId> = self
-            .ports
-            .keys()
-            .filter(|p| !desired.ports.contains_key(p))
-            .copied()
-            .collect();
+        w.write_peer_macs(ebpf, peer_macs)?;
+        let gone: Vec<PortId> = w.ports().filter(|p| !desired.ports.contains_key(p)).collect();
         for id in gone {
-            let mut index: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, map_names::PORT_INDEX)?)?;
-            index
-                .set(port_index(id.proto.number(), u32::from(id.port)), 0, 0)
-                .context("writing ST8S_PORT_INDEX")?;
-            let mut m: HashMap<_, PortKey, PortInfo> =
-                HashMap::try_from(map_mut(&mut self.ebpf, map_names::PORTS)?)?;
-            let _ = m.remove(&PortKey::new(id.port, id.proto.number()));
-            self.ports.remove(&id);
-            report.writes += 1;
-            info!(port = %id, "port no longer steered");
+            w.remove_port(ebpf, id)?;
         }
-
         for (id, plan) in &desired.ports {
-            let t = port_tables(plan, &self_name, macs, self.opts.hash_seed);
-            for node in &t.unresolved {
-                report.unresolved.insert(node.clone());
-            }
-            let (local_addr_be, local_port_be, local_ifindex, has_local) = match t.local {
-                Some((addr, port)) => {
-                    let ifindex = pod_ifindexes.get(id).copied().unwrap_or_default();
-                    (u32::from(addr).to_be(), port.to_be(), ifindex, 1)
-                }
-                None => (0, 0, 0, 0),
-            };
-            let flags = if plan.local.as_ref().is_some_and(|l| l.draining) {
-                PORT_LOCAL_DRAINING
-            } else {
-                0
-            };
-            let (slot, bank) = match self.ports.get(id) {
-                Some(s) => {
-                    if s.backends == t.backends
-                        && s.maglev == t.maglev
-                        && s.info.local_addr_be == local_addr_be
-                        && s.info.local_port_be == local_port_be
-                        && s.info.local_ifindex == local_ifindex
-                        && s.info.flags == flags
-                    {
-                        continue;
-                    }
-                    (s.slot, 1 - s.bank)
-                }
-                None => (self.free_slot().context("no free port slot")?, 0),
-            };
-            let info = PortInfo {
-                slot,
-                bank,
-                backend_count: t.backends.len() as u8,
-                local_addr_be,
-                local_ifindex,
-                local_port_be,
-                has_local,
-                flags,
-            };
-            {
-                let mut m: Array<_, Backend> =
-                    Array::try_from(map_mut(&mut self.ebpf, map_names::BACKENDS)?)?;
-                for (i, b) in t.backends.iter().enumerate() {
-                    m.set(info.backend_index(i as u32), b, 0)
-                        .context("writing ST8S_BACKENDS")?;
-                }
-            }
-            {
-                let mut row = MaglevRow::default();
-                row.slots.copy_from_slice(&t.maglev);
-                let mut m: Array<_, MaglevRow> =
-                    Array::try_from(map_mut(&mut self.ebpf, map_names::MAGLEV)?)?;
-                m.set(info.maglev_index(), row, 0)
-                    .context("writing ST8S_MAGLEV")?;
-            }
-            if !self.ports.contains_key(id) {
-                self.reset_counters(u32::from(slot))?;
-            }
-            {
-                // The idle bank's PortInfo, then the one 4-byte index write that makes it live.
-                let mut infos: Array<_, PortInfo> =
-                    Array::try_from(map_mut(&mut self.ebpf, map_names::PORT_INFO)?)?;
-                infos
-                    .set(info.maglev_index(), info, 0)
-                    .context("writing ST8S_PORT_INFO")?;
-                let mut index: Array<_, u32> =
-                    Array::try_from(map_mut(&mut self.ebpf, map_names::PORT_INDEX)?)?;
-                index
-                    .set(
-                        port_index(id.proto.number(), u32::from(id.port)),
-                        info.maglev_index() + 1,
-                        0,
-                    )
-                    .context("writing ST8S_PORT_INDEX")?;
-                let mut m: HashMap<_, PortKey, PortInfo> =
-                    HashMap::try_from(map_mut(&mut self.ebpf, map_names::PORTS)?)?;
-                m.insert(PortKey::new(id.port, id.proto.number()), info, 0)
-                    .context("writing ST8S_PORTS")?;
-            }
-            report.writes += t.backends.len() + 4;
-            report.ports_changed += 1;
-            info!(
-                port = %id,
-                backends = ?plan.backends.iter().map(|b| b.node.as_str()).collect::<Vec<_>>(),
-                local = ?plan.local.as_ref().map(|l| l.pod.as_str()),
-                "port programmed"
-            );
-            self.ports.insert(
-                *id,
-                PortState {
-                    slot,
-                    bank,
-                    info,
-                    backends: t.backends,
-                    maglev: t.maglev,
+            let t = port_tables(plan, &desired.self_node.name, macs, self.opts.hash_seed);
+            report.unresolved.extend(t.unresolved);
+            let contents = PortContents {
+                backends: t.backends,
+                maglev: t.maglev,
+                local: t.local.map(|(addr, port)| LocalPod {
+                    addr,
+                    port,
+                    ifindex: pod_ifindexes.get(id).copied().unwrap_or_default(),
+                }),
+                flags: if plan.local.as_ref().is_some_and(|l| l.draining) {
+                    PORT_LOCAL_DRAINING
+                } else {
+                    0
                 },
-            );
+            };
+            if w.write_port(ebpf, *id, contents)? {
+                info!(
+                    port = %id,
+                    backends = ?plan.backends.iter().map(|b| b.node.as_str()).collect::<Vec<_>>(),
+                    local = ?plan.local.as_ref().map(|l| l.pod.as_str()),
+                    "port programmed"
+                );
+            }
         }
-        self.apply_discovery(desired, &mut report)?;
-        Ok(report)
-    }
-
-    /// Discovery ports: UDP hostPorts whose pod on this node declares them. Both maps are keyed
-    /// differently but hold the same entries; stale ones go first, so that a port that moved to
-    /// another pod never has two.
-    fn apply_discovery(&mut self, desired: &Desired, report: &mut ApplyReport) -> anyhow::Result<()> {
-        let want: BTreeMap<u16, Discovery> = desired
+        // Discovery ports: UDP hostPorts whose pod on this node declares them.
+        let discovery = desired
             .ports
             .iter()
             .filter(|(id, _)| id.proto == Proto::Udp)
@@ -518,48 +304,16 @@ impl BpfDataplane {
                         pod_addr_be: u32::from(local.addr).to_be(),
                         pod_port_be: local.port.to_be(),
                         host_port_be: id.port.to_be(),
-                        slot: self.ports.get(id)?.slot,
+                        slot: w.slot(*id)?,
                         _pad: 0,
                     },
                 ))
             })
             .collect();
-        if want == self.discovery {
-            return Ok(());
-        }
-        let pod_key = |d: &Discovery| DiscoveryPodKey {
-            pod_addr_be: d.pod_addr_be,
-            pod_port_be: d.pod_port_be,
-            _pad: 0,
-        };
-        for (port, old) in &self.discovery {
-            if want.get(port) != Some(old) {
-                let mut m: HashMap<_, u32, Discovery> =
-                    HashMap::try_from(map_mut(&mut self.ebpf, map_names::DISCOVERY)?)?;
-                let _ = m.remove(&u32::from(*port));
-                let mut p: HashMap<_, DiscoveryPodKey, Discovery> =
-                    HashMap::try_from(map_mut(&mut self.ebpf, map_names::DISCOVERY_PODS)?)?;
-                let _ = p.remove(&pod_key(old));
-                report.writes += 2;
-                info!(port = *port, "discovery delivery stopped");
-            }
-        }
-        for (port, d) in &want {
-            if self.discovery.get(port) != Some(d) {
-                let mut p: HashMap<_, DiscoveryPodKey, Discovery> =
-                    HashMap::try_from(map_mut(&mut self.ebpf, map_names::DISCOVERY_PODS)?)?;
-                p.insert(pod_key(d), d, 0)
-                    .context("writing ST8S_DISCOVERY_PODS")?;
-                let mut m: HashMap<_, u32, Discovery> =
-                    HashMap::try_from(map_mut(&mut self.ebpf, map_names::DISCOVERY)?)?;
-                m.insert(u32::from(*port), d, 0)
-                    .context("writing ST8S_DISCOVERY")?;
-                report.writes += 2;
-                info!(port = *port, pod = %Ipv4Addr::from(u32::from_be(d.pod_addr_be)), "discovery delivered to the local pod");
-            }
-        }
-        self.discovery = want;
-        Ok(())
+        w.write_discovery(ebpf, discovery)?;
+        report.writes = w.count.writes;
+        report.ports_changed = w.count.ports_changed;
+        Ok(report)
     }
 
     fn config_for(&self, self_addr: Ipv4Addr) -> Config {
@@ -583,40 +337,6 @@ impl BpfDataplane {
                 .map(|b| u32::from(*b).to_be())
                 .unwrap_or_default(),
         }
-    }
-
-    fn write_config_for(&mut self, self_addr: Ipv4Addr, report: &mut ApplyReport) -> anyhow::Result<()> {
-        let config = self.config_for(self_addr);
-        if self.config != Some(config) {
-            let mut m: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, map_names::CONFIG)?)?;
-            m.set(0, config, 0).context("writing ST8S_CONFIG")?;
-            self.config = Some(config);
-            report.writes += 1;
-        }
-        Ok(())
-    }
-
-    /// Rewrites the config after the XDP mode changed.
-    fn write_config(&mut self) -> anyhow::Result<()> {
-        if let Some(c) = self.config {
-            let addr = Ipv4Addr::from(u32::from_be(c.self_addr_be));
-            self.write_config_for(addr, &mut ApplyReport::default())?;
-        }
-        Ok(())
-    }
-
-    fn free_slot(&self) -> Option<u16> {
-        let used: BTreeSet<u16> = self.ports.values().map(|p| p.slot).collect();
-        (0..MAX_PORTS as u16).find(|s| !used.contains(s))
-    }
-
-    fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        let mut m: PerCpuArray<_, Counters> =
-            PerCpuArray::try_from(map_mut(&mut self.ebpf, map_names::COUNTERS)?)?;
-        let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
-        m.set(slot, zero, 0).context("resetting ST8S_COUNTERS")?;
-        Ok(())
     }
 
     /// The interface behind which a local pod lives; the pod program is attached there once.

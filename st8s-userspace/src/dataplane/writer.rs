@@ -1,0 +1,348 @@
+//! The one writer of the steering maps. The agent, the BPF_PROG_TEST_RUN fixtures and the
+//! benchmark all write through it, so the bank flip the kernel programs rely on is the one they
+//! are tested with.
+//!
+//! It keeps a copy of what the maps hold and writes only what differs. A port's backends, Maglev
+//! row and `PortInfo` go to the idle bank first; one 4-byte `ST8S_PORT_INDEX` write then makes
+//! that bank live, so a packet never sees a half-written port.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, PerCpuArray, PerCpuValues},
+};
+use st8s_common::{
+    Backend, Config, Counters, Discovery, DiscoveryPodKey, LAYOUT_VERSION, MAX_PORTS, MacKey, MaglevRow,
+    NodeInfo, PortInfo, PortKey, map_names, port_index,
+};
+use tracing::info;
+
+use crate::core::{PortId, Proto};
+
+/// Everything one port's entries hold, bank and slot aside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortContents {
+    pub backends: Vec<Backend>,
+    /// One backend index per Maglev slot (`MAGLEV_SIZE` of them).
+    pub maglev: Vec<u8>,
+    /// The backend pod on this node.
+    pub local: Option<LocalPod>,
+    /// `PORT_*` flags.
+    pub flags: u8,
+}
+
+/// Where this node's backend pod for a port listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalPod {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// The interface behind which the pod lives.
+    pub ifindex: u32,
+}
+
+/// A port's live entries, as last written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PortState {
+    info: PortInfo,
+    contents: PortContents,
+}
+
+/// How many entries a write changed.
+#[derive(Debug, Default)]
+pub struct WriteCount {
+    pub writes: usize,
+    pub ports_changed: usize,
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .with_context(|| format!("map {name} missing from the object"))
+}
+
+/// The agent's copy of the steering maps, and the only code that writes them.
+#[derive(Debug, Default)]
+pub struct MapWriter {
+    ports: BTreeMap<PortId, PortState>,
+    nodes: BTreeMap<Ipv4Addr, NodeInfo>,
+    peer_macs: BTreeSet<[u8; 6]>,
+    config: Option<Config>,
+    /// `ST8S_DISCOVERY` as last written, by hostPort.
+    discovery: BTreeMap<u16, Discovery>,
+    pub count: WriteCount,
+}
+
+impl MapWriter {
+    /// A writer for maps that hold nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A writer that starts from what the maps hold (pinned maps a previous agent wrote), so
+    /// that its first write changes only what differs.
+    pub fn read_back(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let mut w = MapWriter::default();
+        let config: Array<_, Config> = Array::try_from(map_mut(ebpf, map_names::CONFIG)?)?;
+        let c = config.get(&0, 0)?;
+        // Only a config written by a sync describes anything.
+        w.config = (c.layout == LAYOUT_VERSION).then_some(c);
+        let nodes: HashMap<_, u32, NodeInfo> = HashMap::try_from(map_mut(ebpf, map_names::NODES)?)?;
+        w.nodes = nodes
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Ipv4Addr::from(u32::from_be(k)), v))
+            .collect();
+        let macs: HashMap<_, MacKey, u32> = HashMap::try_from(map_mut(ebpf, map_names::PEER_MACS)?)?;
+        w.peer_macs = macs.keys().filter_map(Result::ok).map(|k| k.mac).collect();
+        let discovery: HashMap<_, u32, Discovery> = HashMap::try_from(map_mut(ebpf, map_names::DISCOVERY)?)?;
+        w.discovery = discovery
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k as u16, v))
+            .collect();
+        let ports: Vec<(PortKey, PortInfo)> = {
+            let m: HashMap<_, PortKey, PortInfo> = HashMap::try_from(map_mut(ebpf, map_names::PORTS)?)?;
+            m.iter().filter_map(Result::ok).collect()
+        };
+        for (k, info) in ports {
+            let Some(proto) = Proto::from_number(k.proto) else {
+                continue;
+            };
+            let id = PortId {
+                port: u16::from_be(k.port_be),
+                proto,
+            };
+            let backends: Vec<Backend> = {
+                let m: Array<_, Backend> = Array::try_from(map_mut(ebpf, map_names::BACKENDS)?)?;
+                (0..u32::from(info.backend_count))
+                    .map(|i| m.get(&info.backend_index(i), 0))
+                    .collect::<Result<_, _>>()?
+            };
+            let maglev = {
+                let m: Array<_, MaglevRow> = Array::try_from(map_mut(ebpf, map_names::MAGLEV)?)?;
+                m.get(&info.maglev_index(), 0)?.slots.to_vec()
+            };
+            let local = (info.has_local != 0).then(|| LocalPod {
+                addr: Ipv4Addr::from(u32::from_be(info.local_addr_be)),
+                port: u16::from_be(info.local_port_be),
+                ifindex: info.local_ifindex,
+            });
+            let contents = PortContents {
+                backends,
+                maglev,
+                local,
+                flags: info.flags,
+            };
+            w.ports.insert(id, PortState { info, contents });
+        }
+        Ok(w)
+    }
+
+    /// The config as last written (or read back), if any.
+    pub fn config(&self) -> Option<Config> {
+        self.config
+    }
+
+    /// The ports that hold entries.
+    pub fn ports(&self) -> impl Iterator<Item = PortId> + '_ {
+        self.ports.keys().copied()
+    }
+
+    /// The counter slot of a port.
+    pub fn slot(&self, id: PortId) -> Option<u16> {
+        self.ports.get(&id).map(|p| p.info.slot)
+    }
+
+    pub fn write_config(&mut self, ebpf: &mut Ebpf, config: Config) -> anyhow::Result<()> {
+        if self.config != Some(config) {
+            let mut m: Array<_, Config> = Array::try_from(map_mut(ebpf, map_names::CONFIG)?)?;
+            m.set(0, config, 0).context("writing ST8S_CONFIG")?;
+            self.config = Some(config);
+            self.count.writes += 1;
+        }
+        Ok(())
+    }
+
+    /// Every node by address, with its MAC (zero when unknown).
+    pub fn write_nodes(
+        &mut self,
+        ebpf: &mut Ebpf,
+        nodes: BTreeMap<Ipv4Addr, NodeInfo>,
+    ) -> anyhow::Result<()> {
+        if nodes == self.nodes {
+            return Ok(());
+        }
+        let mut m: HashMap<_, u32, NodeInfo> = HashMap::try_from(map_mut(ebpf, map_names::NODES)?)?;
+        for (addr, info) in &nodes {
+            if self.nodes.get(addr) != Some(info) {
+                m.insert(u32::from(*addr).to_be(), info, 0)
+                    .context("writing ST8S_NODES")?;
+                self.count.writes += 1;
+            }
+        }
+        for addr in self.nodes.keys().filter(|a| !nodes.contains_key(a)) {
+            let _ = m.remove(&u32::from(*addr).to_be());
+            self.count.writes += 1;
+        }
+        self.nodes = nodes;
+        Ok(())
+    }
+
+    /// The MACs of the other nodes: a frame from one of them may be a forwarded one.
+    pub fn write_peer_macs(&mut self, ebpf: &mut Ebpf, macs: BTreeSet<[u8; 6]>) -> anyhow::Result<()> {
+        if macs == self.peer_macs {
+            return Ok(());
+        }
+        let mut m: HashMap<_, MacKey, u32> = HashMap::try_from(map_mut(ebpf, map_names::PEER_MACS)?)?;
+        for mac in macs.difference(&self.peer_macs) {
+            m.insert(MacKey::new(*mac), 1, 0)
+                .context("writing ST8S_PEER_MACS")?;
+            self.count.writes += 1;
+        }
+        for mac in self.peer_macs.difference(&macs) {
+            let _ = m.remove(&MacKey::new(*mac));
+            self.count.writes += 1;
+        }
+        self.peer_macs = macs;
+        Ok(())
+    }
+
+    /// Stops steering a port: its index entry goes first, so no packet reaches its bank.
+    pub fn remove_port(&mut self, ebpf: &mut Ebpf, id: PortId) -> anyhow::Result<()> {
+        if self.ports.remove(&id).is_none() {
+            return Ok(());
+        }
+        let mut index: Array<_, u32> = Array::try_from(map_mut(ebpf, map_names::PORT_INDEX)?)?;
+        index
+            .set(port_index(id.proto.number(), u32::from(id.port)), 0, 0)
+            .context("writing ST8S_PORT_INDEX")?;
+        let mut m: HashMap<_, PortKey, PortInfo> = HashMap::try_from(map_mut(ebpf, map_names::PORTS)?)?;
+        let _ = m.remove(&PortKey::new(id.port, id.proto.number()));
+        self.count.writes += 1;
+        info!(port = %id, "port no longer steered");
+        Ok(())
+    }
+
+    /// Makes a port hold `contents`: a new port takes a free slot (its counters zeroed), a
+    /// changed one is written to its idle bank and flipped live. Returns whether it changed.
+    pub fn write_port(
+        &mut self,
+        ebpf: &mut Ebpf,
+        id: PortId,
+        contents: PortContents,
+    ) -> anyhow::Result<bool> {
+        let (slot, bank) = match self.ports.get(&id) {
+            Some(s) if s.contents == contents => return Ok(false),
+            Some(s) => (s.info.slot, 1 - s.info.bank),
+            None => (self.free_slot().context("no free port slot")?, 0),
+        };
+        let local = contents.local;
+        let info = PortInfo {
+            slot,
+            bank,
+            backend_count: contents.backends.len() as u8,
+            local_addr_be: local.map_or(0, |l| u32::from(l.addr).to_be()),
+            local_ifindex: local.map_or(0, |l| l.ifindex),
+            local_port_be: local.map_or(0, |l| l.port.to_be()),
+            has_local: u8::from(local.is_some()),
+            flags: contents.flags,
+        };
+        {
+            let mut m: Array<_, Backend> = Array::try_from(map_mut(ebpf, map_names::BACKENDS)?)?;
+            for (i, b) in contents.backends.iter().enumerate() {
+                m.set(info.backend_index(i as u32), b, 0)
+                    .context("writing ST8S_BACKENDS")?;
+            }
+        }
+        {
+            let mut row = MaglevRow::default();
+            row.slots.copy_from_slice(&contents.maglev);
+            let mut m: Array<_, MaglevRow> = Array::try_from(map_mut(ebpf, map_names::MAGLEV)?)?;
+            m.set(info.maglev_index(), row, 0)
+                .context("writing ST8S_MAGLEV")?;
+        }
+        if !self.ports.contains_key(&id) {
+            reset_counters(ebpf, u32::from(slot))?;
+        }
+        // The idle bank's PortInfo, then the one 4-byte index write that makes it live.
+        let mut infos: Array<_, PortInfo> = Array::try_from(map_mut(ebpf, map_names::PORT_INFO)?)?;
+        infos
+            .set(info.maglev_index(), info, 0)
+            .context("writing ST8S_PORT_INFO")?;
+        let mut index: Array<_, u32> = Array::try_from(map_mut(ebpf, map_names::PORT_INDEX)?)?;
+        index
+            .set(
+                port_index(id.proto.number(), u32::from(id.port)),
+                info.maglev_index() + 1,
+                0,
+            )
+            .context("writing ST8S_PORT_INDEX")?;
+        // ST8S_PORTS is what `st8s inspect` and a restarted agent read back.
+        let mut m: HashMap<_, PortKey, PortInfo> = HashMap::try_from(map_mut(ebpf, map_names::PORTS)?)?;
+        m.insert(PortKey::new(id.port, id.proto.number()), info, 0)
+            .context("writing ST8S_PORTS")?;
+        self.count.writes += contents.backends.len() + 4;
+        self.count.ports_changed += 1;
+        self.ports.insert(id, PortState { info, contents });
+        Ok(true)
+    }
+
+    /// Discovery delivery by hostPort (`slot` filled in from the port). Both maps hold the same
+    /// entries under different keys; stale ones go first, so that a port that moved to another
+    /// pod never has two.
+    pub fn write_discovery(&mut self, ebpf: &mut Ebpf, want: BTreeMap<u16, Discovery>) -> anyhow::Result<()> {
+        if want == self.discovery {
+            return Ok(());
+        }
+        let pod_key = |d: &Discovery| DiscoveryPodKey {
+            pod_addr_be: d.pod_addr_be,
+            pod_port_be: d.pod_port_be,
+            _pad: 0,
+        };
+        for (port, old) in &self.discovery {
+            if want.get(port) != Some(old) {
+                let mut m: HashMap<_, u32, Discovery> =
+                    HashMap::try_from(map_mut(ebpf, map_names::DISCOVERY)?)?;
+                let _ = m.remove(&u32::from(*port));
+                let mut p: HashMap<_, DiscoveryPodKey, Discovery> =
+                    HashMap::try_from(map_mut(ebpf, map_names::DISCOVERY_PODS)?)?;
+                let _ = p.remove(&pod_key(old));
+                self.count.writes += 2;
+                info!(port = *port, "discovery delivery stopped");
+            }
+        }
+        for (port, d) in &want {
+            if self.discovery.get(port) != Some(d) {
+                let mut p: HashMap<_, DiscoveryPodKey, Discovery> =
+                    HashMap::try_from(map_mut(ebpf, map_names::DISCOVERY_PODS)?)?;
+                p.insert(pod_key(d), d, 0)
+                    .context("writing ST8S_DISCOVERY_PODS")?;
+                let mut m: HashMap<_, u32, Discovery> =
+                    HashMap::try_from(map_mut(ebpf, map_names::DISCOVERY)?)?;
+                m.insert(u32::from(*port), d, 0)
+                    .context("writing ST8S_DISCOVERY")?;
+                self.count.writes += 2;
+                info!(port = *port, pod = %Ipv4Addr::from(u32::from_be(d.pod_addr_be)), "discovery delivered to the local pod");
+            }
+        }
+        self.discovery = want;
+        Ok(())
+    }
+
+    fn free_slot(&self) -> Option<u16> {
+        let used: BTreeSet<u16> = self.ports.values().map(|p| p.info.slot).collect();
+        (0..MAX_PORTS as u16).find(|s| !used.contains(s))
+    }
+}
+
+fn reset_counters(ebpf: &mut Ebpf, slot: u32) -> anyhow::Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+    let mut m: PerCpuArray<_, Counters> = PerCpuArray::try_from(map_mut(ebpf, map_names::COUNTERS)?)?;
+    let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
+    m.set(slot, zero, 0).context("resetting ST8S_COUNTERS")?;
+    Ok(())
+}
