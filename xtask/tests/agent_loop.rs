@@ -15,7 +15,7 @@ use st8s::{
     agent::{self, AgentArgs},
     core::{Desired, NodeEntry, PortId, Proto},
     dataplane::{ApplyReport, Dataplane, Host, Macs},
-    http::Metrics,
+    http::{ErrorKind, Metrics},
     sources::probe::Prober,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -296,7 +296,11 @@ async fn failed_writes_are_retried_until_they_land() {
     agent.record.fail_next(3);
     api.delete(Kind::Pod, "lab/web-a");
     agent.until(5, "the delete lands", |t| web(t).is_empty()).await;
-    assert_eq!(agent.metrics.errors("map_write"), 3, "each failed write counted");
+    assert_eq!(
+        agent.metrics.errors(ErrorKind::MapWrite),
+        3,
+        "each failed write counted"
+    );
     agent.stop().await;
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use st8s::{
     core::{PortId, Proto, plan},
-    sources::kube::{self as kube_source, Effect, KubeState, Msg},
+    sources::kube::{self as kube_source, Effect, KubeState, Msg, WatchFailure},
 };
 use tokio::sync::mpsc::Receiver;
 use xtask::apiserver::{ApiServer, Kind, node, pod};
@@ -151,7 +151,7 @@ async fn an_api_outage_keeps_the_state_and_recovers() {
         .iter()
         .find_map(|e| e.new_failure)
         .expect("a failure reported");
-    assert_eq!(failure.1, "api_unreachable", "{effects:?}");
+    assert_eq!(failure.1, WatchFailure::Unreachable, "{effects:?}");
     assert_eq!(backends(&state), ["node1"], "the last known state stays");
     assert_eq!(state.cluster.nodes.len(), 3);
     // While down, changes happen; after the outage they arrive.
@@ -175,7 +175,7 @@ async fn a_forbidden_list_is_reported_as_such() {
     })
     .await;
     let f = effects.iter().find_map(|e| e.new_failure).expect("failure");
-    assert_eq!(f.1, "forbidden");
+    assert_eq!(f.1, WatchFailure::Forbidden);
     assert!(!state.synced(), "not synced without pods");
     api.set_forbidden(Kind::Pod, false);
     until(&mut rx, &mut state, 30, |s, _| s.healthy()).await;

@@ -14,7 +14,7 @@ use k8s_openapi::{
 use tracing::{info, warn};
 
 use super::AgentArgs;
-use crate::http::Metrics;
+use crate::http::{ErrorKind, Metrics};
 
 /// Renews `st8s-agent-<node>` while the agent is ready, so that `st8s dns` keeps this node in its
 /// answers; when the agent stops or turns unready, the Lease runs out and the node leaves them.
@@ -55,7 +55,7 @@ pub fn spawn_renewer(client: kube::Client, args: &AgentArgs, metrics: Arc<Metric
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        metrics.error("lease");
+                        metrics.error(ErrorKind::Lease);
                         if !failing {
                             warn!(lease = %name, error = %e, "cannot renew the lease; st8s dns will drop this node when it runs out");
                             failing = true;

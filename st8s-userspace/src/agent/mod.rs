@@ -28,10 +28,10 @@ use tracing::{error, info, warn};
 use crate::{
     core::{Cluster, Desired, plan},
     dataplane::{Host, KernelHost, XdpChoice, pins},
-    http::Metrics,
+    http::{ErrorKind, Metrics},
     sources::{
         file::FileSource,
-        kube::{self as kube_source, KubeState},
+        kube::{self as kube_source, KubeState, WatchFailure},
         probe::Prober,
     },
 };
@@ -231,7 +231,7 @@ pub async fn run_file<H: Host>(
                     for line in p.split("; ") {
                         error!(file = %source.path().display(), problem = %line, "update rejected; the last good state stays programmed");
                     }
-                    metrics.error("bad_update");
+                    metrics.error(ErrorKind::BadUpdate);
                     last_problem = Some(p);
                 }
                 probing.follow(runner.peers());
@@ -299,12 +299,12 @@ pub async fn run_kube<H: Host>(
                 let earliest = batch.iter().filter_map(kube_source::arrived).min();
                 let mut changed = false;
                 for msg in batch {
-                    if let kube_source::Msg::Failed { kind, kind_of_error, message } = &msg {
-                        metrics.error(kind_of_error);
-                        if *kind_of_error == "gone" {
+                    if let kube_source::Msg::Failed { kind, failure, message } = &msg {
+                        metrics.error(ErrorKind::Watch(*failure));
+                        if *failure == WatchFailure::Gone {
                             info!(watch = %kind, "resource version expired (410 Gone): relisting");
-                        } else if state.failing().all(|(k, e)| k != kind || e != kind_of_error) {
-                            error!(watch = %kind, error = kind_of_error, detail = %message, "watch failed; retrying with backoff, the last programmed state stays");
+                        } else if state.failing().all(|f| f != (*kind, *failure)) {
+                            error!(watch = %kind, error = %failure, detail = %message, "watch failed; retrying with backoff, the last programmed state stays");
                         }
                     }
                     let effect = state.handle(msg);
@@ -340,7 +340,7 @@ pub async fn run_kube<H: Host>(
                         Err(e) => {
                             if plan_error.as_ref() != Some(&e) {
                                 error!(error = %e, "cannot program this node; the last programmed state stays");
-                                metrics.error("plan");
+                                metrics.error(ErrorKind::Plan);
                                 plan_error = Some(e);
                             }
                         }

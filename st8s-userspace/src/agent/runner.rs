@@ -14,7 +14,7 @@ use tracing::{error, info, info_span, warn};
 use crate::{
     core::{Desired, Settling},
     dataplane::{Dataplane, Host, Macs},
-    http::Metrics,
+    http::{ErrorKind, Metrics},
 };
 
 pub struct Runner<D> {
@@ -146,7 +146,7 @@ impl<D: Dataplane> Runner<D> {
         let report = self
             .dp
             .apply(&table, &self.macs)
-            .inspect_err(|_| self.metrics.error("map_write"))?;
+            .inspect_err(|_| self.metrics.error(ErrorKind::MapWrite))?;
         self.dirty = false;
         let latency = self.pending_since.take().map(|since| since.elapsed());
         if let Some(l) = latency {

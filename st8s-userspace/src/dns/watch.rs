@@ -32,6 +32,7 @@ use tracing::{info, warn};
 use crate::{
     FIELD_MANAGER,
     dns::{self, DnsConfig},
+    sources::kube::WatchFailure,
 };
 
 #[derive(clap::Args, Debug)]
@@ -209,11 +210,10 @@ impl fmt::Display for Source {
 #[derive(Debug)]
 pub enum Msg {
     Event(Source, Box<Event<DynamicObject>>, Instant),
-    /// The watcher failed and retries with backoff. `not_served`: the API has no such resource
-    /// (404: a CRD that is not installed).
+    /// The watcher failed and retries with backoff.
     Failed {
         source: Source,
-        not_served: bool,
+        failure: WatchFailure,
         message: String,
     },
 }
@@ -267,10 +267,8 @@ impl Objects {
     /// Folds one message in; true when what the zones are rendered from may have changed.
     pub fn handle(&mut self, msg: Msg) -> bool {
         match msg {
-            Msg::Failed {
-                source, not_served, ..
-            } => {
-                if not_served && source.optional() && self.absent.insert(source) {
+            Msg::Failed { source, failure, .. } => {
+                if failure == WatchFailure::NotServed && source.optional() && self.absent.insert(source) {
                     self.objects.remove(&source);
                     return true;
                 }
@@ -342,7 +340,7 @@ pub fn spawn_watchers(client: &Client, lease_namespace: &str) -> mpsc::Receiver<
                     Ok(ev) => Msg::Event(source, Box::new(ev), Instant::now()),
                     Err(e) => Msg::Failed {
                         source,
-                        not_served: matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404),
+                        failure: WatchFailure::of(&e),
                         message: e.to_string(),
                     },
                 };
@@ -428,15 +426,15 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
             match &m {
                 Msg::Failed {
                     source,
-                    not_served,
+                    failure,
                     message,
                 } => {
-                    if *not_served && source.optional() {
+                    if *failure == WatchFailure::NotServed && source.optional() {
                         if !objects.absent.contains(source) {
                             info!(kind = %source, "not served by the API (CRD not installed); none to read");
                         }
                     } else if failing.insert(*source, message.clone()).is_none() {
-                        warn!(kind = %source, error = %message, "watch failing; the zones keep their last content");
+                        warn!(kind = %source, error = %failure, detail = %message, "watch failing; the zones keep their last content");
                     }
                 }
                 Msg::Event(source, ..) => {

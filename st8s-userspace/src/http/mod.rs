@@ -24,6 +24,8 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
+use crate::sources::kube::WatchFailure;
+
 /// Upper bounds (seconds) of the sync-latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -59,6 +61,34 @@ impl Histogram {
             .zip(self.counts)
             .find(|(_, c)| *c >= want)
             .map(|(b, _)| *b)
+    }
+}
+
+/// What went wrong, as `st8s_errors_total` counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A watch of the Kubernetes API failed.
+    Watch(WatchFailure),
+    /// The cluster file was refused (it stays at its last good state).
+    BadUpdate,
+    /// The cluster cannot be programmed on this node.
+    Plan,
+    /// A map write failed (retried).
+    MapWrite,
+    /// The agent's Lease could not be renewed.
+    Lease,
+}
+
+impl ErrorKind {
+    /// The `kind` label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Watch(f) => f.label(),
+            Self::BadUpdate => "bad_update",
+            Self::Plan => "plan",
+            Self::MapWrite => "map_write",
+            Self::Lease => "lease",
+        }
     }
 }
 
@@ -111,17 +141,17 @@ impl Metrics {
         }
     }
 
-    pub fn error(&self, kind: &str) {
+    pub fn error(&self, kind: ErrorKind) {
         if let Ok(mut i) = self.inner.lock() {
-            *i.errors.entry(kind.to_owned()).or_default() += 1;
+            *i.errors.entry(kind.label().to_owned()).or_default() += 1;
         }
     }
 
     /// How many errors of this kind were counted.
-    pub fn errors(&self, kind: &str) -> u64 {
+    pub fn errors(&self, kind: ErrorKind) -> u64 {
         self.inner
             .lock()
-            .map(|i| i.errors.get(kind).copied().unwrap_or_default())
+            .map(|i| i.errors.get(kind.label()).copied().unwrap_or_default())
             .unwrap_or_default()
     }
 
@@ -285,7 +315,7 @@ mod tests {
         assert_eq!(h.quantile(0.99), Some(0.05));
         let m = Metrics::default();
         m.observe_sync(Duration::from_millis(3));
-        m.error("api_unreachable");
+        m.error(ErrorKind::Watch(WatchFailure::Unreachable));
         m.set_objects("pod", 7);
         let text = m.render(std::path::Path::new("/nonexistent"));
         assert!(

@@ -50,11 +50,10 @@ impl fmt::Display for Kind {
 pub enum Msg {
     Node(Box<Event<Node>>, Instant),
     Pod(Box<Event<WatchedPod>>, Instant),
-    /// The watcher failed; it retries with backoff. `kind_of_error` is a short stable label
-    /// (also the metric label), `message` the error itself.
+    /// The watcher failed; it retries with backoff. `message` is the error itself.
     Failed {
         kind: Kind,
-        kind_of_error: &'static str,
+        failure: WatchFailure,
         message: String,
     },
     /// A failing kind can be listed again (a quiet resource sends no event when its watch comes
@@ -62,25 +61,72 @@ pub enum Msg {
     Reachable(Kind),
 }
 
-/// A short, stable name for a watcher failure: what the operator has to fix.
-pub fn classify(e: &watcher::Error) -> &'static str {
-    let client = match e {
-        watcher::Error::InitialListFailed(c)
-        | watcher::Error::WatchStartFailed(c)
-        | watcher::Error::WatchFailed(c) => c,
-        watcher::Error::WatchError(s) if s.code == 410 => return "gone",
-        watcher::Error::WatchError(_) => return "watch_error",
-        watcher::Error::NoResourceVersion => return "protocol",
-    };
-    match client {
-        kube::Error::Api(s) if s.code == 403 => "forbidden",
-        kube::Error::Api(s) if s.code == 401 => "unauthorized",
-        kube::Error::Api(s) if s.code == 410 => "gone",
-        kube::Error::Api(_) => "api_error",
-        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
-            "api_unreachable"
+/// Why a watch failed, as far as the operator is concerned. Code branches on the variant; the
+/// metric label and the log name it with [`label`](Self::label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WatchFailure {
+    /// 410 Gone: the resource version expired. Routine: the watcher relists.
+    Gone,
+    /// 403: RBAC does not allow the list or watch.
+    Forbidden,
+    /// 401: the credentials are not accepted.
+    Unauthorized,
+    /// 404: the API does not serve the resource (a CRD that is not installed).
+    NotServed,
+    /// Any other status from the API.
+    ApiError,
+    /// No connection to the API server.
+    Unreachable,
+    /// An error event inside the watch stream.
+    WatchError,
+    /// A list without a resourceVersion.
+    Protocol,
+    /// Anything else.
+    Other,
+}
+
+impl WatchFailure {
+    pub fn of(e: &watcher::Error) -> Self {
+        let client = match e {
+            watcher::Error::InitialListFailed(c)
+            | watcher::Error::WatchStartFailed(c)
+            | watcher::Error::WatchFailed(c) => c,
+            watcher::Error::WatchError(s) if s.code == 410 => return Self::Gone,
+            watcher::Error::WatchError(_) => return Self::WatchError,
+            watcher::Error::NoResourceVersion => return Self::Protocol,
+        };
+        match client {
+            kube::Error::Api(s) if s.code == 403 => Self::Forbidden,
+            kube::Error::Api(s) if s.code == 401 => Self::Unauthorized,
+            kube::Error::Api(s) if s.code == 410 => Self::Gone,
+            kube::Error::Api(s) if s.code == 404 => Self::NotServed,
+            kube::Error::Api(_) => Self::ApiError,
+            kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
+                Self::Unreachable
+            }
+            _ => Self::Other,
         }
-        _ => "watch_failed",
+    }
+
+    /// The `kind` label of `st8s_errors_total`, and the name in logs.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Gone => "gone",
+            Self::Forbidden => "forbidden",
+            Self::Unauthorized => "unauthorized",
+            Self::NotServed => "not_served",
+            Self::ApiError => "api_error",
+            Self::Unreachable => "api_unreachable",
+            Self::WatchError => "watch_error",
+            Self::Protocol => "protocol",
+            Self::Other => "watch_failed",
+        }
+    }
+}
+
+impl fmt::Display for WatchFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
     }
 }
 
@@ -252,7 +298,7 @@ pub struct KubeState {
     relisting_pods: Option<BTreeMap<String, core::Pod>>,
     listed_nodes: bool,
     listed_pods: bool,
-    failing: BTreeMap<Kind, &'static str>,
+    failing: BTreeMap<Kind, WatchFailure>,
 }
 
 /// What one message changed.
@@ -261,7 +307,7 @@ pub struct Effect {
     /// The cluster changed (a re-plan is due).
     pub changed: bool,
     /// The watcher of this kind failed with a new kind of error (worth one log line).
-    pub new_failure: Option<(Kind, &'static str)>,
+    pub new_failure: Option<(Kind, WatchFailure)>,
     /// This kind's watcher recovered from a failure.
     pub recovered: Option<Kind>,
 }
@@ -277,8 +323,8 @@ impl KubeState {
         self.synced() && self.failing.is_empty()
     }
 
-    pub fn failing(&self) -> impl Iterator<Item = (&Kind, &&'static str)> {
-        self.failing.iter()
+    pub fn failing(&self) -> impl Iterator<Item = (Kind, WatchFailure)> + '_ {
+        self.failing.iter().map(|(k, f)| (*k, *f))
     }
 
     pub fn handle(&mut self, msg: Msg) -> Effect {
@@ -292,11 +338,9 @@ impl KubeState {
                 }
                 return effect;
             }
-            Msg::Failed {
-                kind, kind_of_error, ..
-            } => {
-                if self.failing.insert(*kind, kind_of_error) != Some(kind_of_error) {
-                    effect.new_failure = Some((*kind, kind_of_error));
+            Msg::Failed { kind, failure, .. } => {
+                if self.failing.insert(*kind, *failure) != Some(*failure) {
+                    effect.new_failure = Some((*kind, *failure));
                 }
                 return effect;
             }
@@ -428,13 +472,13 @@ fn spawn_watcher<K>(
                     wrap(Box::new(ev), Instant::now())
                 }
                 Err(e) => {
-                    let kind_of_error = classify(&e);
-                    if kind_of_error != "gone" {
+                    let failure = WatchFailure::of(&e);
+                    if failure != WatchFailure::Gone {
                         failing[i].store(true, Ordering::Relaxed);
                     }
                     Msg::Failed {
                         kind,
-                        kind_of_error,
+                        failure,
                         message: e.to_string(),
                     }
                 }
@@ -555,10 +599,13 @@ mod tests {
         assert!(s.healthy());
         let fail = || Msg::Failed {
             kind: Kind::Pod,
-            kind_of_error: "api_unreachable",
+            failure: WatchFailure::Unreachable,
             message: "refused".into(),
         };
-        assert_eq!(s.handle(fail()).new_failure, Some((Kind::Pod, "api_unreachable")));
+        assert_eq!(
+            s.handle(fail()).new_failure,
+            Some((Kind::Pod, WatchFailure::Unreachable))
+        );
         assert_eq!(
             s.handle(fail()).new_failure,
             None,
