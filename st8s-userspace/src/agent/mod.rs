@@ -98,12 +98,12 @@ pub struct AgentArgs {
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(Some(args.pin_dir.clone())));
     metrics.set_ready(false, Some("starting"));
     {
-        let (m, dir, addr) = (metrics.clone(), args.pin_dir.clone(), args.listen);
+        let (m, addr) = (metrics.clone(), args.listen);
         tokio::spawn(async move {
-            if let Err(e) = crate::http::serve(addr, m, dir).await {
+            if let Err(e) = crate::http::serve(addr, m).await {
                 error!(error = format!("{e:#}"), "health and metrics endpoint failed");
             }
         });
@@ -327,11 +327,7 @@ pub async fn run_kube<H: Host>(
                                 }
                                 None => {
                                     if let Some(first) = first_event {
-                                        metrics.set_gauge(
-                                            "initial_list_seconds",
-                                            first.elapsed().as_secs_f64(),
-                                            "Time from the first watch event to the complete initial list.",
-                                        );
+                                        metrics.initial_list_seconds.set(first.elapsed().as_secs_f64());
                                     }
                                     runner = Some(Runner::start(&mut host, desired, settle(args), metrics.clone(), since)?);
                                 }

@@ -45,11 +45,7 @@ impl<D: Dataplane> Runner<D> {
     ) -> anyhow::Result<Self> {
         let load_started = Instant::now();
         let dp = host.load(&desired.self_node)?;
-        metrics.set_gauge(
-            "bpf_load_seconds",
-            load_started.elapsed().as_secs_f64(),
-            "Time to load the programs (verifier included) and adopt the pinned maps at start.",
-        );
+        metrics.bpf_load_seconds.set(load_started.elapsed().as_secs_f64());
         let program_started = Instant::now();
         let macs = host.peer_macs(&desired);
         let mut r = Runner {
@@ -67,11 +63,9 @@ impl<D: Dataplane> Runner<D> {
         // Program first, attach second: new programs never see an empty table, and an adopted
         // dataplane keeps forwarding with its old programs until the swap.
         r.sync("initial")?;
-        metrics.set_gauge(
-            "initial_program_seconds",
-            program_started.elapsed().as_secs_f64(),
-            "Time to plan and write the first full table into the maps.",
-        );
+        metrics
+            .initial_program_seconds
+            .set(program_started.elapsed().as_secs_f64());
         r.dp.attach()?;
         Ok(r)
     }
@@ -105,11 +99,9 @@ impl<D: Dataplane> Runner<D> {
     pub fn set_down(&mut self, down: BTreeSet<Ipv4Addr>, since: Instant) {
         if down != self.down {
             self.down = down;
-            self.metrics.set_gauge(
-                "unreachable_nodes",
-                self.down.len() as f64,
-                "Other nodes that do not answer probes; no flow is steered to them.",
-            );
+            self.metrics
+                .unreachable_nodes
+                .set(i64::try_from(self.down.len()).unwrap_or(i64::MAX));
             self.dirty = true;
             self.pending_since.get_or_insert(since);
         }

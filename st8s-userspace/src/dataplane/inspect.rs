@@ -237,3 +237,57 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
 pub fn counters_by_port(s: &Snapshot) -> BTreeMap<String, Counters> {
     s.ports.iter().map(|(k, _, _, c)| (port_name(k), *c)).collect()
 }
+
+/// The counters a port keeps, by the name `st8s inspect` and the metrics give each.
+pub fn by_result(c: &Counters) -> [(&'static str, u64); 8] {
+    [
+        ("delivered_local", c.delivered_local),
+        ("forwarded", c.forwarded),
+        ("replied", c.replied),
+        ("passed", c.passed),
+        ("untrusted_peer", c.untrusted_peer),
+        ("drop_no_local_backend", c.drop_no_local_backend),
+        ("drop_error", c.drop_error),
+        ("discovered", c.discovered),
+    ]
+}
+
+/// Each steered port's counters, summed over the CPUs: only the port registry and the counter
+/// array are read (a scrape's worth).
+pub fn port_counters(dir: &Path) -> anyhow::Result<Vec<(String, Counters)>> {
+    let ports: HashMap<MapData, PortKey, PortInfo> = HashMap::try_from(open_pinned(dir, map_names::PORTS)?)?;
+    let counters: PerCpuArray<MapData, Counters> =
+        PerCpuArray::try_from(open_pinned(dir, map_names::COUNTERS)?)?;
+    let mut out = Vec::new();
+    for entry in ports.iter() {
+        let (k, v) = entry.context("reading ST8S_PORTS")?;
+        let mut total = Counters::default();
+        for c in counters
+            .get(&u32::from(v.slot), 0)
+            .context("reading ST8S_COUNTERS")?
+            .iter()
+        {
+            total.add(c);
+        }
+        out.push((port_name(&k), total));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// How many entries each map holds (keys only are walked: this is the background census, not
+/// a scrape).
+pub fn map_entries(dir: &Path) -> anyhow::Result<Vec<(&'static str, usize)>> {
+    let ports: HashMap<MapData, PortKey, PortInfo> = HashMap::try_from(open_pinned(dir, map_names::PORTS)?)?;
+    let nodes: HashMap<MapData, u32, st8s_common::NodeInfo> =
+        HashMap::try_from(open_pinned(dir, map_names::NODES)?)?;
+    let flows: HashMap<MapData, FlowKey, FlowValue> = HashMap::try_from(open_pinned(dir, map_names::FLOWS)?)?;
+    let revnat: HashMap<MapData, st8s_common::RevNatKey, st8s_common::RevNatValue> =
+        HashMap::try_from(open_pinned(dir, map_names::REVNAT)?)?;
+    Ok(vec![
+        (map_names::PORTS, ports.keys().filter(Result::is_ok).count()),
+        (map_names::NODES, nodes.keys().filter(Result::is_ok).count()),
+        (map_names::FLOWS, flows.keys().filter(Result::is_ok).count()),
+        (map_names::REVNAT, revnat.keys().filter(Result::is_ok).count()),
+    ])
+}
