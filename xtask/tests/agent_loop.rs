@@ -107,7 +107,7 @@ struct Cli {
 struct Agent {
     record: Record,
     metrics: Arc<Metrics>,
-    down: mpsc::Sender<BTreeSet<Ipv4Addr>>,
+    unreachable: mpsc::Sender<BTreeSet<Ipv4Addr>>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -132,7 +132,7 @@ impl Agent {
         let client = kube::Client::try_from(config).expect("client");
         let record = Record::default();
         let metrics = Arc::new(Metrics::default());
-        let (prober, down) = Prober::manual();
+        let (prober, unreachable) = Prober::manual();
         let (stop, stopped) = oneshot::channel::<()>();
         let (host, m) = (FakeHost(record.clone()), metrics.clone());
         let task = tokio::spawn(async move {
@@ -146,7 +146,7 @@ impl Agent {
         Agent {
             record,
             metrics,
-            down,
+            unreachable,
             stop: Some(stop),
             task,
         }
@@ -312,23 +312,27 @@ async fn a_silent_peer_loses_its_backends_until_it_answers() {
     let agent = Agent::start(&api, &[]);
     agent.until(10, "first table", |t| web(t).len() == 2).await;
     let node1: Ipv4Addr = "127.0.0.11".parse().expect("address");
-    agent.down.send([node1].into()).await.expect("prober");
+    agent.unreachable.send([node1].into()).await.expect("prober");
     agent
         .until(5, "node1 cut", |t| web(t) == [held("node2", false)])
         .await;
     // Both silent: a port whose every backend looks down keeps them all.
     let node2: Ipv4Addr = "127.0.0.12".parse().expect("address");
-    agent.down.send([node1, node2].into()).await.expect("prober");
+    agent
+        .unreachable
+        .send([node1, node2].into())
+        .await
+        .expect("prober");
     agent
         .until(5, "panic mode", |t| {
             web(t) == [held("node1", false), held("node2", false)]
         })
         .await;
-    agent.down.send([node2].into()).await.expect("prober");
+    agent.unreachable.send([node2].into()).await.expect("prober");
     agent
         .until(5, "node2 cut", |t| web(t) == [held("node1", false)])
         .await;
-    agent.down.send(BTreeSet::new()).await.expect("prober");
+    agent.unreachable.send(BTreeSet::new()).await.expect("prober");
     agent.until(5, "all back", |t| web(t).len() == 2).await;
     agent.stop().await;
 }

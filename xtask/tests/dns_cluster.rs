@@ -50,7 +50,7 @@ impl Dns {
                 "home.example.org",
                 "--namespace",
                 NS,
-                "--probe-ms",
+                "--peer-probe-ms",
                 "0",
             ])
             .env("KUBECONFIG", kubeconfig)

@@ -1254,7 +1254,7 @@ fn st8s_dns_drops_a_cut_node_from_the_answers() {
     };
     assert!(ipt("-A").success(), "iptables in the switch namespace");
     let _ = std::fs::remove_file(&log);
-    let _dns = start_dns(&["--probe-port", "9471"]);
+    let _dns = start_dns(&["--peer-port", "9471"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("no node answers probes")) {
         assert!(

@@ -32,7 +32,7 @@ use crate::{
     sources::{
         file::FileSource,
         kube::{self as kube_source, KubeState, WatchFailure},
-        probe::Prober,
+        probe::{PeerProbeArgs, Prober},
     },
 };
 
@@ -78,18 +78,8 @@ pub struct AgentArgs {
     /// Lease duration; the agent renews at a third of it. 0: no Lease.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub lease_seconds: u32,
-    /// How often to probe the other nodes (a TCP connect to their --peer-port); a node that
-    /// stays silent for --peer-failures probes in a row gets no flows until it answers again.
-    /// 0: no probing.
-    #[arg(long, value_name = "MS", default_value_t = 200)]
-    pub peer_probe_ms: u64,
-    /// Silent probes in a row before a node gets no flows.
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    pub peer_failures: u32,
-    /// The port probed on the other nodes (their agents' --listen port). A refused connection
-    /// counts as an answer: the node is up even while its agent restarts.
-    #[arg(long, value_name = "PORT", default_value_t = 9470)]
-    pub peer_port: u16,
+    #[command(flatten)]
+    pub peers: PeerProbeArgs,
     /// A backend on another node that just became active takes no new flow for this long, so
     /// that its own node has programmed its pod first (agents see changes at slightly different
     /// times).
@@ -115,7 +105,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         prefer_local: args.prefer_local,
         hash_seed: args.hash_seed,
     };
-    let prober = Prober::start(args.peer_port, args.peer_probe_ms, args.peer_failures);
+    let prober = Prober::start(&args.peers);
     let mut signals = Signals::new()?;
     let shutdown = async move { signals.recv().await };
     let dataplane = match &args.from_file {
@@ -205,8 +195,8 @@ pub async fn run_file<H: Host>(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            down = probing.recv() => {
-                runner.set_down(down, Instant::now());
+            unreachable = probing.recv() => {
+                runner.set_unreachable(unreachable, Instant::now());
                 runner.sync_logged("peer probe");
             }
             _ = tick.tick() => {
@@ -279,9 +269,9 @@ pub async fn run_kube<H: Host>(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            down = probing.recv() => {
+            unreachable = probing.recv() => {
                 if let Some(r) = runner.as_mut() {
-                    r.set_down(down, Instant::now());
+                    r.set_unreachable(unreachable, Instant::now());
                     r.sync_logged("peer probe");
                 }
             }

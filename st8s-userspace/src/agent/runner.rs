@@ -1,5 +1,5 @@
-//! The single owner of the dataplane: holds the table the cluster asks for, the peers that look
-//! down and the settling of new backends, and writes the difference when any of them changes.
+//! The single owner of the dataplane: holds the table the cluster asks for, the peers that are
+//! unreachable and the settling of new backends, and writes the difference when any of them changes.
 //! A failed write leaves the runner dirty, so the next tick retries it.
 
 use std::{
@@ -21,7 +21,7 @@ pub struct Runner<D> {
     dp: D,
     desired: Desired,
     /// Peers that do not answer probes: the maps hold `desired` without their backends.
-    down: BTreeSet<Ipv4Addr>,
+    unreachable: BTreeSet<Ipv4Addr>,
     settling: Settling,
     settle: Duration,
     /// When a held backend settles: the maps must be written again then.
@@ -51,7 +51,7 @@ impl<D: Dataplane> Runner<D> {
         let mut r = Runner {
             dp,
             desired,
-            down: BTreeSet::new(),
+            unreachable: BTreeSet::new(),
             settling: Settling::default(),
             settle,
             settle_at: None,
@@ -96,12 +96,12 @@ impl<D: Dataplane> Runner<D> {
         }
     }
 
-    pub fn set_down(&mut self, down: BTreeSet<Ipv4Addr>, since: Instant) {
-        if down != self.down {
-            self.down = down;
+    pub fn set_unreachable(&mut self, unreachable: BTreeSet<Ipv4Addr>, since: Instant) {
+        if unreachable != self.unreachable {
+            self.unreachable = unreachable;
             self.metrics
                 .unreachable_nodes
-                .set(i64::try_from(self.down.len()).unwrap_or(i64::MAX));
+                .set(i64::try_from(self.unreachable.len()).unwrap_or(i64::MAX));
             self.dirty = true;
             self.pending_since.get_or_insert(since);
         }
@@ -130,7 +130,7 @@ impl<D: Dataplane> Runner<D> {
         );
         let _g = span.enter();
         let (table, settle_at) = self.settling.apply(
-            &self.desired.without_nodes(&self.down),
+            &self.desired.without_nodes(&self.unreachable),
             Instant::now(),
             self.settle,
         );

@@ -114,18 +114,19 @@ pub struct Desired {
 }
 
 impl Desired {
-    /// The table without the backends on `down` nodes (unreachable peers): their flows move to
+    /// The table without the backends on `unreachable` nodes: their flows move to
     /// the remaining backends. This node's own backend is never removed. A port whose every
-    /// backend looks down keeps them all (a "panic" mode, as in Envoy): when nothing answers, a
+    /// backend is unreachable keeps them all (a "panic" mode, as in Envoy): when nothing answers, a
     /// broken probe path (a firewall dropping the probe port) is likelier than a dead cluster,
     /// and trying beats refusing every connection.
-    pub fn without_nodes(&self, down: &BTreeSet<Ipv4Addr>) -> Desired {
+    pub fn without_nodes(&self, unreachable: &BTreeSet<Ipv4Addr>) -> Desired {
         let mut d = self.clone();
-        if down.is_empty() {
+        if unreachable.is_empty() {
             return d;
         }
         for port in d.ports.values_mut() {
-            let up = |b: &BackendEntry| b.node_addr == self.self_node.addr || !down.contains(&b.node_addr);
+            let up =
+                |b: &BackendEntry| b.node_addr == self.self_node.addr || !unreachable.contains(&b.node_addr);
             if port.backends.iter().any(up) {
                 port.backends.retain(up);
             }
@@ -552,15 +553,19 @@ pub(crate) mod tests {
                 .map(|b| b.node.clone())
                 .collect()
         };
-        let down: BTreeSet<Ipv4Addr> =
+        let unreachable: BTreeSet<Ipv4Addr> =
             ["10.0.0.11".parse().expect("a"), "10.0.0.12".parse().expect("a")].into();
-        let cut = d.without_nodes(&down);
+        let cut = d.without_nodes(&unreachable);
         assert_eq!(nodes(&cut), ["node1"], "node2 is gone, node1 is this node");
         assert!(cut.ports[&WEB_PORT].local.is_some());
         assert_eq!(nodes(&d.without_nodes(&BTreeSet::new())), ["node1", "node2"]);
         // Seen from node3, which has no backend: with both backends silent, both stay.
         let d3 = plan(&c, "node3").expect("plans").desired;
-        assert_eq!(nodes(&d3.without_nodes(&down)), ["node1", "node2"], "panic mode");
+        assert_eq!(
+            nodes(&d3.without_nodes(&unreachable)),
+            ["node1", "node2"],
+            "panic mode"
+        );
         let one: BTreeSet<Ipv4Addr> = ["10.0.0.12".parse().expect("a")].into();
         assert_eq!(nodes(&d3.without_nodes(&one)), ["node1"]);
     }

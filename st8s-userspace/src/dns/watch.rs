@@ -32,7 +32,10 @@ use tracing::{info, warn};
 use crate::{
     FIELD_MANAGER,
     dns::{self, DnsConfig},
-    sources::kube::WatchFailure,
+    sources::{
+        kube::WatchFailure,
+        probe::{PeerProbeArgs, Prober},
+    },
 };
 
 #[derive(clap::Args, Debug)]
@@ -68,17 +71,10 @@ pub struct DnsArgs {
     /// --out files (a sidecar of CoreDNS writing into a shared volume).
     #[arg(long, default_value = "st8s-zones")]
     pub configmap: String,
-    /// How often to probe the nodes (a TCP connect to the agents' port, as the agents probe
-    /// each other): a node that stays silent leaves the answers at once, before its Lease runs
-    /// out. 0: Leases alone.
-    #[arg(long, value_name = "MS", default_value_t = 200)]
-    pub probe_ms: u64,
-    /// Silent probes in a row before a node leaves the answers.
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    pub probe_failures: u32,
-    /// The port probed on the nodes (the agents' --listen port).
-    #[arg(long, value_name = "PORT", default_value_t = 9470)]
-    pub probe_port: u16,
+    /// Nodes are probed as the agents probe each other: a node that stays silent leaves the
+    /// answers at once, before its Lease runs out (`--peer-probe-ms 0`: Leases alone).
+    #[command(flatten)]
+    pub peers: PeerProbeArgs,
 }
 
 impl DnsArgs {
@@ -389,8 +385,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         "watching nodes, agent leases, ingresses, services, httproutes and ingressroutes"
     );
     let mut rx = spawn_watchers(&client, &args.namespace);
-    let mut prober =
-        crate::sources::probe::Prober::start(args.probe_port, args.probe_ms, args.probe_failures);
+    let mut prober = Prober::start(&args.peers);
     let mut unreachable: std::collections::BTreeSet<std::net::Ipv4Addr> = Default::default();
     let mut probes_blind = false;
     let mut objects = Objects::default();
@@ -409,7 +404,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
                 Some(m) => batch.push(m),
                 None => anyhow::bail!("every watcher stopped"),
             },
-            down = prober.recv() => unreachable = down,
+            now_unreachable = prober.recv() => unreachable = now_unreachable,
             () = tokio::time::sleep(until_wake.unwrap_or(Duration::from_secs(3600))) => {}
         }
         while let Ok(m) = rx.try_recv() {
@@ -469,7 +464,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         if blind != probes_blind {
             if blind {
                 warn!(
-                    port = args.probe_port,
+                    port = args.peers.peer_port,
                     "no node answers probes: the Leases alone decide (is the port reachable?)"
                 );
             } else {

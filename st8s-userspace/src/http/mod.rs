@@ -16,7 +16,7 @@ use hyper::{
     server::conn::http1,
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 pub use metrics::{ErrorKind, Metrics};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
@@ -47,6 +47,11 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()
         .with_context(|| format!("listening on {addr} for health and metrics"))?;
     tracing::info!(%addr, "serving /healthz /readyz /metrics");
     metrics.start_census();
+    serve_on(listener, metrics).await
+}
+
+/// Serves the endpoints on a bound listener.
+pub async fn serve_on(listener: TcpListener, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -68,11 +73,49 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()
         });
         tokio::spawn(async move {
             let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(5))
                 .serve_connection(TokioIo::new(sock), service);
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "health/metrics connection ended with an error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        sock.write_all(req.as_bytes()).await.expect("send");
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), sock.read_to_string(&mut out))
+            .await
+            .expect("an answer within 5 s")
+            .expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn the_endpoints_answer_over_http() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let metrics = Arc::new(Metrics::default());
+        tokio::spawn(serve_on(listener, metrics.clone()));
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        let not_ready = get(addr, "/readyz").await;
+        assert!(not_ready.starts_with("HTTP/1.1 503"), "{not_ready}");
+        assert!(not_ready.contains("not ready: starting"), "{not_ready}");
+        metrics.set_ready(true, None);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        let m = get(addr, "/metrics").await;
+        assert!(m.contains("application/openmetrics-text"), "{m}");
+        assert!(m.contains("\nst8s_ready 1\n"), "{m}");
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
     }
 }

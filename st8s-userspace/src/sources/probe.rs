@@ -5,7 +5,7 @@
 //! refused one (RST), prove that the peer's kernel, and with it its pinned dataplane, is
 //! reachable: an agent that restarts (a rolling update) does not make its node look dead. Only
 //! silence (a timeout, or "host unreachable") counts as a failure, and `failures` of those in a
-//! row mark the node down. One answer brings it back.
+//! row make the node unreachable. One answer brings it back.
 //!
 //! Why not the Kubernetes API: a node is marked NotReady only after 40 s or more, Leases only
 //! after their duration, and in a home cluster the API server may sit on the very node that
@@ -31,42 +31,42 @@ pub enum Outcome {
     Silent,
 }
 
-/// Consecutive silent probes per peer, and which peers are down. Pure: tested without a network.
+/// Consecutive silent probes per peer, and which peers are unreachable. Pure: tested without a network.
 #[derive(Debug, Default)]
 pub struct Tracker {
     silent: BTreeMap<Ipv4Addr, u32>,
-    down: BTreeSet<Ipv4Addr>,
+    unreachable: BTreeSet<Ipv4Addr>,
 }
 
 impl Tracker {
     /// Folds one round of results in (peers absent from `results` are forgotten); returns the
-    /// set of down peers when it changed.
+    /// set of unreachable peers when it changed.
     pub fn round(
         &mut self,
         results: &BTreeMap<Ipv4Addr, Outcome>,
         failures: u32,
     ) -> Option<BTreeSet<Ipv4Addr>> {
         self.silent.retain(|a, _| results.contains_key(a));
-        let before = self.down.clone();
-        self.down.retain(|a| results.contains_key(a));
+        let before = self.unreachable.clone();
+        self.unreachable.retain(|a| results.contains_key(a));
         for (addr, outcome) in results {
             match outcome {
                 Outcome::Alive => {
                     self.silent.remove(addr);
-                    if self.down.remove(addr) {
+                    if self.unreachable.remove(addr) {
                         info!(peer = %addr, "peer reachable again");
                     }
                 }
                 Outcome::Silent => {
                     let n = self.silent.entry(*addr).or_default();
                     *n += 1;
-                    if *n >= failures && self.down.insert(*addr) {
+                    if *n >= failures && self.unreachable.insert(*addr) {
                         warn!(peer = %addr, probes = *n, "peer unreachable: it gets no flows and no DNS answers until it answers again");
                     }
                 }
             }
         }
-        (self.down != before).then(|| self.down.clone())
+        (self.unreachable != before).then(|| self.unreachable.clone())
     }
 }
 
@@ -79,30 +79,54 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> Outcome {
     }
 }
 
-/// The prober as its owner holds it: tell it whom to probe, hear which peers are down.
+/// How the other nodes are probed: the same flags, with the same meaning, for `st8s agent` and
+/// `st8s dns`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PeerProbeArgs {
+    /// How often to probe the other nodes (a TCP connect to their --peer-port). A node that stays
+    /// silent for --peer-failures probes in a row is unreachable: it gets no flows and no DNS
+    /// answers until it answers again. 0: no probing.
+    #[arg(long, value_name = "MS", default_value_t = 200, alias = "probe-ms")]
+    pub peer_probe_ms: u64,
+    /// Silent probes in a row before a node is unreachable.
+    #[arg(long, value_name = "N", default_value_t = 3, alias = "probe-failures")]
+    pub peer_failures: u32,
+    /// The port probed on the other nodes (their agents' --listen port). A refused connection
+    /// counts as an answer: the node is up even while its agent restarts.
+    #[arg(long, value_name = "PORT", default_value_t = 9470, alias = "probe-port")]
+    pub peer_port: u16,
+}
+
+/// The prober as its owner holds it: tell it whom to probe, hear which peers are unreachable.
 pub struct Prober {
     peers: watch::Sender<Vec<Ipv4Addr>>,
-    down: mpsc::Receiver<BTreeSet<Ipv4Addr>>,
+    unreachable: mpsc::Receiver<BTreeSet<Ipv4Addr>>,
 }
 
 impl Prober {
-    /// Probes `port` every `interval_ms` (0: no probing; [`recv`](Self::recv) then never
-    /// resolves), `failures` silent probes in a row marking a peer down.
-    pub fn start(port: u16, interval_ms: u64, failures: u32) -> Self {
+    /// Probes as `args` say (`--peer-probe-ms 0`: no probing; [`recv`](Self::recv) then never
+    /// resolves).
+    pub fn start(args: &PeerProbeArgs) -> Self {
         let (peers, peers_rx) = watch::channel(Vec::new());
-        let (tx, down) = mpsc::channel(16);
-        if interval_ms > 0 {
-            spawn(peers_rx, port, Duration::from_millis(interval_ms), failures, tx);
+        let (tx, unreachable) = mpsc::channel(16);
+        if args.peer_probe_ms > 0 {
+            spawn(
+                peers_rx,
+                args.peer_port,
+                Duration::from_millis(args.peer_probe_ms),
+                args.peer_failures,
+                tx,
+            );
         }
-        Prober { peers, down }
+        Prober { peers, unreachable }
     }
 
-    /// A prober that probes nothing: the sets of down peers come from the returned sender
+    /// A prober that probes nothing: the sets of unreachable peers come from the returned sender
     /// (tests of the agent's loop decide which peers are silent).
     pub fn manual() -> (Self, mpsc::Sender<BTreeSet<Ipv4Addr>>) {
         let (peers, _) = watch::channel(Vec::new());
-        let (tx, down) = mpsc::channel(16);
-        (Prober { peers, down }, tx)
+        let (tx, unreachable) = mpsc::channel(16);
+        (Prober { peers, unreachable }, tx)
     }
 
     /// The peers to probe from now on.
@@ -114,9 +138,9 @@ impl Prober {
         });
     }
 
-    /// The set of down peers, when it changes.
+    /// The set of unreachable peers, when it changes.
     pub async fn recv(&mut self) -> BTreeSet<Ipv4Addr> {
-        match self.down.recv().await {
+        match self.unreachable.recv().await {
             Some(d) => d,
             None => std::future::pending().await,
         }
@@ -124,7 +148,7 @@ impl Prober {
 }
 
 /// Probes the peers in `peers` (kept current by the agent) every `interval`, and sends the set
-/// of down peers whenever it changes.
+/// of unreachable peers whenever it changes.
 fn spawn(
     mut peers: watch::Receiver<Vec<Ipv4Addr>>,
     port: u16,
@@ -144,8 +168,8 @@ fn spawn(
                 .map(|a| probe(SocketAddr::from((*a, port)), interval));
             let outcomes = futures::future::join_all(probes).await;
             let results: BTreeMap<Ipv4Addr, Outcome> = targets.into_iter().zip(outcomes).collect();
-            if let Some(down) = tracker.round(&results, failures.max(1))
-                && tx.send(down).await.is_err()
+            if let Some(unreachable) = tracker.round(&results, failures.max(1))
+                && tx.send(unreachable).await.is_err()
             {
                 return;
             }
@@ -176,7 +200,7 @@ mod tests {
         assert_eq!(round(&mut t, Outcome::Silent), None);
         assert_eq!(round(&mut t, Outcome::Alive), None);
         assert_eq!(round(&mut t, Outcome::Silent), None);
-        // A peer that leaves the cluster is forgotten, down or not.
+        // A peer that leaves the cluster is forgotten, unreachable or not.
         for _ in 0..3 {
             round(&mut t, Outcome::Silent);
         }
