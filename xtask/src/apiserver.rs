@@ -21,108 +21,36 @@ use std::{
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
+pub use st8s::sources::resource::Resource;
 
 use crate::deploy::ApiCall;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
-    Node,
-    Pod,
-    Service,
-    ConfigMap,
-    Lease,
-    Ingress,
-    HttpRoute,
-    IngressRoute,
-}
-
-impl Kind {
-    const ALL: [Kind; 8] = [
-        Kind::Node,
-        Kind::Pod,
-        Kind::Service,
-        Kind::ConfigMap,
-        Kind::Lease,
-        Kind::Ingress,
-        Kind::HttpRoute,
-        Kind::IngressRoute,
-    ];
-
-    /// (path prefix, plural, apiVersion, kind)
-    const fn info(self) -> (&'static str, &'static str, &'static str, &'static str) {
-        match self {
-            Kind::Node => ("/api/v1", "nodes", "v1", "Node"),
-            Kind::Pod => ("/api/v1", "pods", "v1", "Pod"),
-            Kind::Service => ("/api/v1", "services", "v1", "Service"),
-            Kind::ConfigMap => ("/api/v1", "configmaps", "v1", "ConfigMap"),
-            Kind::Lease => (
-                "/apis/coordination.k8s.io/v1",
-                "leases",
-                "coordination.k8s.io/v1",
-                "Lease",
-            ),
-            Kind::Ingress => (
-                "/apis/networking.k8s.io/v1",
-                "ingresses",
-                "networking.k8s.io/v1",
-                "Ingress",
-            ),
-            Kind::HttpRoute => (
-                "/apis/gateway.networking.k8s.io/v1",
-                "httproutes",
-                "gateway.networking.k8s.io/v1",
-                "HTTPRoute",
-            ),
-            Kind::IngressRoute => (
-                "/apis/traefik.io/v1alpha1",
-                "ingressroutes",
-                "traefik.io/v1alpha1",
-                "IngressRoute",
-            ),
-        }
-    }
-
-    fn name(self) -> &'static str {
-        self.info().3
-    }
-
-    /// The API group ("" for the core group).
-    fn group(self) -> &'static str {
-        let prefix = self.info().0;
-        prefix
-            .strip_prefix("/apis/")
-            .and_then(|g| g.split('/').next())
-            .unwrap_or_default()
-    }
-
-    /// `<prefix>[/namespaces/<ns>]/<plural>[/<name>]` -> (kind, namespace, name).
-    fn parse_path(path: &str) -> Option<(Self, Option<String>, Option<String>)> {
-        Kind::ALL.into_iter().find_map(|k| {
-            let (prefix, plural, ..) = k.info();
-            let rest = path.strip_prefix(prefix)?.strip_prefix('/')?;
-            let (ns, rest) = match rest.strip_prefix("namespaces/") {
-                Some(r) => {
-                    let (ns, r) = r.split_once('/')?;
-                    (Some(ns.to_owned()), r)
-                }
-                None => (None, rest),
-            };
-            let rest = rest.strip_prefix(plural)?;
-            match rest.strip_prefix('/') {
-                Some(name) if !name.is_empty() && !name.contains('/') => Some((k, ns, Some(name.to_owned()))),
-                Some(_) => None,
-                None if rest.is_empty() => Some((k, ns, None)),
-                None => None,
+/// `<prefix>[/namespaces/<ns>]/<plural>[/<name>]` -> (resource, namespace, name).
+fn parse_path(path: &str) -> Option<(Resource, Option<String>, Option<String>)> {
+    Resource::ALL.into_iter().find_map(|k| {
+        let rest = path.strip_prefix(&k.path_prefix())?.strip_prefix('/')?;
+        let (ns, rest) = match rest.strip_prefix("namespaces/") {
+            Some(r) => {
+                let (ns, r) = r.split_once('/')?;
+                (Some(ns.to_owned()), r)
             }
-        })
-    }
+            None => (None, rest),
+        };
+        let rest = rest.strip_prefix(k.plural())?;
+        match rest.strip_prefix('/') {
+            Some(name) if !name.is_empty() && !name.contains('/') => Some((k, ns, Some(name.to_owned()))),
+            Some(_) => None,
+            None if rest.is_empty() => Some((k, ns, None)),
+            None => None,
+        }
+    })
 }
 
 /// One server-side apply the double took.
 #[derive(Clone, Debug)]
 pub struct Patch {
     pub at: Instant,
-    pub kind: Kind,
+    pub kind: Resource,
     /// `namespace/name`
     pub key: String,
     pub field_manager: String,
@@ -135,16 +63,16 @@ pub struct Patch {
 struct State {
     rv: u64,
     /// (kind, namespace/name) -> object
-    objects: BTreeMap<(Kind, String), Value>,
+    objects: BTreeMap<(Resource, String), Value>,
     /// The same objects, serialized once when they change (lists are then string joins).
-    rendered: BTreeMap<(Kind, String), String>,
+    rendered: BTreeMap<(Resource, String), String>,
     /// Every change: (resourceVersion, kind, type, object).
-    history: Vec<(u64, Kind, &'static str, Value)>,
+    history: Vec<(u64, Resource, &'static str, Value)>,
     /// Watches from a resourceVersion below this get 410 Gone.
     compacted_below: u64,
-    forbidden: BTreeSet<Kind>,
+    forbidden: BTreeSet<Resource>,
     /// Kinds the API does not serve (a CRD that is not installed): 404.
-    missing: BTreeSet<Kind>,
+    missing: BTreeSet<Resource>,
     patches: Vec<Patch>,
     down: bool,
     /// Bumped to end every open watch (dropped connections).
@@ -163,10 +91,10 @@ pub struct ApiServer {
 }
 
 impl State {
-    fn apply(&mut self, kind: Kind, mut obj: Value) -> Value {
+    fn apply(&mut self, kind: Resource, mut obj: Value) -> Value {
         self.rv += 1;
-        obj["apiVersion"] = json!(kind.info().2);
-        obj["kind"] = json!(kind.name());
+        obj["apiVersion"] = json!(kind.api_version());
+        obj["kind"] = json!(kind.kind());
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let k = (kind, key(&obj));
         let ty = if self.objects.contains_key(&k) {
@@ -234,12 +162,12 @@ impl ApiServer {
     }
 
     /// Creates or updates an object (ADDED or MODIFIED).
-    pub fn apply(&self, kind: Kind, obj: Value) {
+    pub fn apply(&self, kind: Resource, obj: Value) {
         self.with(|st| st.apply(kind, obj));
     }
 
     /// The current object of `kind` named `name` or `namespace/name`.
-    pub fn get(&self, kind: Kind, name: &str) -> Option<Value> {
+    pub fn get(&self, kind: Resource, name: &str) -> Option<Value> {
         self.with(|st| st.objects.get(&(kind, name.to_owned())).cloned())
     }
 
@@ -249,7 +177,7 @@ impl ApiServer {
     }
 
     /// 404 for `kind` (its CRD is not installed), or served again.
-    pub fn set_missing(&self, kind: Kind, missing: bool) {
+    pub fn set_missing(&self, kind: Resource, missing: bool) {
         self.with(|st| {
             if missing {
                 st.missing.insert(kind);
@@ -260,7 +188,7 @@ impl ApiServer {
     }
 
     /// Deletes an object (DELETED) by `name` or `namespace/name`.
-    pub fn delete(&self, kind: Kind, name: &str) {
+    pub fn delete(&self, kind: Resource, name: &str) {
         self.with(|st| {
             st.rendered.remove(&(kind, name.to_owned()));
             if let Some(mut obj) = st.objects.remove(&(kind, name.to_owned())) {
@@ -296,7 +224,7 @@ impl ApiServer {
     }
 
     /// 403 Forbidden for lists and watches of `kind` (RBAC without the permission).
-    pub fn set_forbidden(&self, kind: Kind, forbidden: bool) {
+    pub fn set_forbidden(&self, kind: Resource, forbidden: bool) {
         self.with(|st| {
             if forbidden {
                 st.forbidden.insert(kind);
@@ -326,7 +254,7 @@ impl ApiServer {
                 continue;
             };
             let (path, query) = target.split_once('?').unwrap_or((target, ""));
-            let Some((kind, namespace, name)) = Kind::parse_path(path) else {
+            let Some((kind, namespace, name)) = parse_path(path) else {
                 continue;
             };
             let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
@@ -343,7 +271,7 @@ impl ApiServer {
             calls.insert(ApiCall {
                 verb: verb.to_owned(),
                 group: kind.group().to_owned(),
-                resource: kind.info().1.to_owned(),
+                resource: kind.plural().to_owned(),
                 namespace,
                 name,
             });
@@ -356,7 +284,7 @@ impl ApiServer {
             calls.insert(ApiCall {
                 verb: "create".into(),
                 group: p.kind.group().to_owned(),
-                resource: p.kind.info().1.to_owned(),
+                resource: p.kind.plural().to_owned(),
                 namespace,
                 name: Some(name),
             });
@@ -442,7 +370,7 @@ fn serve(
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let params: BTreeMap<&str, &str> = query.split('&').filter_map(|kv| kv.split_once('=')).collect();
         let (m, cv) = &**shared;
-        let parsed = Kind::parse_path(path);
+        let parsed = parse_path(path);
         let (down, forbidden, missing) = {
             let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
             st.requests.push(request.trim().to_owned());
@@ -473,7 +401,7 @@ fn serve(
         if forbidden {
             let msg = format!(
                 "{}s is forbidden: User \"system:serviceaccount:st8s:st8s\" cannot {} resource",
-                kind.name().to_lowercase(),
+                kind.kind().to_lowercase(),
                 method.to_lowercase()
             );
             respond(&mut sock, 403, "Forbidden", &status(403, "Forbidden", &msg))?;
@@ -498,7 +426,7 @@ fn serve(
                             &mut sock,
                             404,
                             "Not Found",
-                            &status(404, "NotFound", &format!("{} \"{name}\" not found", kind.name())),
+                            &status(404, "NotFound", &format!("{} \"{name}\" not found", kind.kind())),
                         )?,
                     }
                 }
@@ -569,8 +497,8 @@ fn serve(
         }
         let body = format!(
             "{{\"apiVersion\":\"{}\",\"kind\":\"{}List\",\"metadata\":{meta},\"items\":[{}]}}",
-            kind.info().2,
-            kind.name(),
+            kind.api_version(),
+            kind.kind(),
             items.join(",")
         );
         drop(st);
@@ -583,7 +511,7 @@ fn watch(
     mut sock: TcpStream,
     shared: &Arc<(Mutex<State>, Condvar)>,
     stop: &AtomicBool,
-    kind: Kind,
+    kind: Resource,
     prefix: &str,
     params: &BTreeMap<&str, &str>,
 ) -> std::io::Result<()> {
@@ -637,7 +565,7 @@ fn watch(
         }
         from = from.max(scanned.unwrap_or(0));
         if bookmark {
-            let obj = json!({"kind": kind.name(), "apiVersion": kind.info().2, "metadata": {"resourceVersion": rv_now.to_string()}});
+            let obj = json!({"kind": kind.kind(), "apiVersion": kind.api_version(), "metadata": {"resourceVersion": rv_now.to_string()}});
             chunk(&mut sock, &json!({"type": "BOOKMARK", "object": obj}))?;
             from = from.max(rv_now);
         }

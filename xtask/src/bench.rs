@@ -1014,7 +1014,7 @@ fn control_plane(report: &mut String, misses: &mut Vec<String>) -> anyhow::Resul
         api.write_kubeconfig(&kubeconfig)?;
         for i in 1..=3 {
             api.apply(
-                apiserver::Kind::Node,
+                apiserver::Resource::Node,
                 apiserver::node(&format!("node{i}"), &node_addr(i).to_string(), true),
             );
         }
@@ -1022,11 +1022,11 @@ fn control_plane(report: &mut String, misses: &mut Vec<String>) -> anyhow::Resul
             .map(|i| (format!("hp-{i}"), i % 3 + 1, 20000 + (i / 3) as u16))
             .collect();
         for (name, node, port) in &host_port_pods {
-            api.apply(apiserver::Kind::Pod, big_pod(name, *node, Some(*port), true));
+            api.apply(apiserver::Resource::Pod, big_pod(name, *node, Some(*port), true));
         }
         for i in 0..n.saturating_sub(60) {
             api.apply(
-                apiserver::Kind::Pod,
+                apiserver::Resource::Pod,
                 big_pod(&format!("app-{i}"), i % 3 + 1, None, true),
             );
         }
@@ -1050,7 +1050,7 @@ fn control_plane(report: &mut String, misses: &mut Vec<String>) -> anyhow::Resul
             // First every hostPort pod turns NotReady, then they come back: each event changes a
             // port's backends.
             api.apply(
-                apiserver::Kind::Pod,
+                apiserver::Resource::Pod,
                 big_pod(name, *node, Some(*port), (k / 60) % 2 == 1),
             );
             std::thread::sleep(Duration::from_millis(20));

@@ -19,7 +19,7 @@ use st8s::{
     sources::probe::Prober,
 };
 use tokio::sync::{mpsc, oneshot};
-use xtask::apiserver::{ApiServer, Kind, node, pod};
+use xtask::apiserver::{ApiServer, Resource, node, pod};
 
 const WEB: PortId = PortId {
     port: 80,
@@ -213,9 +213,12 @@ fn cluster(api: &ApiServer) {
         ("node2", "127.0.0.12"),
         ("node3", "127.0.0.13"),
     ] {
-        api.apply(Kind::Node, node(n, ip, true));
+        api.apply(Resource::Node, node(n, ip, true));
     }
-    api.apply(Kind::Pod, pod("web-a", "node1", "10.244.1.10", 80, 8080, "TCP"));
+    api.apply(
+        Resource::Pod,
+        pod("web-a", "node1", "10.244.1.10", 80, 8080, "TCP"),
+    );
 }
 
 #[tokio::test]
@@ -245,7 +248,10 @@ async fn a_new_remote_backend_settles_before_it_takes_new_flows() {
     cluster(&api);
     let agent = Agent::start(&api, &[]);
     agent.until(10, "first table", |t| !web(t).is_empty()).await;
-    api.apply(Kind::Pod, pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"));
+    api.apply(
+        Resource::Pod,
+        pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"),
+    );
     let seen = Instant::now();
     agent
         .until_seen(5, "node2 held", |t| {
@@ -269,18 +275,21 @@ async fn a_new_remote_backend_settles_before_it_takes_new_flows() {
 async fn a_pod_that_turns_not_ready_drains_and_a_deleted_one_leaves() {
     let api = ApiServer::start().expect("double");
     cluster(&api);
-    api.apply(Kind::Pod, pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"));
+    api.apply(
+        Resource::Pod,
+        pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"),
+    );
     let agent = Agent::start(&api, &[]);
     agent.until(10, "first table", |t| web(t).len() == 2).await;
     let mut unready = pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP");
     unready["status"]["conditions"][0]["status"] = "False".into();
-    api.apply(Kind::Pod, unready);
+    api.apply(Resource::Pod, unready);
     agent
         .until(5, "node2 draining", |t| {
             web(t) == [held("node1", false), held("node2", true)]
         })
         .await;
-    api.delete(Kind::Pod, "lab/web-b");
+    api.delete(Resource::Pod, "lab/web-b");
     agent
         .until(5, "node2 gone", |t| web(t) == [held("node1", false)])
         .await;
@@ -294,7 +303,7 @@ async fn failed_writes_are_retried_until_they_land() {
     let agent = Agent::start(&api, &[]);
     agent.until(10, "first table", |t| !web(t).is_empty()).await;
     agent.record.fail_next(3);
-    api.delete(Kind::Pod, "lab/web-a");
+    api.delete(Resource::Pod, "lab/web-a");
     agent.until(5, "the delete lands", |t| web(t).is_empty()).await;
     assert_eq!(
         agent.metrics.errors(ErrorKind::MapWrite),
@@ -308,7 +317,10 @@ async fn failed_writes_are_retried_until_they_land() {
 async fn a_silent_peer_loses_its_backends_until_it_answers() {
     let api = ApiServer::start().expect("double");
     cluster(&api);
-    api.apply(Kind::Pod, pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"));
+    api.apply(
+        Resource::Pod,
+        pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"),
+    );
     let agent = Agent::start(&api, &[]);
     agent.until(10, "first table", |t| web(t).len() == 2).await;
     let node1: Ipv4Addr = "127.0.0.11".parse().expect("address");

@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use xtask::apiserver::{ApiServer, Kind, Patch, node};
+use xtask::apiserver::{ApiServer, Patch, Resource, node};
 
 const NS: &str = "st8s-system";
 const CM: &str = "st8s-system/st8s-zones";
@@ -79,7 +79,7 @@ impl Drop for Dns {
 fn zone_writes(api: &ApiServer) -> Vec<Patch> {
     api.patches()
         .into_iter()
-        .filter(|p| p.kind == Kind::ConfigMap && p.key == CM)
+        .filter(|p| p.kind == Resource::ConfigMap && p.key == CM)
         .collect()
 }
 
@@ -118,34 +118,34 @@ fn zones_follow_the_cluster_and_unready_nodes_leave_the_answers() {
         ("node2", "10.77.0.12"),
         ("node3", "10.77.0.13"),
     ] {
-        api.apply(Kind::Node, node(n, ip, true));
-        api.apply(Kind::Lease, lease(n, Duration::ZERO));
+        api.apply(Resource::Node, node(n, ip, true));
+        api.apply(Resource::Lease, lease(n, Duration::ZERO));
     }
     // Another component's Lease in the namespace is not an agent's.
     api.apply(
-        Kind::Lease,
+        Resource::Lease,
         json!({"metadata": {"name": "external-dns", "namespace": NS}, "spec": {"holderIdentity": "x"}}),
     );
     api.apply(
-        Kind::Ingress,
+        Resource::Ingress,
         json!({"metadata": {"name": "jellyfin", "namespace": "media"},
                "spec": {"rules": [{"host": "jellyfin.home.example.org"}]}}),
     );
     api.apply(
-        Kind::HttpRoute,
+        Resource::HttpRoute,
         json!({"metadata": {"name": "gotify", "namespace": "notify", "annotations": {"st8s.io/exposure": "wan"}},
                "spec": {"hostnames": ["gotify.home.example.org"]}}),
     );
     api.apply(
-        Kind::Service,
+        Resource::Service,
         json!({"metadata": {"name": "ha", "namespace": "home",
                             "annotations": {"st8s.io/hostname": "ha.home.example.org", "st8s.io/exposure": "lan"}},
                "spec": {"ports": [{"port": 8123}]}}),
     );
-    api.set_missing(Kind::IngressRoute, true);
+    api.set_missing(Resource::IngressRoute, true);
     // deploy/base ships the ConfigMap empty, so that `st8s dns` only ever patches it.
     api.apply(
-        Kind::ConfigMap,
+        Resource::ConfigMap,
         json!({"metadata": {"name": "st8s-zones", "namespace": NS}}),
     );
 
@@ -172,7 +172,7 @@ fn zones_follow_the_cluster_and_unready_nodes_leave_the_answers() {
     // A node turns NotReady.
     let seen = zone_writes(&api).len();
     let t0 = Instant::now();
-    api.apply(Kind::Node, node("node2", "10.77.0.12", false));
+    api.apply(Resource::Node, node("node2", "10.77.0.12", false));
     let w = wait_write(&api, &dns, seen, 10, |z| !z.contains("jellyfin IN A 10.77.0.12"));
     let not_ready_ms = w.at.duration_since(t0).as_secs_f64() * 1e3;
     assert_eq!(serial(&zone(&w)), 2, "one change, one serial step");
@@ -183,7 +183,7 @@ fn zones_follow_the_cluster_and_unready_nodes_leave_the_answers() {
 
     // An agent stops renewing: its Lease runs out about 1 s from now, with no event at all.
     let seen = zone_writes(&api).len();
-    api.apply(Kind::Lease, lease("node3", Duration::from_secs(9)));
+    api.apply(Resource::Lease, lease("node3", Duration::from_secs(9)));
     let expiry = Instant::now() + Duration::from_secs(1);
     let w = wait_write(&api, &dns, seen, 10, |z| !z.contains("jellyfin IN A 10.77.0.13"));
     let lease_ms = w.at.saturating_duration_since(expiry).as_secs_f64() * 1e3;
@@ -193,10 +193,10 @@ fn zones_follow_the_cluster_and_unready_nodes_leave_the_answers() {
     // Changes that do not touch the answers write nothing.
     let seen = zone_writes(&api).len();
     api.apply(
-        Kind::Service,
+        Resource::Service,
         json!({"metadata": {"name": "plain", "namespace": "home"}, "spec": {"ports": [{"port": 80}]}}),
     );
-    api.apply(Kind::Lease, lease("node1", Duration::ZERO));
+    api.apply(Resource::Lease, lease("node1", Duration::ZERO));
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
         zone_writes(&api).len(),
@@ -205,13 +205,13 @@ fn zones_follow_the_cluster_and_unready_nodes_leave_the_answers() {
     );
 
     // A restart continues the serial from the ConfigMap instead of starting again at 1.
-    let stored = api.get(Kind::ConfigMap, CM).expect("the ConfigMap exists");
+    let stored = api.get(Resource::ConfigMap, CM).expect("the ConfigMap exists");
     let before = serial(stored["data"][KEY].as_str().unwrap_or_default());
     drop(dns);
     let dns = Dns::start(&kubeconfig, "b");
     let seen = zone_writes(&api).len();
-    api.apply(Kind::Lease, lease("node2", Duration::ZERO));
-    api.apply(Kind::Node, node("node2", "10.77.0.12", true));
+    api.apply(Resource::Lease, lease("node2", Duration::ZERO));
+    api.apply(Resource::Node, node("node2", "10.77.0.12", true));
     let w = wait_write(&api, &dns, seen, 20, |z| z.contains("jellyfin IN A 10.77.0.12"));
     assert_eq!(serial(&zone(&w)), before + 1, "{}", dns.log());
     drop(dns);

@@ -8,7 +8,7 @@ use st8s::{
     sources::kube::{self as kube_source, Effect, KubeState, Msg, WatchFailure},
 };
 use tokio::sync::mpsc::Receiver;
-use xtask::apiserver::{ApiServer, Kind, node, pod};
+use xtask::apiserver::{ApiServer, Resource, node, pod};
 
 const WEB: PortId = PortId {
     port: 80,
@@ -27,9 +27,12 @@ fn cluster_of_three(api: &ApiServer) {
         ("node2", "10.77.0.12"),
         ("node3", "10.77.0.13"),
     ] {
-        api.apply(Kind::Node, node(n, ip, true));
+        api.apply(Resource::Node, node(n, ip, true));
     }
-    api.apply(Kind::Pod, pod("web-a", "node1", "10.244.1.10", 80, 8080, "TCP"));
+    api.apply(
+        Resource::Pod,
+        pod("web-a", "node1", "10.244.1.10", 80, 8080, "TCP"),
+    );
 }
 
 /// Feeds messages into the state until `done` holds, or fails after `secs`.
@@ -74,21 +77,27 @@ async fn initial_sync_then_backends_added_moved_and_deleted() {
     assert_eq!(state.cluster.nodes.len(), 3);
     assert_eq!(backends(&state), ["node1"]);
 
-    api.apply(Kind::Pod, pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"));
+    api.apply(
+        Resource::Pod,
+        pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"),
+    );
     until(&mut rx, &mut state, 5, |s, e| e.changed && backends(s).len() == 2).await;
     assert_eq!(backends(&state), ["node1", "node2"]);
 
     // Move web-a from node1 to node3 (a new pod, the old one deleted).
-    api.delete(Kind::Pod, "lab/web-a");
-    api.apply(Kind::Pod, pod("web-a2", "node3", "10.244.3.10", 80, 8080, "TCP"));
+    api.delete(Resource::Pod, "lab/web-a");
+    api.apply(
+        Resource::Pod,
+        pod("web-a2", "node3", "10.244.3.10", 80, 8080, "TCP"),
+    );
     until(&mut rx, &mut state, 5, |s, _| backends(s) == ["node2", "node3"]).await;
     let local = plan(&state.cluster, "node3").expect("plans").desired.ports[&WEB]
         .local
         .clone();
     assert_eq!(local.map(|l| l.pod), Some("lab/web-a2".to_owned()));
 
-    api.delete(Kind::Pod, "lab/web-b");
-    api.delete(Kind::Pod, "lab/web-a2");
+    api.delete(Resource::Pod, "lab/web-b");
+    api.delete(Resource::Pod, "lab/web-a2");
     until(&mut rx, &mut state, 5, |s, _| backends(s).is_empty()).await;
     let reqs = api.requests();
     assert!(
@@ -101,14 +110,17 @@ async fn initial_sync_then_backends_added_moved_and_deleted() {
 async fn a_node_turning_not_ready_drops_its_backends() {
     let api = ApiServer::start().expect("double");
     cluster_of_three(&api);
-    api.apply(Kind::Pod, pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"));
+    api.apply(
+        Resource::Pod,
+        pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"),
+    );
     let mut rx = kube_source::spawn_watchers(client(&api));
     let mut state = KubeState::default();
     until(&mut rx, &mut state, 10, |s, _| s.synced()).await;
     assert_eq!(backends(&state), ["node1", "node2"]);
-    api.apply(Kind::Node, node("node1", "10.77.0.11", false));
+    api.apply(Resource::Node, node("node1", "10.77.0.11", false));
     until(&mut rx, &mut state, 5, |s, _| backends(s) == ["node2"]).await;
-    api.apply(Kind::Node, node("node1", "10.77.0.11", true));
+    api.apply(Resource::Node, node("node1", "10.77.0.11", true));
     until(&mut rx, &mut state, 5, |s, _| backends(s) == ["node1", "node2"]).await;
 }
 
@@ -116,14 +128,17 @@ async fn a_node_turning_not_ready_drops_its_backends() {
 async fn gone_410_leads_to_a_relist_that_also_catches_missed_deletes() {
     let api = ApiServer::start().expect("double");
     cluster_of_three(&api);
-    api.apply(Kind::Pod, pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"));
+    api.apply(
+        Resource::Pod,
+        pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"),
+    );
     let mut rx = kube_source::spawn_watchers(client(&api));
     let mut state = KubeState::default();
     until(&mut rx, &mut state, 10, |s, _| s.synced()).await;
     // The history is compacted and web-b goes away unseen: only a relist can tell.
     api.set_down(true);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    api.delete(Kind::Pod, "lab/web-b");
+    api.delete(Resource::Pod, "lab/web-b");
     api.compact();
     api.set_down(false);
     until(&mut rx, &mut state, 20, |s, _| {
@@ -155,7 +170,10 @@ async fn an_api_outage_keeps_the_state_and_recovers() {
     assert_eq!(backends(&state), ["node1"], "the last known state stays");
     assert_eq!(state.cluster.nodes.len(), 3);
     // While down, changes happen; after the outage they arrive.
-    api.apply(Kind::Pod, pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"));
+    api.apply(
+        Resource::Pod,
+        pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"),
+    );
     api.set_down(false);
     until(&mut rx, &mut state, 30, |s, _| {
         s.healthy() && backends(s).len() == 2
@@ -167,17 +185,17 @@ async fn an_api_outage_keeps_the_state_and_recovers() {
 async fn a_forbidden_list_is_reported_as_such() {
     let api = ApiServer::start().expect("double");
     cluster_of_three(&api);
-    api.set_forbidden(Kind::Pod, true);
+    api.set_forbidden(Resource::Pod, true);
     let mut rx = kube_source::spawn_watchers(client(&api));
     let mut state = KubeState::default();
     let effects = until(&mut rx, &mut state, 10, |_, e| {
-        e.new_failure.is_some_and(|f| f.0 == kube_source::Kind::Pod)
+        e.new_failure.is_some_and(|f| f.0 == Resource::Pod)
     })
     .await;
     let f = effects.iter().find_map(|e| e.new_failure).expect("failure");
     assert_eq!(f.1, WatchFailure::Forbidden);
     assert!(!state.synced(), "not synced without pods");
-    api.set_forbidden(Kind::Pod, false);
+    api.set_forbidden(Resource::Pod, false);
     until(&mut rx, &mut state, 30, |s, _| s.healthy()).await;
     assert_eq!(backends(&state), ["node1"]);
 }
@@ -193,7 +211,7 @@ async fn dropped_watches_and_bookmarks_lose_no_event() {
         api.bookmark();
         api.drop_connections();
         api.apply(
-            Kind::Pod,
+            Resource::Pod,
             pod(
                 &format!("dns-{i}"),
                 "node2",
@@ -220,15 +238,15 @@ async fn bad_objects_are_skipped_by_name_and_the_rest_applies() {
     let api = ApiServer::start().expect("double");
     cluster_of_three(&api);
     api.apply(
-        Kind::Node,
+        Resource::Node,
         serde_json::json!({"metadata": {"name": "node9"}, "status": {}}),
     );
     let mut no_ip = pod("web-noip", "node2", "", 80, 8080, "TCP");
     no_ip["status"].as_object_mut().expect("status").remove("podIP");
-    api.apply(Kind::Pod, no_ip);
+    api.apply(Resource::Pod, no_ip);
     let mut odd = pod("web-odd", "node3", "10.244.3.10", 80, 8080, "TCP");
     odd["metadata"]["annotations"] = serde_json::json!({"st8s.io/steer": "perhaps"});
-    api.apply(Kind::Pod, odd);
+    api.apply(Resource::Pod, odd);
     let mut rx = kube_source::spawn_watchers(client(&api));
     let mut state = KubeState::default();
     until(&mut rx, &mut state, 10, |s, _| s.synced()).await;

@@ -579,7 +579,7 @@ fn agents_killed_and_restarted_under_load_lose_no_request() {
 /// deploy/base grants, and making only the API calls that its RBAC allows.
 #[test]
 fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
-    use xtask::apiserver::{ApiServer, Kind, node, pod};
+    use xtask::apiserver::{ApiServer, Resource, node, pod};
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "needs root");
@@ -606,13 +606,13 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
     api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
     for n in 1..=3 {
         api.apply(
-            Kind::Node,
+            Resource::Node,
             node(&format!("node{n}"), &node_addr(n).to_string(), true),
         );
     }
     lab.add_pod(PodSpec::web("web-node1", 1)).expect("pod");
     api.apply(
-        Kind::Pod,
+        Resource::Pod,
         pod(
             "web-node1",
             "node1",
@@ -653,7 +653,7 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
         let holders: BTreeSet<String> = api
             .patches()
             .iter()
-            .filter(|p| p.kind == Kind::Lease && p.field_manager == "st8s")
+            .filter(|p| p.kind == Resource::Lease && p.field_manager == "st8s")
             .filter_map(|p| p.body["spec"]["holderIdentity"].as_str().map(str::to_owned))
             .collect();
         if holders.len() == 3 {
@@ -666,7 +666,7 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let lease = api
-        .get(Kind::Lease, "st8s-system/st8s-agent-node1")
+        .get(Resource::Lease, "st8s-system/st8s-agent-node1")
         .expect("node1's Lease");
     assert_eq!(lease["spec"]["leaseDurationSeconds"], 10);
     assert!(lease["spec"]["renewTime"].is_string(), "{lease}");
@@ -674,7 +674,7 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
     // A backend appears: time from the API event to node3's map.
     lab.add_pod(PodSpec::web("web-node2", 2)).expect("pod");
     let ip2 = lab.pod_ip("web-node2").expect("ip").to_string();
-    api.apply(Kind::Pod, pod("web-node2", "node2", &ip2, 80, 8080, "TCP"));
+    api.apply(Resource::Pod, pod("web-node2", "node2", &ip2, 80, 8080, "TCP"));
     let took = lab
         .wait_table(3, SYNC, |s| s.ports.first().is_some_and(|p| p.2.len() == 2))
         .expect("2 backends");
@@ -703,10 +703,10 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
     );
 
     // A node turns NotReady: its backend leaves every table.
-    api.apply(Kind::Node, node("node2", &node_addr(2).to_string(), false));
+    api.apply(Resource::Node, node("node2", &node_addr(2).to_string(), false));
     lab.wait_table(3, SYNC, |s| s.ports.first().is_some_and(|p| p.2.len() == 1))
         .expect("node2 dropped");
-    api.apply(Kind::Node, node("node2", &node_addr(2).to_string(), true));
+    api.apply(Resource::Node, node("node2", &node_addr(2).to_string(), true));
     lab.wait_table(3, SYNC, |s| s.ports.first().is_some_and(|p| p.2.len() == 2))
         .expect("node2 back");
 
@@ -1143,7 +1143,7 @@ fn the_agent_needs_every_capability_it_is_given_and_no_other() {
 /// use, long before the node's Lease would run out; and puts it back when the link returns.
 #[test]
 fn st8s_dns_drops_a_cut_node_from_the_answers() {
-    use xtask::apiserver::{ApiServer, Kind, node};
+    use xtask::apiserver::{ApiServer, Resource, node};
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lab = running(lab(false), &[]);
     let sw = lab.switch_ns().to_owned();
@@ -1155,23 +1155,23 @@ fn st8s_dns_drops_a_cut_node_from_the_answers() {
     api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
     for n in 1..=3 {
         let name = format!("node{n}");
-        api.apply(Kind::Node, node(&name, &node_addr(n).to_string(), true));
+        api.apply(Resource::Node, node(&name, &node_addr(n).to_string(), true));
         // Leases far from running out: only the probes can drop a node here.
         let renewed =
             k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
         api.apply(
-            Kind::Lease,
+            Resource::Lease,
             serde_json::json!({"metadata": {"name": format!("st8s-agent-{name}"), "namespace": "st8s-system"},
                                "spec": {"holderIdentity": name, "leaseDurationSeconds": 3600, "renewTime": renewed}}),
         );
     }
     api.apply(
-        Kind::Ingress,
+        Resource::Ingress,
         serde_json::json!({"metadata": {"name": "jellyfin", "namespace": "media"},
                            "spec": {"rules": [{"host": "jellyfin.home.example.org"}]}}),
     );
     api.apply(
-        Kind::ConfigMap,
+        Resource::ConfigMap,
         serde_json::json!({"metadata": {"name": "st8s-zones", "namespace": "st8s-system"}}),
     );
     struct Dns(std::process::Child);
@@ -1209,7 +1209,7 @@ fn st8s_dns_drops_a_cut_node_from_the_answers() {
             let writes: Vec<_> = api
                 .patches()
                 .into_iter()
-                .filter(|p| p.kind == Kind::ConfigMap)
+                .filter(|p| p.kind == Resource::ConfigMap)
                 .collect();
             if let Some(p) = writes
                 .iter()
@@ -1267,7 +1267,7 @@ fn st8s_dns_drops_a_cut_node_from_the_answers() {
     let last = api
         .patches()
         .into_iter()
-        .filter(|p| p.kind == Kind::ConfigMap)
+        .filter(|p| p.kind == Resource::ConfigMap)
         .skip(seen.saturating_sub(1))
         .last()
         .expect("a zone");

@@ -10,7 +10,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -20,7 +19,7 @@ use futures::StreamExt as _;
 use k8s_openapi::{api::core::v1::ConfigMap, jiff::Timestamp};
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
+    api::{DynamicObject, Patch, PatchParams},
     runtime::{
         WatchStreamExt as _,
         watcher::{self, Event},
@@ -35,6 +34,7 @@ use crate::{
     sources::{
         kube::WatchFailure,
         probe::{PeerProbeArgs, Prober},
+        resource::Resource,
     },
 };
 
@@ -152,63 +152,23 @@ fn run_offline(args: &DnsArgs, from: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A kind of object `st8s dns` reads on a cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Source {
-    Node,
-    Lease,
-    Ingress,
-    Service,
-    HttpRoute,
-    IngressRoute,
-}
-
-impl Source {
-    pub const ALL: [Source; 6] = [
-        Source::Node,
-        Source::Lease,
-        Source::Ingress,
-        Source::Service,
-        Source::HttpRoute,
-        Source::IngressRoute,
-    ];
-
-    /// (group, version, kind, plural)
-    pub const fn gvkp(self) -> (&'static str, &'static str, &'static str, &'static str) {
-        match self {
-            Source::Node => ("", "v1", "Node", "nodes"),
-            Source::Lease => ("coordination.k8s.io", "v1", "Lease", "leases"),
-            Source::Ingress => ("networking.k8s.io", "v1", "Ingress", "ingresses"),
-            Source::Service => ("", "v1", "Service", "services"),
-            Source::HttpRoute => ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
-            Source::IngressRoute => ("traefik.io", "v1alpha1", "IngressRoute", "ingressroutes"),
-        }
-    }
-
-    pub fn resource(self) -> ApiResource {
-        let (g, v, k, p) = self.gvkp();
-        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(g, v, k), p)
-    }
-
-    /// Custom resources: a cluster without their CRD simply has none of them.
-    pub const fn optional(self) -> bool {
-        matches!(self, Source::HttpRoute | Source::IngressRoute)
-    }
-}
-
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.gvkp().3)
-    }
-}
+/// The kinds of object `st8s dns` reads on a cluster.
+pub const WATCHED: [Resource; 6] = [
+    Resource::Node,
+    Resource::Lease,
+    Resource::Ingress,
+    Resource::Service,
+    Resource::HttpRoute,
+    Resource::IngressRoute,
+];
 
 /// One message from a watcher task.
 #[derive(Debug)]
 pub enum Msg {
-    Event(Source, Box<Event<DynamicObject>>, Instant),
+    Event(Resource, Box<Event<DynamicObject>>, Instant),
     /// The watcher failed and retries with backoff.
     Failed {
-        source: Source,
+        source: Resource,
         failure: WatchFailure,
         message: String,
     },
@@ -217,11 +177,11 @@ pub enum Msg {
 /// The watched objects, as the renderer reads them. Pure: tested without an API server.
 #[derive(Default)]
 pub struct Objects {
-    objects: BTreeMap<Source, BTreeMap<String, serde_yaml::Value>>,
-    relisting: BTreeMap<Source, BTreeMap<String, serde_yaml::Value>>,
-    listed: BTreeSet<Source>,
+    objects: BTreeMap<Resource, BTreeMap<String, serde_yaml::Value>>,
+    relisting: BTreeMap<Resource, BTreeMap<String, serde_yaml::Value>>,
+    listed: BTreeSet<Resource>,
     /// Optional kinds the API does not serve.
-    absent: BTreeSet<Source>,
+    absent: BTreeSet<Resource>,
 }
 
 fn object_key(o: &DynamicObject) -> String {
@@ -233,9 +193,9 @@ fn object_key(o: &DynamicObject) -> String {
 }
 
 /// The object as YAML, with its `kind` and `apiVersion` (list items may come without them).
-fn to_value(source: Source, o: &DynamicObject) -> Option<serde_yaml::Value> {
+fn to_value(source: Resource, o: &DynamicObject) -> Option<serde_yaml::Value> {
     let mut v = serde_yaml::to_value(o).ok()?;
-    let ar = source.resource();
+    let ar = source.api_resource();
     if let serde_yaml::Value::Mapping(m) = &mut v {
         m.insert("kind".into(), ar.kind.into());
         m.insert("apiVersion".into(), ar.api_version.into());
@@ -251,7 +211,7 @@ impl Objects {
     /// Every required kind has been listed, and every optional one listed or found absent: only
     /// then may a zone be written (a zone from half a view would drop good answers).
     pub fn synced(&self) -> bool {
-        Source::ALL
+        WATCHED
             .iter()
             .all(|s| self.listed.contains(s) || (s.optional() && self.absent.contains(s)))
     }
@@ -320,10 +280,10 @@ impl Objects {
 /// returned channel.
 pub fn spawn_watchers(client: &Client, lease_namespace: &str) -> mpsc::Receiver<Msg> {
     let (tx, rx) = mpsc::channel(1024);
-    for source in Source::ALL {
-        let ar = source.resource();
+    for source in WATCHED {
+        let ar = source.api_resource();
         let api: Api<DynamicObject> = match source {
-            Source::Lease => Api::namespaced_with(client.clone(), lease_namespace, &ar),
+            Resource::Lease => Api::namespaced_with(client.clone(), lease_namespace, &ar),
             _ => Api::all_with(client.clone(), &ar),
         };
         let tx = tx.clone();
@@ -390,7 +350,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
     let mut probes_blind = false;
     let mut objects = Objects::default();
     let mut warned: BTreeSet<String> = BTreeSet::new();
-    let mut failing: BTreeMap<Source, String> = BTreeMap::new();
+    let mut failing: BTreeMap<Resource, String> = BTreeMap::new();
     let mut written_once = false;
     let mut wake: Option<Timestamp> = None;
     loop {

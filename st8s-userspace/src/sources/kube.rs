@@ -27,23 +27,8 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use super::k8s;
+use super::{k8s, resource::Resource};
 use crate::core::{self, Cluster, DISCOVERY_ANNOTATION, HostPort, STEER_ANNOTATION};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
-    Node,
-    Pod,
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Kind::Node => "nodes",
-            Kind::Pod => "pods",
-        })
-    }
-}
 
 /// One message from a watcher task.
 #[derive(Debug)]
@@ -52,13 +37,13 @@ pub enum Msg {
     Pod(Box<Event<WatchedPod>>, Instant),
     /// The watcher failed; it retries with backoff. `message` is the error itself.
     Failed {
-        kind: Kind,
+        kind: Resource,
         failure: WatchFailure,
         message: String,
     },
     /// A failing kind can be listed again (a quiet resource sends no event when its watch comes
     /// back, so recovery is probed).
-    Reachable(Kind),
+    Reachable(Resource),
 }
 
 /// Why a watch failed, as far as the operator is concerned. Code branches on the variant; the
@@ -298,7 +283,7 @@ pub struct KubeState {
     relisting_pods: Option<BTreeMap<String, core::Pod>>,
     listed_nodes: bool,
     listed_pods: bool,
-    failing: BTreeMap<Kind, WatchFailure>,
+    failing: BTreeMap<Resource, WatchFailure>,
 }
 
 /// What one message changed.
@@ -307,9 +292,9 @@ pub struct Effect {
     /// The cluster changed (a re-plan is due).
     pub changed: bool,
     /// The watcher of this kind failed with a new kind of error (worth one log line).
-    pub new_failure: Option<(Kind, WatchFailure)>,
+    pub new_failure: Option<(Resource, WatchFailure)>,
     /// This kind's watcher recovered from a failure.
-    pub recovered: Option<Kind>,
+    pub recovered: Option<Resource>,
 }
 
 impl KubeState {
@@ -323,15 +308,15 @@ impl KubeState {
         self.synced() && self.failing.is_empty()
     }
 
-    pub fn failing(&self) -> impl Iterator<Item = (Kind, WatchFailure)> + '_ {
+    pub fn failing(&self) -> impl Iterator<Item = (Resource, WatchFailure)> + '_ {
         self.failing.iter().map(|(k, f)| (*k, *f))
     }
 
     pub fn handle(&mut self, msg: Msg) -> Effect {
         let mut effect = Effect::default();
         let kind = match &msg {
-            Msg::Node(..) => Kind::Node,
-            Msg::Pod(..) => Kind::Pod,
+            Msg::Node(..) => Resource::Node,
+            Msg::Pod(..) => Resource::Pod,
             Msg::Reachable(kind) => {
                 if self.failing.remove(kind).is_some() {
                     effect.recovered = Some(*kind);
@@ -413,14 +398,14 @@ pub fn spawn_watchers(client: Client) -> mpsc::Receiver<Msg> {
     let failing: Arc<[AtomicBool; 2]> = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
     spawn_watcher::<Node>(
         Api::all(client.clone()),
-        Kind::Node,
+        Resource::Node,
         Msg::Node,
         tx.clone(),
         failing.clone(),
     );
     spawn_watcher::<WatchedPod>(
         Api::all(client.clone()),
-        Kind::Pod,
+        Resource::Pod,
         Msg::Pod,
         tx.clone(),
         failing.clone(),
@@ -431,13 +416,14 @@ pub fn spawn_watchers(client: Client) -> mpsc::Receiver<Msg> {
         let one = ListParams::default().limit(1);
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            for (i, kind) in [Kind::Node, Kind::Pod].into_iter().enumerate() {
+            for (i, kind) in [Resource::Node, Resource::Pod].into_iter().enumerate() {
                 if !failing[i].load(Ordering::Relaxed) {
                     continue;
                 }
-                let ok = match kind {
-                    Kind::Node => nodes.list_metadata(&one).await.is_ok(),
-                    Kind::Pod => pods.list_metadata(&one).await.is_ok(),
+                let ok = if kind == Resource::Node {
+                    nodes.list_metadata(&one).await.is_ok()
+                } else {
+                    pods.list_metadata(&one).await.is_ok()
                 };
                 if ok {
                     failing[i].store(false, Ordering::Relaxed);
@@ -453,14 +439,15 @@ pub fn spawn_watchers(client: Client) -> mpsc::Receiver<Msg> {
 
 fn spawn_watcher<K>(
     api: Api<K>,
-    kind: Kind,
+    kind: Resource,
     wrap: fn(Box<Event<K>>, Instant) -> Msg,
     tx: mpsc::Sender<Msg>,
     failing: Arc<[AtomicBool; 2]>,
 ) where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
 {
-    let i = kind as usize;
+    // The index into `failing`: nodes, then pods.
+    let i = usize::from(kind != Resource::Node);
     tokio::spawn(async move {
         let mut s = watcher::watcher(api, watcher::Config::default())
             .default_backoff()
@@ -598,13 +585,13 @@ mod tests {
         }
         assert!(s.healthy());
         let fail = || Msg::Failed {
-            kind: Kind::Pod,
+            kind: Resource::Pod,
             failure: WatchFailure::Unreachable,
             message: "refused".into(),
         };
         assert_eq!(
             s.handle(fail()).new_failure,
-            Some((Kind::Pod, WatchFailure::Unreachable))
+            Some((Resource::Pod, WatchFailure::Unreachable))
         );
         assert_eq!(
             s.handle(fail()).new_failure,
@@ -613,7 +600,7 @@ mod tests {
         );
         assert!(!s.healthy());
         let e = s.handle(Msg::Pod(Box::new(Event::Init), t()));
-        assert_eq!(e.recovered, Some(Kind::Pod));
+        assert_eq!(e.recovered, Some(Resource::Pod));
         assert!(s.healthy());
     }
 }

@@ -6,3 +6,4 @@ pub mod file;
 pub mod k8s;
 pub mod kube;
 pub mod probe;
+pub mod resource;
