@@ -369,7 +369,7 @@ fn serve(
         let target = request.split_whitespace().nth(1).unwrap_or("/").to_owned();
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let params: BTreeMap<&str, &str> = query.split('&').filter_map(|kv| kv.split_once('=')).collect();
-        let (m, cv) = &**shared;
+        let (m, _) = &**shared;
         let parsed = parse_path(path);
         let (down, forbidden, missing) = {
             let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
@@ -408,103 +408,145 @@ fn serve(
             continue;
         }
         if let Some(name) = name {
-            let key = match &namespace {
-                Some(ns) => format!("{ns}/{name}"),
-                None => name.clone(),
+            let call = ObjectCall {
+                method: &method,
+                kind,
+                namespace: namespace.as_deref(),
+                name: &name,
+                body: &body,
+                field_manager: params.get("fieldManager").copied().unwrap_or_default(),
             };
-            match method.as_str() {
-                "GET" => {
-                    let obj = m
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .objects
-                        .get(&(kind, key.clone()))
-                        .cloned();
-                    match obj {
-                        Some(o) => respond(&mut sock, 200, "OK", &o)?,
-                        None => respond(
-                            &mut sock,
-                            404,
-                            "Not Found",
-                            &status(404, "NotFound", &format!("{} \"{name}\" not found", kind.kind())),
-                        )?,
-                    }
-                }
-                "PATCH" => {
-                    // Server-side apply with one field manager: the applied object is the object.
-                    let Ok(mut obj) = serde_json::from_slice::<Value>(&body) else {
-                        respond(
-                            &mut sock,
-                            400,
-                            "Bad Request",
-                            &status(400, "BadRequest", "not JSON"),
-                        )?;
-                        continue;
-                    };
-                    obj["metadata"]["name"] = json!(name);
-                    if let Some(ns) = &namespace {
-                        obj["metadata"]["namespace"] = json!(ns);
-                    }
-                    let field_manager = params.get("fieldManager").copied().unwrap_or_default().to_owned();
-                    let stored = {
-                        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
-                        let created = !st.objects.contains_key(&(kind, key.clone()));
-                        st.patches.push(Patch {
-                            at: Instant::now(),
-                            kind,
-                            key,
-                            field_manager,
-                            body: obj.clone(),
-                            created,
-                        });
-                        st.apply(kind, obj)
-                    };
-                    cv.notify_all();
-                    respond(&mut sock, 200, "OK", &stored)?;
-                }
-                _ => respond(
-                    &mut sock,
-                    405,
-                    "Method Not Allowed",
-                    &status(405, "MethodNotAllowed", "not in the double"),
-                )?,
-            }
+            one_object(&mut sock, shared, call)?;
             continue;
         }
         let prefix = namespace.map(|ns| format!("{ns}/")).unwrap_or_default();
         if params.get("watch").is_some_and(|w| *w == "true" || *w == "1") {
             return watch(sock, shared, stop, kind, &prefix, &params);
         }
-        let st = m.lock().unwrap_or_else(|e| e.into_inner());
-        // Pages: `limit` objects from the `continue` offset, as kube-rs asks for them.
-        let offset: usize = params.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
-        let limit: usize = params
-            .get("limit")
-            .and_then(|l| l.parse().ok())
-            .filter(|l| *l > 0)
-            .unwrap_or(usize::MAX);
-        let all: Vec<&str> = st
-            .rendered
-            .range((kind, String::new())..)
-            .take_while(|((k, _), _)| *k == kind)
-            .filter(|((_, key), _)| key.starts_with(&prefix))
-            .map(|(_, v)| v.as_str())
-            .collect();
-        let items: Vec<&str> = all.iter().skip(offset).take(limit).copied().collect();
-        let mut meta = json!({"resourceVersion": st.rv.to_string()});
-        if offset.saturating_add(items.len()) < all.len() {
-            meta["continue"] = json!((offset + items.len()).to_string());
-        }
-        let body = format!(
-            "{{\"apiVersion\":\"{}\",\"kind\":\"{}List\",\"metadata\":{meta},\"items\":[{}]}}",
-            kind.api_version(),
-            kind.kind(),
-            items.join(",")
-        );
-        drop(st);
-        respond_raw(&mut sock, 200, "OK", &body)?;
-        cv.notify_all();
+        list(&mut sock, shared, kind, &prefix, &params)?;
     }
+}
+
+/// A request for one named object.
+struct ObjectCall<'a> {
+    method: &'a str,
+    kind: Resource,
+    namespace: Option<&'a str>,
+    name: &'a str,
+    body: &'a [u8],
+    field_manager: &'a str,
+}
+
+/// GET, or server-side apply (PATCH), of one object.
+fn one_object(
+    sock: &mut TcpStream,
+    shared: &Arc<(Mutex<State>, Condvar)>,
+    call: ObjectCall<'_>,
+) -> std::io::Result<()> {
+    let (m, cv) = &**shared;
+    let ObjectCall {
+        method,
+        kind,
+        namespace,
+        name,
+        body,
+        field_manager,
+    } = call;
+    let key = match namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
+    };
+    match method {
+        "GET" => {
+            let obj = m
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .objects
+                .get(&(kind, key.clone()))
+                .cloned();
+            match obj {
+                Some(o) => respond(sock, 200, "OK", &o),
+                None => respond(
+                    sock,
+                    404,
+                    "Not Found",
+                    &status(404, "NotFound", &format!("{} \"{name}\" not found", kind.kind())),
+                ),
+            }
+        }
+        "PATCH" => {
+            // Server-side apply with one field manager: the applied object is the object.
+            let Ok(mut obj) = serde_json::from_slice::<Value>(body) else {
+                return respond(sock, 400, "Bad Request", &status(400, "BadRequest", "not JSON"));
+            };
+            obj["metadata"]["name"] = json!(name);
+            if let Some(ns) = namespace {
+                obj["metadata"]["namespace"] = json!(ns);
+            }
+            let stored = {
+                let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+                let created = !st.objects.contains_key(&(kind, key.clone()));
+                st.patches.push(Patch {
+                    at: Instant::now(),
+                    kind,
+                    key,
+                    field_manager: field_manager.to_owned(),
+                    body: obj.clone(),
+                    created,
+                });
+                st.apply(kind, obj)
+            };
+            cv.notify_all();
+            respond(sock, 200, "OK", &stored)
+        }
+        _ => respond(
+            sock,
+            405,
+            "Method Not Allowed",
+            &status(405, "MethodNotAllowed", "not in the double"),
+        ),
+    }
+}
+
+/// A list of one kind (under a namespace prefix), paged as kube-rs asks for it.
+fn list(
+    sock: &mut TcpStream,
+    shared: &Arc<(Mutex<State>, Condvar)>,
+    kind: Resource,
+    prefix: &str,
+    params: &BTreeMap<&str, &str>,
+) -> std::io::Result<()> {
+    let (m, cv) = &**shared;
+    let st = m.lock().unwrap_or_else(|e| e.into_inner());
+    // Pages: `limit` objects from the `continue` offset, as kube-rs asks for them.
+    let offset: usize = params.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+    let limit: usize = params
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let all: Vec<&str> = st
+        .rendered
+        .range((kind, String::new())..)
+        .take_while(|((k, _), _)| *k == kind)
+        .filter(|((_, key), _)| key.starts_with(prefix))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let items: Vec<&str> = all.iter().skip(offset).take(limit).copied().collect();
+    let mut meta = json!({"resourceVersion": st.rv.to_string()});
+    if offset.saturating_add(items.len()) < all.len() {
+        meta["continue"] = json!((offset + items.len()).to_string());
+    }
+    let body = format!(
+        "{{\"apiVersion\":\"{}\",\"kind\":\"{}List\",\"metadata\":{meta},\"items\":[{}]}}",
+        kind.api_version(),
+        kind.kind(),
+        items.join(",")
+    );
+    drop(st);
+    respond_raw(sock, 200, "OK", &body)?;
+    cv.notify_all();
+    Ok(())
 }
 
 fn watch(

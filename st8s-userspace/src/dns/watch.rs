@@ -322,23 +322,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         cms.is_some() || args.out.is_some(),
         "nowhere to write the zones: give --configmap or --out"
     );
-    // The serial continues from what the ConfigMap (or the files) hold, across restarts.
-    let mut zones: BTreeMap<String, String> = BTreeMap::new();
-    if let Some(out) = &args.out {
-        for domain in &cfg.domains {
-            if let Ok(z) = std::fs::read_to_string(zone_path(out, &cfg.domains, domain)) {
-                zones.insert(zone_key(domain), z);
-            }
-        }
-    }
-    if let Some(cms) = &cms {
-        match cms.get_opt(&args.configmap).await {
-            Ok(cm) => zones.extend(cm.and_then(|c| c.data).unwrap_or_default()),
-            Err(e) => {
-                warn!(error = %e, "cannot read ConfigMap {}/{}; zones start at serial 1", args.namespace, args.configmap);
-            }
-        }
-    }
+    let mut zones = previous_zones(args, &cfg, cms.as_ref()).await;
     info!(
         domains = ?cfg.domains,
         configmap = %format!("{}/{}", args.namespace, args.configmap),
@@ -377,29 +361,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
                 Msg::Failed { .. } => None,
             })
             .min();
-        for m in batch {
-            match &m {
-                Msg::Failed {
-                    source,
-                    failure,
-                    message,
-                } => {
-                    if *failure == WatchFailure::NotServed && source.optional() {
-                        if !objects.absent.contains(source) {
-                            info!(kind = %source, "not served by the API (CRD not installed); none to read");
-                        }
-                    } else if failing.insert(*source, message.clone()).is_none() {
-                        warn!(kind = %source, error = %failure, detail = %message, "watch failing; the zones keep their last content");
-                    }
-                }
-                Msg::Event(source, ..) => {
-                    if failing.remove(source).is_some() {
-                        info!(kind = %source, "watch recovered");
-                    }
-                }
-            }
-            objects.handle(m);
-        }
+        fold(batch, &mut objects, &mut failing);
         if !objects.synced() {
             continue;
         }
@@ -407,20 +369,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         let mut input = dns::collect_values(objects.values(), &cfg, now);
         let addrs: Vec<std::net::Ipv4Addr> = input.nodes.iter().map(|n| n.addr).collect();
         prober.follow(addrs);
-        // As the agents do: if no serving node answers probes at all, the probe path is the
-        // likelier failure (a NetworkPolicy, a firewall), so the Leases alone decide.
-        if input
-            .nodes
-            .iter()
-            .any(|n| n.serving && !unreachable.contains(&n.addr))
-        {
-            for n in &mut input.nodes {
-                if unreachable.contains(&n.addr) {
-                    n.serving = false;
-                }
-            }
-        }
-        let blind = !unreachable.is_empty() && !input.nodes.iter().any(|n| !unreachable.contains(&n.addr));
+        let blind = drop_unreachable(&mut input, &unreachable);
         if blind != probes_blind {
             if blind {
                 warn!(
@@ -438,23 +387,10 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
             warn!("{w}");
         }
         warned = fresh;
-        let mut next = zones.clone();
-        let mut changed = Vec::new();
-        for domain in &cfg.domains {
-            let key = zone_key(domain);
-            let (zone, ch) = dns::render_zone(&input, domain, &cfg, zones.get(&key).map(String::as_str));
-            if ch || !written_once {
-                changed.push(format!(
-                    "{domain} serial {}",
-                    dns::serial_of(&zone).unwrap_or_default()
-                ));
-            }
-            next.insert(key, zone);
-        }
+        let (next, changed) = render_all(&input, &cfg, &zones, written_once);
         if changed.is_empty() {
             continue;
         }
-        next.retain(|k, _| cfg.domains.iter().any(|d| zone_key(d) == *k));
         let written = match &cms {
             Some(cms) => apply_configmap(cms, &args.configmap, &next).await,
             None => Ok(()),
@@ -485,6 +421,101 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The zones as they were before this start, so that the serial continues across restarts: from
+/// the ConfigMap, or the `--out` files.
+async fn previous_zones(
+    args: &DnsArgs,
+    cfg: &DnsConfig,
+    cms: Option<&Api<ConfigMap>>,
+) -> BTreeMap<String, String> {
+    let mut zones = BTreeMap::new();
+    if let Some(out) = &args.out {
+        for domain in &cfg.domains {
+            if let Ok(z) = std::fs::read_to_string(zone_path(out, &cfg.domains, domain)) {
+                zones.insert(zone_key(domain), z);
+            }
+        }
+    }
+    if let Some(cms) = cms {
+        match cms.get_opt(&args.configmap).await {
+            Ok(cm) => zones.extend(cm.and_then(|c| c.data).unwrap_or_default()),
+            Err(e) => {
+                warn!(error = %e, "cannot read ConfigMap {}/{}; zones start at serial 1", args.namespace, args.configmap);
+            }
+        }
+    }
+    zones
+}
+
+/// Folds a batch of watcher messages into the objects, logging each failing watch once.
+fn fold(batch: Vec<Msg>, objects: &mut Objects, failing: &mut BTreeMap<Resource, String>) {
+    for m in batch {
+        match &m {
+            Msg::Failed {
+                source,
+                failure,
+                message,
+            } => {
+                if *failure == WatchFailure::NotServed && source.optional() {
+                    if !objects.absent.contains(source) {
+                        info!(kind = %source, "not served by the API (CRD not installed); none to read");
+                    }
+                } else if failing.insert(*source, message.clone()).is_none() {
+                    warn!(kind = %source, error = %failure, detail = %message, "watch failing; the zones keep their last content");
+                }
+            }
+            Msg::Event(source, ..) => {
+                if failing.remove(source).is_some() {
+                    info!(kind = %source, "watch recovered");
+                }
+            }
+        }
+        objects.handle(m);
+    }
+}
+
+/// Unreachable nodes stop serving, as the agents do, unless no serving node answers probes at
+/// all: then the probe path is the likelier failure (a NetworkPolicy, a firewall), and the
+/// Leases alone decide. Returns whether the probes are blind (no node answers).
+fn drop_unreachable(input: &mut dns::DnsInput, unreachable: &BTreeSet<std::net::Ipv4Addr>) -> bool {
+    if input
+        .nodes
+        .iter()
+        .any(|n| n.serving && !unreachable.contains(&n.addr))
+    {
+        for n in &mut input.nodes {
+            if unreachable.contains(&n.addr) {
+                n.serving = false;
+            }
+        }
+    }
+    !unreachable.is_empty() && !input.nodes.iter().any(|n| !unreachable.contains(&n.addr))
+}
+
+/// Every domain's zone from `input`, and which of them changed (all of them before the first
+/// write).
+fn render_all(
+    input: &dns::DnsInput,
+    cfg: &DnsConfig,
+    zones: &BTreeMap<String, String>,
+    written_once: bool,
+) -> (BTreeMap<String, String>, Vec<String>) {
+    let mut next = BTreeMap::new();
+    let mut changed = Vec::new();
+    for domain in &cfg.domains {
+        let key = zone_key(domain);
+        let (zone, ch) = dns::render_zone(input, domain, cfg, zones.get(&key).map(String::as_str));
+        if ch || !written_once {
+            changed.push(format!(
+                "{domain} serial {}",
+                dns::serial_of(&zone).unwrap_or_default()
+            ));
+        }
+        next.insert(key, zone);
+    }
+    (next, changed)
 }
 
 async fn apply_configmap(
