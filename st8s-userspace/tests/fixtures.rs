@@ -23,6 +23,118 @@ use st8s_common::{
     RevNatValue, map_names, program_names,
 };
 
+/// Test packets built and read by etherparse, a parser that shares no code with st8s: what the
+/// fixtures check of a packet the programs put out does not rest on st8s's own checksum code.
+mod ep {
+    use std::net::Ipv4Addr;
+
+    use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+    use st8s::packet::{Frame, TCP_ACK, TCP_SYN};
+
+    /// The frame on the wire, as etherparse writes it (full checksums, as a real NIC sends).
+    pub fn wire(f: &Frame) -> Vec<u8> {
+        let payload: Vec<u8> = (0..f.payload_len).map(|i| i as u8).collect();
+        let ip = PacketBuilder::ethernet2(f.src_mac, f.dst_mac).ipv4(f.src.octets(), f.dst.octets(), 64);
+        let mut out = Vec::new();
+        if f.proto == 6 {
+            let mut b = ip.tcp(f.sport, f.dport, 1, 0xffff);
+            if f.tcp_flags & TCP_SYN != 0 {
+                b = b.syn();
+            }
+            if f.tcp_flags & TCP_ACK != 0 {
+                b = b.ack(0);
+            }
+            b.write(&mut out, &payload)
+                .expect("etherparse writes the TCP frame");
+        } else {
+            ip.udp(f.sport, f.dport)
+                .write(&mut out, &payload)
+                .expect("etherparse writes the UDP frame");
+            if f.udp_no_checksum {
+                // RFC 768: zero means the sender computed no checksum.
+                let at = 14 + 20 + 6;
+                out[at..at + 2].copy_from_slice(&[0, 0]);
+            }
+        }
+        out
+    }
+
+    /// What etherparse reads of an Ethernet/IPv4/TCP-or-UDP packet.
+    pub struct Read {
+        pub src: Ipv4Addr,
+        pub dst: Ipv4Addr,
+        pub sport: u16,
+        pub dport: u16,
+        pub ip_checksum_ok: bool,
+        /// TCP or UDP checksum right; a UDP checksum of zero ("none") counts as right.
+        pub l4_checksum_ok: bool,
+    }
+
+    pub fn read(pkt: &[u8]) -> Read {
+        let p = SlicedPacket::from_ethernet(pkt).expect("etherparse parses the packet");
+        let Some(NetSlice::Ipv4(ip)) = p.net else {
+            panic!("not IPv4: {:?}", p.net)
+        };
+        let h = ip.header();
+        let ip_checksum_ok = h.to_header().calc_header_checksum() == h.header_checksum();
+        let (sport, dport, l4_checksum_ok) = match p.transport {
+            Some(TransportSlice::Tcp(t)) => (
+                t.source_port(),
+                t.destination_port(),
+                t.calc_checksum_ipv4(h.source(), h.destination()).ok() == Some(t.checksum()),
+            ),
+            Some(TransportSlice::Udp(u)) => {
+                let header = u.to_header();
+                let want = header.calc_checksum_ipv4_raw(h.source(), h.destination(), u.payload());
+                (
+                    u.source_port(),
+                    u.destination_port(),
+                    u.checksum() == 0 || want.ok() == Some(u.checksum()),
+                )
+            }
+            other => panic!("neither TCP nor UDP: {other:?}"),
+        };
+        Read {
+            src: h.source_addr(),
+            dst: h.destination_addr(),
+            sport,
+            dport,
+            ip_checksum_ok,
+            l4_checksum_ok,
+        }
+    }
+
+    pub fn src_addr(p: &[u8]) -> Ipv4Addr {
+        read(p).src
+    }
+    pub fn dst_addr(p: &[u8]) -> Ipv4Addr {
+        read(p).dst
+    }
+    pub fn src_port(p: &[u8]) -> u16 {
+        read(p).sport
+    }
+    pub fn dst_port(p: &[u8]) -> u16 {
+        read(p).dport
+    }
+    pub fn ip_checksum_ok(p: &[u8]) -> bool {
+        read(p).ip_checksum_ok
+    }
+    pub fn l4_checksum_ok(p: &[u8]) -> bool {
+        read(p).l4_checksum_ok
+    }
+}
+
+/// Test frames as etherparse builds them.
+trait Wire {
+    fn wire(&self) -> Vec<u8>;
+}
+
+impl Wire for Frame {
+    fn wire(&self) -> Vec<u8> {
+        ep::wire(self)
+    }
+}
+
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -260,7 +372,7 @@ fn xdp_forwards_a_remote_flow_with_only_the_macs_rewritten() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
     dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
     let f = client_tcp(SELF, 80);
-    let pkt = f.build();
+    let pkt = f.wire();
     let (verdict, out) = dp.run_xdp(&pkt);
     assert_eq!(verdict, XDP_TX);
     assert_eq!(&out[0..6], &PEER_MAC, "to the peer");
@@ -280,7 +392,7 @@ fn xdp_forwards_a_remote_flow_with_only_the_macs_rewritten() {
 fn tc_forwards_a_remote_flow_when_xdp_is_off() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL);
     dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
-    let pkt = client_tcp(SELF, 80).build();
+    let pkt = client_tcp(SELF, 80).wire();
     let (verdict, out) = dp.run_tc(program_names::UPLINK_TC, &pkt);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(&out[0..6], &PEER_MAC);
@@ -304,7 +416,7 @@ fn local_backend_gets_the_packet_with_the_client_address_and_valid_checksums() {
     );
     assert_eq!(slot, 1);
     let f = client_tcp(SELF, 80);
-    let pkt = f.build();
+    let pkt = f.wire();
     let (verdict, out) = dp.run_xdp(&pkt);
     assert_eq!(
         (verdict, out.as_slice()),
@@ -314,12 +426,12 @@ fn local_backend_gets_the_packet_with_the_client_address_and_valid_checksums() {
 
     let (verdict, out) = dp.run_tc(program_names::UPLINK_TC, &pkt);
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(packet::dst_addr(&out), a(POD));
-    assert_eq!(packet::dst_port(&out), 8080);
-    assert_eq!(packet::src_addr(&out), a(CLIENT), "the pod sees the client");
-    assert_eq!(packet::src_port(&out), 40000);
-    assert!(packet::ip_checksum_ok(&out), "IP checksum");
-    assert!(packet::l4_checksum_ok(&out), "TCP checksum");
+    assert_eq!(ep::dst_addr(&out), a(POD));
+    assert_eq!(ep::dst_port(&out), 8080);
+    assert_eq!(ep::src_addr(&out), a(CLIENT), "the pod sees the client");
+    assert_eq!(ep::src_port(&out), 40000);
+    assert!(ep::ip_checksum_ok(&out), "IP checksum");
+    assert!(ep::l4_checksum_ok(&out), "TCP checksum");
     let rev = dp
         .revnat(&RevNatKey {
             pod_addr_be: be(a(POD)),
@@ -373,20 +485,20 @@ fn pod_reply_is_rewritten_to_the_frontend_for_tcp_and_udp() {
             Frame::udp(a(POD), 8080, a(CLIENT), 40000)
         };
         f.udp_no_checksum = no_csum;
-        let pkt = f.build();
+        let pkt = f.wire();
         let (verdict, out) = dp.run_tc(program_names::POD_TC, &pkt);
         assert_eq!(verdict, TC_ACT_REDIRECT, "proto {proto}");
-        assert_eq!(packet::src_addr(&out), a(PEER));
-        assert_eq!(packet::src_port(&out), 80);
-        assert_eq!(packet::dst_addr(&out), a(CLIENT));
-        assert!(packet::ip_checksum_ok(&out));
-        assert!(packet::l4_checksum_ok(&out), "proto {proto} no_csum {no_csum}");
+        assert_eq!(ep::src_addr(&out), a(PEER));
+        assert_eq!(ep::src_port(&out), 80);
+        assert_eq!(ep::dst_addr(&out), a(CLIENT));
+        assert!(ep::ip_checksum_ok(&out));
+        assert!(ep::l4_checksum_ok(&out), "proto {proto} no_csum {no_csum}");
         if no_csum {
             let off = packet::l4_csum_off(PROTO_UDP);
             assert_eq!(&out[off..off + 2], &[0, 0], "a zero UDP checksum stays zero");
         }
         // An unrelated packet from the pod goes untouched.
-        let other = Frame::tcp(a(POD), 8080, a("10.0.0.99"), 40000).build();
+        let other = Frame::tcp(a(POD), 8080, a("10.0.0.99"), 40000).wire();
         assert_eq!(
             dp.run_tc(program_names::POD_TC, &other),
             (TC_ACT_OK, other.clone())
@@ -402,15 +514,15 @@ fn everything_else_passes_untouched() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
     dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
     dp.port(53, PROTO_UDP, &[(PEER, PEER_MAC, false)], 0, false);
-    let steered = client_tcp(SELF, 80).build();
+    let steered = client_tcp(SELF, 80).wire();
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
-        ("other port", client_tcp(SELF, 8080).build()),
+        ("other port", client_tcp(SELF, 8080).wire()),
         ("other protocol on a steered number", {
             let mut f = Frame::udp(a(CLIENT), 40000, a(SELF), 80);
             f.dst_mac = SELF_MAC;
-            f.build()
+            f.wire()
         }),
-        ("other destination", client_tcp("10.0.0.99", 80).build()),
+        ("other destination", client_tcp("10.0.0.99", 80).wire()),
     ];
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&CLIENT_MAC);
@@ -486,7 +598,7 @@ fn forwarded_packets_are_accepted_only_from_cluster_nodes() {
     dp.port(81, PROTO_TCP, &[(PEER3, PEER3_MAC, false)], 0, false);
 
     // A LAN host sends to this node's MAC with the peer's address: not ours to serve.
-    let spoofed = client_tcp(PEER, 80).build();
+    let spoofed = client_tcp(PEER, 80).wire();
     assert_eq!(dp.run_xdp(&spoofed), (XDP_PASS, spoofed.clone()));
     assert_eq!(
         dp.run_tc(program_names::UPLINK_TC, &spoofed),
@@ -498,12 +610,12 @@ fn forwarded_packets_are_accepted_only_from_cluster_nodes() {
     // The peer forwarded it (its MAC): delivered to the local pod.
     let mut f = client_tcp(PEER, 80);
     f.src_mac = PEER_MAC;
-    let fwd = f.build();
+    let fwd = f.wire();
     assert_eq!(dp.run_xdp(&fwd).0, XDP_PASS, "never forwarded twice");
     let (verdict, out) = dp.run_tc(program_names::UPLINK_TC, &fwd);
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(packet::dst_addr(&out), a(POD));
-    assert_eq!(packet::src_addr(&out), a(CLIENT));
+    assert_eq!(ep::dst_addr(&out), a(POD));
+    assert_eq!(ep::src_addr(&out), a(CLIENT));
     assert_eq!(dp.counters(0).delivered_local, 1);
 
     // The same forward, addressed to another node's MAC and flooded here by the switch (the
@@ -511,7 +623,7 @@ fn forwarded_packets_are_accepted_only_from_cluster_nodes() {
     let mut f = client_tcp(PEER, 80);
     f.src_mac = PEER_MAC;
     f.dst_mac = PEER3_MAC;
-    let flooded = f.build();
+    let flooded = f.wire();
     assert_eq!(dp.run_xdp(&flooded), (XDP_PASS, flooded.clone()));
     assert_eq!(
         dp.run_tc(program_names::UPLINK_TC, &flooded),
@@ -522,7 +634,7 @@ fn forwarded_packets_are_accepted_only_from_cluster_nodes() {
     // Forwarded here, but this node has no backend for the port: dropped, not bounced on.
     let mut f = client_tcp(PEER, 81);
     f.src_mac = PEER_MAC;
-    let stray = f.build();
+    let stray = f.wire();
     assert_eq!(dp.run_xdp(&stray).0, XDP_PASS);
     assert_eq!(dp.run_tc(program_names::UPLINK_TC, &stray).0, TC_ACT_SHOT);
     assert_eq!(dp.counters(1).drop_no_local_backend, 1);
@@ -536,7 +648,7 @@ fn a_flow_keeps_its_backend_until_the_backend_goes_away() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
     dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
     let f = client_tcp(SELF, 80);
-    let pkt = f.build();
+    let pkt = f.wire();
     assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC);
     assert_eq!(dp.flow(&flow_key(&f)).map(|v| v.backend_hint), Some(0));
 
@@ -553,7 +665,7 @@ fn a_flow_keeps_its_backend_until_the_backend_goes_away() {
     let mut g = client_tcp(SELF, 80);
     g.sport = 40001;
     assert_eq!(
-        &dp.run_xdp(&g.build()).1[0..6],
+        &dp.run_xdp(&g.wire()).1[0..6],
         &PEER3_MAC,
         "a new flow takes the new table"
     );
@@ -583,7 +695,7 @@ fn maglev_spreads_flows_and_local_preference_wins_when_set() {
     for sport in 0..300u16 {
         let mut f = client_tcp(SELF, 80);
         f.sport = 20000 + sport;
-        let (verdict, out) = dp.run_xdp(&f.build());
+        let (verdict, out) = dp.run_xdp(&f.wire());
         match (verdict, &out[0..6]) {
             (XDP_PASS, _) => seen[0] += 1,
             (XDP_TX, m) if m == PEER_MAC => seen[1] += 1,
@@ -599,7 +711,7 @@ fn maglev_spreads_flows_and_local_preference_wins_when_set() {
     for sport in 0..50u16 {
         let mut f = client_tcp(SELF, 80);
         f.sport = 30000 + sport;
-        assert_eq!(dp.run_xdp(&f.build()).0, XDP_PASS);
+        assert_eq!(dp.run_xdp(&f.wire()).0, XDP_PASS);
     }
 }
 
@@ -609,9 +721,9 @@ fn maglev_spreads_flows_and_local_preference_wins_when_set() {
 fn a_direct_connection_reusing_a_steered_4_tuple_is_not_rewritten() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
     dp.port(80, PROTO_TCP, &[(SELF, [0; 6], true)], 0, true);
-    let steered = client_tcp(SELF, 80).build();
+    let steered = client_tcp(SELF, 80).wire();
     assert_eq!(dp.run_tc(program_names::UPLINK_TC, &steered).0, TC_ACT_REDIRECT);
-    let reply = Frame::tcp(a(POD), 8080, a(CLIENT), 40000).build();
+    let reply = Frame::tcp(a(POD), 8080, a(CLIENT), 40000).wire();
     assert_eq!(
         dp.run_tc(program_names::POD_TC, &reply).0,
         TC_ACT_REDIRECT,
@@ -619,7 +731,7 @@ fn a_direct_connection_reusing_a_steered_4_tuple_is_not_rewritten() {
     );
 
     // Later, the same client port opens a connection to the pod address itself (routed).
-    let direct = client_tcp(POD, 8080).build();
+    let direct = client_tcp(POD, 8080).wire();
     assert_eq!(
         dp.run_tc(program_names::UPLINK_TC, &direct),
         (TC_ACT_OK, direct.clone())
@@ -654,12 +766,12 @@ fn stale_reply_translations_do_not_hijack_other_paths() {
         _pad: [0; 8],
         stamp_ns,
     };
-    let mut syn_ack = Frame::tcp(a(POD), 8080, a(CLIENT), 40000).build();
+    let mut syn_ack = Frame::tcp(a(POD), 8080, a(CLIENT), 40000).wire();
     syn_ack[packet::L4_OFF + 13] = 0x12; // SYN + ACK
     let off = packet::l4_csum_off(PROTO_TCP);
     syn_ack[off] = 0;
     syn_ack[off + 1] = 0;
-    let udp = Frame::udp(a(POD), 8080, a(CLIENT), 40000).build();
+    let udp = Frame::udp(a(POD), 8080, a(CLIENT), 40000).wire();
     let insert = |dp: &mut Dp, proto, stamp| {
         let mut m: HashMap<_, RevNatKey, RevNatValue> =
             HashMap::try_from(dp.ebpf.map_mut(map_names::REVNAT).expect("map")).expect("type");
@@ -708,7 +820,7 @@ fn discovery_copies_broadcasts_to_the_pod_and_its_announcements_leave_as_the_nod
         let mut f = Frame::udp(a(CLIENT), 50000, a(dst), 7359);
         f.src_mac = CLIENT_MAC;
         f.dst_mac = [0xff; 6];
-        let pkt = f.build();
+        let pkt = f.wire();
         let (verdict, out) = dp.run_tc(program_names::UPLINK_TC, &pkt);
         assert_eq!(
             (verdict, &out),
@@ -736,32 +848,32 @@ fn discovery_copies_broadcasts_to_the_pod_and_its_announcements_leave_as_the_nod
     );
 
     // The pod answers the asker: out as the node, to the asker.
-    let reply = Frame::udp(a(POD), 7359, a(CLIENT), 50000).build();
+    let reply = Frame::udp(a(POD), 7359, a(CLIENT), 50000).wire();
     let (verdict, out) = dp.run_tc(program_names::POD_TC, &reply);
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!((packet::src_addr(&out), packet::src_port(&out)), (a(SELF), 7359));
-    assert_eq!(packet::dst_addr(&out), a(CLIENT));
+    assert_eq!((ep::src_addr(&out), ep::src_port(&out)), (a(SELF), 7359));
+    assert_eq!(ep::dst_addr(&out), a(CLIENT));
 
     // The pod announces by multicast: out as the node (address, port and MAC), same group.
     let mut f = Frame::udp(a(POD), 7359, a("239.255.255.250"), 1900);
     f.dst_mac = [0x01, 0x00, 0x5e, 0x7f, 0xff, 0xfa];
-    let (verdict, out) = dp.run_tc(program_names::POD_TC, &f.build());
+    let (verdict, out) = dp.run_tc(program_names::POD_TC, &f.wire());
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!((packet::src_addr(&out), packet::src_port(&out)), (a(SELF), 7359));
-    assert_eq!(packet::dst_addr(&out), a("239.255.255.250"));
+    assert_eq!((ep::src_addr(&out), ep::src_port(&out)), (a(SELF), 7359));
+    assert_eq!(ep::dst_addr(&out), a("239.255.255.250"));
     assert_eq!(&out[6..12], &SELF_MAC);
     assert_eq!(&out[0..6], &[0x01, 0x00, 0x5e, 0x7f, 0xff, 0xfa]);
-    assert!(packet::ip_checksum_ok(&out) && packet::l4_checksum_ok(&out));
+    assert!(ep::ip_checksum_ok(&out) && ep::l4_checksum_ok(&out));
 
     // Unrelated broadcast and multicast: untouched, and nothing remembered.
     for (dst, port) in [("255.255.255.255", 9999u16), ("224.0.0.251", 5353)] {
-        let pkt = Frame::udp(a(CLIENT), 50001, a(dst), port).build();
+        let pkt = Frame::udp(a(CLIENT), 50001, a(dst), port).wire();
         assert_eq!(
             dp.run_tc(program_names::UPLINK_TC, &pkt),
             (TC_ACT_OK, pkt.clone())
         );
     }
-    let other_pod = Frame::udp(a("10.244.1.9"), 5353, a("224.0.0.251"), 5353).build();
+    let other_pod = Frame::udp(a("10.244.1.9"), 5353, a("224.0.0.251"), 5353).wire();
     assert_eq!(
         dp.run_tc(program_names::POD_TC, &other_pod),
         (TC_ACT_OK, other_pod.clone()),
@@ -839,7 +951,7 @@ fn fuzzed_packets_keep_the_invariants() {
             f.src_mac = if rnd() % 4 == 0 { PEER_MAC } else { CLIENT_MAC };
             f.dst_mac = if rnd() % 8 == 0 { PEER3_MAC } else { SELF_MAC };
             f.payload_len = (rnd() % 64) as usize;
-            f.build()
+            f.wire()
         };
         match rnd() % 9 {
             // Header edits need a header to edit.
@@ -937,21 +1049,17 @@ fn fuzzed_packets_keep_the_invariants() {
                     );
                 } else {
                     assert_eq!(
-                        packet::dst_addr(&out),
+                        ep::dst_addr(&out),
                         a(POD),
                         "round {round}: local delivery to the pod"
                     );
-                    assert_eq!(packet::dst_port(&out), 8080);
-                    assert_eq!(
-                        packet::src_addr(&out),
-                        packet::src_addr(&p),
-                        "the client address stays"
-                    );
-                    if packet::ip_checksum_ok(&p) {
-                        assert!(packet::ip_checksum_ok(&out), "round {round}: IP checksum");
+                    assert_eq!(ep::dst_port(&out), 8080);
+                    assert_eq!(ep::src_addr(&out), ep::src_addr(&p), "the client address stays");
+                    if ep::ip_checksum_ok(&p) {
+                        assert!(ep::ip_checksum_ok(&out), "round {round}: IP checksum");
                     }
-                    if packet::l4_checksum_ok(&p) {
-                        assert!(packet::l4_checksum_ok(&out), "round {round}: L4 checksum");
+                    if ep::l4_checksum_ok(&p) {
+                        assert!(ep::l4_checksum_ok(&out), "round {round}: L4 checksum");
                     }
                 }
             }
@@ -976,12 +1084,12 @@ fn fuzzed_packets_keep_the_invariants() {
             TC_ACT_REDIRECT => {
                 changed += 1;
                 assert_eq!(
-                    packet::src_addr(&out),
+                    ep::src_addr(&out),
                     a(SELF),
                     "round {round}: replies leave as this node"
                 );
-                if packet::ip_checksum_ok(&p) {
-                    assert!(packet::ip_checksum_ok(&out), "round {round}: IP checksum");
+                if ep::ip_checksum_ok(&p) {
+                    assert!(ep::ip_checksum_ok(&out), "round {round}: IP checksum");
                 }
             }
             other => panic!("round {round}: pod TC verdict {other}"),
@@ -994,4 +1102,20 @@ fn fuzzed_packets_keep_the_invariants() {
         changed > 100,
         "the generator reached the steered paths: {changed}"
     );
+}
+
+/// The independent checks can fail: a flipped checksum byte is caught.
+#[test]
+fn the_independent_checks_catch_a_broken_checksum() {
+    let good = client_tcp(SELF, 80).wire();
+    assert!(ep::ip_checksum_ok(&good) && ep::l4_checksum_ok(&good));
+    let mut bad_ip = good.clone();
+    bad_ip[packet::IP_OFF + 10] ^= 0xff;
+    assert!(!ep::ip_checksum_ok(&bad_ip));
+    let mut bad_tcp = good.clone();
+    bad_tcp[packet::l4_csum_off(PROTO_TCP)] ^= 0xff;
+    assert!(!ep::l4_checksum_ok(&bad_tcp));
+    let mut udp = Frame::udp(a(CLIENT), 40000, a(SELF), 53).wire();
+    udp[packet::l4_csum_off(PROTO_UDP) + 1] ^= 0x01;
+    assert!(!ep::l4_checksum_ok(&udp));
 }

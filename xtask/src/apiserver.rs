@@ -81,6 +81,8 @@ struct State {
     bookmarks: u64,
     /// Request lines seen, for assertions.
     requests: Vec<String>,
+    /// Watches being served right now.
+    open_watches: usize,
 }
 
 /// The running double. Dropping it stops it.
@@ -216,6 +218,11 @@ impl ApiServer {
     }
 
     /// Down: every connection is closed at once, and open watches end.
+    /// How many watches the double is serving right now.
+    pub fn open_watches(&self) -> usize {
+        self.with(|st| st.open_watches)
+    }
+
     pub fn set_down(&self, down: bool) {
         self.with(|st| {
             st.down = down;
@@ -421,7 +428,11 @@ fn serve(
         }
         let prefix = namespace.map(|ns| format!("{ns}/")).unwrap_or_default();
         if params.get("watch").is_some_and(|w| *w == "true" || *w == "1") {
-            return watch(sock, shared, stop, kind, &prefix, &params);
+            let (m, _) = &**shared;
+            m.lock().unwrap_or_else(|e| e.into_inner()).open_watches += 1;
+            let served = watch(sock, shared, stop, kind, &prefix, &params);
+            m.lock().unwrap_or_else(|e| e.into_inner()).open_watches -= 1;
+            return served;
         }
         list(&mut sock, shared, kind, &prefix, &params)?;
     }
@@ -612,7 +623,8 @@ fn watch(
             from = from.max(rv_now);
         }
         st = m.lock().unwrap_or_else(|e| e.into_inner());
-        if stop.load(Ordering::Relaxed) || st.generation != generation {
+        // A watch that began as the API went down (its request was read just before) ends too.
+        if stop.load(Ordering::Relaxed) || st.generation != generation || st.down {
             // Dropped: no terminating chunk, as when a connection breaks.
             return Ok(());
         }

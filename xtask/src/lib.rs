@@ -45,6 +45,25 @@ pub fn progress(msg: &str) {
     eprintln!("==> {msg}");
 }
 
+/// Polls `found` every 20 ms until it returns something, for at most `timeout`; the error says
+/// what did not happen. Tests wait with this instead of sleeping a fixed time.
+pub fn poll_until<T>(
+    timeout: std::time::Duration,
+    what: &str,
+    mut found: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(t) = found() {
+            return Ok(t);
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("{what}: not within {timeout:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Runs a command with inherited output; an error names it.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let shown = format!("{cmd:?}");

@@ -28,9 +28,14 @@ const PACKAGES: &[(&str, &str)] = &[
 /// Needed to build bpf-linker against the LLVM that matches the nightly.
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
 
+/// Whether a command is installed. The sbin directories count too: a normal user's PATH often
+/// leaves them out, yet bpftool, iptables and ethtool live there.
 fn have(cmd: &str) -> bool {
     Command::new("sh")
-        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .args([
+            "-c",
+            &format!("PATH=\"$PATH:/usr/sbin:/sbin\" command -v {cmd} >/dev/null 2>&1"),
+        ])
         .status()
         .is_ok_and(|s| s.success())
 }

@@ -137,7 +137,13 @@ async fn gone_410_leads_to_a_relist_that_also_catches_missed_deletes() {
     until(&mut rx, &mut state, 10, |s, _| s.synced()).await;
     // The history is compacted and web-b goes away unseen: only a relist can tell.
     api.set_down(true);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every open watch must have ended before the delete, or it would carry the delete as an
+    // event and no relist would be needed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while api.open_watches() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the watches never ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     api.delete(Resource::Pod, "lab/web-b");
     api.compact();
     api.set_down(false);

@@ -311,10 +311,13 @@ fn other_traffic_is_left_to_the_kernel() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("host server");
-    std::thread::sleep(Duration::from_millis(300));
-    let host = lab.http(1, 8081);
+    // The server answers once it has bound its port.
+    let host = xtask::poll_until(Duration::from_secs(5), "the host server answers", || {
+        Some(lab.http(1, 8081)).filter(|h| h.ok)
+    });
     let _ = host_server.kill();
     let _ = host_server.wait();
+    let host = host.expect("host server");
     assert_eq!(host.pod.as_deref(), Some("host/node1"), "{host:?}");
     assert_eq!(host.client_ip(), Some(CLIENT_ADDR));
     let ping = lab
