@@ -707,18 +707,10 @@ fn parse_duration_ms(s: &str) -> Option<f64> {
 fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<()> {
     use aya::{
         Ebpf,
-        maps::HashMap,
-        programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+        programs::{SchedClassifier, Xdp},
     };
-    use st8s::{
-        core::{PortId, Proto},
-        dataplane::writer::{LocalPod, MapWriter, PortContents},
-        packet::{Frame, TCP_ACK, TCP_SYN},
-    };
-    use st8s_common::{
-        BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, LAYOUT_VERSION,
-        MAGLEV_SIZE, NodeInfo, RevNatKey, RevNatValue, map_names, program_names as pn,
-    };
+    use st8s::packet::{Frame, TCP_ACK, TCP_SYN};
+    use st8s_common::program_names as pn;
     progress("per-packet cost: BPF_PROG_TEST_RUN, 1,000,000 repeats per measurement");
     let obj = fs::read(crate::setup::ebpf_object()).context("kernel programs (cargo xtask build-ebpf)")?;
     let mut ebpf = Ebpf::load(&obj)?;
@@ -730,101 +722,8 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
         let p: &mut SchedClassifier = ebpf.program_mut(name).context("program")?.try_into()?;
         p.load()?;
     }
-    let be = |a: &str| u32::from(a.parse::<Ipv4Addr>().unwrap_or(Ipv4Addr::UNSPECIFIED)).to_be();
     let me = "10.0.0.11";
-    let peer_mac = [2, 0, 0, 0, 0, 12];
-    let self_mac = [2, 0, 0, 0, 0, 11];
-    // The table goes in through the agent's own writer.
-    let mut writer = MapWriter::new();
-    writer.write_config(
-        &mut ebpf,
-        Config {
-            self_addr_be: be(me),
-            uplink_ifindex: 2,
-            hash_seed: 7,
-            flags: CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS,
-            self_mac,
-            layout: LAYOUT_VERSION,
-            broadcast_be: be("10.0.0.255"),
-        },
-    )?;
-    let peer: Ipv4Addr = "10.0.0.12".parse()?;
-    writer.write_nodes(
-        &mut ebpf,
-        [(
-            peer,
-            NodeInfo {
-                mac: peer_mac,
-                _pad: [0; 2],
-            },
-        )]
-        .into(),
-    )?;
-    writer.write_peer_macs(&mut ebpf, [peer_mac].into())?;
-    let tcp = |port| PortId {
-        port,
-        proto: Proto::Tcp,
-    };
-    // Port 80: remote only (XDP forwarding). The backend node's MAC is this node's own: the
-    // forward rewrites the frame to an address this node accepts again, so that every repeat of
-    // the one reused packet takes the full forwarded path (the MAC check would otherwise pass it
-    // early).
-    writer.write_port(
-        &mut ebpf,
-        tcp(80),
-        PortContents {
-            backends: vec![Backend {
-                node_addr_be: be("10.0.0.12"),
-                node_mac: self_mac,
-                flags: 0,
-                _pad: 0,
-            }],
-            maglev: vec![0; MAGLEV_SIZE],
-            local: None,
-            flags: 0,
-        },
-    )?;
-    // Port 81: local, with an identity translation (pod = this node, same port), so that every
-    // repetition of the same packet takes the full local path (BPF_PROG_TEST_RUN reuses one
-    // packet across repeats).
-    writer.write_port(
-        &mut ebpf,
-        tcp(81),
-        PortContents {
-            backends: vec![Backend {
-                node_addr_be: be(me),
-                node_mac: [0; 6],
-                flags: BACKEND_LOCAL,
-                _pad: 0,
-            }],
-            maglev: vec![0; MAGLEV_SIZE],
-            local: Some(LocalPod {
-                addr: me.parse()?,
-                port: 81,
-                ifindex: 7,
-            }),
-            flags: 0,
-        },
-    )?;
-    HashMap::<_, RevNatKey, RevNatValue>::try_from(ebpf.map_mut(map_names::REVNAT).context("map")?)?.insert(
-        RevNatKey {
-            pod_addr_be: be("10.244.1.5"),
-            client_addr_be: be("10.0.0.100"),
-            pod_port_be: 8080u16.to_be(),
-            client_port_be: 40000u16.to_be(),
-            proto: 6,
-            _pad: 0,
-            _pad2: 0,
-        },
-        RevNatValue {
-            frontend_addr_be: be("10.244.1.5"),
-            frontend_port_be: 8080u16.to_be(),
-            slot: 1,
-            _pad: [0; 8],
-            stamp_ns: 0,
-        },
-        0,
-    )?;
+    per_packet_table(&mut ebpf, me)?;
     let client: Ipv4Addr = "10.0.0.100".parse()?;
     let frame = |src: Ipv4Addr, sport: u16, dst: &str, dport: u16, flags: u8| {
         let mut f = Frame::tcp(src, sport, dst.parse().unwrap_or(Ipv4Addr::UNSPECIFIED), dport);
@@ -840,50 +739,6 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
     let other = frame(client, 40000, me, 22, TCP_ACK);
     let reply = frame("10.244.1.5".parse()?, 8080, "10.0.0.100", 40000, TCP_ACK);
 
-    /// `repeat` runs of the program over one packet.
-    fn run<P>(p: &P, pkt: &[u8], repeat: u32) -> anyhow::Result<aya::programs::TestRunResult>
-    where
-        for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
-    {
-        let mut out = vec![0u8; pkt.len() + 64];
-        let mut o = TestRunOptions::new();
-        o.data_in = Some(pkt);
-        o.data_out = Some(&mut out);
-        o.repeat = repeat;
-        Ok(p.test_run(o)?)
-    }
-    fn once<P>(p: &P, pkt: &[u8]) -> anyhow::Result<f64>
-    where
-        for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
-    {
-        Ok(run(p, pkt, 1_000_000)?.duration.as_nanos() as f64)
-    }
-    /// The program's verdict on a repeat of the same packet (test runs reuse one buffer, so a
-    /// program's own rewrite is what the next repeat sees): a row measures the path it names
-    /// only if every repeat takes it.
-    fn verdict<P>(p: &P, pkt: &[u8]) -> anyhow::Result<u32>
-    where
-        for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
-    {
-        Ok(run(p, pkt, 2)?.return_value)
-    }
-    /// Alternates the program and its baseline 9 times (the VM's noise hits both alike) and
-    /// returns the medians of each and of the pairwise ratios.
-    fn pair<A, B>(a: &A, b: &B, pkt: &[u8]) -> anyhow::Result<(f64, f64, f64)>
-    where
-        for<'x> A: TestRun<Opts<'x> = TestRunOptions<'x>, Result = aya::programs::TestRunResult>,
-        for<'x> B: TestRun<Opts<'x> = TestRunOptions<'x>, Result = aya::programs::TestRunResult>,
-    {
-        let (mut xs, mut ys, mut rs) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..9 {
-            let x = once(a, pkt)?;
-            let y = once(b, pkt)?;
-            xs.push(x);
-            ys.push(y);
-            rs.push(x / y);
-        }
-        Ok((median(&mut xs), median(&mut ys), median(&mut rs)))
-    }
     let xdp = |n: &str| -> anyhow::Result<&Xdp> { Ok(ebpf.program(n).context("program")?.try_into()?) };
     let tc =
         |n: &str| -> anyhow::Result<&SchedClassifier> { Ok(ebpf.program(n).context("program")?.try_into()?) };
@@ -950,6 +805,120 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
             pair(tc(pn::POD_TC)?, tc(pn::PARSE_ONLY_TC)?, &reply)?,
         ),
     ];
+    per_packet_report(report, misses, rows);
+    Ok(())
+}
+
+/// The table the per-packet rows run against, written through the agent's own `MapWriter`.
+fn per_packet_table(ebpf: &mut aya::Ebpf, me: &str) -> anyhow::Result<()> {
+    use aya::maps::HashMap;
+    use st8s::{
+        core::{PortId, Proto},
+        dataplane::writer::{LocalPod, MapWriter, PortContents},
+    };
+    use st8s_common::{
+        BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, LAYOUT_VERSION,
+        MAGLEV_SIZE, NodeInfo, RevNatKey, RevNatValue, map_names,
+    };
+    let be = |a: &str| u32::from(a.parse::<Ipv4Addr>().unwrap_or(Ipv4Addr::UNSPECIFIED)).to_be();
+    let peer_mac = [2, 0, 0, 0, 0, 12];
+    let self_mac = [2, 0, 0, 0, 0, 11];
+    // The table goes in through the agent's own writer.
+    let mut writer = MapWriter::new();
+    writer.write_config(
+        ebpf,
+        Config {
+            self_addr_be: be(me),
+            uplink_ifindex: 2,
+            hash_seed: 7,
+            flags: CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS,
+            self_mac,
+            layout: LAYOUT_VERSION,
+            broadcast_be: be("10.0.0.255"),
+        },
+    )?;
+    let peer: Ipv4Addr = "10.0.0.12".parse()?;
+    writer.write_nodes(
+        ebpf,
+        [(
+            peer,
+            NodeInfo {
+                mac: peer_mac,
+                _pad: [0; 2],
+            },
+        )]
+        .into(),
+    )?;
+    writer.write_peer_macs(ebpf, [peer_mac].into())?;
+    let tcp = |port| PortId {
+        port,
+        proto: Proto::Tcp,
+    };
+    // Port 80: remote only (XDP forwarding). The backend node's MAC is this node's own: the
+    // forward rewrites the frame to an address this node accepts again, so that every repeat of
+    // the one reused packet takes the full forwarded path (the MAC check would otherwise pass it
+    // early).
+    writer.write_port(
+        ebpf,
+        tcp(80),
+        PortContents {
+            backends: vec![Backend {
+                node_addr_be: be("10.0.0.12"),
+                node_mac: self_mac,
+                flags: 0,
+                _pad: 0,
+            }],
+            maglev: vec![0; MAGLEV_SIZE],
+            local: None,
+            flags: 0,
+        },
+    )?;
+    // Port 81: local, with an identity translation (pod = this node, same port), so that every
+    // repetition of the same packet takes the full local path (BPF_PROG_TEST_RUN reuses one
+    // packet across repeats).
+    writer.write_port(
+        ebpf,
+        tcp(81),
+        PortContents {
+            backends: vec![Backend {
+                node_addr_be: be(me),
+                node_mac: [0; 6],
+                flags: BACKEND_LOCAL,
+                _pad: 0,
+            }],
+            maglev: vec![0; MAGLEV_SIZE],
+            local: Some(LocalPod {
+                addr: me.parse()?,
+                port: 81,
+                ifindex: 7,
+            }),
+            flags: 0,
+        },
+    )?;
+    HashMap::<_, RevNatKey, RevNatValue>::try_from(ebpf.map_mut(map_names::REVNAT).context("map")?)?.insert(
+        RevNatKey {
+            pod_addr_be: be("10.244.1.5"),
+            client_addr_be: be("10.0.0.100"),
+            pod_port_be: 8080u16.to_be(),
+            client_port_be: 40000u16.to_be(),
+            proto: 6,
+            _pad: 0,
+            _pad2: 0,
+        },
+        RevNatValue {
+            frontend_addr_be: be("10.244.1.5"),
+            frontend_port_be: 8080u16.to_be(),
+            slot: 1,
+            _pad: [0; 8],
+            stamp_ns: 0,
+        },
+        0,
+    )?;
+    Ok(())
+}
+
+/// The rows as a report section; rows over 1.5x their baseline (the reference aside) are misses.
+fn per_packet_report(report: &mut String, misses: &mut Vec<String>, rows: [(&str, (f64, f64, f64)); 7]) {
     let _ = writeln!(report, "## Per-packet cost\n");
     let _ = writeln!(
         report,
@@ -975,7 +944,66 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
         }
     }
     let _ = writeln!(report);
-    Ok(())
+}
+
+/// `repeat` runs of the program over one packet.
+fn test_runs<P>(p: &P, pkt: &[u8], repeat: u32) -> anyhow::Result<aya::programs::TestRunResult>
+where
+    for<'a> P: aya::programs::TestRun<
+            Opts<'a> = aya::programs::TestRunOptions<'a>,
+            Result = aya::programs::TestRunResult,
+        >,
+{
+    let mut out = vec![0u8; pkt.len() + 64];
+    let mut o = aya::programs::TestRunOptions::new();
+    o.data_in = Some(pkt);
+    o.data_out = Some(&mut out);
+    o.repeat = repeat;
+    Ok(p.test_run(o)?)
+}
+fn once<P>(p: &P, pkt: &[u8]) -> anyhow::Result<f64>
+where
+    for<'a> P: aya::programs::TestRun<
+            Opts<'a> = aya::programs::TestRunOptions<'a>,
+            Result = aya::programs::TestRunResult,
+        >,
+{
+    Ok(test_runs(p, pkt, 1_000_000)?.duration.as_nanos() as f64)
+}
+/// The program's verdict on a repeat of the same packet (test runs reuse one buffer, so a
+/// program's own rewrite is what the next repeat sees): a row measures the path it names
+/// only if every repeat takes it.
+fn verdict<P>(p: &P, pkt: &[u8]) -> anyhow::Result<u32>
+where
+    for<'a> P: aya::programs::TestRun<
+            Opts<'a> = aya::programs::TestRunOptions<'a>,
+            Result = aya::programs::TestRunResult,
+        >,
+{
+    Ok(test_runs(p, pkt, 2)?.return_value)
+}
+/// Alternates the program and its baseline 9 times (the VM's noise hits both alike) and
+/// returns the medians of each and of the pairwise ratios.
+fn pair<A, B>(a: &A, b: &B, pkt: &[u8]) -> anyhow::Result<(f64, f64, f64)>
+where
+    for<'x> A: aya::programs::TestRun<
+            Opts<'x> = aya::programs::TestRunOptions<'x>,
+            Result = aya::programs::TestRunResult,
+        >,
+    for<'x> B: aya::programs::TestRun<
+            Opts<'x> = aya::programs::TestRunOptions<'x>,
+            Result = aya::programs::TestRunResult,
+        >,
+{
+    let (mut xs, mut ys, mut rs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..9 {
+        let x = once(a, pkt)?;
+        let y = once(b, pkt)?;
+        xs.push(x);
+        ys.push(y);
+        rs.push(x / y);
+    }
+    Ok((median(&mut xs), median(&mut ys), median(&mut rs)))
 }
 
 /// Event-to-map latency, full-sync time and agent memory with the API double.

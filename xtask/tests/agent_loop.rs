@@ -221,6 +221,19 @@ fn cluster(api: &ApiServer) {
     );
 }
 
+/// The cluster with web pods on node1 and node2, and node3's agent once it has both.
+async fn two_backends() -> (ApiServer, Agent) {
+    let api = ApiServer::start().expect("double");
+    cluster(&api);
+    api.apply(
+        Resource::Pod,
+        pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"),
+    );
+    let agent = Agent::start(&api, &[]);
+    agent.until(10, "first table", |t| web(t).len() == 2).await;
+    (api, agent)
+}
+
 #[tokio::test]
 async fn programs_before_it_attaches_then_reports_ready() {
     let api = ApiServer::start().expect("double");
@@ -273,14 +286,7 @@ async fn a_new_remote_backend_settles_before_it_takes_new_flows() {
 
 #[tokio::test]
 async fn a_pod_that_turns_not_ready_drains_and_a_deleted_one_leaves() {
-    let api = ApiServer::start().expect("double");
-    cluster(&api);
-    api.apply(
-        Resource::Pod,
-        pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"),
-    );
-    let agent = Agent::start(&api, &[]);
-    agent.until(10, "first table", |t| web(t).len() == 2).await;
+    let (api, agent) = two_backends().await;
     let mut unready = pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP");
     unready["status"]["conditions"][0]["status"] = "False".into();
     api.apply(Resource::Pod, unready);
@@ -315,14 +321,7 @@ async fn failed_writes_are_retried_until_they_land() {
 
 #[tokio::test]
 async fn a_silent_peer_loses_its_backends_until_it_answers() {
-    let api = ApiServer::start().expect("double");
-    cluster(&api);
-    api.apply(
-        Resource::Pod,
-        pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"),
-    );
-    let agent = Agent::start(&api, &[]);
-    agent.until(10, "first table", |t| web(t).len() == 2).await;
+    let (_api, agent) = two_backends().await;
     let node1: Ipv4Addr = "127.0.0.11".parse().expect("address");
     agent.unreachable.send([node1].into()).await.expect("prober");
     agent

@@ -1,7 +1,7 @@
 //! Kubernetes objects into the core's input types: what st8s reads of a Node and of a Pod.
 //! Shared by the file source (k8s-openapi types parsed from YAML) and `st8s dns`.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 
@@ -34,38 +34,67 @@ pub fn node(node: &Node) -> core::Node {
     }
 }
 
+/// What both sources read of a pod (the YAML reader from k8s-openapi's `Pod`, the watcher from
+/// its slim `WatchedPod`).
+pub struct PodParts<'a, P> {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub annotations: Option<&'a BTreeMap<String, String>>,
+    pub node: Option<String>,
+    pub ip: Option<String>,
+    pub ready: bool,
+    pub host_network: bool,
+    /// (hostPort, containerPort, protocol) of every container port.
+    pub ports: P,
+}
+
 /// The pod as the core reads it, or nothing when it declares no hostPort (such a pod never
 /// matters: a pod's ports cannot change).
-pub fn pod(pod: &Pod) -> Option<core::Pod> {
-    let spec = pod.spec.as_ref()?;
-    let host_ports: Vec<HostPort> = spec
-        .containers
-        .iter()
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            Some(HostPort::new(
-                p.host_port?,
-                p.container_port,
-                p.protocol.as_deref().unwrap_or("TCP"),
-            ))
+pub fn core_pod<'a, P>(parts: PodParts<'a, P>) -> Option<core::Pod>
+where
+    P: Iterator<Item = (Option<i32>, i32, Option<&'a str>)>,
+{
+    let host_ports: Vec<HostPort> = parts
+        .ports
+        .filter_map(|(host, container, protocol)| {
+            Some(HostPort::new(host?, container, protocol.unwrap_or("TCP")))
         })
         .collect();
     if host_ports.is_empty() {
         return None;
     }
-    let annotation = |key: &str| pod.metadata.annotations.as_ref()?.get(key).cloned();
-    let status = pod.status.as_ref();
+    let annotation = |key: &str| parts.annotations?.get(key).cloned();
     Some(core::Pod {
-        namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
-        name: pod.metadata.name.clone().unwrap_or_else(|| "<unnamed>".into()),
+        namespace: parts.namespace.unwrap_or_else(|| "default".into()),
+        name: parts.name.unwrap_or_else(|| "<unnamed>".into()),
+        node: parts.node,
+        ip: parts.ip,
+        ready: parts.ready,
+        host_network: parts.host_network,
+        steer: annotation(STEER_ANNOTATION),
+        discovery: annotation(DISCOVERY_ANNOTATION),
+        host_ports,
+    })
+}
+
+/// A k8s-openapi `Pod` as the core reads it (see [`core_pod`]).
+pub fn pod(pod: &Pod) -> Option<core::Pod> {
+    let spec = pod.spec.as_ref()?;
+    let status = pod.status.as_ref();
+    core_pod(PodParts {
+        namespace: pod.metadata.namespace.clone(),
+        name: pod.metadata.name.clone(),
+        annotations: pod.metadata.annotations.as_ref(),
         node: spec.node_name.clone(),
         ip: status.and_then(|s| s.pod_ip.clone()),
         ready: status
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
         host_network: spec.host_network.unwrap_or(false),
-        steer: annotation(STEER_ANNOTATION),
-        discovery: annotation(DISCOVERY_ANNOTATION),
-        host_ports,
+        ports: spec
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .map(|p| (p.host_port, p.container_port, p.protocol.as_deref())),
     })
 }

@@ -28,7 +28,7 @@ use kube::{
 use tokio::sync::mpsc;
 
 use super::{k8s, resource::Resource};
-use crate::core::{self, Cluster, DISCOVERY_ANNOTATION, HostPort, STEER_ANNOTATION};
+use crate::core::{self, Cluster};
 
 /// One message from a watcher task.
 #[derive(Debug)]
@@ -241,26 +241,11 @@ impl WatchedPod {
     /// never matter: a pod's ports are immutable).
     pub fn into_pod(self) -> Option<core::Pod> {
         let spec = self.spec?;
-        let host_ports: Vec<HostPort> = spec
-            .containers
-            .iter()
-            .flat_map(|c| &c.ports)
-            .filter_map(|p| {
-                Some(HostPort::new(
-                    p.host_port?,
-                    p.container_port,
-                    p.protocol.as_deref().unwrap_or("TCP"),
-                ))
-            })
-            .collect();
-        if host_ports.is_empty() {
-            return None;
-        }
-        let mut annotations = self.metadata.annotations.unwrap_or_default();
         let status = self.status.unwrap_or_default();
-        Some(core::Pod {
-            namespace: self.metadata.namespace.unwrap_or_else(|| "default".into()),
-            name: self.metadata.name.unwrap_or_else(|| "<unnamed>".into()),
+        k8s::core_pod(k8s::PodParts {
+            namespace: self.metadata.namespace,
+            name: self.metadata.name,
+            annotations: self.metadata.annotations.as_ref(),
             node: spec.node_name,
             ip: status.pod_ip,
             ready: status
@@ -268,9 +253,11 @@ impl WatchedPod {
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status == "True"),
             host_network: spec.host_network.unwrap_or(false),
-            steer: annotations.remove(STEER_ANNOTATION),
-            discovery: annotations.remove(DISCOVERY_ANNOTATION),
-            host_ports,
+            ports: spec
+                .containers
+                .iter()
+                .flat_map(|c| &c.ports)
+                .map(|p| (p.host_port, p.container_port, p.protocol.as_deref())),
         })
     }
 }
@@ -488,6 +475,7 @@ pub fn arrived(msg: &Msg) -> Option<Instant> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::HostPort;
 
     fn node(name: &str, ip: &str) -> Node {
         serde_json::from_value(serde_json::json!({
