@@ -71,8 +71,8 @@ fn backends(state: &KubeState) -> Vec<String> {
 async fn initial_sync_then_backends_added_moved_and_deleted() {
     let api = ApiServer::start().expect("double");
     cluster_of_three(&api);
-    let mut rx = kube_source::spawn_watchers(client(&api));
-    let mut state = KubeState::default();
+    let (stores, mut rx) = kube_source::spawn_watchers(client(&api));
+    let mut state = KubeState::new(stores);
     until(&mut rx, &mut state, 10, |s, _| s.synced()).await;
     assert_eq!(state.cluster.nodes.len(), 3);
     assert_eq!(backends(&state), ["node1"]);
@@ -114,8 +114,8 @@ async fn a_node_turning_not_ready_drops_its_backends() {
         Resource::Pod,
         pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"),
     );
-    let mut rx = kube_source::spawn_watchers(client(&api));
-    let mut state = KubeState::default();
+    let (stores, mut rx) = kube_source::spawn_watchers(client(&api));
+    let mut state = KubeState::new(stores);
     until(&mut rx, &mut state, 10, |s, _| s.synced()).await;
     assert_eq!(backends(&state), ["node1", "node2"]);
     api.apply(Resource::Node, node("node1", "10.77.0.11", false));
@@ -132,8 +132,8 @@ async fn gone_410_leads_to_a_relist_that_also_catches_missed_deletes() {
         Resource::Pod,
         pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP"),
     );
-    let mut rx = kube_source::spawn_watchers(client(&api));
-    let mut state = KubeState::default();
+    let (stores, mut rx) = kube_source::spawn_watchers(client(&api));
+    let mut state = KubeState::new(stores);
     until(&mut rx, &mut state, 10, |s, _| s.synced()).await;
     // The history is compacted and web-b goes away unseen: only a relist can tell.
     api.set_down(true);
@@ -163,8 +163,8 @@ async fn gone_410_leads_to_a_relist_that_also_catches_missed_deletes() {
 async fn an_api_outage_keeps_the_state_and_recovers() {
     let api = ApiServer::start().expect("double");
     cluster_of_three(&api);
-    let mut rx = kube_source::spawn_watchers(client(&api));
-    let mut state = KubeState::default();
+    let (stores, mut rx) = kube_source::spawn_watchers(client(&api));
+    let mut state = KubeState::new(stores);
     until(&mut rx, &mut state, 10, |s, _| s.synced()).await;
     api.set_down(true);
     let effects = until(&mut rx, &mut state, 20, |s, _| !s.healthy()).await;
@@ -192,8 +192,8 @@ async fn a_forbidden_list_is_reported_as_such() {
     let api = ApiServer::start().expect("double");
     cluster_of_three(&api);
     api.set_forbidden(Resource::Pod, true);
-    let mut rx = kube_source::spawn_watchers(client(&api));
-    let mut state = KubeState::default();
+    let (stores, mut rx) = kube_source::spawn_watchers(client(&api));
+    let mut state = KubeState::new(stores);
     let effects = until(&mut rx, &mut state, 10, |_, e| {
         e.new_failure.is_some_and(|f| f.0 == Resource::Pod)
     })
@@ -210,8 +210,8 @@ async fn a_forbidden_list_is_reported_as_such() {
 async fn dropped_watches_and_bookmarks_lose_no_event() {
     let api = ApiServer::start().expect("double");
     cluster_of_three(&api);
-    let mut rx = kube_source::spawn_watchers(client(&api));
-    let mut state = KubeState::default();
+    let (stores, mut rx) = kube_source::spawn_watchers(client(&api));
+    let mut state = KubeState::new(stores);
     until(&mut rx, &mut state, 10, |s, _| s.synced()).await;
     for i in 0..5u16 {
         api.bookmark();
@@ -253,8 +253,8 @@ async fn bad_objects_are_skipped_by_name_and_the_rest_applies() {
     let mut odd = pod("web-odd", "node3", "10.244.3.10", 80, 8080, "TCP");
     odd["metadata"]["annotations"] = serde_json::json!({"st8s.io/steer": "perhaps"});
     api.apply(Resource::Pod, odd);
-    let mut rx = kube_source::spawn_watchers(client(&api));
-    let mut state = KubeState::default();
+    let (stores, mut rx) = kube_source::spawn_watchers(client(&api));
+    let mut state = KubeState::new(stores);
     until(&mut rx, &mut state, 10, |s, _| s.synced()).await;
     let p = plan(&state.cluster, "node1").expect("plans despite bad objects");
     let problems: Vec<String> = p.problems.iter().map(|p| p.to_string()).collect();

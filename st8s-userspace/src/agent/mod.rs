@@ -255,11 +255,11 @@ pub async fn run_kube<H: Host>(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Option<H::Dataplane>> {
-    let mut rx = kube_source::spawn_watchers(client.clone());
+    let (stores, mut rx) = kube_source::spawn_watchers(client.clone());
     if args.lease_seconds > 0 {
         lease::spawn_renewer(client, args, metrics.clone());
     }
-    let mut state = KubeState::default();
+    let mut state = KubeState::new(stores);
     let mut runner: Option<Runner<H::Dataplane>> = None;
     let mut warned = BTreeSet::new();
     let mut plan_error: Option<String> = None;
@@ -287,7 +287,6 @@ pub async fn run_kube<H: Host>(
                     }
                 }
                 let earliest = batch.iter().filter_map(kube_source::arrived).min();
-                let mut changed = false;
                 for msg in batch {
                     if let kube_source::Msg::Failed { kind, failure, message } = &msg {
                         metrics.error(ErrorKind::Watch(*failure));
@@ -297,12 +296,12 @@ pub async fn run_kube<H: Host>(
                             error!(watch = %kind, error = %failure, detail = %message, "watch failed; retrying with backoff, the last programmed state stays");
                         }
                     }
-                    let effect = state.handle(msg);
-                    if let Some(kind) = effect.recovered {
+                    if let Some(kind) = state.take(msg).recovered {
                         info!(watch = %kind, "watch recovered");
                     }
-                    changed |= effect.changed;
                 }
+                // The stores are read once per burst.
+                let changed = state.refresh();
                 metrics.set_objects("node", state.cluster.nodes.len());
                 metrics.set_objects("pod", state.cluster.pods.len());
                 if changed && state.synced() {

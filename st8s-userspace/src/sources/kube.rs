@@ -1,9 +1,9 @@
-//! The Kubernetes source: Nodes and Pods through kube-rs watchers.
+//! The Kubernetes source: Nodes and Pods through kube-rs watchers into reflector stores.
 //!
-//! Two watcher tasks forward their events, stamped with the time they arrived, to the agent.
-//! [`KubeState`] folds them into the same [`Cluster`] the file source produces; it is pure and
-//! tested without an API server. A (re)list replaces that kind's objects as a whole once it is
-//! complete, so that objects deleted while the watch was down disappear too.
+//! Each watcher keeps a kube-rs store (a relist replaces the store's contents as a whole once it
+//! is complete, so that objects deleted while the watch was down disappear too) and tells the
+//! agent, with the time the event arrived, that its store changed. [`KubeState`] reads the stores
+//! into the same [`Cluster`] the file source produces; it is tested without an API server.
 
 use std::{
     collections::BTreeMap,
@@ -16,12 +16,16 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use k8s_openapi::{
+    api::core::v1::{Node, NodeStatus},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use kube::{
     Api, Client,
     api::ListParams,
     runtime::{
         WatchStreamExt as _,
+        reflector::{self, Store},
         watcher::{self, Event},
     },
 };
@@ -33,8 +37,14 @@ use crate::core::{self, Cluster};
 /// One message from a watcher task.
 #[derive(Debug)]
 pub enum Msg {
-    Node(Box<Event<Node>>, Instant),
-    Pod(Box<Event<WatchedPod>>, Instant),
+    /// The watcher made progress; `changed`: its store changed (an object applied or deleted,
+    /// or a list completed), `listed`: a list completed.
+    Event {
+        kind: Resource,
+        at: Instant,
+        changed: bool,
+        listed: bool,
+    },
     /// The watcher failed; it retries with backoff. `message` is the error itself.
     Failed {
         kind: Resource,
@@ -262,15 +272,40 @@ impl WatchedPod {
     }
 }
 
+/// The stores the watchers keep.
+#[derive(Clone)]
+pub struct Stores {
+    pub nodes: Store<Node>,
+    pub pods: Store<WatchedPod>,
+}
+
+impl Stores {
+    /// The cluster as the stores hold it now.
+    pub fn cluster(&self) -> Cluster {
+        let mut c = Cluster::default();
+        for n in self.nodes.state() {
+            c.upsert_node(k8s::node(&n));
+        }
+        for p in self.pods.state() {
+            if let Some(p) = WatchedPod::clone(&p).into_pod() {
+                c.upsert_pod(p);
+            }
+        }
+        c
+    }
+}
+
 /// The cluster as the watchers have reported it so far.
-#[derive(Debug, Default)]
 pub struct KubeState {
+    stores: Stores,
     pub cluster: Cluster,
-    relisting_nodes: Option<BTreeMap<String, core::Node>>,
-    relisting_pods: Option<BTreeMap<String, core::Pod>>,
     listed_nodes: bool,
     listed_pods: bool,
     failing: BTreeMap<Resource, WatchFailure>,
+    /// A store changed since `cluster` was read from them.
+    stale: bool,
+    /// A kind completed its first list since then (a change even if nothing differs).
+    first_list: bool,
 }
 
 /// What one message changed.
@@ -299,101 +334,133 @@ impl KubeState {
         self.failing.iter().map(|(k, f)| (*k, *f))
     }
 
+    pub fn new(stores: Stores) -> Self {
+        KubeState {
+            stores,
+            cluster: Cluster::default(),
+            listed_nodes: false,
+            listed_pods: false,
+            failing: BTreeMap::new(),
+            stale: false,
+            first_list: false,
+        }
+    }
+
+    /// Takes one message in and reads the stores again if it changed them.
     pub fn handle(&mut self, msg: Msg) -> Effect {
+        let mut effect = self.take(msg);
+        effect.changed = self.refresh();
+        effect
+    }
+
+    /// Takes one message in without reading the stores yet (`changed` stays false): a burst of
+    /// events is read once, by [`refresh`](Self::refresh).
+    pub fn take(&mut self, msg: Msg) -> Effect {
         let mut effect = Effect::default();
-        let kind = match &msg {
-            Msg::Node(..) => Resource::Node,
-            Msg::Pod(..) => Resource::Pod,
+        match msg {
             Msg::Reachable(kind) => {
-                if self.failing.remove(kind).is_some() {
-                    effect.recovered = Some(*kind);
+                if self.failing.remove(&kind).is_some() {
+                    effect.recovered = Some(kind);
                 }
-                return effect;
             }
             Msg::Failed { kind, failure, .. } => {
-                if self.failing.insert(*kind, *failure) != Some(*failure) {
-                    effect.new_failure = Some((*kind, *failure));
+                if self.failing.insert(kind, failure) != Some(failure) {
+                    effect.new_failure = Some((kind, failure));
                 }
-                return effect;
             }
-        };
-        if self.failing.remove(&kind).is_some() {
-            effect.recovered = Some(kind);
-        }
-        match msg {
-            Msg::Node(ev, _) => match *ev {
-                Event::Apply(n) => {
-                    self.cluster.upsert_node(k8s::node(&n));
-                    effect.changed = true;
+            Msg::Event {
+                kind,
+                changed,
+                listed,
+                ..
+            } => {
+                if self.failing.remove(&kind).is_some() {
+                    effect.recovered = Some(kind);
                 }
-                Event::Delete(n) => {
-                    self.cluster
-                        .remove_node(n.metadata.name.as_deref().unwrap_or_default());
-                    effect.changed = true;
-                }
-                Event::Init => self.relisting_nodes = Some(BTreeMap::new()),
-                Event::InitApply(n) => {
-                    let n = k8s::node(&n);
-                    self.relisting_nodes
-                        .get_or_insert_default()
-                        .insert(n.name.clone(), n);
-                }
-                Event::InitDone => {
-                    let fresh = self.relisting_nodes.take().unwrap_or_default();
-                    effect.changed = fresh != self.cluster.nodes || !self.listed_nodes;
-                    self.cluster.nodes = fresh;
-                    self.listed_nodes = true;
-                }
-            },
-            Msg::Pod(ev, _) => match *ev {
-                Event::Apply(p) => {
-                    let key = p.key();
-                    match p.into_pod() {
-                        Some(p) => {
-                            self.cluster.upsert_pod(p);
-                            effect.changed = true;
-                        }
-                        None => effect.changed = self.cluster.remove_pod(&key),
-                    }
-                }
-                Event::Delete(p) => {
-                    effect.changed = self.cluster.remove_pod(&p.key());
-                }
-                Event::Init => self.relisting_pods = Some(BTreeMap::new()),
-                Event::InitApply(p) => {
-                    if let Some(p) = p.into_pod() {
-                        self.relisting_pods.get_or_insert_default().insert(p.key(), p);
-                    }
-                }
-                Event::InitDone => {
-                    let fresh = self.relisting_pods.take().unwrap_or_default();
-                    effect.changed = fresh != self.cluster.pods || !self.listed_pods;
-                    self.cluster.pods = fresh;
-                    self.listed_pods = true;
-                }
-            },
-            Msg::Failed { .. } | Msg::Reachable(_) => {}
+                let listed_before = if kind == Resource::Node {
+                    &mut self.listed_nodes
+                } else {
+                    &mut self.listed_pods
+                };
+                self.first_list |= listed && !std::mem::replace(listed_before, true);
+                self.stale |= changed;
+            }
         }
         effect
     }
+
+    /// Reads the stores into `cluster` if they changed; whether the cluster did (a kind's first
+    /// complete list counts as a change).
+    pub fn refresh(&mut self) -> bool {
+        if !self.stale {
+            return false;
+        }
+        let fresh = self.stores.cluster();
+        let changed = std::mem::take(&mut self.first_list) || fresh != self.cluster;
+        self.cluster = fresh;
+        self.stale = false;
+        changed
+    }
 }
 
-/// Starts the two watchers, and a prober that lists a failing kind (one object) every few
-/// seconds to notice when it can be read again; their messages arrive on the returned channel.
-pub fn spawn_watchers(client: Client) -> mpsc::Receiver<Msg> {
+/// A pod without hostPorts never matters (a pod's ports cannot change): the store keeps its name
+/// only.
+pub fn name_only_without_host_ports(p: &mut WatchedPod) {
+    let has_host_port = p
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| &c.ports)
+        .any(|port| port.host_port.is_some());
+    if !has_host_port {
+        p.spec = None;
+        p.status = None;
+        p.metadata.annotations = None;
+    }
+}
+
+/// Keeps only what st8s reads of a Node (its name, InternalIP and Ready condition): the store
+/// holds every node, and managedFields and images are most of a Node's size.
+pub fn slim_node(n: &mut Node) {
+    n.metadata = ObjectMeta {
+        name: n.metadata.name.take(),
+        resource_version: n.metadata.resource_version.take(),
+        ..ObjectMeta::default()
+    };
+    n.spec = None;
+    n.status = n.status.take().map(|s| NodeStatus {
+        addresses: s
+            .addresses
+            .map(|a| a.into_iter().filter(|a| a.type_ == "InternalIP").collect()),
+        conditions: s
+            .conditions
+            .map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect()),
+        ..NodeStatus::default()
+    });
+}
+
+/// Starts the two watchers with their stores, and a prober that lists a failing kind (one
+/// object) every few seconds to notice when it can be read again; their messages arrive on the
+/// returned channel.
+pub fn spawn_watchers(client: Client) -> (Stores, mpsc::Receiver<Msg>) {
     let (tx, rx) = mpsc::channel(1024);
     let failing: Arc<[AtomicBool; 2]> = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+    let (nodes, node_writer) = reflector::store();
+    let (pods, pod_writer) = reflector::store();
     spawn_watcher::<Node>(
         Api::all(client.clone()),
         Resource::Node,
-        Msg::Node,
+        node_writer,
+        slim_node,
         tx.clone(),
         failing.clone(),
     );
+    // Pods are slim from the start: `WatchedPod` deserializes only what st8s reads.
     spawn_watcher::<WatchedPod>(
         Api::all(client.clone()),
         Resource::Pod,
-        Msg::Pod,
+        pod_writer,
+        name_only_without_host_ports,
         tx.clone(),
         failing.clone(),
     );
@@ -421,29 +488,38 @@ pub fn spawn_watchers(client: Client) -> mpsc::Receiver<Msg> {
             }
         }
     });
-    rx
+    (Stores { nodes, pods }, rx)
 }
 
 fn spawn_watcher<K>(
     api: Api<K>,
     kind: Resource,
-    wrap: fn(Box<Event<K>>, Instant) -> Msg,
+    writer: reflector::store::Writer<K>,
+    slim: fn(&mut K),
     tx: mpsc::Sender<Msg>,
     failing: Arc<[AtomicBool; 2]>,
 ) where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     // The index into `failing`: nodes, then pods.
     let i = usize::from(kind != Resource::Node);
     tokio::spawn(async move {
         let mut s = watcher::watcher(api, watcher::Config::default())
             .default_backoff()
+            .modify(slim)
+            .reflect(writer)
             .boxed();
         while let Some(item) = s.next().await {
             let msg = match item {
                 Ok(ev) => {
                     failing[i].store(false, Ordering::Relaxed);
-                    wrap(Box::new(ev), Instant::now())
+                    progress(kind, &ev)
                 }
                 Err(e) => {
                     let failure = WatchFailure::of(&e);
@@ -464,10 +540,29 @@ fn spawn_watcher<K>(
     });
 }
 
+/// The message for an event the store has taken in. A list changes the store only once it is
+/// complete.
+pub fn progress<K>(kind: Resource, ev: &Event<K>) -> Msg {
+    let (changed, listed) = match ev {
+        Event::Apply(_) | Event::Delete(_) => (true, false),
+        Event::InitDone => (true, true),
+        Event::Init | Event::InitApply(_) => (false, false),
+    };
+    Msg::Event {
+        kind,
+        at: Instant::now(),
+        changed,
+        listed,
+    }
+}
+
 /// When the message's event arrived, for the event-to-map latency.
 pub fn arrived(msg: &Msg) -> Option<Instant> {
     match msg {
-        Msg::Node(_, t) | Msg::Pod(_, t) => Some(*t),
+        Msg::Event {
+            at, changed: true, ..
+        } => Some(*at),
+        Msg::Event { .. } => None,
         Msg::Failed { .. } | Msg::Reachable(_) => None,
     }
 }
@@ -499,8 +594,41 @@ mod tests {
         .expect("pod")
     }
 
-    fn t() -> Instant {
-        Instant::now()
+    /// The state over stores that the test writes as the watchers would.
+    struct Harness {
+        state: KubeState,
+        nodes: reflector::store::Writer<Node>,
+        pods: reflector::store::Writer<WatchedPod>,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let (nodes, node_writer) = reflector::store();
+            let (pods, pod_writer) = reflector::store();
+            Harness {
+                state: KubeState::new(Stores { nodes, pods }),
+                nodes: node_writer,
+                pods: pod_writer,
+            }
+        }
+
+        fn node(&mut self, mut ev: Event<Node>) -> Effect {
+            match &mut ev {
+                Event::Apply(n) | Event::Delete(n) | Event::InitApply(n) => slim_node(n),
+                Event::Init | Event::InitDone => {}
+            }
+            self.nodes.apply_watcher_event(&ev);
+            self.state.handle(progress(Resource::Node, &ev))
+        }
+
+        fn pod(&mut self, mut ev: Event<WatchedPod>) -> Effect {
+            match &mut ev {
+                Event::Apply(p) | Event::Delete(p) | Event::InitApply(p) => name_only_without_host_ports(p),
+                Event::Init | Event::InitDone => {}
+            }
+            self.pods.apply_watcher_event(&ev);
+            self.state.handle(progress(Resource::Pod, &ev))
+        }
     }
 
     #[test]
@@ -517,60 +645,83 @@ mod tests {
             pod("plain", None).into_pod().is_none(),
             "pods without hostPorts are not kept"
         );
+        let mut plain = pod("plain", None);
+        name_only_without_host_ports(&mut plain);
+        assert!(plain.spec.is_none() && plain.status.is_none() && plain.metadata.annotations.is_none());
+        assert_eq!(plain.key(), "ns/plain", "the store keeps its name");
+        let mut web = pod("web", Some(80));
+        name_only_without_host_ports(&mut web);
+        assert!(
+            web.into_pod().is_some(),
+            "a pod with a hostPort keeps what the plan reads"
+        );
+    }
+
+    #[test]
+    fn slim_nodes_keep_what_the_plan_reads() {
+        let mut n = node("n1", "10.0.0.1");
+        slim_node(&mut n);
+        assert!(n.metadata.managed_fields.is_none());
+        let status = n.status.as_ref().expect("status");
+        assert_eq!(
+            status.addresses.as_ref().map(Vec::len),
+            Some(1),
+            "InternalIP only"
+        );
+        assert_eq!(status.conditions.as_ref().map(Vec::len), Some(1), "Ready only");
+        let c = k8s::node(&n);
+        assert_eq!(
+            (c.name.as_str(), c.addr, c.ready),
+            ("n1", Some("10.0.0.1".parse().expect("ip")), true)
+        );
     }
 
     #[test]
     fn relist_replaces_the_kind_and_drops_vanished_objects() {
-        let mut s = KubeState::default();
+        let mut h = Harness::new();
         for ev in [
             Event::Init,
             Event::InitApply(node("a", "10.0.0.1")),
             Event::InitApply(node("b", "10.0.0.2")),
             Event::InitDone,
         ] {
-            s.handle(Msg::Node(Box::new(ev), t()));
+            h.node(ev);
         }
-        assert!(!s.synced(), "pods not listed yet");
-        let e = s.handle(Msg::Pod(Box::new(Event::Init), t()));
+        assert!(!h.state.synced(), "pods not listed yet");
+        let e = h.pod(Event::Init);
         assert!(!e.changed);
-        s.handle(Msg::Pod(Box::new(Event::InitApply(pod("web", Some(80)))), t()));
-        assert!(s.handle(Msg::Pod(Box::new(Event::InitDone), t())).changed);
-        assert!(s.synced() && s.healthy());
-        assert_eq!(s.cluster.nodes.len(), 2);
-        assert_eq!(s.cluster.pods.len(), 1);
+        h.pod(Event::InitApply(pod("web", Some(80))));
+        assert!(h.pod(Event::InitDone).changed);
+        assert!(h.state.synced() && h.state.healthy());
+        assert_eq!(h.state.cluster.nodes.len(), 2);
+        assert_eq!(h.state.cluster.pods.len(), 1);
         // "b" was deleted while the watch was down: the relist drops it.
         for ev in [Event::Init, Event::InitApply(node("a", "10.0.0.1"))] {
-            s.handle(Msg::Node(Box::new(ev), t()));
+            h.node(ev);
         }
         assert_eq!(
-            s.cluster.nodes.len(),
+            h.state.cluster.nodes.len(),
             2,
             "the old view holds until the relist completes"
         );
-        assert!(s.handle(Msg::Node(Box::new(Event::InitDone), t())).changed);
-        assert_eq!(s.cluster.nodes.keys().collect::<Vec<_>>(), ["a"]);
+        assert!(h.node(Event::InitDone).changed);
+        assert_eq!(h.state.cluster.nodes.keys().collect::<Vec<_>>(), ["a"]);
         // Incremental events.
-        assert!(
-            s.handle(Msg::Pod(Box::new(Event::Delete(pod("web", Some(80)))), t()))
-                .changed
-        );
-        assert!(
-            !s.handle(Msg::Pod(Box::new(Event::Apply(pod("plain", None))), t()))
-                .changed,
-            "irrelevant pod"
-        );
-        assert!(s.cluster.pods.is_empty());
+        assert!(h.pod(Event::Delete(pod("web", Some(80)))).changed);
+        assert!(!h.pod(Event::Apply(pod("plain", None))).changed, "irrelevant pod");
+        assert!(h.state.cluster.pods.is_empty());
     }
 
     #[test]
     fn failures_are_reported_once_per_kind_and_recovery_clears_them() {
-        let mut s = KubeState::default();
+        let mut h = Harness::new();
         for ev in [Event::Init, Event::InitDone] {
-            s.handle(Msg::Node(Box::new(ev), t()));
+            h.node(ev);
         }
         for ev in [Event::Init, Event::InitDone] {
-            s.handle(Msg::Pod(Box::new(ev), t()));
+            h.pod(ev);
         }
+        let s = &mut h.state;
         assert!(s.healthy());
         let fail = || Msg::Failed {
             kind: Resource::Pod,
@@ -587,8 +738,8 @@ mod tests {
             "the same failure again is not news"
         );
         assert!(!s.healthy());
-        let e = s.handle(Msg::Pod(Box::new(Event::Init), t()));
+        let e = h.pod(Event::Init);
         assert_eq!(e.recovered, Some(Resource::Pod));
-        assert!(s.healthy());
+        assert!(h.state.healthy());
     }
 }
