@@ -89,7 +89,6 @@ pub struct AgentArgs {
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(Some(args.pin_dir.clone())));
-    metrics.set_ready(false, Some("starting"));
     {
         let (m, addr) = (metrics.clone(), args.listen);
         tokio::spawn(async move {

@@ -80,12 +80,7 @@ impl<D: Dataplane> Runner<D> {
 
     /// The other nodes of the current table: whom the prober checks.
     pub fn peers(&self) -> Vec<Ipv4Addr> {
-        self.desired
-            .nodes
-            .keys()
-            .filter(|a| **a != self.desired.self_node.addr)
-            .copied()
-            .collect()
+        self.desired.peers().collect()
     }
 
     pub fn set_desired(&mut self, desired: Desired, since: Instant) {

@@ -114,6 +114,11 @@ pub struct Desired {
 }
 
 impl Desired {
+    /// The addresses of the other nodes: this node's peers.
+    pub fn peers(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.nodes.keys().copied().filter(|a| *a != self.self_node.addr)
+    }
+
     /// The table without the backends on `unreachable` nodes: their flows move to
     /// the remaining backends. This node's own backend is never removed. A port whose every
     /// backend is unreachable keeps them all (a "panic" mode, as in Envoy): when nothing answers, a

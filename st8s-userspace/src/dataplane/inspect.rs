@@ -39,13 +39,7 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
     let nodes: HashMap<MapData, u32, st8s_common::NodeInfo> =
         HashMap::try_from(open_pinned(dir, map_names::NODES)?)?;
 
-    let sum = |slot: u32| -> anyhow::Result<Counters> {
-        let mut total = Counters::default();
-        for c in counters.get(&slot, 0).context("reading ST8S_COUNTERS")?.iter() {
-            total.add(c);
-        }
-        Ok(total)
-    };
+    let sum = |slot: u32| summed(&counters, slot);
     let mut out = Vec::new();
     for entry in ports.iter() {
         let (k, v) = entry.context("reading ST8S_PORTS")?;
@@ -238,6 +232,15 @@ pub fn counters_by_port(s: &Snapshot) -> BTreeMap<String, Counters> {
     s.ports.iter().map(|(k, _, _, c)| (port_name(k), *c)).collect()
 }
 
+/// A counter slot summed over the CPUs.
+fn summed(counters: &PerCpuArray<MapData, Counters>, slot: u32) -> anyhow::Result<Counters> {
+    let mut total = Counters::default();
+    for c in counters.get(&slot, 0).context("reading ST8S_COUNTERS")?.iter() {
+        total.add(c);
+    }
+    Ok(total)
+}
+
 /// The counters a port keeps, by the name `st8s inspect` and the metrics give each.
 pub fn by_result(c: &Counters) -> [(&'static str, u64); 8] {
     [
@@ -261,15 +264,7 @@ pub fn port_counters(dir: &Path) -> anyhow::Result<Vec<(String, Counters)>> {
     let mut out = Vec::new();
     for entry in ports.iter() {
         let (k, v) = entry.context("reading ST8S_PORTS")?;
-        let mut total = Counters::default();
-        for c in counters
-            .get(&u32::from(v.slot), 0)
-            .context("reading ST8S_COUNTERS")?
-            .iter()
-        {
-            total.add(c);
-        }
-        out.push((port_name(&k), total));
+        out.push((port_name(&k), summed(&counters, u32::from(v.slot))?));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)

@@ -254,12 +254,7 @@ impl BpfDataplane {
             })
             .collect();
         w.write_nodes(ebpf, nodes)?;
-        let peer_macs = desired
-            .nodes
-            .keys()
-            .filter(|a| **a != desired.self_node.addr)
-            .filter_map(|a| macs.get(a).copied())
-            .collect();
+        let peer_macs = desired.peers().filter_map(|a| macs.get(&a).copied()).collect();
         w.write_peer_macs(ebpf, peer_macs)?;
         let gone: Vec<PortId> = w.ports().filter(|p| !desired.ports.contains_key(p)).collect();
         for id in gone {
@@ -433,12 +428,12 @@ impl Host for KernelHost {
             BTreeMap::new()
         });
         let mut out = BTreeMap::new();
-        for addr in desired.nodes.keys().filter(|a| **a != desired.self_node.addr) {
-            match known.get(addr) {
+        for addr in desired.peers() {
+            match known.get(&addr) {
                 Some(mac) => {
-                    out.insert(*addr, *mac);
+                    out.insert(addr, *mac);
                 }
-                None => net::solicit(*addr),
+                None => net::solicit(addr),
             }
         }
         out

@@ -94,8 +94,8 @@ pub struct Metrics {
     pub initial_program_seconds: FloatGauge,
     pub initial_list_seconds: FloatGauge,
     pub unreachable_nodes: Gauge,
-    /// Set once the maps exist: the scrape then reads their counters.
-    pin_dir: Mutex<Option<PathBuf>>,
+    /// Where the maps are pinned: the census counts their entries.
+    pin_dir: Option<PathBuf>,
     census_started: AtomicBool,
 }
 
@@ -182,7 +182,7 @@ impl Metrics {
             initial_program_seconds,
             initial_list_seconds,
             unreachable_nodes,
-            pin_dir: Mutex::new(pin_dir),
+            pin_dir,
             census_started: AtomicBool::new(false),
         }
     }
@@ -232,7 +232,7 @@ impl Metrics {
         if self.census_started.swap(true, Ordering::Relaxed) {
             return;
         }
-        let Some(dir) = self.pin_dir.lock().ok().and_then(|d| d.clone()) else {
+        let Some(dir) = self.pin_dir.clone() else {
             return;
         };
         let me = self.clone();

@@ -126,23 +126,11 @@ fn add_value(cluster: &mut Cluster, value: serde_yaml::Value, doc: usize) -> Res
             }
         }
         "Node" => {
-            let name = object_name(&value);
-            let node: Node = serde_yaml::from_value(value).map_err(|source| ReadError::Schema {
-                doc,
-                kind,
-                name,
-                source,
-            })?;
+            let node: Node = from_schema(value, doc, kind)?;
             cluster.upsert_node(k8s::node(&node));
         }
         "Pod" => {
-            let name = object_name(&value);
-            let pod: Pod = serde_yaml::from_value(value).map_err(|source| ReadError::Schema {
-                doc,
-                kind,
-                name,
-                source,
-            })?;
+            let pod: Pod = from_schema(value, doc, kind)?;
             if let Some(pod) = k8s::pod(&pod) {
                 cluster.upsert_pod(pod);
             }
@@ -150,6 +138,21 @@ fn add_value(cluster: &mut Cluster, value: serde_yaml::Value, doc: usize) -> Res
         _ => {}
     }
     Ok(())
+}
+
+/// A Node or Pod read by the Kubernetes schema; an error names the object.
+fn from_schema<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+    doc: usize,
+    kind: String,
+) -> Result<T, ReadError> {
+    let name = object_name(&value);
+    serde_yaml::from_value(value).map_err(|source| ReadError::Schema {
+        doc,
+        kind,
+        name,
+        source,
+    })
 }
 
 fn object_name(value: &serde_yaml::Value) -> String {

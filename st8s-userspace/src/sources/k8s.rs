@@ -34,6 +34,20 @@ pub fn node(node: &Node) -> core::Node {
     }
 }
 
+/// The namespace of an object that names none.
+const DEFAULT_NAMESPACE: &str = "default";
+/// The name given to an object without one.
+const UNNAMED: &str = "<unnamed>";
+
+/// `namespace/name` from an object's metadata, with the defaults [`core_pod`] uses.
+pub fn pod_key(namespace: Option<&str>, name: Option<&str>) -> String {
+    format!(
+        "{}/{}",
+        namespace.unwrap_or(DEFAULT_NAMESPACE),
+        name.unwrap_or(UNNAMED)
+    )
+}
+
 /// What both sources read of a pod (the YAML reader from k8s-openapi's `Pod`, the watcher from
 /// its slim `WatchedPod`).
 pub struct PodParts<'a, P> {
@@ -65,8 +79,8 @@ where
     }
     let annotation = |key: &str| parts.annotations?.get(key).cloned();
     Some(core::Pod {
-        namespace: parts.namespace.unwrap_or_else(|| "default".into()),
-        name: parts.name.unwrap_or_else(|| "<unnamed>".into()),
+        namespace: parts.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+        name: parts.name.unwrap_or_else(|| UNNAMED.into()),
         node: parts.node,
         ip: parts.ip,
         ready: parts.ready,

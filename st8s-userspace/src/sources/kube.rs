@@ -238,30 +238,27 @@ impl kube::Resource for WatchedPod {
 }
 
 impl WatchedPod {
-    /// `namespace/name`.
+    /// `namespace/name`, as [`core::Pod::key`] spells it.
     pub fn key(&self) -> String {
-        format!(
-            "{}/{}",
-            self.metadata.namespace.as_deref().unwrap_or("default"),
-            self.metadata.name.as_deref().unwrap_or("<unnamed>")
-        )
+        k8s::pod_key(self.metadata.namespace.as_deref(), self.metadata.name.as_deref())
     }
 
     /// The pod as the core reads it, or nothing when it declares no hostPort (such a pod can
     /// never matter: a pod's ports are immutable).
-    pub fn into_pod(self) -> Option<core::Pod> {
-        let spec = self.spec?;
-        let status = self.status.unwrap_or_default();
+    pub fn to_pod(&self) -> Option<core::Pod> {
+        let spec = self.spec.as_ref()?;
+        let status = self.status.as_ref();
         k8s::core_pod(k8s::PodParts {
-            namespace: self.metadata.namespace,
-            name: self.metadata.name,
+            namespace: self.metadata.namespace.clone(),
+            name: self.metadata.name.clone(),
             annotations: self.metadata.annotations.as_ref(),
-            node: spec.node_name,
-            ip: status.pod_ip,
-            ready: status
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True"),
+            node: spec.node_name.clone(),
+            ip: status.and_then(|s| s.pod_ip.clone()),
+            ready: status.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            }),
             host_network: spec.host_network.unwrap_or(false),
             ports: spec
                 .containers
@@ -287,7 +284,7 @@ impl Stores {
             c.upsert_node(k8s::node(&n));
         }
         for p in self.pods.state() {
-            if let Some(p) = WatchedPod::clone(&p).into_pod() {
+            if let Some(p) = p.to_pod() {
                 c.upsert_pod(p);
             }
         }
@@ -636,13 +633,13 @@ mod tests {
         let n = k8s::node(&node("n1", "10.0.0.1"));
         assert_eq!(n.addr, Some("10.0.0.1".parse().expect("ip")));
         assert!(n.ready);
-        let p = pod("web", Some(80)).into_pod().expect("has a hostPort");
+        let p = pod("web", Some(80)).to_pod().expect("has a hostPort");
         assert_eq!(p.key(), "ns/web");
         assert_eq!(p.steer.as_deref(), Some("true"));
         assert_eq!(p.host_ports, [HostPort::new(80, 8080, "TCP")]);
         assert!(p.ready);
         assert!(
-            pod("plain", None).into_pod().is_none(),
+            pod("plain", None).to_pod().is_none(),
             "pods without hostPorts are not kept"
         );
         let mut plain = pod("plain", None);
@@ -652,7 +649,7 @@ mod tests {
         let mut web = pod("web", Some(80));
         name_only_without_host_ports(&mut web);
         assert!(
-            web.into_pod().is_some(),
+            web.to_pod().is_some(),
             "a pod with a hostPort keeps what the plan reads"
         );
     }
