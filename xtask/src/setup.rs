@@ -24,6 +24,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "ping"),
     ("bind9-utils", "named-checkzone"),
     ("knot", "knotd"),
+    // A real Prometheus scrapes the agent's /metrics in the tests.
+    ("prometheus", "prometheus"),
 ];
 /// Needed to build bpf-linker against the LLVM that matches the nightly.
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
