@@ -27,7 +27,7 @@ pub fn cluster_text(data: &[u8]) {
         ns: "localhost.".into(),
         agent_leases: true,
     };
-    if let Ok(input) = dns::collect(text, &cfg, k8s_openapi::jiff::Timestamp::UNIX_EPOCH) {
+    if let Ok(input) = dns::collect_yaml(text, &cfg, k8s_openapi::jiff::Timestamp::UNIX_EPOCH) {
         let (zone, _) = dns::render_zone(&input, "home.example.org", &cfg, None);
         assert!(zone.contains("IN SOA"), "a rendered zone always has its SOA");
     }

@@ -31,7 +31,7 @@ use crate::{
     http::{ErrorKind, Metrics},
     sources::{
         file::FileSource,
-        kube::{self as kube_source, KubeState, WatchFailure},
+        kube::{self as kube_source, KubeState},
         probe::{PeerProbeArgs, Prober},
     },
 };
@@ -287,17 +287,11 @@ pub async fn run_kube<H: Host>(
                 }
                 let earliest = batch.iter().filter_map(kube_source::arrived).min();
                 for msg in batch {
-                    if let kube_source::Msg::Failed { kind, failure, message } = &msg {
+                    if let kube_source::Msg::Failed { failure, .. } = &msg {
                         metrics.error(ErrorKind::Watch(*failure));
-                        if *failure == WatchFailure::Gone {
-                            info!(watch = %kind, "resource version expired (410 Gone): relisting");
-                        } else if state.failing().all(|f| f != (*kind, *failure)) {
-                            error!(watch = %kind, error = %failure, detail = %message, "watch failed; retrying with backoff, the last programmed state stays");
-                        }
                     }
-                    if let Some(kind) = state.take(msg).recovered {
-                        info!(watch = %kind, "watch recovered");
-                    }
+                    let effect = state.take(&msg);
+                    kube_source::log_effect(&msg, &effect, "the last programmed state");
                 }
                 // The stores are read once per burst.
                 let changed = state.refresh();

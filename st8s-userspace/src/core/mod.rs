@@ -14,7 +14,7 @@ pub mod tables;
 pub use cluster::{Cluster, HostPort, Node, Pod};
 pub use plan::{
     BackendEntry, DISCOVERY_ANNOTATION, Desired, LocalBackend, NodeEntry, Plan, PlanError, PortId, PortPlan,
-    Problem, Proto, STEER_ANNOTATION, plan,
+    Problem, Proto, STEER_ANNOTATION, keep_reachable, plan,
 };
 pub use settling::Settling;
 pub use tables::{PortTables, port_tables};

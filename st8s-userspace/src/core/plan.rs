@@ -130,13 +130,24 @@ impl Desired {
             return d;
         }
         for port in d.ports.values_mut() {
-            let up =
-                |b: &BackendEntry| b.node_addr == self.self_node.addr || !unreachable.contains(&b.node_addr);
-            if port.backends.iter().any(up) {
-                port.backends.retain(up);
-            }
+            keep_reachable(&mut port.backends, |b| {
+                b.node_addr == self.self_node.addr || !unreachable.contains(&b.node_addr)
+            });
         }
         d
+    }
+}
+
+/// Panic mode, as Envoy's load balancers have it: keeps the candidates that are `up`, unless none
+/// is; then the probes are the likelier failure (a NetworkPolicy, a firewall) and all stay.
+/// Whether it panicked (candidates, none up). The agent's backends and `st8s dns`'s answers
+/// follow this one rule.
+pub fn keep_reachable<T>(candidates: &mut Vec<T>, up: impl Fn(&T) -> bool) -> bool {
+    if candidates.iter().any(&up) {
+        candidates.retain(up);
+        false
+    } else {
+        !candidates.is_empty()
     }
 }
 

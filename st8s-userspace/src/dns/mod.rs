@@ -19,10 +19,11 @@ use k8s_openapi::{
     api::coordination::v1::Lease,
     jiff::{SignedDuration, Timestamp},
 };
-use serde::Deserialize as _;
 
+pub use self::objects::Objects;
 use crate::sources::k8s::{internal_ip as node_internal_ip, node_ready};
 
+pub mod objects;
 pub mod watch;
 
 pub const EXPOSURE_ANNOTATION: &str = "st8s.io/exposure";
@@ -114,33 +115,17 @@ pub struct DnsInput {
 }
 
 /// When an agent's Lease runs out: `(node, renewTime + leaseDurationSeconds)`.
-fn agent_lease(v: &serde_yaml::Value) -> Option<(String, Timestamp)> {
-    let lease = serde_yaml::from_value::<Lease>(v.clone()).ok()?;
-    let name = lease.metadata.name.as_deref()?;
-    let from_name = name.strip_prefix(LEASE_PREFIX)?;
-    let spec = lease.spec?;
-    let node = spec.holder_identity.unwrap_or_else(|| from_name.to_owned());
-    let renewed = spec.renew_time?.0;
+fn agent_lease(lease: &Lease) -> Option<(String, Timestamp)> {
+    let from_name = lease.metadata.name.as_deref()?.strip_prefix(LEASE_PREFIX)?;
+    let spec = lease.spec.as_ref()?;
+    let node = spec
+        .holder_identity
+        .clone()
+        .unwrap_or_else(|| from_name.to_owned());
+    let renewed = spec.renew_time.as_ref()?.0;
     let secs = i64::from(spec.lease_duration_seconds?.max(0));
     let expiry = renewed.checked_add(SignedDuration::from_secs(secs)).ok()?;
     Some((node, expiry))
-}
-
-fn object_name(v: &serde_yaml::Value) -> String {
-    let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
-    let meta = v.get("metadata");
-    let name = meta
-        .and_then(|m| m.get("name"))
-        .and_then(|n| n.as_str())
-        .unwrap_or("<unnamed>");
-    match meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()) {
-        Some(ns) => format!("{kind} {ns}/{name}"),
-        None => format!("{kind} {name}"),
-    }
-}
-
-fn annotation<'a>(v: &'a serde_yaml::Value, key: &str) -> Option<&'a str> {
-    v.get("metadata")?.get("annotations")?.get(key)?.as_str()
 }
 
 /// The hostnames in a Traefik rule: every ``Host(`a`, `b`)`` (also `Host("a")`).
@@ -181,186 +166,101 @@ pub fn valid_hostname(h: &str) -> bool {
         })
 }
 
-/// Collects hostnames and nodes from YAML documents (`kubectl get ... -o yaml`, lists or several
-/// documents). Objects of other kinds are ignored.
-pub fn collect(text: &str, cfg: &DnsConfig, now: Timestamp) -> Result<DnsInput, serde_yaml::Error> {
-    let mut values = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let v = serde_yaml::Value::deserialize(doc)?;
-        flatten(v, &mut values);
-    }
-    Ok(collect_values(&values, cfg, now))
+/// [`collect`] over YAML documents (`kubectl get ... -o yaml`, lists or several documents).
+pub fn collect_yaml(text: &str, cfg: &DnsConfig, now: Timestamp) -> Result<DnsInput, serde_yaml::Error> {
+    Ok(collect(&objects::from_yaml(text)?, cfg, now))
 }
 
-/// [`collect`] over objects already parsed (each with its `kind` and `apiVersion`), judging agent
-/// Leases at `now`.
-pub fn collect_values<'a>(
-    values: impl IntoIterator<Item = &'a serde_yaml::Value> + Clone,
-    cfg: &DnsConfig,
-    now: Timestamp,
-) -> DnsInput {
+/// Hostnames and nodes from the objects, judging agent Leases at `now`.
+pub fn collect(objects: &Objects, cfg: &DnsConfig, now: Timestamp) -> DnsInput {
     let mut input = DnsInput::default();
     let mut leases: BTreeMap<String, Timestamp> = BTreeMap::new();
-    for v in values.clone() {
-        if v.get("kind").and_then(|k| k.as_str()) == Some("Lease")
-            && let Some((node, expiry)) = agent_lease(v)
-        {
-            let e = leases.entry(node).or_insert(expiry);
-            *e = (*e).max(expiry);
-        }
+    for (node, expiry) in objects.leases.iter().filter_map(agent_lease) {
+        let e = leases.entry(node).or_insert(expiry);
+        *e = (*e).max(expiry);
     }
     input.next_expiry = leases.values().copied().filter(|e| *e > now).min();
-    let mut claims: Vec<(String, Exposure, String)> = Vec::new();
-    for v in values {
-        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-        let api = v.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("");
-        let spec = v.get("spec");
-        let hosts: Vec<String> = match (kind, api) {
-            ("Ingress", _) => spec
-                .and_then(|s| s.get("rules"))
-                .and_then(|r| r.as_sequence())
-                .map(|rules| {
-                    rules
-                        .iter()
-                        .filter_map(|r| r.get("host")?.as_str())
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            ("HTTPRoute", a) if a.starts_with("gateway.networking.k8s.io/") => spec
-                .and_then(|s| s.get("hostnames"))
-                .and_then(|h| h.as_sequence())
-                .map(|hs| hs.iter().filter_map(|h| h.as_str()).map(str::to_owned).collect())
-                .unwrap_or_default(),
-            ("IngressRoute", a) if a.starts_with("traefik.") => spec
-                .and_then(|s| s.get("routes"))
-                .and_then(|r| r.as_sequence())
-                .map(|routes| {
-                    routes
-                        .iter()
-                        .filter_map(|r| r.get("match")?.as_str())
-                        .flat_map(traefik_hosts)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            ("Service", _) => annotation(v, HOSTNAME_ANNOTATION)
-                .map(|a| {
-                    a.split(',')
-                        .map(|h| h.trim().to_owned())
-                        .filter(|h| !h.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default(),
-            ("Node", _) => {
-                if let Ok(node) = serde_yaml::from_value::<k8s_openapi::api::core::v1::Node>(v.clone())
-                    && let Some(addr) = node_internal_ip(&node)
-                {
-                    {
-                        let name = node.metadata.name.clone().unwrap_or_default();
-                        let zone = node
-                            .metadata
-                            .labels
-                            .as_ref()
-                            .and_then(|l| l.get(&cfg.zone_label))
-                            .cloned();
-                        let agent_ok =
-                            !cfg.agent_leases || leases.get(&name).is_some_and(|expiry| *expiry > now);
-                        input.nodes.push(ZoneNode {
-                            name,
-                            addr,
-                            zone,
-                            serving: node_ready(&node) && agent_ok,
-                        });
-                    }
-                }
-                continue;
-            }
-            _ => continue,
-        };
-        if hosts.is_empty() {
+    for node in &objects.nodes {
+        let Some(addr) = node_internal_ip(node) else {
             continue;
-        }
-        let object = object_name(v);
-        let exposure = match annotation(v, EXPOSURE_ANNOTATION) {
+        };
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(&cfg.zone_label))
+            .cloned();
+        let agent_ok = !cfg.agent_leases || leases.get(&name).is_some_and(|expiry| *expiry > now);
+        input.nodes.push(ZoneNode {
+            name,
+            addr,
+            zone,
+            serving: node_ready(node) && agent_ok,
+        });
+    }
+    input.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut claims: Vec<(String, Exposure, &str)> = Vec::new();
+    for route in objects.routes.iter().filter(|r| !r.hosts.is_empty()) {
+        let object = route.object.as_str();
+        let exposure = match route.exposure.as_deref() {
             None => Exposure::Both,
             Some(a) => match Exposure::parse(a) {
                 Some(e) => e,
                 None => {
                     input.warnings.push(DnsWarning::BadExposure {
-                        object,
+                        object: object.to_owned(),
                         value: a.to_owned(),
                     });
                     continue;
                 }
             },
         };
-        for host in hosts {
+        for host in &route.hosts {
             let host = host.trim_end_matches('.').to_ascii_lowercase();
             if !valid_hostname(&host) {
                 input.warnings.push(DnsWarning::InvalidHostname {
-                    object: object.clone(),
+                    object: object.to_owned(),
                     host,
                 });
-                continue;
-            }
-            if zone_of(&host, &cfg.domains).is_none() {
+            } else if zone_of(&host, &cfg.domains).is_none() {
                 input.warnings.push(DnsWarning::OutsideDomains {
-                    object: object.clone(),
+                    object: object.to_owned(),
                     host,
                 });
-                continue;
+            } else {
+                claims.push((host, exposure, object));
             }
-            claims.push((host, exposure, object.clone()));
         }
     }
     for (host, exposure, object) in claims {
-        match input.hosts.get_mut(&host) {
-            None => {
-                input.hosts.insert(
-                    host,
-                    Exposed {
-                        exposure,
-                        sources: vec![object],
-                    },
-                );
-            }
-            Some(e) => {
-                if e.exposure != exposure {
-                    let winner = e.exposure.max(exposure);
-                    input.warnings.push(DnsWarning::Conflict {
-                        host: host.clone(),
-                        first: e.sources[0].clone(),
-                        first_exposure: e.exposure,
-                        second: object.clone(),
-                        second_exposure: exposure,
-                        winner,
-                    });
-                    e.exposure = winner;
-                }
-                if !e.sources.contains(&object) {
-                    e.sources.push(object);
-                }
-            }
+        let Some(e) = input.hosts.get_mut(&host) else {
+            input.hosts.insert(
+                host,
+                Exposed {
+                    exposure,
+                    sources: vec![object.to_owned()],
+                },
+            );
+            continue;
+        };
+        if e.exposure != exposure {
+            let winner = e.exposure.max(exposure);
+            input.warnings.push(DnsWarning::Conflict {
+                host: host.clone(),
+                first: e.sources[0].clone(),
+                first_exposure: e.exposure,
+                second: object.to_owned(),
+                second_exposure: exposure,
+                winner,
+            });
+            e.exposure = winner;
+        }
+        if !e.sources.iter().any(|s| s == object) {
+            e.sources.push(object.to_owned());
         }
     }
-    input.nodes.sort_by(|a, b| a.name.cmp(&b.name));
     input
-}
-
-fn flatten(v: serde_yaml::Value, out: &mut Vec<serde_yaml::Value>) {
-    let is_list = v
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .is_some_and(|k| k == "List" || k.ends_with("List"));
-    if is_list {
-        if let Some(items) = v.get("items").and_then(|i| i.as_sequence()) {
-            for i in items.clone() {
-                flatten(i, out);
-            }
-        }
-    } else if !v.is_null() {
-        out.push(v);
-    }
 }
 
 /// The configured domain a hostname belongs to (the longest match).
@@ -576,7 +476,7 @@ apiVersion: v1
 kind: Service
 metadata: {name: odd, namespace: x, annotations: {st8s.io/hostname: "odd.home.example.org", st8s.io/exposure: public}}
 "#;
-        let input = collect(&yaml, &cfg(), now()).expect("parses");
+        let input = collect_yaml(&yaml, &cfg(), now()).expect("parses");
         assert_eq!(input.hosts["jellyfin.home.example.org"].exposure, Exposure::Both);
         assert_eq!(input.hosts["ha.home.example.org"].exposure, Exposure::Lan);
         let gotify = &input.hosts["gotify.home.example.org"];
@@ -617,7 +517,7 @@ metadata: {name: odd, namespace: x, annotations: {st8s.io/hostname: "odd.home.ex
 
     #[test]
     fn agent_leases_decide_until_they_run_out() {
-        let input = collect(NODES, &cfg(), now()).expect("parses");
+        let input = collect_yaml(NODES, &cfg(), now()).expect("parses");
         let serving: Vec<&str> = input
             .nodes
             .iter()
@@ -631,13 +531,13 @@ metadata: {name: odd, namespace: x, annotations: {st8s.io/hostname: "odd.home.ex
             "node1's Lease runs out first (node3's later, but node3 is NotReady anyway)"
         );
         let later: Timestamp = "2026-11-22T10:00:06Z".parse().expect("timestamp");
-        let input = collect(NODES, &cfg(), later).expect("parses");
+        let input = collect_yaml(NODES, &cfg(), later).expect("parses");
         assert!(input.nodes.iter().all(|n| !n.serving), "node1's Lease ran out");
         let offline = DnsConfig {
             agent_leases: false,
             ..cfg()
         };
-        let input = collect(NODES, &offline, later).expect("parses");
+        let input = collect_yaml(NODES, &offline, later).expect("parses");
         let serving: Vec<&str> = input
             .nodes
             .iter()
@@ -649,7 +549,7 @@ metadata: {name: odd, namespace: x, annotations: {st8s.io/hostname: "odd.home.ex
 
     #[test]
     fn serial_moves_only_on_change_and_an_empty_cluster_is_valid() {
-        let empty = collect("", &cfg(), now()).expect("parses");
+        let empty = collect_yaml("", &cfg(), now()).expect("parses");
         let (z1, changed) = render_zone(&empty, "home.example.org", &cfg(), None);
         assert!(changed);
         assert_eq!(serial_of(&z1), Some(1));
@@ -657,7 +557,7 @@ metadata: {name: odd, namespace: x, annotations: {st8s.io/hostname: "odd.home.ex
         let (z2, changed) = render_zone(&empty, "home.example.org", &cfg(), Some(&z1));
         assert!(!changed);
         assert_eq!(z1, z2, "nothing changed, nothing moves");
-        let nodes = collect(NODES, &cfg(), now()).expect("parses");
+        let nodes = collect_yaml(NODES, &cfg(), now()).expect("parses");
         let (z3, changed) = render_zone(&nodes, "home.example.org", &cfg(), Some(&z2));
         assert!(changed);
         assert_eq!(serial_of(&z3), Some(2));

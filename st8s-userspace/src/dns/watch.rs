@@ -11,28 +11,34 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context as _;
-use futures::StreamExt as _;
-use k8s_openapi::{api::core::v1::ConfigMap, jiff::Timestamp};
+use k8s_openapi::{
+    api::{
+        coordination::v1::Lease,
+        core::v1::{ConfigMap, Node},
+    },
+    jiff::Timestamp,
+};
 use kube::{
     Api, Client,
-    api::{DynamicObject, Patch, PatchParams},
-    runtime::{
-        WatchStreamExt as _,
-        watcher::{self, Event},
-    },
+    api::{Patch, PatchParams},
+    runtime::reflector::Store,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
     FIELD_MANAGER,
-    dns::{self, DnsConfig},
+    core::keep_reachable,
+    dns::{
+        self, DnsConfig, Objects,
+        objects::{self, NamesHosts, Route},
+    },
     sources::{
-        kube::WatchFailure,
+        kube::{self as kube_source, Msg, WatchStatus, Watchers},
         probe::{PeerProbeArgs, Prober},
         resource::Resource,
     },
@@ -130,8 +136,8 @@ fn run_offline(args: &DnsArgs, from: &Path) -> anyhow::Result<()> {
         .as_deref()
         .context("--out is required with --from-file")?;
     let text = std::fs::read_to_string(from).with_context(|| format!("reading {}", from.display()))?;
-    let input =
-        dns::collect(&text, &cfg, Timestamp::now()).with_context(|| format!("parsing {}", from.display()))?;
+    let input = dns::collect_yaml(&text, &cfg, Timestamp::now())
+        .with_context(|| format!("parsing {}", from.display()))?;
     for w in &input.warnings {
         warn!("{w}");
     }
@@ -162,151 +168,77 @@ pub const WATCHED: [Resource; 6] = [
     Resource::IngressRoute,
 ];
 
-/// One message from a watcher task.
-#[derive(Debug)]
-pub enum Msg {
-    Event(Resource, Box<Event<DynamicObject>>, Instant),
-    /// The watcher failed and retries with backoff.
-    Failed {
-        source: Resource,
-        failure: WatchFailure,
-        message: String,
-    },
+/// The stores the watchers of `st8s dns` keep.
+#[derive(Clone)]
+pub struct DnsStores {
+    pub nodes: Store<Node>,
+    pub leases: Store<Lease>,
+    pub ingresses: Store<objects::Ingress>,
+    pub services: Store<objects::Service>,
+    pub http_routes: Store<objects::HttpRoute>,
+    pub ingress_routes: Store<objects::IngressRoute>,
 }
 
-/// The watched objects, as the renderer reads them. Pure: tested without an API server.
-#[derive(Default)]
-pub struct Objects {
-    objects: BTreeMap<Resource, BTreeMap<String, serde_yaml::Value>>,
-    relisting: BTreeMap<Resource, BTreeMap<String, serde_yaml::Value>>,
-    listed: BTreeSet<Resource>,
-    /// Optional kinds the API does not serve.
-    absent: BTreeSet<Resource>,
-}
-
-fn object_key(o: &DynamicObject) -> String {
-    format!(
-        "{}/{}",
-        o.metadata.namespace.as_deref().unwrap_or_default(),
-        o.metadata.name.as_deref().unwrap_or_default()
-    )
-}
-
-/// The object as YAML, with its `kind` and `apiVersion` (list items may come without them).
-fn to_value(source: Resource, o: &DynamicObject) -> Option<serde_yaml::Value> {
-    let mut v = serde_yaml::to_value(o).ok()?;
-    let ar = source.api_resource();
-    if let serde_yaml::Value::Mapping(m) = &mut v {
-        m.insert("kind".into(), ar.kind.into());
-        m.insert("apiVersion".into(), ar.api_version.into());
-        // Nothing reads them, and they are most of an object's size.
-        if let Some(serde_yaml::Value::Mapping(meta)) = m.get_mut("metadata") {
-            meta.remove("managedFields");
+impl DnsStores {
+    /// What the stores hold now, in a stable order; the stores of kinds the API does not serve
+    /// are not read.
+    pub fn objects(&self, status: &WatchStatus) -> Objects {
+        fn read<K: kube::Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
+            store.state().iter().map(|k| K::clone(k)).collect()
         }
-    }
-    Some(v)
-}
-
-impl Objects {
-    /// Every required kind has been listed, and every optional one listed or found absent: only
-    /// then may a zone be written (a zone from half a view would drop good answers).
-    pub fn synced(&self) -> bool {
-        WATCHED
-            .iter()
-            .all(|s| self.listed.contains(s) || (s.optional() && self.absent.contains(s)))
-    }
-
-    pub fn values(&self) -> impl Iterator<Item = &serde_yaml::Value> + Clone {
-        self.objects.values().flat_map(|m| m.values())
-    }
-
-    /// Folds one message in; true when what the zones are rendered from may have changed.
-    pub fn handle(&mut self, msg: Msg) -> bool {
-        match msg {
-            Msg::Failed { source, failure, .. } => {
-                if failure == WatchFailure::NotServed && source.optional() && self.absent.insert(source) {
-                    self.objects.remove(&source);
-                    return true;
-                }
-                false
+        fn routes<K: NamesHosts + Clone>(
+            store: &Store<K>,
+            status: &WatchStatus,
+            kind: Resource,
+        ) -> Vec<Route> {
+            if status.absent(kind) {
+                return Vec::new();
             }
-            Msg::Event(source, ev, _) => {
-                self.absent.remove(&source);
-                match *ev {
-                    Event::Apply(o) => match to_value(source, &o) {
-                        Some(v) => {
-                            let old = self
-                                .objects
-                                .entry(source)
-                                .or_default()
-                                .insert(object_key(&o), v.clone());
-                            old.as_ref() != Some(&v)
-                        }
-                        None => false,
-                    },
-                    Event::Delete(o) => self
-                        .objects
-                        .entry(source)
-                        .or_default()
-                        .remove(&object_key(&o))
-                        .is_some(),
-                    Event::Init => {
-                        self.relisting.insert(source, BTreeMap::new());
-                        false
-                    }
-                    Event::InitApply(o) => {
-                        if let Some(v) = to_value(source, &o) {
-                            self.relisting
-                                .entry(source)
-                                .or_default()
-                                .insert(object_key(&o), v);
-                        }
-                        false
-                    }
-                    Event::InitDone => {
-                        let fresh = self.relisting.remove(&source).unwrap_or_default();
-                        let first = self.listed.insert(source);
-                        let changed = self.objects.get(&source) != Some(&fresh);
-                        self.objects.insert(source, fresh);
-                        first || changed
-                    }
-                }
-            }
+            store.state().iter().map(|k| k.route()).collect()
         }
-    }
-}
-
-/// Starts one watcher per kind (Leases only in `lease_namespace`); their messages arrive on the
-/// returned channel.
-pub fn spawn_watchers(client: &Client, lease_namespace: &str) -> mpsc::Receiver<Msg> {
-    let (tx, rx) = mpsc::channel(1024);
-    for source in WATCHED {
-        let ar = source.api_resource();
-        let api: Api<DynamicObject> = match source {
-            Resource::Lease => Api::namespaced_with(client.clone(), lease_namespace, &ar),
-            _ => Api::all_with(client.clone(), &ar),
+        let mut objects = Objects {
+            nodes: read(&self.nodes),
+            leases: read(&self.leases),
+            routes: [
+                routes(&self.ingresses, status, Resource::Ingress),
+                routes(&self.services, status, Resource::Service),
+                routes(&self.http_routes, status, Resource::HttpRoute),
+                routes(&self.ingress_routes, status, Resource::IngressRoute),
+            ]
+            .concat(),
         };
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut s = watcher::watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed();
-            while let Some(item) = s.next().await {
-                let msg = match item {
-                    Ok(ev) => Msg::Event(source, Box::new(ev), Instant::now()),
-                    Err(e) => Msg::Failed {
-                        source,
-                        failure: WatchFailure::of(&e),
-                        message: e.to_string(),
-                    },
-                };
-                if tx.send(msg).await.is_err() {
-                    return;
-                }
-            }
-        });
+        objects
+            .nodes
+            .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        objects.routes.sort_by(|a, b| a.object.cmp(&b.object));
+        objects
     }
-    rx
+}
+
+/// Starts one watcher per kind (Leases only in `lease_namespace`; Nodes keep their
+/// `zone_label`); their messages arrive on the returned channel.
+pub fn spawn_watchers(
+    client: &Client,
+    lease_namespace: &str,
+    zone_label: &str,
+) -> (DnsStores, mpsc::Receiver<Msg>) {
+    let mut w = Watchers::new();
+    let label = zone_label.to_owned();
+    let stores = DnsStores {
+        nodes: w.watch(Api::all(client.clone()), Resource::Node, move |n| {
+            objects::slim_zone_node(&label, n)
+        }),
+        leases: w.watch(
+            Api::namespaced(client.clone(), lease_namespace),
+            Resource::Lease,
+            objects::slim_lease,
+        ),
+        ingresses: w.watch(Api::all(client.clone()), Resource::Ingress, |_| {}),
+        services: w.watch(Api::all(client.clone()), Resource::Service, |_| {}),
+        http_routes: w.watch(Api::all(client.clone()), Resource::HttpRoute, |_| {}),
+        ingress_routes: w.watch(Api::all(client.clone()), Resource::IngressRoute, |_| {}),
+    };
+    (stores, w.start())
 }
 
 /// The ConfigMap key of a domain's zone.
@@ -328,13 +260,12 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         configmap = %format!("{}/{}", args.namespace, args.configmap),
         "watching nodes, agent leases, ingresses, services, httproutes and ingressroutes"
     );
-    let mut rx = spawn_watchers(&client, &args.namespace);
+    let (stores, mut rx) = spawn_watchers(&client, &args.namespace, &cfg.zone_label);
     let mut prober = Prober::start(&args.peers);
     let mut unreachable: std::collections::BTreeSet<std::net::Ipv4Addr> = Default::default();
     let mut probes_blind = false;
-    let mut objects = Objects::default();
+    let mut status = WatchStatus::default();
     let mut warned: BTreeSet<String> = BTreeSet::new();
-    let mut failing: BTreeMap<Resource, String> = BTreeMap::new();
     let mut written_once = false;
     let mut wake: Option<Timestamp> = None;
     loop {
@@ -354,19 +285,16 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         while let Ok(m) = rx.try_recv() {
             batch.push(m);
         }
-        let earliest = batch
-            .iter()
-            .filter_map(|m| match m {
-                Msg::Event(_, _, at) => Some(*at),
-                Msg::Failed { .. } => None,
-            })
-            .min();
-        fold(batch, &mut objects, &mut failing);
-        if !objects.synced() {
+        let earliest = batch.iter().filter_map(kube_source::arrived).min();
+        for msg in &batch {
+            let effect = status.take(msg);
+            kube_source::log_effect(msg, &effect, "the zones as last written");
+        }
+        if !status.synced(&WATCHED) {
             continue;
         }
         let now = Timestamp::now();
-        let mut input = dns::collect_values(objects.values(), &cfg, now);
+        let mut input = dns::collect(&stores.objects(&status), &cfg, now);
         let addrs: Vec<std::net::Ipv4Addr> = input.nodes.iter().map(|n| n.addr).collect();
         prober.follow(addrs);
         let blind = drop_unreachable(&mut input, &unreachable);
@@ -449,49 +377,16 @@ async fn previous_zones(
     zones
 }
 
-/// Folds a batch of watcher messages into the objects, logging each failing watch once.
-fn fold(batch: Vec<Msg>, objects: &mut Objects, failing: &mut BTreeMap<Resource, String>) {
-    for m in batch {
-        match &m {
-            Msg::Failed {
-                source,
-                failure,
-                message,
-            } => {
-                if *failure == WatchFailure::NotServed && source.optional() {
-                    if !objects.absent.contains(source) {
-                        info!(kind = %source, "not served by the API (CRD not installed); none to read");
-                    }
-                } else if failing.insert(*source, message.clone()).is_none() {
-                    warn!(kind = %source, error = %failure, detail = %message, "watch failing; the zones keep their last content");
-                }
-            }
-            Msg::Event(source, ..) => {
-                if failing.remove(source).is_some() {
-                    info!(kind = %source, "watch recovered");
-                }
-            }
-        }
-        objects.handle(m);
-    }
-}
-
-/// Unreachable nodes stop serving, as the agents do, unless no serving node answers probes at
-/// all: then the probe path is the likelier failure (a NetworkPolicy, a firewall), and the
-/// Leases alone decide. Returns whether the probes are blind (no node answers).
+/// Unreachable nodes stop serving, as the agents' backends do, by the same panic-mode rule
+/// ([`keep_reachable`]). Returns whether the probes are blind (no node at all answers).
 fn drop_unreachable(input: &mut dns::DnsInput, unreachable: &BTreeSet<std::net::Ipv4Addr>) -> bool {
-    if input
-        .nodes
-        .iter()
-        .any(|n| n.serving && !unreachable.contains(&n.addr))
-    {
-        for n in &mut input.nodes {
-            if unreachable.contains(&n.addr) {
-                n.serving = false;
-            }
-        }
+    let mut serving: Vec<std::net::Ipv4Addr> =
+        input.nodes.iter().filter(|n| n.serving).map(|n| n.addr).collect();
+    keep_reachable(&mut serving, |a| !unreachable.contains(a));
+    for n in &mut input.nodes {
+        n.serving &= serving.contains(&n.addr);
     }
-    !unreachable.is_empty() && !input.nodes.iter().any(|n| !unreachable.contains(&n.addr))
+    !unreachable.is_empty() && input.nodes.iter().all(|n| unreachable.contains(&n.addr))
 }
 
 /// Every domain's zone from `input`, and which of them changed (all of them before the first
@@ -540,4 +435,61 @@ async fn apply_configmap(
     .await
     .with_context(|| format!("server-side apply of ConfigMap {name}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::{DnsInput, ZoneNode};
+
+    fn input() -> DnsInput {
+        let node = |name: &str, addr: &str, serving| ZoneNode {
+            name: name.into(),
+            addr: addr.parse().expect("ip"),
+            zone: None,
+            serving,
+        };
+        DnsInput {
+            nodes: vec![
+                node("a", "10.0.0.1", true),
+                node("b", "10.0.0.2", true),
+                node("c", "10.0.0.3", false),
+            ],
+            ..DnsInput::default()
+        }
+    }
+
+    fn serving(i: &DnsInput) -> Vec<&str> {
+        i.nodes
+            .iter()
+            .filter(|n| n.serving)
+            .map(|n| n.name.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn silent_nodes_leave_the_answers_unless_every_serving_node_is_silent() {
+        let ips = |s: &[&str]| -> BTreeSet<std::net::Ipv4Addr> {
+            s.iter().map(|a| a.parse().expect("ip")).collect()
+        };
+        let mut i = input();
+        assert!(!drop_unreachable(&mut i, &ips(&["10.0.0.2"])));
+        assert_eq!(serving(&i), ["a"]);
+        let mut i = input();
+        assert!(
+            !drop_unreachable(&mut i, &ips(&["10.0.0.1", "10.0.0.2"])),
+            "c still answers probes"
+        );
+        assert_eq!(
+            serving(&i),
+            ["a", "b"],
+            "panic mode: no serving node answers, all stay"
+        );
+        let mut i = input();
+        assert!(drop_unreachable(
+            &mut i,
+            &ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+        ));
+        assert_eq!(serving(&i), ["a", "b"]);
+    }
 }

@@ -3,7 +3,10 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::{
+    api::core::v1::{Node, Pod},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
 use crate::core::{self, DISCOVERY_ANNOTATION, HostPort, STEER_ANNOTATION};
 
@@ -110,5 +113,35 @@ pub fn pod(pod: &Pod) -> Option<core::Pod> {
             .iter()
             .flat_map(|c| c.ports.iter().flatten())
             .map(|p| (p.host_port, p.container_port, p.protocol.as_deref())),
+    })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SlimMeta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    resource_version: Option<String>,
+}
+
+/// Metadata without managedFields, labels and the rest: name, namespace, resourceVersion, and
+/// the `st8s.io/` annotations (`#[serde(deserialize_with = "k8s::slim_meta")]` on a slim type's
+/// `metadata`).
+pub fn slim_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = <SlimMeta as serde::Deserialize>::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        resource_version: m.resource_version,
+        annotations: m
+            .annotations
+            .map(|a| a.into_iter().filter(|(k, _)| k.starts_with("st8s.io/")).collect())
+            .filter(|a: &BTreeMap<String, String>| !a.is_empty()),
+        ..Default::default()
     })
 }

@@ -1,4 +1,5 @@
-//! The Kubernetes source: Nodes and Pods through kube-rs watchers into reflector stores.
+//! The Kubernetes source: Nodes and Pods through kube-rs watchers into reflector stores, and the
+//! watcher machinery ([`Watchers`], [`WatchStatus`]) that `st8s dns` uses for its kinds too.
 //!
 //! Each watcher keeps a kube-rs store (a relist replaces the store's contents as a whole once it
 //! is complete, so that objects deleted while the watch was down disappear too) and tells the
@@ -6,7 +7,7 @@
 //! into the same [`Cluster`] the file source produces; it is tested without an API server.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     sync::{
         Arc,
@@ -31,7 +32,10 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use super::{k8s, resource::Resource};
+use super::{
+    k8s,
+    resource::{Resource, slim_resource},
+};
 use crate::core::{self, Cluster};
 
 /// One message from a watcher task.
@@ -130,7 +134,7 @@ impl fmt::Display for WatchFailure {
 /// a large cluster fast and the agent small.
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 pub struct WatchedPod {
-    #[serde(deserialize_with = "slim_meta")]
+    #[serde(deserialize_with = "k8s::slim_meta")]
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: Option<WatchedPodSpec>,
@@ -184,58 +188,7 @@ pub struct WatchedCondition {
     pub status: String,
 }
 
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SlimMeta {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    annotations: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    resource_version: Option<String>,
-}
-
-/// Metadata without managedFields, labels and the rest: name, namespace, resourceVersion, and
-/// the `st8s.io/` annotations.
-fn slim_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    let m = <SlimMeta as serde::Deserialize>::deserialize(d)?;
-    Ok(ObjectMeta {
-        name: m.name,
-        namespace: m.namespace,
-        resource_version: m.resource_version,
-        annotations: m
-            .annotations
-            .map(|a| a.into_iter().filter(|(k, _)| k.starts_with("st8s.io/")).collect())
-            .filter(|a: &BTreeMap<String, String>| !a.is_empty()),
-        ..Default::default()
-    })
-}
-
-impl kube::Resource for WatchedPod {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
-        "Pod".into()
-    }
-    fn group(_: &()) -> std::borrow::Cow<'_, str> {
-        "".into()
-    }
-    fn version(_: &()) -> std::borrow::Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
-        "pods".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+slim_resource!(WatchedPod, Resource::Pod, k8s_openapi::NamespaceResourceScope);
 
 impl WatchedPod {
     /// `namespace/name`, as [`core::Pod::key`] spells it.
@@ -292,72 +245,68 @@ impl Stores {
     }
 }
 
-/// The cluster as the watchers have reported it so far.
-pub struct KubeState {
-    stores: Stores,
-    pub cluster: Cluster,
-    listed_nodes: bool,
-    listed_pods: bool,
+/// What the watchers of a set of kinds have reported: which kinds have completed a list, which
+/// are failing and how, which optional kinds the API does not serve. The agent and `st8s dns`
+/// both keep one; it is tested without an API server.
+#[derive(Debug, Default)]
+pub struct WatchStatus {
+    listed: BTreeSet<Resource>,
     failing: BTreeMap<Resource, WatchFailure>,
-    /// A store changed since `cluster` was read from them.
-    stale: bool,
-    /// A kind completed its first list since then (a change even if nothing differs).
-    first_list: bool,
+    /// Optional kinds (custom resources) whose CRD is not installed: none of them exist.
+    absent: BTreeSet<Resource>,
 }
 
 /// What one message changed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Effect {
-    /// The cluster changed (a re-plan is due).
+    /// What is read from the stores may have changed (an object, a completed list, a kind
+    /// found absent or present again). For [`KubeState::handle`]: the cluster changed.
     pub changed: bool,
+    /// This kind completed its first list (a change even if the store holds nothing).
+    pub first_list: bool,
     /// The watcher of this kind failed with a new kind of error (worth one log line).
     pub new_failure: Option<(Resource, WatchFailure)>,
     /// This kind's watcher recovered from a failure.
     pub recovered: Option<Resource>,
+    /// This optional kind turned out not to be served (worth one log line).
+    pub absent: Option<Resource>,
 }
 
-impl KubeState {
-    /// Both watchers have completed a list at least once.
-    pub fn synced(&self) -> bool {
-        self.listed_nodes && self.listed_pods
-    }
-
-    /// Synced, and no watcher is failing right now.
-    pub fn healthy(&self) -> bool {
-        self.synced() && self.failing.is_empty()
+impl WatchStatus {
+    /// Every kind of `kinds` has completed a list, or is optional and not served: only then is
+    /// the view whole (a plan or a zone from half a view would drop good entries).
+    pub fn synced(&self, kinds: &[Resource]) -> bool {
+        kinds
+            .iter()
+            .all(|k| self.listed.contains(k) || (k.optional() && self.absent.contains(k)))
     }
 
     pub fn failing(&self) -> impl Iterator<Item = (Resource, WatchFailure)> + '_ {
         self.failing.iter().map(|(k, f)| (*k, *f))
     }
 
-    pub fn new(stores: Stores) -> Self {
-        KubeState {
-            stores,
-            cluster: Cluster::default(),
-            listed_nodes: false,
-            listed_pods: false,
-            failing: BTreeMap::new(),
-            stale: false,
-            first_list: false,
-        }
+    /// The kind is optional and not served: its store is not to be read (it may hold what was
+    /// there before the CRD went away).
+    pub fn absent(&self, kind: Resource) -> bool {
+        self.absent.contains(&kind)
     }
 
-    /// Takes one message in and reads the stores again if it changed them.
-    pub fn handle(&mut self, msg: Msg) -> Effect {
-        let mut effect = self.take(msg);
-        effect.changed = self.refresh();
-        effect
-    }
-
-    /// Takes one message in without reading the stores yet (`changed` stays false): a burst of
-    /// events is read once, by [`refresh`](Self::refresh).
-    pub fn take(&mut self, msg: Msg) -> Effect {
+    pub fn take(&mut self, msg: &Msg) -> Effect {
         let mut effect = Effect::default();
-        match msg {
+        match *msg {
             Msg::Reachable(kind) => {
                 if self.failing.remove(&kind).is_some() {
                     effect.recovered = Some(kind);
+                }
+            }
+            Msg::Failed {
+                kind,
+                failure: WatchFailure::NotServed,
+                ..
+            } if kind.optional() => {
+                if self.absent.insert(kind) {
+                    effect.absent = Some(kind);
+                    effect.changed = true;
                 }
             }
             Msg::Failed { kind, failure, .. } => {
@@ -374,15 +323,96 @@ impl KubeState {
                 if self.failing.remove(&kind).is_some() {
                     effect.recovered = Some(kind);
                 }
-                let listed_before = if kind == Resource::Node {
-                    &mut self.listed_nodes
-                } else {
-                    &mut self.listed_pods
-                };
-                self.first_list |= listed && !std::mem::replace(listed_before, true);
-                self.stale |= changed;
+                effect.changed = changed | self.absent.remove(&kind);
+                effect.first_list = listed && self.listed.insert(kind);
             }
         }
+        effect
+    }
+}
+
+/// Logs what one message meant, once per new state: a relist after 410 Gone, a failure (until the
+/// kind recovers or fails differently), a recovery, an optional kind found not served.
+/// `what_stays` says what the program keeps serving meanwhile.
+pub fn log_effect(msg: &Msg, effect: &Effect, what_stays: &str) {
+    match (msg, effect.new_failure) {
+        (
+            Msg::Failed {
+                kind,
+                failure: WatchFailure::Gone,
+                ..
+            },
+            _,
+        ) => tracing::info!(watch = %kind, "resource version expired (410 Gone): relisting"),
+        (Msg::Failed { message, .. }, Some((kind, failure))) => tracing::error!(
+            watch = %kind,
+            error = %failure,
+            detail = %message,
+            stays = what_stays,
+            "watch failed; retrying with backoff"
+        ),
+        _ => {}
+    }
+    if let Some(kind) = effect.recovered {
+        tracing::info!(watch = %kind, "watch recovered");
+    }
+    if let Some(kind) = effect.absent {
+        tracing::info!(watch = %kind, "not served by the API (CRD not installed); none to read");
+    }
+}
+
+/// The agent's kinds.
+const AGENT_KINDS: [Resource; 2] = [Resource::Node, Resource::Pod];
+
+/// The cluster as the watchers have reported it so far.
+pub struct KubeState {
+    stores: Stores,
+    pub cluster: Cluster,
+    status: WatchStatus,
+    /// A store changed since `cluster` was read from them.
+    stale: bool,
+    /// A kind completed its first list since then (a change even if nothing differs).
+    first_list: bool,
+}
+
+impl KubeState {
+    pub fn new(stores: Stores) -> Self {
+        KubeState {
+            stores,
+            cluster: Cluster::default(),
+            status: WatchStatus::default(),
+            stale: false,
+            first_list: false,
+        }
+    }
+
+    /// Both watchers have completed a list at least once.
+    pub fn synced(&self) -> bool {
+        self.status.synced(&AGENT_KINDS)
+    }
+
+    /// Synced, and no watcher is failing right now.
+    pub fn healthy(&self) -> bool {
+        self.synced() && self.status.failing.is_empty()
+    }
+
+    pub fn failing(&self) -> impl Iterator<Item = (Resource, WatchFailure)> + '_ {
+        self.status.failing()
+    }
+
+    /// Takes one message in and reads the stores again if it changed them.
+    pub fn handle(&mut self, msg: Msg) -> Effect {
+        let mut effect = self.take(&msg);
+        effect.changed = self.refresh();
+        effect
+    }
+
+    /// Takes one message in without reading the stores yet (`changed` says only that they may
+    /// have changed): a burst of events is read once, by [`refresh`](Self::refresh).
+    pub fn take(&mut self, msg: &Msg) -> Effect {
+        let effect = self.status.take(msg);
+        self.stale |= effect.changed;
+        self.first_list |= effect.first_list;
         effect
     }
 
@@ -436,105 +466,125 @@ pub fn slim_node(n: &mut Node) {
     });
 }
 
-/// Starts the two watchers with their stores, and a prober that lists a failing kind (one
-/// object) every few seconds to notice when it can be read again; their messages arrive on the
-/// returned channel.
+/// Starts the agent's two watchers with their stores; their messages arrive on the returned
+/// channel.
 pub fn spawn_watchers(client: Client) -> (Stores, mpsc::Receiver<Msg>) {
-    let (tx, rx) = mpsc::channel(1024);
-    let failing: Arc<[AtomicBool; 2]> = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
-    let (nodes, node_writer) = reflector::store();
-    let (pods, pod_writer) = reflector::store();
-    spawn_watcher::<Node>(
-        Api::all(client.clone()),
-        Resource::Node,
-        node_writer,
-        slim_node,
-        tx.clone(),
-        failing.clone(),
-    );
-    // Pods are slim from the start: `WatchedPod` deserializes only what st8s reads.
-    spawn_watcher::<WatchedPod>(
-        Api::all(client.clone()),
-        Resource::Pod,
-        pod_writer,
-        name_only_without_host_ports,
-        tx.clone(),
-        failing.clone(),
-    );
-    tokio::spawn(async move {
-        let nodes: Api<Node> = Api::all(client.clone());
-        let pods: Api<WatchedPod> = Api::all(client);
-        let one = ListParams::default().limit(1);
-        loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            for (i, kind) in [Resource::Node, Resource::Pod].into_iter().enumerate() {
-                if !failing[i].load(Ordering::Relaxed) {
-                    continue;
-                }
-                let ok = if kind == Resource::Node {
-                    nodes.list_metadata(&one).await.is_ok()
-                } else {
-                    pods.list_metadata(&one).await.is_ok()
-                };
-                if ok {
-                    failing[i].store(false, Ordering::Relaxed);
-                    if tx.send(Msg::Reachable(kind)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    (Stores { nodes, pods }, rx)
+    let mut w = Watchers::new();
+    let stores = Stores {
+        nodes: w.watch(Api::all(client.clone()), Resource::Node, slim_node),
+        // Pods are slim from the start: `WatchedPod` deserializes only what st8s reads.
+        pods: w.watch(Api::all(client), Resource::Pod, name_only_without_host_ports),
+    };
+    (stores, w.start())
 }
 
-fn spawn_watcher<K>(
-    api: Api<K>,
-    kind: Resource,
-    writer: reflector::store::Writer<K>,
-    slim: fn(&mut K),
+type ListProbe = Box<dyn Fn() -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
+
+/// Watchers, each keeping a reflector store of one kind and reporting on one channel, with a
+/// prober that lists a failing kind (one object) every few seconds to notice when it can be read
+/// again: a quiet kind sends no event when its watch comes back.
+pub struct Watchers {
     tx: mpsc::Sender<Msg>,
-    failing: Arc<[AtomicBool; 2]>,
-) where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    // The index into `failing`: nodes, then pods.
-    let i = usize::from(kind != Resource::Node);
-    tokio::spawn(async move {
-        let mut s = watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
-            .modify(slim)
-            .reflect(writer)
-            .boxed();
-        while let Some(item) = s.next().await {
-            let msg = match item {
-                Ok(ev) => {
-                    failing[i].store(false, Ordering::Relaxed);
-                    progress(kind, &ev)
-                }
-                Err(e) => {
-                    let failure = WatchFailure::of(&e);
-                    if failure != WatchFailure::Gone {
-                        failing[i].store(true, Ordering::Relaxed);
-                    }
-                    Msg::Failed {
-                        kind,
-                        failure,
-                        message: e.to_string(),
-                    }
-                }
-            };
-            if tx.send(msg).await.is_err() {
-                return;
-            }
+    rx: mpsc::Receiver<Msg>,
+    probes: Vec<(Resource, Arc<AtomicBool>, ListProbe)>,
+}
+
+impl Watchers {
+    #[expect(
+        clippy::new_without_default,
+        reason = "it makes a channel; not a value to default to"
+    )]
+    pub fn new() -> Self {
+        let (tx, rx) = mpsc::channel(1024);
+        Watchers {
+            tx,
+            rx,
+            probes: Vec::new(),
         }
-    });
+    }
+
+    /// Starts watching `api` into a store, each object passed through `slim` before it is
+    /// stored.
+    pub fn watch<K>(
+        &mut self,
+        api: Api<K>,
+        kind: Resource,
+        slim: impl FnMut(&mut K) + Send + 'static,
+    ) -> Store<K>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let (store, writer) = reflector::store();
+        let failing = Arc::new(AtomicBool::new(false));
+        let probe_api = api.clone();
+        self.probes.push((
+            kind,
+            failing.clone(),
+            Box::new(move || {
+                let api = probe_api.clone();
+                Box::pin(async move { api.list_metadata(&ListParams::default().limit(1)).await.is_ok() })
+            }),
+        ));
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut s = watcher::watcher(api, watcher::Config::default())
+                .default_backoff()
+                .modify(slim)
+                .reflect(writer)
+                .boxed();
+            while let Some(item) = s.next().await {
+                let msg = match item {
+                    Ok(ev) => {
+                        failing.store(false, Ordering::Relaxed);
+                        progress(kind, &ev)
+                    }
+                    Err(e) => {
+                        let failure = WatchFailure::of(&e);
+                        // A relist after 410 is routine, and a kind the API does not serve
+                        // comes back through the watcher's own retries once its CRD is
+                        // installed.
+                        if !matches!(failure, WatchFailure::Gone | WatchFailure::NotServed) {
+                            failing.store(true, Ordering::Relaxed);
+                        }
+                        Msg::Failed {
+                            kind,
+                            failure,
+                            message: e.to_string(),
+                        }
+                    }
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+        store
+    }
+
+    /// Starts the recovery prober; every message arrives on the returned channel.
+    pub fn start(self) -> mpsc::Receiver<Msg> {
+        let Watchers { tx, rx, probes } = self;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                for (kind, failing, list) in &probes {
+                    if failing.load(Ordering::Relaxed) && list().await {
+                        failing.store(false, Ordering::Relaxed);
+                        if tx.send(Msg::Reachable(*kind)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        rx
+    }
 }
 
 /// The message for an event the store has taken in. A list changes the store only once it is
@@ -738,5 +788,42 @@ mod tests {
         let e = h.pod(Event::Init);
         assert_eq!(e.recovered, Some(Resource::Pod));
         assert!(h.state.healthy());
+    }
+
+    #[test]
+    fn an_optional_kind_that_is_not_served_counts_as_listed_and_empty() {
+        let kinds = [Resource::Node, Resource::IngressRoute];
+        let mut s = WatchStatus::default();
+        let listed = |kind| Msg::Event {
+            kind,
+            at: Instant::now(),
+            changed: true,
+            listed: true,
+        };
+        let not_served = |kind| Msg::Failed {
+            kind,
+            failure: WatchFailure::NotServed,
+            message: "404".into(),
+        };
+        assert!(s.take(&listed(Resource::Node)).first_list);
+        assert!(!s.synced(&kinds));
+        let e = s.take(&not_served(Resource::IngressRoute));
+        assert_eq!(
+            (e.absent, e.changed, e.new_failure),
+            (Some(Resource::IngressRoute), true, None)
+        );
+        assert!(s.synced(&kinds) && s.absent(Resource::IngressRoute));
+        assert_eq!(s.failing().count(), 0, "an absent CRD is not a failure");
+        assert_eq!(
+            s.take(&not_served(Resource::IngressRoute)),
+            Effect::default(),
+            "said once"
+        );
+        // The CRD is installed: the kind is read again.
+        let e = s.take(&listed(Resource::IngressRoute));
+        assert!(e.changed && e.first_list && !s.absent(Resource::IngressRoute));
+        // A required kind that is not served is a failure.
+        let e = s.take(&not_served(Resource::Node));
+        assert_eq!(e.new_failure, Some((Resource::Node, WatchFailure::NotServed)));
     }
 }

@@ -82,6 +82,38 @@ impl Resource {
     }
 }
 
+/// Implements kube's `Resource` for a slim type that deserializes only the part of a kind's
+/// objects that st8s reads (as `WatchedPod` does for Pods), so that watchers and reflector stores
+/// take it like a k8s-openapi type.
+macro_rules! slim_resource {
+    ($ty:ty, $resource:expr, $scope:ty) => {
+        impl kube::Resource for $ty {
+            type DynamicType = ();
+            type Scope = $scope;
+
+            fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+                $resource.kind().into()
+            }
+            fn group(_: &()) -> std::borrow::Cow<'_, str> {
+                $resource.group().into()
+            }
+            fn version(_: &()) -> std::borrow::Cow<'_, str> {
+                $resource.gvkp().1.into()
+            }
+            fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+                $resource.plural().into()
+            }
+            fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+pub(crate) use slim_resource;
+
 /// The plural, as `kubectl` and the API paths spell it.
 impl fmt::Display for Resource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
