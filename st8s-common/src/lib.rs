@@ -295,8 +295,12 @@ pub struct Discovery {
     /// Counter slot of the port.
     pub slot: u16,
     pub _pad: u16,
+    /// Where the copy is sent, still addressed to the broadcast or the group: the host side of
+    /// the pod's own link (its veth), or, until that is known, the bridge it hangs off, which
+    /// floods it to every pod on it.
+    pub ifindex: u32,
 }
-assert_size!(Discovery, 12);
+assert_size!(Discovery, 16);
 
 /// Key of `ST8S_DISCOVERY_PODS`: a discovery pod's socket, as its announcements leave it.
 #[repr(C)]

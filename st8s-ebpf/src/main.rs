@@ -78,8 +78,6 @@ const UDP_HLEN: usize = 8;
 /// Enough linear bytes for every header the programs read.
 const PARSE_LEN: usize = L4_OFF + TCP_HLEN;
 
-const IP_TTL_OFF: usize = ETH_HLEN + 8;
-const BPF_F_INGRESS: u64 = 1;
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 
@@ -504,10 +502,14 @@ fn is_group_or_broadcast(daddr_be: u32, cfg: &Config) -> bool {
 }
 
 /// A broadcast or multicast datagram to a discovery port: a copy goes to the local pod that
-/// declares the port, addressed to the pod (so that its socket receives it, from the asker's own
-/// address), and the pod's answer to the asker will leave as this node. The copy re-enters the
-/// uplink as a unicast packet to the pod and the kernel routes it there; the original is put back
-/// as it was for the host stack.
+/// declares the port, as a LAN host on the pod's own link would receive it: still addressed to
+/// the broadcast (the LAN subnet's broadcast becomes 255.255.255.255, which the pod can recognise)
+/// or to the group, in a frame to the matching broadcast or multicast MAC, with its IP TTL
+/// untouched (mDNS wants 255, RFC 6762 section 11). So a socket bound to 255.255.255.255 or to
+/// 0.0.0.0, or joined to the group, receives it, as real servers bind (Jellyfin, avahi, SSDP
+/// stacks). The pod sees the asker's own address, and its answer to
+/// the asker leaves as this node (REVNAT). The copy is transmitted on the pod's link (the host
+/// side of its veth); the original is put back as it was for the host stack.
 #[inline(always)]
 fn deliver_discovery(ctx: &TcContext, pkt: &Packet, cfg: &Config) {
     // SAFETY: copied out at once.
@@ -539,48 +541,54 @@ fn deliver_discovery(ctx: &TcContext, pkt: &Packet, cfg: &Config) {
     let Ok(dst_mac) = ctx.load::<[u8; 6]>(0) else {
         return;
     };
-    let Ok(ttl_proto) = ctx.load::<u16>(IP_TTL_OFF) else {
-        return;
+    // The pod's subnet is not the LAN's: a LAN-subnet broadcast means nothing there.
+    let to_addr = if pkt.daddr == cfg.broadcast_be {
+        u32::MAX
+    } else {
+        pkt.daddr
     };
-    // Multicast is often sent with TTL 1; the copy is forwarded once, to the pod.
-    let fresh_ttl = (u16::from_be(ttl_proto) & 0x00ff | 64 << 8).to_be();
+    let to_mac = group_mac(to_addr);
     let to_pod = rewrite(
         ctx,
         PROTO_UDP,
         IP_DST_OFF,
         pkt.daddr,
-        d.pod_addr_be,
+        to_addr,
         L4_OFF + 2,
         pkt.dport,
         d.pod_port_be,
     )
-    .and_then(|()| ctx.l3_csum_replace(IP_CSUM_OFF, ttl_proto as u64, fresh_ttl as u64, 2))
-    .and_then(|()| ctx.store(IP_TTL_OFF, &fresh_ttl, 0))
-    .and_then(|()| ctx.store(0, &cfg.self_mac, 0));
-    // SAFETY: plain helper call on this program's own skb.
-    let cloned =
-        to_pod.is_ok() && unsafe { bpf_clone_redirect(ctx.skb.skb, cfg.uplink_ifindex, BPF_F_INGRESS) } == 0;
-    let restored = ctx
-        .store(0, &dst_mac, 0)
-        .and_then(|()| ctx.l3_csum_replace(IP_CSUM_OFF, fresh_ttl as u64, ttl_proto as u64, 2))
-        .and_then(|()| ctx.store(IP_TTL_OFF, &ttl_proto, 0))
-        .and_then(|()| {
-            rewrite(
-                ctx,
-                PROTO_UDP,
-                IP_DST_OFF,
-                d.pod_addr_be,
-                pkt.daddr,
-                L4_OFF + 2,
-                d.pod_port_be,
-                pkt.dport,
-            )
-        });
+    .and_then(|()| ctx.store(0, &to_mac, 0));
+    // SAFETY: plain helper call on this program's own skb; egress on the pod's link.
+    let cloned = to_pod.is_ok() && unsafe { bpf_clone_redirect(ctx.skb.skb, d.ifindex, 0) } == 0;
+    let restored = ctx.store(0, &dst_mac, 0).and_then(|()| {
+        rewrite(
+            ctx,
+            PROTO_UDP,
+            IP_DST_OFF,
+            to_addr,
+            pkt.daddr,
+            L4_OFF + 2,
+            d.pod_port_be,
+            pkt.dport,
+        )
+    });
     if cloned && restored.is_ok() {
         count(slot, |c| c.discovered += 1);
     } else {
         count(slot, |c| c.drop_error += 1);
     }
+}
+
+/// The Ethernet destination of an IPv4 broadcast (all ones) or multicast group (01:00:5e and
+/// the group's low 23 bits, RFC 1112 section 6.4).
+#[inline(always)]
+fn group_mac(daddr_be: u32) -> [u8; 6] {
+    if daddr_be == u32::MAX {
+        return [0xff; 6];
+    }
+    let b = daddr_be.to_ne_bytes();
+    [0x01, 0x00, 0x5e, b[1] & 0x7f, b[2], b[3]]
 }
 
 /// A discovery pod's own broadcast or multicast (an announcement, or a multicast answer): it

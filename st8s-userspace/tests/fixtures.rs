@@ -802,9 +802,9 @@ fn stale_reply_translations_do_not_hijack_other_paths() {
 #[test]
 fn discovery_copies_broadcasts_to_the_pod_and_its_announcements_leave_as_the_node() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL);
-    // An uplink index that does not exist: BPF_PROG_TEST_RUN really sends what
-    // bpf_clone_redirect clones, and a fixture must send nothing anywhere. The copy therefore
-    // fails here (counted as drop_error); the lab test sees it delivered.
+    // A pod link that does not exist: BPF_PROG_TEST_RUN really sends what bpf_clone_redirect
+    // clones, and a fixture must send nothing anywhere. The copy therefore fails here (counted
+    // as drop_error); the lab test sees it delivered.
     dp.config_on(CONFIG_PREFER_LOCAL, 0x7fff_fff0);
     let d = Discovery {
         pod_addr_be: be(a(POD)),
@@ -812,6 +812,7 @@ fn discovery_copies_broadcasts_to_the_pod_and_its_announcements_leave_as_the_nod
         host_port_be: 7359u16.to_be(),
         slot: 3,
         _pad: 0,
+        ifindex: 0x7fff_fff1,
     };
     dp.writer
         .write_discovery(&mut dp.ebpf, [(7359, d)].into())
@@ -844,7 +845,7 @@ fn discovery_copies_broadcasts_to_the_pod_and_its_announcements_leave_as_the_nod
     assert_eq!(
         dp.counters(3).drop_error,
         3,
-        "the copies failed only for want of an uplink"
+        "the copies failed only for want of a pod link"
     );
 
     // The pod answers the asker: out as the node, to the asker.

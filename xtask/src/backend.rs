@@ -5,36 +5,75 @@
 //! DNS: any query -> one TXT record `pod=<name> client=<ip>:<port>` for the question's name.
 //! Discovery (UDP): any datagram -> `pod=<name> client=<ip>:<port>`, sent back to the asker; a
 //! datagram from port 5353 (an mDNS querier) is answered by multicast to 224.0.0.251:5353, as
-//! mDNS responders do.
+//! mDNS responders do. The sockets are bound as the real servers of those ports bind them (see
+//! `discovery_sockets`).
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::Arc,
     thread,
 };
 
 use anyhow::Context as _;
 
-pub fn serve(name: String, http: Option<u16>, dns: Option<u16>, discovery: &[u16]) -> anyhow::Result<()> {
+/// The pod's own address and prefix length, which the discovery servers bind to as real servers
+/// do.
+#[derive(Clone, Copy, Debug)]
+pub struct PodAddr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for PodAddr {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        let (addr, prefix) = s.split_once('/').context("address/prefix")?;
+        Ok(PodAddr {
+            addr: addr.parse()?,
+            prefix: prefix.parse()?,
+        })
+    }
+}
+
+impl PodAddr {
+    pub fn broadcast(self) -> Ipv4Addr {
+        let host_bits = u32::MAX.checked_shr(u32::from(self.prefix)).unwrap_or(0);
+        Ipv4Addr::from(u32::from(self.addr) | host_bits)
+    }
+}
+
+const SSDP_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 255, 250);
+const MDNS_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 251);
+
+pub fn serve(
+    name: String,
+    http: Option<u16>,
+    dns: Option<u16>,
+    discovery: &[u16],
+    addr: Option<PodAddr>,
+) -> anyhow::Result<()> {
     let name = Arc::new(name);
     let mut threads = Vec::new();
     for &port in discovery {
-        let u =
-            UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("binding discovery udp :{port}"))?;
-        let n = name.clone();
-        threads.push(thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while let Ok((_, peer)) = u.recv_from(&mut buf) {
-                let reply = format!("pod={n} client={peer}");
-                let to: SocketAddr = if peer.port() == 5353 {
-                    SocketAddr::from(([224, 0, 0, 251], 5353))
-                } else {
-                    peer
-                };
-                let _ = u.send_to(reply.as_bytes(), to);
-            }
-        }));
+        let (listen, reply) = discovery_sockets(port, addr)?;
+        for u in listen {
+            let n = name.clone();
+            let reply = reply.try_clone()?;
+            threads.push(thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while let Ok((_, peer)) = u.recv_from(&mut buf) {
+                    let text = format!("pod={n} client={peer}");
+                    let to: SocketAddr = if peer.port() == 5353 {
+                        SocketAddr::from(([224, 0, 0, 251], 5353))
+                    } else {
+                        peer
+                    };
+                    let _ = reply.send_to(text.as_bytes(), to);
+                }
+            }));
+        }
     }
     if let Some(port) = http {
         let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding http :{port}"))?;
@@ -175,6 +214,95 @@ pub fn dns_answer(q: &[u8], name: &str, peer: SocketAddr, _max: usize) -> Option
     r.push(txt.len() as u8);
     r.extend_from_slice(txt);
     Some(r)
+}
+
+/// The sockets a discovery server listens on, and the one it answers from, bound as the real
+/// servers bind them (with `addr`, the pod's address; without it, all on 0.0.0.0):
+/// - 7359, as Jellyfin 10.9 on Linux (Jellyfin.Networking/AutoDiscoveryHost.cs of that release):
+///   255.255.255.255 and the interface's subnet broadcast, never 0.0.0.0; answers from a socket
+///   bound to its own address. (Later releases bind 0.0.0.0, which the other ports cover.)
+/// - 1900, as SSDP stacks that bind the group (gupnp/libupnp style): 239.255.255.250, joined on
+///   the pod's interface; answers from its own address.
+/// - 5353, as mDNS responders (avahi-core/socket.c): 0.0.0.0, joined to 224.0.0.251.
+/// - any other port: 0.0.0.0.
+fn discovery_sockets(port: u16, addr: Option<PodAddr>) -> anyhow::Result<(Vec<UdpSocket>, UdpSocket)> {
+    let bind =
+        |ip: Ipv4Addr| bind_shared(ip, port).with_context(|| format!("binding discovery udp {ip}:{port}"));
+    match (port, addr) {
+        (7359, Some(a)) => Ok((
+            vec![bind(Ipv4Addr::BROADCAST)?, bind(a.broadcast())?],
+            bind(a.addr)?,
+        )),
+        (1900, Some(a)) => {
+            let group = bind(SSDP_GROUP)?;
+            group
+                .join_multicast_v4(&SSDP_GROUP, &a.addr)
+                .context("joining the SSDP group")?;
+            Ok((vec![group], bind(a.addr)?))
+        }
+        (5353, Some(a)) => {
+            let any = bind(Ipv4Addr::UNSPECIFIED)?;
+            any.join_multicast_v4(&MDNS_GROUP, &a.addr)
+                .context("joining the mDNS group")?;
+            // Its own multicast answers must not come back as queries (avahi drops packets from
+            // its own addresses for the same reason).
+            any.set_multicast_loop_v4(false)?;
+            let reply = any.try_clone()?;
+            Ok((vec![any], reply))
+        }
+        _ => {
+            let any = bind(Ipv4Addr::UNSPECIFIED)?;
+            let reply = any.try_clone()?;
+            Ok((vec![any], reply))
+        }
+    }
+}
+
+/// A UDP socket bound with SO_REUSEADDR, so that several can share the port on different
+/// addresses, as the servers above do.
+fn bind_shared(ip: Ipv4Addr, port: u16) -> std::io::Result<UdpSocket> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain socket call; the fd is owned by the UdpSocket made from it below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is fresh and owned by nothing else.
+    let sock = unsafe { UdpSocket::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: valid fd and option buffer.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: valid fd and a sockaddr_in of the given size.
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(sock)
 }
 
 #[cfg(test)]

@@ -497,6 +497,7 @@ impl Lab {
                 for p in &spec.discovery {
                     cmd.args(["--discovery", &p.to_string()]);
                 }
+                cmd.args(["--addr", &format!("{pod_ip}/24")]);
             }
         }
         let log = fs::File::create(self.dir.join(format!("pod-{}.log", spec.name)))?;
@@ -516,6 +517,18 @@ impl Lab {
             },
         );
         Ok(())
+    }
+
+    /// The ifindex, in its node, of the host side of a pod's veth (its own link).
+    pub fn pod_link(&self, name: &str) -> anyhow::Result<u32> {
+        let pod = self.pods.get(name).with_context(|| format!("no pod {name}"))?;
+        let ifname = std::ffi::CString::new(pod.node_if.clone())?;
+        // SAFETY: a valid C string; the call only reads it.
+        let index = in_netns(self.node_ns(pod.spec.node), move || unsafe {
+            libc::if_nametoindex(ifname.as_ptr())
+        })?;
+        anyhow::ensure!(index != 0, "{} has no link {}", name, pod.node_if);
+        Ok(index)
     }
 
     /// Stops a pod and removes its network.
@@ -867,12 +880,12 @@ impl Lab {
         &self,
         dst: Ipv4Addr,
         port: u16,
-        payload: &str,
+        payload: impl AsRef<[u8]>,
         from_port: u16,
         group: Option<Ipv4Addr>,
         wait: Duration,
     ) -> anyhow::Result<Vec<(std::net::SocketAddrV4, String)>> {
-        let payload = payload.to_owned();
+        let payload = payload.as_ref().to_vec();
         in_netns(
             &self.client,
             move || -> anyhow::Result<Vec<(std::net::SocketAddrV4, String)>> {
@@ -897,10 +910,12 @@ impl Lab {
                 }
                 s.set_broadcast(true)?;
                 s.set_multicast_loop_v4(false)?;
+                // As mDNS queriers send (RFC 6762 section 11); one LAN, so harmless for SSDP.
+                s.set_multicast_ttl_v4(255)?;
                 if let Some(g) = group {
                     s.join_multicast_v4(&g, &CLIENT_ADDR)?;
                 }
-                s.send_to(payload.as_bytes(), (dst, port))?;
+                s.send_to(&payload, (dst, port))?;
                 let deadline = Instant::now() + wait;
                 let mut out = Vec::new();
                 let mut buf = [0u8; 1500];

@@ -89,6 +89,9 @@ enum Task {
         /// A UDP discovery port to answer on (repeat for several).
         #[arg(long)]
         discovery: Vec<u16>,
+        /// The pod's address/prefix, which discovery servers bind to as real servers do.
+        #[arg(long)]
+        addr: Option<xtask::backend::PodAddr>,
     },
     /// (lab internal) Attach the XDP_PASS stub to a veth and pin the link.
     #[command(hide = true)]
@@ -209,7 +212,8 @@ fn main() -> anyhow::Result<()> {
             http,
             dns,
             discovery,
-        } => xtask::backend::serve(name, http, dns, &discovery),
+            addr,
+        } => xtask::backend::serve(name, http, dns, &discovery, addr),
         Task::LabStub { iface, pin } => stub(&iface, &pin),
     }
 }

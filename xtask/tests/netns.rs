@@ -787,8 +787,13 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
 fn discovery_broadcasts_reach_the_pod_and_move_with_it() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut lab = running(lab(true), &[PodSpec::discovery("jelly", 1, &[7359, 1900, 5353])]);
-    lab.wait_table(1, SYNC, |s| s.discovery.len() == 3)
-        .expect("node1 delivers discovery");
+    // The copies go to the pod's own link, found in cni0's forwarding database, not to the
+    // bridge (which would flood them to every pod on it).
+    let link = lab.pod_link("jelly").expect("link");
+    lab.wait_table(1, SYNC, |s| {
+        s.discovery.len() == 3 && s.discovery.iter().all(|(_, d)| d.ifindex == link)
+    })
+    .expect("node1 delivers discovery on the pod's link");
     let wait = Duration::from_millis(800);
     let ask = |lab: &Lab, dst: &str, port: u16, payload: &str| {
         lab.udp_ask(dst.parse().expect("address"), port, payload, 0, None, wait)
@@ -862,6 +867,111 @@ fn discovery_broadcasts_reach_the_pod_and_move_with_it() {
     assert_eq!(*answers[0].0.ip(), node_addr(2));
     assert!(answers[0].1.contains("pod=lab/jelly2"));
     println!("discovery moved with its pod: node2 programmed {moved:?} after the cluster file changed");
+}
+
+/// An mDNS query (RFC 6762) for `name`'s A record with the id "W8", one question.
+fn mdns_query(name: &str) -> Vec<u8> {
+    let mut q = vec![b'W', b'8', 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// Issue 13: a real avahi-daemon (Debian's) in a pod without hostNetwork answers an mDNS query
+/// from the LAN through its node. avahi drops a query sent to a unicast address from a source
+/// off its link (avahi-core/server.c, dispatch_packet), so this passes only if the copy reaches
+/// the pod still addressed to 224.0.0.251. Its answer leaves as the node. A discovery port the pod declares but does not listen on costs nothing:
+/// the pod's kernel drops the copy and nobody answers.
+#[test]
+fn a_real_avahi_in_a_pod_answers_mdns_through_its_node() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab(true);
+    let dir = std::env::temp_dir().join(format!("st8s-avahi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let conf = dir.join("avahi-daemon.conf");
+    // IPv4 only, no D-Bus (no system bus in a pod), nothing published but the host name.
+    std::fs::write(
+        &conf,
+        "[server]\nhost-name=lab-avahi\ndomain-name=local\nuse-ipv4=yes\nuse-ipv6=no\nallow-interfaces=eth0\nenable-dbus=no\n\
+         [wide-area]\nenable-wide-area=no\n[publish]\npublish-hinfo=no\npublish-workstation=no\n",
+    )
+    .expect("conf");
+    // Its own /run/avahi-daemon (pid file, socket), so that it never meets a host's avahi.
+    let script = format!(
+        "mkdir -p /run/avahi-daemon && mount -t tmpfs tmpfs /run/avahi-daemon && \
+         exec avahi-daemon --no-drop-root --no-chroot --no-rlimits --no-proc-title -f {}",
+        conf.display()
+    );
+    let mut pod = PodSpec::discovery("avahi", 1, &[5353, 7359]);
+    pod.command = Some(
+        ["unshare", "--mount", "--", "sh", "-c", &script]
+            .map(String::from)
+            .to_vec(),
+    );
+    let lab = running(lab, &[pod]);
+    lab.wait_table(1, SYNC, |s| s.discovery.len() == 2)
+        .expect("node1 delivers discovery");
+    let log = lab.dir().join("pod-avahi.log");
+    xtask::poll_until(Duration::from_secs(20), "avahi announces its host name", || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("Server startup complete"))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+
+    // A one-shot query (RFC 6762 section 6.7: from a port other than 5353, to the group): avahi
+    // answers it by unicast to the asker, echoing the id, and only because it was asked; its
+    // announcements go to the group, which this socket has not joined.
+    let group: Ipv4Addr = "224.0.0.251".parse().expect("group");
+    let answers = lab
+        .udp_ask(
+            group,
+            5353,
+            mdns_query("lab-avahi.local"),
+            0,
+            None,
+            Duration::from_secs(2),
+        )
+        .expect("mdns");
+    assert_eq!(
+        answers.len(),
+        1,
+        "one answer, from avahi through node1: {answers:?}"
+    );
+    let (from, text) = &answers[0];
+    assert!(text.starts_with("W8") && text.contains("lab-avahi"), "{text:?}");
+    assert_eq!(
+        (*from.ip(), from.port()),
+        (node_addr(1), 5353),
+        "avahi's answer leaves as the node"
+    );
+
+    // Declared, not listened on: the copy is delivered and dropped by the pod's kernel.
+    let silent = lab
+        .udp_ask(
+            "255.255.255.255".parse().expect("a"),
+            7359,
+            "who is JellyfinServer?",
+            0,
+            None,
+            Duration::from_millis(800),
+        )
+        .expect("udp");
+    assert!(
+        silent.is_empty(),
+        "nobody answers, not even an ICMP error: {silent:?}"
+    );
+    let c = st8s::dataplane::inspect::counters_by_port(
+        &st8s::dataplane::inspect::snapshot(&lab.agent_pin_dir(1)).expect("snapshot"),
+    );
+    assert_eq!(c["7359/udp"].discovered, 1, "{c:?}");
+    assert!(c["5353/udp"].discovered >= 1, "{c:?}");
+    assert!(c.values().all(|c| c.drop_error == 0), "{c:?}");
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Issue 8, fast failover: a node's link is cut while a client keeps connecting through another
@@ -1050,7 +1160,7 @@ fn a_rolling_restart_under_load_fails_no_new_request() {
     // UDP: a client that always uses source port 5300.
     let ask = |lab: &Lab| -> Option<String> {
         let answers = lab
-            .udp_ask(node3, 53, &dns_query(), 5300, None, Duration::from_millis(100))
+            .udp_ask(node3, 53, dns_query(), 5300, None, Duration::from_millis(100))
             .ok()?;
         // The TXT record's text sits after its length byte: look for it anywhere.
         answers.into_iter().find_map(|(_, text)| {

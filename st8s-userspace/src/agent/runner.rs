@@ -134,7 +134,7 @@ impl<D: Dataplane> Runner<D> {
             .dp
             .apply(&table, &self.macs)
             .inspect_err(|_| self.metrics.error(ErrorKind::MapWrite))?;
-        self.dirty = false;
+        self.dirty = report.retry;
         let latency = self.pending_since.take().map(|since| since.elapsed());
         if let Some(l) = latency {
             self.metrics.observe_sync(l);

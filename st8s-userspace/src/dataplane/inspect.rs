@@ -180,9 +180,10 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
             s.discovery
                 .iter()
                 .map(|(port, d)| format!(
-                    "{port}/udp -> {}:{}",
+                    "{port}/udp -> {}:{} (link {})",
                     addr(d.pod_addr_be),
-                    u16::from_be(d.pod_port_be)
+                    u16::from_be(d.pod_port_be),
+                    d.ifindex
                 ))
                 .collect::<Vec<_>>()
                 .join("  ")

@@ -240,6 +240,14 @@ impl BpfDataplane {
                 pod_ifindexes.insert(*id, self.pod_ifindex(local.addr)?);
             }
         }
+        let mut discovery_links = BTreeMap::new();
+        for (id, plan) in &desired.ports {
+            if let Some(local) = plan.local.as_ref().filter(|l| l.discovery) {
+                let (link, learned) = discovery_link(local.addr, pod_ifindexes[id])?;
+                report.retry |= !learned;
+                discovery_links.insert(local.addr, link);
+            }
+        }
         self.writer.count = WriteCount::default();
         let config = self.config_for(desired.self_node.addr);
         let (ebpf, w) = (&mut self.ebpf, &mut self.writer);
@@ -301,6 +309,7 @@ impl BpfDataplane {
                         host_port_be: id.port.to_be(),
                         slot: w.slot(*id)?,
                         _pad: 0,
+                        ifindex: *discovery_links.get(&local.addr)?,
                     },
                 ))
             })
@@ -352,6 +361,27 @@ impl BpfDataplane {
 
     pub fn self_mac(&self) -> String {
         format_mac(&self.self_mac)
+    }
+}
+
+/// Where a discovery pod's copies go (see `deliver_discovery` in the programs): the host side of
+/// its own link, found through the bridge's forwarding database when `dev` (the device of the
+/// route to the pod) is a bridge. Until the bridge has learned the pod's MAC, the bridge itself,
+/// which floods the copy to every pod on it; the pod is then solicited, so that it answers an ARP
+/// request and the bridge learns where it is, and `false` says to look again.
+fn discovery_link(pod: Ipv4Addr, dev: u32) -> anyhow::Result<(u32, bool)> {
+    let mac = net::neighbours()?.get(&pod).copied();
+    let port = match mac {
+        Some(mac) => net::bridge_port(dev, mac)?,
+        None => net::BridgePort::Unknown,
+    };
+    match port {
+        net::BridgePort::Port(link) => Ok((link, true)),
+        net::BridgePort::NotABridge if mac.is_some() => Ok((dev, true)),
+        net::BridgePort::NotABridge | net::BridgePort::Unknown => {
+            net::solicit(pod);
+            Ok((dev, false))
+        }
     }
 }
 
@@ -445,6 +475,9 @@ pub struct ApplyReport {
     pub writes: usize,
     pub ports_changed: usize,
     pub unresolved: BTreeSet<String>,
+    /// Something was programmed provisionally (a discovery pod's link not learned yet): apply
+    /// again on the next tick.
+    pub retry: bool,
 }
 
 /// Opens a pinned map read-only for `st8s inspect`.

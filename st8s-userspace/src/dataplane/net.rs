@@ -1,6 +1,6 @@
 //! What the agent needs to know about the node's own network: interfaces, MAC addresses, routes
 //! and neighbours. Everything here reads the network namespace the process runs in (ioctl,
-//! getifaddrs, /proc/self/net), never /sys, which shows the namespace that mounted it.
+//! getifaddrs, /proc/self/net, rtnetlink), never /sys, which shows the namespace that mounted it.
 
 use std::{
     collections::BTreeMap,
@@ -23,6 +23,8 @@ pub enum NetError {
     },
     #[error("cannot list interface addresses")]
     Ifaddrs(#[source] io::Error),
+    #[error("cannot read the bridge forwarding database")]
+    Netlink(#[source] io::Error),
     #[error("cannot read {path}")]
     Proc {
         path: &'static str,
@@ -301,4 +303,137 @@ cni0\t0001F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
         assert_eq!(iface_with_addr(Ipv4Addr::LOCALHOST).expect("lo"), "lo");
         assert_eq!(mac_of("lo").expect("lo mac"), [0; 6]);
     }
+}
+
+/// Where a bridge has learned a MAC address, from its forwarding database (an `AF_BRIDGE`
+/// neighbour dump over rtnetlink, which reads this network namespace, as `bridge fdb` does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BridgePort {
+    /// `dev` is no bridge's master: it is the link itself (a routed CNI's veth).
+    NotABridge,
+    /// The bridge port (an ifindex) behind which the MAC lives.
+    Port(u32),
+    /// A bridge that has not learned the MAC (yet).
+    Unknown,
+}
+
+/// The port of bridge `dev` (an ifindex) behind which `mac` lives.
+pub fn bridge_port(dev: u32, mac: [u8; 6]) -> Result<BridgePort, NetError> {
+    let entries = fdb_dump().map_err(NetError::Netlink)?;
+    let mut bridge = false;
+    for e in entries.iter().filter(|e| e.master == dev) {
+        bridge = true;
+        if e.mac == mac && e.port != dev {
+            return Ok(BridgePort::Port(e.port));
+        }
+    }
+    Ok(if bridge {
+        BridgePort::Unknown
+    } else {
+        BridgePort::NotABridge
+    })
+}
+
+/// One forwarding-database entry: `mac` behind port `port` of bridge `master`.
+struct FdbEntry {
+    mac: [u8; 6],
+    port: u32,
+    master: u32,
+}
+
+const RTM_GETNEIGH: u16 = 30;
+const RTM_NEWNEIGH: u16 = 28;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NDA_LLADDR: u16 = 2;
+const NDA_MASTER: u16 = 9;
+/// nlmsghdr, then ndmsg (family, pad, pad, ifindex, state, flags, type).
+const NLMSG_HDR: usize = 16;
+const NDMSG: usize = 12;
+
+fn fdb_dump() -> io::Result<Vec<FdbEntry>> {
+    // SAFETY: plain socket call; the fd is closed by OwnedFd.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let mut req = [0u8; NLMSG_HDR + NDMSG];
+    req[0..4].copy_from_slice(&((NLMSG_HDR + NDMSG) as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_GETNEIGH.to_ne_bytes());
+    req[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[NLMSG_HDR] = libc::AF_BRIDGE as u8;
+    // SAFETY: req is a valid buffer of the given length.
+    if unsafe { libc::send(raw, req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: buf is a valid, writable buffer of its length.
+        let n = unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if parse_fdb(&buf[..n as usize], &mut out)? {
+            return Ok(out);
+        }
+    }
+}
+
+/// Parses one datagram of a neighbour dump into `out`; true at the end of the dump.
+fn parse_fdb(mut msgs: &[u8], out: &mut Vec<FdbEntry>) -> io::Result<bool> {
+    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    while msgs.len() >= NLMSG_HDR {
+        let len = u32_at(msgs, 0) as usize;
+        if len < NLMSG_HDR || len > msgs.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "truncated netlink message",
+            ));
+        }
+        let (msg, rest) = msgs.split_at(len);
+        msgs = rest.get(((len + 3) & !3) - len..).unwrap_or_default();
+        match u16_at(msg, 4) {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let errno = msg
+                    .get(NLMSG_HDR..NLMSG_HDR + 4)
+                    .map_or(0, |b| u32_at(b, 0) as i32);
+                return Err(io::Error::from_raw_os_error(-errno));
+            }
+            RTM_NEWNEIGH if msg.len() >= NLMSG_HDR + NDMSG => {}
+            _ => continue,
+        }
+        let port = u32_at(msg, NLMSG_HDR + 4);
+        let mut attrs = &msg[NLMSG_HDR + NDMSG..];
+        let (mut mac, mut master) = (None, 0);
+        while attrs.len() >= 4 {
+            let alen = u16_at(attrs, 0) as usize;
+            if alen < 4 || alen > attrs.len() {
+                break;
+            }
+            let data = &attrs[4..alen];
+            match u16_at(attrs, 2) {
+                NDA_LLADDR if data.len() == 6 => mac = data.try_into().ok(),
+                NDA_MASTER if data.len() == 4 => master = u32_at(data, 0),
+                _ => {}
+            }
+            attrs = attrs.get((alen + 3) & !3..).unwrap_or_default();
+        }
+        if let Some(mac) = mac {
+            out.push(FdbEntry { mac, port, master });
+        }
+    }
+    Ok(false)
 }
