@@ -21,8 +21,9 @@ pub mod map_names {
     pub const COUNTERS: &str = "ST8S_COUNTERS";
     pub const DISCOVERY: &str = "ST8S_DISCOVERY";
     pub const DISCOVERY_PODS: &str = "ST8S_DISCOVERY_PODS";
+    pub const SOCK_REVNAT: &str = "ST8S_SOCK_REVNAT";
 
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         CONFIG,
         PORTS,
         PORT_INDEX,
@@ -36,6 +37,7 @@ pub mod map_names {
         COUNTERS,
         DISCOVERY,
         DISCOVERY_PODS,
+        SOCK_REVNAT,
     ];
 }
 
@@ -49,6 +51,16 @@ pub mod program_names {
     pub const POD_TC: &str = "st8s_pod_tc";
     /// `XDP_PASS` only: the lab attaches it to the switch side of each veth uplink.
     pub const XDP_PASS: &str = "st8s_xdp_pass";
+    /// Socket-level steering for clients on the node itself (its processes and its pods), attached
+    /// at the node's cgroup v2 root: `connect()` and `sendmsg()` to a node address on a steered
+    /// port are sent to the chosen backend; `recvmsg()` and `getpeername()` show the address the
+    /// application used.
+    pub const SOCK_CONNECT4: &str = "st8s_sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "st8s_sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "st8s_sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "st8s_sock_getpeername4";
+    /// The socket programs, with the hook each attaches to.
+    pub const SOCKET: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_GETPEERNAME4];
     /// Benchmark baselines: header parsing only.
     pub const PARSE_ONLY_XDP: &str = "st8s_parse_only_xdp";
     pub const PARSE_ONLY_TC: &str = "st8s_parse_only_tc";
@@ -343,6 +355,29 @@ pub struct RevNatValue {
 }
 assert_size!(RevNatValue, 24);
 
+/// Key of `ST8S_SOCK_REVNAT`: a socket that socket-level steering sent to a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    /// `bpf_get_socket_cookie`: unique per socket while it lives.
+    pub cookie: u64,
+    pub backend_addr_be: u32,
+    pub backend_port_be: u16,
+    pub _pad: u16,
+}
+assert_size!(SockRevNatKey, 16);
+
+/// Value of `ST8S_SOCK_REVNAT`: the node address and port the application asked for, which
+/// `recvmsg()` and `getpeername()` show it instead of the backend's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNatValue {
+    pub frontend_addr_be: u32,
+    pub frontend_port_be: u16,
+    pub _pad: u16,
+}
+assert_size!(SockRevNatValue, 8);
+
 /// Value of `ST8S_COUNTERS` (a per-CPU array indexed by port slot; `GLOBAL_COUNTER_SLOT` for the
 /// rest). The names are the ones `st8s inspect` prints.
 #[repr(C)]
@@ -365,8 +400,13 @@ pub struct Counters {
     pub drop_error: u64,
     /// Broadcast or multicast to a discovery port, copied to the local pod that declares it.
     pub discovered: u64,
+    /// A connect or send from this node (a process or a pod) to a node address, sent to the
+    /// backend pod on this node.
+    pub socket_local: u64,
+    /// The same, sent to another node that runs a backend.
+    pub socket_remote: u64,
 }
-assert_size!(Counters, 64);
+assert_size!(Counters, 80);
 
 impl Counters {
     pub fn add(&mut self, other: &Self) {
@@ -378,6 +418,8 @@ impl Counters {
         self.drop_no_local_backend += other.drop_no_local_backend;
         self.drop_error += other.drop_error;
         self.discovered += other.discovered;
+        self.socket_local += other.socket_local;
+        self.socket_remote += other.socket_remote;
     }
 }
 
@@ -392,6 +434,24 @@ pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
         ((key.client_port_be as u32) << 16) | key.frontend_port_be as u32,
     );
     h = mix(h, key.proto as u32);
+    fmix(h)
+}
+
+/// The hash a socket's new flow is placed with in the Maglev row. A socket's source port is not
+/// known at `connect()`, so its cookie stands in for it: every send of one socket lands on one
+/// backend while the row stays the same.
+pub const fn socket_hash(
+    cookie: u64,
+    frontend_addr_be: u32,
+    frontend_port_be: u16,
+    proto: u8,
+    seed: u32,
+) -> u32 {
+    let mut h = seed ^ 0x85eb_ca6b;
+    h = mix(h, cookie as u32);
+    h = mix(h, (cookie >> 32) as u32);
+    h = mix(h, frontend_addr_be);
+    h = mix(h, ((proto as u32) << 16) | frontend_port_be as u32);
     fmix(h)
 }
 
@@ -430,6 +490,8 @@ mod user {
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Discovery {}
     unsafe impl aya::Pod for DiscoveryPodKey {}
+    unsafe impl aya::Pod for SockRevNatKey {}
+    unsafe impl aya::Pod for SockRevNatValue {}
 }
 
 #[cfg(test)]
@@ -462,6 +524,21 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(last.maglev_index(), MAX_PORTS * BANKS - 1);
+    }
+
+    #[test]
+    fn socket_hash_depends_on_seed_and_every_field() {
+        let h = socket_hash(0x1_0000_0002, 3, 4, 6, 7);
+        for other in [
+            socket_hash(0x1_0000_0002, 3, 4, 6, 8),
+            socket_hash(0x2_0000_0002, 3, 4, 6, 7),
+            socket_hash(0x1_0000_0003, 3, 4, 6, 7),
+            socket_hash(0x1_0000_0002, 9, 4, 6, 7),
+            socket_hash(0x1_0000_0002, 3, 5, 6, 7),
+            socket_hash(0x1_0000_0002, 3, 4, 17, 7),
+        ] {
+            assert_ne!(h, other);
+        }
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //!   itself when XDP is not attached.
 //! - `st8s_pod_tc` (TC ingress, the interface the pods hang off): rewrites backend replies to the
 //!   address and port the client sent to and sends them straight out of the uplink.
+//! - `st8s_sock_*` (cgroup v2 socket hooks at the node's cgroup root): clients on the node itself,
+//!   its processes and its pods, steered where they name the address (connect, sendmsg), and
+//!   shown that address back (recvmsg, getpeername).
 //! - `st8s_xdp_pass`: `XDP_PASS`, for the switch side of veth uplinks in the lab.
 #![no_std]
 #![no_main]
@@ -15,18 +18,19 @@ use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_clone_redirect, bpf_redirect, bpf_redirect_neigh},
+        generated::{bpf_clone_redirect, bpf_get_socket_cookie, bpf_redirect, bpf_redirect_neigh},
     },
-    macros::{classifier, map, xdp},
+    macros::{cgroup_sock_addr, classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{TcContext, XdpContext},
+    programs::{SockAddrContext, TcContext, XdpContext},
+    EbpfContext as _,
 };
 use st8s_common::{
-    flow_hash, port_index, Backend, Config, Counters, Discovery, DiscoveryPodKey, FlowKey, FlowValue, MacKey,
+    flow_hash, port_index, socket_hash, Backend, Config, Counters, Discovery, DiscoveryPodKey, FlowKey, FlowValue, MacKey,
     MaglevRow, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatValue, BACKEND_DRAINING, BACKEND_LOCAL, BANKS,
     CONFIG_PREFER_LOCAL, FLOW_LOCAL, FLOW_REMOTE, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS,
     MAX_DISCOVERY, MAX_FLOWS, MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES, PORT_LOCAL_DRAINING, PROTO_TCP,
-    PROTO_UDP,
+    PROTO_UDP, SockRevNatKey, SockRevNatValue,
 };
 
 #[map]
@@ -63,6 +67,10 @@ static ST8S_DISCOVERY: HashMap<u32, Discovery> = HashMap::with_max_entries(MAX_D
 /// The same, by the pod's address and containerPort (pod side).
 #[map]
 static ST8S_DISCOVERY_PODS: HashMap<DiscoveryPodKey, Discovery> = HashMap::with_max_entries(MAX_DISCOVERY, 0);
+/// Sockets on this node that socket-level steering sent to a backend: how to show the
+/// application the address it asked for.
+#[map]
+static ST8S_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -79,6 +87,8 @@ const UDP_HLEN: usize = 8;
 const PARSE_LEN: usize = L4_OFF + TCP_HLEN;
 
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 
 /// The headers of an IPv4 TCP/UDP packet that st8s may steer. Addresses and ports stay in network
@@ -175,7 +185,12 @@ enum Steer {
 /// The live `PortInfo` of a steered (port, protocol): two array reads, no hashing.
 #[inline(always)]
 fn port_info(pkt: &Packet) -> Option<PortInfo> {
-    let index = port_index(pkt.proto, u16::from_be(pkt.dport) as u32);
+    port_info_of(pkt.proto, pkt.dport)
+}
+
+#[inline(always)]
+fn port_info_of(proto: u8, port_be: u16) -> Option<PortInfo> {
+    let index = port_index(proto, u16::from_be(port_be) as u32);
     let live = *ST8S_PORT_INDEX.get(index)?;
     if live == 0 {
         return None;
@@ -245,55 +260,21 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
             return s;
         }
     }
+    // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    // New flow, or its backend went away: choose again.
-    let local_takes_new = port.has_local != 0 && port.flags & PORT_LOCAL_DRAINING == 0;
-    let chosen = if cfg.flags & CONFIG_PREFER_LOCAL != 0 && local_takes_new {
-        None
-    } else {
-        let h = flow_hash(&key, cfg.hash_seed);
-        let row = match ST8S_MAGLEV.get(port.maglev_index()) {
-            Some(r) => r,
-            None => {
-                return Steer::Pass {
-                    slot,
-                    untrusted: false,
-                }
-            }
+    // New flow, or its backend went away: choose again. A connection from another node's own
+    // stack (a peer's MAC, sent to this node's address) was already placed by that node's
+    // socket-level steering, or its client picked this node itself: serve it here when possible.
+    let prefer_local = cfg.flags & CONFIG_PREFER_LOCAL != 0 || {
+        let mac = MacKey {
+            mac: pkt.src_mac,
+            _pad: [0; 2],
         };
-        let pos = bounded((h as usize) % MAGLEV_SIZE);
-        if pos >= MAGLEV_SIZE {
-            return Steer::Pass {
-                slot,
-                untrusted: false,
-            };
-        }
-        let idx = row.slots[pos] as u32;
-        if idx >= port.backend_count as u32 || idx >= MAX_BACKENDS {
-            return Steer::Pass {
-                slot,
-                untrusted: false,
-            };
-        }
-        match ST8S_BACKENDS.get(port.backend_index(idx)) {
-            // Draining backends keep their flows but take no new one.
-            Some(b) if b.flags & BACKEND_DRAINING != 0 => {
-                return Steer::Pass {
-                    slot,
-                    untrusted: false,
-                }
-            }
-            Some(b) => Some((*b, idx as u8)),
-            None => {
-                return Steer::Pass {
-                    slot,
-                    untrusted: false,
-                }
-            }
-        }
+        // SAFETY: only existence is checked.
+        unsafe { ST8S_PEER_MACS.get(mac) }.is_some()
     };
-    let (flow, verdict) = match chosen {
-        Some((b, idx)) if b.flags & BACKEND_LOCAL == 0 => (
+    let (flow, verdict) = match choose(&port, flow_hash(&key, cfg.hash_seed), prefer_local) {
+        Choice::Remote { backend: b, idx } => (
             FlowValue {
                 backend_addr_be: b.node_addr_be,
                 backend_port_be: 0,
@@ -306,7 +287,7 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
                 mac: b.node_mac,
             },
         ),
-        _ if port.has_local != 0 => (
+        Choice::Local => (
             FlowValue {
                 backend_addr_be: port.local_addr_be,
                 backend_port_be: port.local_port_be,
@@ -316,8 +297,9 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
             },
             Steer::Local { port },
         ),
-        // The table says "this node" but the pod is gone: let the kernel answer.
-        _ => {
+        // No backend takes new flows here (draining, or the table says "this node" but the pod
+        // is gone): let the kernel answer.
+        Choice::None => {
             return Steer::Pass {
                 slot,
                 untrusted: false,
@@ -327,6 +309,54 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
     // A full LRU evicts the oldest flow; an insert failure only costs stickiness.
     let _ = ST8S_FLOWS.insert(key, flow, 0);
     verdict
+}
+
+/// Where a new flow goes.
+enum Choice {
+    /// The backend pod on this node.
+    Local,
+    /// Another node's backend (`idx` in the port's live backend list).
+    Remote { backend: Backend, idx: u8 },
+    /// Nowhere: no backend takes new flows.
+    None,
+}
+
+/// The backend of a new flow with hash `h`: this node's pod when `prefer_local` and it takes new
+/// flows, otherwise the port's Maglev row. Packets from the LAN and sockets on the node choose
+/// through this one function, so both place a flow the same way.
+#[inline(always)]
+fn choose(port: &PortInfo, h: u32, prefer_local: bool) -> Choice {
+    let local_takes_new = port.has_local != 0 && port.flags & PORT_LOCAL_DRAINING == 0;
+    if prefer_local && local_takes_new {
+        return Choice::Local;
+    }
+    let Some(row) = ST8S_MAGLEV.get(port.maglev_index()) else {
+        return Choice::None;
+    };
+    let pos = bounded((h as usize) % MAGLEV_SIZE);
+    if pos >= MAGLEV_SIZE {
+        return Choice::None;
+    }
+    let idx = row.slots[pos] as u32;
+    if idx >= port.backend_count as u32 || idx >= MAX_BACKENDS {
+        return Choice::None;
+    }
+    match ST8S_BACKENDS.get(port.backend_index(idx)) {
+        // Draining backends keep their flows but take no new one.
+        Some(b) if b.flags & BACKEND_DRAINING != 0 => Choice::None,
+        Some(b) if b.flags & BACKEND_LOCAL != 0 => {
+            if port.has_local != 0 {
+                Choice::Local
+            } else {
+                Choice::None
+            }
+        }
+        Some(b) => Choice::Remote {
+            backend: *b,
+            idx: idx as u8,
+        },
+        None => Choice::None,
+    }
 }
 
 /// Hides a value's provenance from the optimiser, so that the bounds check that follows is kept
@@ -868,6 +898,128 @@ pub fn st8s_parse_lookup_xdp(ctx: XdpContext) -> u32 {
         Some(_) if uses_every_field(&p) => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
+}
+
+// Socket-level steering: clients on the node itself. Their packets never cross the uplink's
+// ingress, so the TC and XDP programs never see them; instead the destination is chosen once per
+// socket, where the application names it (as Cilium's socket-level load balancing does): at
+// connect() for TCP and connected UDP, at each sendmsg() for unconnected UDP. recvmsg() and
+// getpeername() then show the address the application used, so nothing in the application sees
+// the backend. Every program returns 1 (allow): steering never refuses a socket call.
+
+#[cgroup_sock_addr(connect4)]
+pub fn st8s_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock_steer(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn st8s_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_steer(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn st8s_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock_unsteer(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn st8s_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock_unsteer(&ctx);
+    1
+}
+
+/// A connect or send to a node's address on a steered port goes to the backend `choose` picks,
+/// placed by the socket's cookie: this node's pod (its address and containerPort), or a node that
+/// runs one (its address and the hostPort; that node serves a connection from a peer itself).
+/// A port without backends is left alone, so the kernel refuses it at once as it would anyway.
+#[inline(always)]
+fn sock_steer(ctx: &SockAddrContext) -> Option<()> {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel hands every program a valid bpf_sock_addr.
+    let (proto, daddr, dport) = unsafe { ((*sa).protocol as u8, (*sa).user_ip4, (*sa).user_port as u16) };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    let cfg = config()?;
+    // SAFETY: only existence is checked.
+    if daddr != cfg.self_addr_be && unsafe { ST8S_NODES.get(daddr) }.is_none() {
+        return None;
+    }
+    let port = port_info_of(proto, dport)?;
+    if port.backend_count == 0 {
+        return None;
+    }
+    let slot = port.slot as u32;
+    // SAFETY: plain helper call on this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let h = socket_hash(cookie, daddr, dport, proto, cfg.hash_seed);
+    let (to_addr, to_port, local) = match choose(&port, h, cfg.flags & CONFIG_PREFER_LOCAL != 0) {
+        Choice::Local => (port.local_addr_be, port.local_port_be, true),
+        Choice::Remote { backend, .. } => (backend.node_addr_be, dport, false),
+        Choice::None => return None,
+    };
+    let key = SockRevNatKey {
+        cookie,
+        backend_addr_be: to_addr,
+        backend_port_be: to_port,
+        _pad: 0,
+    };
+    let value = SockRevNatValue {
+        frontend_addr_be: daddr,
+        frontend_port_be: dport,
+        _pad: 0,
+    };
+    // An entry that is there already wins: while a restarted agent's programs run next to the
+    // old ones, the second program sees the first one's choice (a node address too) and must
+    // not record it as what the application asked for. Without a way back at all, the
+    // application would see the backend: leave the call as it was.
+    match ST8S_SOCK_REVNAT.insert(key, value, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => {}
+        Err(_) => {
+            count(slot, |c| c.drop_error += 1);
+            return None;
+        }
+    }
+    // SAFETY: as above; user_ip4 and user_port are writable in these hooks.
+    unsafe {
+        (*sa).user_ip4 = to_addr;
+        (*sa).user_port = to_port as u32;
+    }
+    if local {
+        count(slot, |c| c.socket_local += 1);
+    } else {
+        count(slot, |c| c.socket_remote += 1);
+    }
+    Some(())
+}
+
+/// The backend's address in a received datagram or a socket's peer, back to the node address the
+/// application used.
+#[inline(always)]
+fn sock_unsteer(ctx: &SockAddrContext) -> Option<()> {
+    let sa = ctx.sock_addr;
+    // SAFETY: plain helper call on this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNatKey {
+        cookie,
+        // SAFETY: the kernel hands every program a valid bpf_sock_addr.
+        backend_addr_be: unsafe { (*sa).user_ip4 },
+        // SAFETY: as above.
+        backend_port_be: unsafe { (*sa).user_port } as u16,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let v = unsafe { ST8S_SOCK_REVNAT.get(key) }.copied()?;
+    // SAFETY: as above; both fields are writable in these hooks.
+    unsafe {
+        (*sa).user_ip4 = v.frontend_addr_be;
+        (*sa).user_port = v.frontend_port_be as u32;
+    }
+    Some(())
 }
 
 const _: () = assert!(TC_ACT_REDIRECT == 7);

@@ -227,6 +227,40 @@ pub struct Lab {
     agents: BTreeMap<usize, Child>,
     /// Pods written to the cluster file as not Ready (still running).
     unready: Vec<String>,
+    /// Each node's cgroup v2 directory, under the lab's own: what a node's root cgroup is on a
+    /// real machine (its processes and its pods, where the agent's socket hooks attach). None
+    /// without cgroup v2: the agents then steer no local clients.
+    cgroup_root: Option<PathBuf>,
+}
+
+/// The lab's cgroup v2 directory name for a lab id (`<pid>-<n>`).
+fn lab_cgroup_name(id: &str) -> String {
+    format!("st8s-lab-{id}")
+}
+
+/// Kills every process in a cgroup directory and its children, then removes them.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..50 {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            break;
+        }
+        for p in procs.split_whitespace() {
+            if let Ok(pid) = p.parse::<i32>() {
+                // SAFETY: kill(2) on a process inside the lab's own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = fs::remove_dir(dir);
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -287,6 +321,21 @@ fn remove_labs(select: impl Fn(u32) -> bool) -> usize {
         let _ = fs::remove_dir_all(format!("/sys/fs/bpf/st8s-lab-{pid}"));
         removed += 1;
     }
+    // Their cgroups (named after the same pid).
+    if let Ok(Some(root)) = st8s::dataplane::net::cgroup2_mount()
+        && let Ok(entries) = fs::read_dir(&root)
+    {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix("st8s-lab-")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(&select) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
     removed
 }
 
@@ -314,6 +363,7 @@ impl Lab {
             next_if: 0,
             agents: BTreeMap::new(),
             unready: Vec::new(),
+            cgroup_root: None,
         };
         lab.build().context("building the lab network")?;
         Ok(lab)
@@ -328,6 +378,14 @@ impl Lab {
     fn build(&mut self) -> anyhow::Result<()> {
         fs::create_dir_all(&self.pin_root)
             .with_context(|| format!("creating {} (is bpffs mounted?)", self.pin_root.display()))?;
+        if let Some(cg2) = st8s::dataplane::net::cgroup2_mount()? {
+            let root = cg2.join(lab_cgroup_name(&self.id));
+            for node in 1..=self.cfg.nodes {
+                let dir = root.join(node_name(node));
+                fs::create_dir_all(&dir).with_context(|| format!("creating the cgroup {}", dir.display()))?;
+            }
+            self.cgroup_root = Some(root);
+        }
         let sw = self.sw.clone();
         self.add_ns(&sw)?;
         ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
@@ -441,6 +499,49 @@ impl Lab {
         &self.client
     }
 
+    /// A node's cgroup, if the lab has cgroups.
+    pub fn node_cgroup(&self, node: usize) -> Option<PathBuf> {
+        Some(self.cgroup_root.as_ref()?.join(node_name(node)))
+    }
+
+    /// A command that runs the program given as its next arguments inside `node`'s cgroup, as a
+    /// process of that node would (the shell moves itself in, then execs it).
+    fn in_node_cgroup(&self, node: usize) -> Command {
+        let mut cmd = Command::new("sh");
+        match self.node_cgroup(node) {
+            Some(cg) => cmd.args([
+                "-c",
+                r#"echo $$ > "$0/cgroup.procs" && exec "$@""#,
+                &cg.to_string_lossy(),
+            ]),
+            None => cmd.args(["-c", r#"exec "$@""#, "sh"]),
+        };
+        cmd
+    }
+
+    /// Runs `argv` as a process of `node` itself: its network namespace and its cgroup.
+    pub fn run_on_node(&self, node: usize, argv: &[&str]) -> anyhow::Result<Output> {
+        let mut cmd = self.in_node_cgroup(node);
+        cmd.arg("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_ns(node)))
+            .arg("--")
+            .args(argv);
+        cmd.output()
+            .with_context(|| format!("running {argv:?} on node {node}"))
+    }
+
+    /// Runs `argv` inside a running pod: its network namespace, its node's cgroup.
+    pub fn run_in_pod(&self, pod: &str, argv: &[&str]) -> anyhow::Result<Output> {
+        let p = self.pods.get(pod).with_context(|| format!("no pod {pod}"))?;
+        let mut cmd = self.in_node_cgroup(p.spec.node);
+        cmd.arg("nsenter")
+            .arg(format!("--net=/run/netns/{}", p.ns))
+            .arg("--")
+            .args(argv);
+        cmd.output()
+            .with_context(|| format!("running {argv:?} in pod {pod}"))
+    }
+
     pub fn switch_ns(&self) -> &str {
         &self.sw
     }
@@ -479,8 +580,8 @@ impl Lab {
             "via",
             &format!("10.244.{}.1", spec.node),
         ])?;
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{ns}")).arg("--");
+        let mut cmd = self.in_node_cgroup(spec.node);
+        cmd.arg("nsenter").arg(format!("--net=/run/netns/{ns}")).arg("--");
         match &spec.command {
             Some(argv) => {
                 cmd.args(argv);
@@ -657,6 +758,10 @@ impl Lab {
                 "--prefer-local",
                 if self.cfg.prefer_local { "true" } else { "false" },
             ])
+            // The node's own cgroup, never the machine's: the hooks must see this node's
+            // processes and pods only.
+            .arg("--cgroup")
+            .arg(self.node_cgroup(node).unwrap_or_else(|| "off".into()))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -1000,6 +1105,9 @@ impl Lab {
             kill_netns_processes(&ns);
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }
+        if let Some(root) = self.cgroup_root.take() {
+            remove_cgroup_tree(&root);
+        }
         let _ = fs::remove_dir_all(&self.pin_root);
         if let Some(parent) = self.pin_root.parent() {
             let _ = fs::remove_dir(parent);
@@ -1012,6 +1120,7 @@ impl Lab {
         self.netns.clear();
         self.agents.clear();
         self.pods.clear();
+        self.cgroup_root = None;
         std::mem::forget(self);
     }
 }

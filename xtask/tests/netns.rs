@@ -869,6 +869,204 @@ fn discovery_broadcasts_reach_the_pod_and_move_with_it() {
     println!("discovery moved with its pod: node2 programmed {moved:?} after the cluster file changed");
 }
 
+/// A pod that only runs a client: no ports, a process that keeps its namespace busy.
+fn client_pod(name: &str, node: usize) -> PodSpec {
+    PodSpec {
+        name: name.into(),
+        node,
+        ports: Vec::new(),
+        http: None,
+        dns: None,
+        discovery: Vec::new(),
+        command: Some(vec!["sleep".into(), "600".into()]),
+    }
+}
+
+/// `curl` as a local client runs it: the answer (`pod=... client=...`), and the peer address
+/// curl's socket reports (getpeername), which must be the address it connected to.
+fn local_get(out: std::process::Output) -> (String, String) {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, peer) = text.rsplit_once('|').unwrap_or((&text, ""));
+    assert!(
+        out.status.success(),
+        "curl failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (body.to_owned(), peer.to_owned())
+}
+
+const CURL: [&str; 6] = [
+    "curl",
+    "-sS",
+    "--max-time",
+    "3",
+    "-w",
+    "|%{remote_ip}:%{remote_port}",
+];
+
+/// Issue 13: clients on a node itself (its pods and its own processes) reach steered ports through
+/// node addresses, as the CNI portmap plugin's OUTPUT-chain DNAT let them, here through the cgroup
+/// socket hooks: a pod to its own node (with and without a local backend), the node to its own
+/// address, a pod to another node, and a UDP DNS query (dig, which checks where the answer came
+/// from) from a pod to its own node. Every client sees the address it used as its peer; every
+/// backend sees the client's own address. A restarted agent keeps one set of hooks. A port whose
+/// backends are all gone is refused at once.
+#[test]
+fn local_clients_reach_steered_ports_through_node_addresses() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = running(
+        lab(true),
+        &[
+            PodSpec::web("web1", 1),
+            PodSpec::web("web2", 2),
+            PodSpec::dns("dns1", 1),
+            client_pod("c1", 1),
+            client_pod("c3", 3),
+        ],
+    );
+    for node in 1..=3 {
+        lab.wait_table(node, SYNC, |s| s.local_clients)
+            .unwrap_or_else(|e| panic!("node{node} steers local clients: {e}"));
+    }
+    let (node1, node2, node3) = (node_addr(1), node_addr(2), node_addr(3));
+    let pod_ip = |name: &str| lab.pod_ip(name).expect("pod ip");
+    let url = |a: Ipv4Addr| format!("http://{a}/");
+
+    // A pod to its own node, which runs a backend: served by it, from the pod's own address.
+    let (body, peer) = local_get(
+        lab.run_in_pod("c1", &[&CURL[..], &[&url(node1)]].concat())
+            .expect("curl"),
+    );
+    assert!(body.contains("pod=lab/web1"), "{body}");
+    assert!(body.contains(&format!("client={}:", pod_ip("c1"))), "{body}");
+    assert_eq!(peer, format!("{node1}:80"), "getpeername shows the node address");
+
+    // A pod to its own node, which runs no backend: a node that runs one serves it.
+    let (body, peer) = local_get(
+        lab.run_in_pod("c3", &[&CURL[..], &[&url(node3)]].concat())
+            .expect("curl"),
+    );
+    assert!(body.contains("pod=lab/web"), "{body}");
+    assert!(body.contains(&format!("client={}:", pod_ip("c3"))), "{body}");
+    assert_eq!(peer, format!("{node3}:80"));
+
+    // The node itself to its own address.
+    let (body, peer) = local_get(
+        lab.run_on_node(1, &[&CURL[..], &[&url(node1)]].concat())
+            .expect("curl"),
+    );
+    assert!(body.contains("pod=lab/web1"), "{body}");
+    assert_eq!(peer, format!("{node1}:80"));
+
+    // A pod to another node: with prefer-local, its own node's backend.
+    let (body, peer) = local_get(
+        lab.run_in_pod("c1", &[&CURL[..], &[&url(node2)]].concat())
+            .expect("curl"),
+    );
+    assert!(body.contains("pod=lab/web1"), "{body}");
+    assert_eq!(peer, format!("{node2}:80"));
+
+    // DNS over UDP from a pod to its own node's :53; dig drops an answer from any other address.
+    let server = format!("@{node1}");
+    let out = lab
+        .run_in_pod(
+            "c1",
+            &[
+                "dig",
+                "+short",
+                "+tries=1",
+                "+time=2",
+                &server,
+                "TXT",
+                "whoami.lab",
+            ],
+        )
+        .expect("dig");
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answer.contains("pod=lab/dns1"),
+        "{answer}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(answer.contains(&format!("client={}:", pod_ip("c1"))), "{answer}");
+
+    // A restarted agent swaps its socket programs in: one of each stays attached, and a local
+    // client is served throughout.
+    let hooks = |lab: &Lab| -> Vec<String> {
+        let cg = lab.node_cgroup(1).expect("the lab has cgroups");
+        let out = std::process::Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&cg)
+            .output()
+            .expect("bpftool");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("st8s_sock"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(hooks(&lab).len(), 4, "{:?}", hooks(&lab));
+    lab.kill_agent(1);
+    lab.start_agent(1).expect("agent");
+    lab.wait_ready(1, SYNC).expect("ready again");
+    assert_eq!(
+        hooks(&lab).len(),
+        4,
+        "the old links went with their pins: {:?}",
+        hooks(&lab)
+    );
+    let (body, peer) = local_get(
+        lab.run_in_pod("c1", &[&CURL[..], &[&url(node1)]].concat())
+            .expect("curl"),
+    );
+    assert!(body.contains("pod=lab/web1"), "{body}");
+    assert_eq!(peer, format!("{node1}:80"));
+
+    let c1 = lab.snapshot(1).expect("snapshot");
+    let c3 = lab.snapshot(3).expect("snapshot");
+    let sum = |s: &st8s::dataplane::inspect::Snapshot, f: fn(&st8s_common::Counters) -> u64| -> u64 {
+        s.ports.iter().map(|(_, _, _, c)| f(c)).sum()
+    };
+    assert_eq!(
+        sum(&c1, |c| c.socket_local),
+        5,
+        "node1: four HTTP connects and one DNS query, all local"
+    );
+    assert_eq!(
+        sum(&c3, |c| c.socket_remote),
+        1,
+        "node3: one connect sent to another node"
+    );
+    assert_eq!(sum(&c3, |c| c.socket_local), 0);
+
+    // Every backend of port 80 gone: the port leaves the table, and a local connect is refused
+    // at once, as the kernel refuses any connect to a closed port.
+    lab.remove_pod("web1").expect("remove");
+    lab.remove_pod("web2").expect("remove");
+    lab.write_cluster().expect("cluster file");
+    lab.wait_table(3, SYNC, |s| {
+        s.ports.iter().all(|(k, ..)| u16::from_be(k.port_be) != 80)
+    })
+    .expect("port 80 gone on node3");
+    let started = std::time::Instant::now();
+    let out = lab
+        .run_in_pod("c3", &[&CURL[..], &[&url(node3)]].concat())
+        .expect("curl");
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refused")
+            || String::from_utf8_lossy(&out.stderr).contains("Couldn't connect"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "refused at once, not after a timeout: {took:?}"
+    );
+}
+
 /// An mDNS query (RFC 6762) for `name`'s A record with the id "W8", one question.
 fn mdns_query(name: &str) -> Vec<u8> {
     let mut q = vec![b'W', b'8', 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];

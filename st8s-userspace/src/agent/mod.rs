@@ -27,7 +27,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     core::{Cluster, Desired, plan},
-    dataplane::{Host, KernelHost, XdpChoice, pins},
+    dataplane::{CgroupChoice, Host, KernelHost, XdpChoice, pins},
     http::{ErrorKind, Metrics},
     sources::{
         file::FileSource,
@@ -61,6 +61,12 @@ pub struct AgentArgs {
     /// Flow-hash seed. Must be the same on every node.
     #[arg(long, default_value_t = 0x5717_8500)]
     pub hash_seed: u32,
+    /// Where clients on the node itself (its processes and pods) are steered: the cgroup v2
+    /// directory whose sockets the hooks see. `auto`: the cgroup v2 hierarchy this process sees
+    /// mounted (in a DaemonSet, mount the host's /sys/fs/cgroup and pass its path); `off`: not
+    /// steered.
+    #[arg(long, value_name = "PATH|auto|off", default_value = "auto")]
+    pub cgroup: CgroupChoice,
     /// On exit, detach the programs and remove the pins (by default the dataplane keeps running
     /// without the agent, so that upgrades and crashes never stop traffic).
     #[arg(long)]
@@ -103,6 +109,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         xdp: args.xdp,
         prefer_local: args.prefer_local,
         hash_seed: args.hash_seed,
+        cgroup: args.cgroup.clone(),
     };
     let prober = Prober::start(&args.peers);
     let mut signals = Signals::new()?;

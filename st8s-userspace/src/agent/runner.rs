@@ -67,6 +67,7 @@ impl<D: Dataplane> Runner<D> {
             .initial_program_seconds
             .set(program_started.elapsed().as_secs_f64());
         r.dp.attach()?;
+        metrics.local_clients.set(i64::from(r.dp.steers_local_clients()));
         Ok(r)
     }
 

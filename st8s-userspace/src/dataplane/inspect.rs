@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use st8s_common::{
     BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, FLOW_LOCAL, FlowKey,
-    FlowValue, GLOBAL_COUNTER_SLOT, PortInfo, PortKey, map_names,
+    FlowValue, GLOBAL_COUNTER_SLOT, PortInfo, PortKey, map_names, program_names,
 };
 
 use super::{net::format_mac, open_pinned};
@@ -26,6 +26,9 @@ pub struct Snapshot {
     pub revnat_entries: usize,
     /// Discovery ports of this node's pods: (hostPort, entry), by port.
     pub discovery: Vec<(u16, st8s_common::Discovery)>,
+    /// The socket hooks are attached (their links are pinned): clients on the node itself are
+    /// steered.
+    pub local_clients: bool,
 }
 
 pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
@@ -75,9 +78,13 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
         disc.push((k as u16, v));
     }
     disc.sort_by_key(|(k, _)| *k);
+    let local_clients = program_names::SOCKET
+        .iter()
+        .all(|name| super::pins::link_path(dir, name).exists());
     Ok(Snapshot {
         revnat_entries,
         discovery: disc,
+        local_clients,
         config,
         ports: out,
         global: sum(GLOBAL_COUNTER_SLOT)?,
@@ -115,6 +122,15 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
     );
     let _ = writeln!(
         o,
+        "local clients (this node's processes and pods): {}",
+        if s.local_clients {
+            "steered at the cgroup socket hooks"
+        } else {
+            "not steered (no cgroup v2 socket hooks attached)"
+        }
+    );
+    let _ = writeln!(
+        o,
         "nodes: {}",
         s.nodes
             .iter()
@@ -125,7 +141,7 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10}",
+        "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10} {:>12} {:>13}",
         "PORT",
         "BACKENDS",
         "LOCAL",
@@ -136,7 +152,9 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
         "UNTRUSTED_PEER",
         "DROP_NO_LOCAL_BACKEND",
         "DROP_ERROR",
-        "DISCOVERED"
+        "DISCOVERED",
+        "SOCKET_LOCAL",
+        "SOCKET_REMOTE"
     );
     for (k, v, bs, n) in &s.ports {
         let backends = bs
@@ -158,7 +176,7 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
         };
         let _ = writeln!(
             o,
-            "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10}",
+            "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10} {:>12} {:>13}",
             port_name(k),
             backends,
             local,
@@ -169,7 +187,9 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
             n.untrusted_peer,
             n.drop_no_local_backend,
             n.drop_error,
-            n.discovered
+            n.discovered,
+            n.socket_local,
+            n.socket_remote
         );
     }
     if !s.discovery.is_empty() {
@@ -243,7 +263,7 @@ fn summed(counters: &PerCpuArray<MapData, Counters>, slot: u32) -> anyhow::Resul
 }
 
 /// The counters a port keeps, by the name `st8s inspect` and the metrics give each.
-pub fn by_result(c: &Counters) -> [(&'static str, u64); 8] {
+pub fn by_result(c: &Counters) -> [(&'static str, u64); 10] {
     [
         ("delivered_local", c.delivered_local),
         ("forwarded", c.forwarded),
@@ -253,6 +273,8 @@ pub fn by_result(c: &Counters) -> [(&'static str, u64); 8] {
         ("drop_no_local_backend", c.drop_no_local_backend),
         ("drop_error", c.drop_error),
         ("discovered", c.discovered),
+        ("socket_local", c.socket_local),
+        ("socket_remote", c.socket_remote),
     ]
 }
 

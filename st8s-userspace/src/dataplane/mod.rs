@@ -18,7 +18,8 @@ use aya::{
     Ebpf,
     maps::MapData,
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc, tc::SchedClassifierLink, xdp::XdpLink,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc,
+        tc::SchedClassifierLink, xdp::XdpLink,
     },
 };
 use st8s_common::{
@@ -66,6 +67,30 @@ pub enum XdpChoice {
     Off,
 }
 
+/// Where the socket hooks for clients on the node itself attach (`--cgroup`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupChoice {
+    /// The cgroup v2 hierarchy this process sees mounted (its root): every process and pod of
+    /// the node, when the agent sees the host's hierarchy.
+    Auto,
+    /// This cgroup v2 directory and everything below it.
+    Path(PathBuf),
+    /// No socket hooks: local clients are not steered.
+    Off,
+}
+
+impl std::str::FromStr for CgroupChoice {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "auto" => CgroupChoice::Auto,
+            "off" => CgroupChoice::Off,
+            path => CgroupChoice::Path(path.into()),
+        })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Options {
     pub iface: String,
@@ -73,6 +98,7 @@ pub struct Options {
     pub xdp: XdpChoice,
     pub prefer_local: bool,
     pub hash_seed: u32,
+    pub cgroup: CgroupChoice,
 }
 
 /// The dataplane in the kernel: the loaded programs, and the [`MapWriter`] that holds what their
@@ -87,6 +113,8 @@ pub struct BpfDataplane {
     /// The uplink's addresses and their subnets' broadcast addresses.
     broadcasts: BTreeMap<Ipv4Addr, Ipv4Addr>,
     writer: MapWriter,
+    /// The cgroup the socket hooks are attached at, once they are.
+    socket_cgroup: Option<PathBuf>,
 }
 
 impl BpfDataplane {
@@ -109,6 +137,16 @@ impl BpfDataplane {
             prog.load()
                 .with_context(|| format!("loading {name} (verifier)"))?;
         }
+        if opts.cgroup != CgroupChoice::Off {
+            for name in program_names::SOCKET {
+                let prog: &mut CgroupSockAddr = ebpf
+                    .program_mut(name)
+                    .context("socket program missing")?
+                    .try_into()?;
+                prog.load()
+                    .with_context(|| format!("loading {name} (verifier)"))?;
+            }
+        }
         let writer = MapWriter::read_back(&mut ebpf)?;
         let xdp_forwards = writer
             .config()
@@ -125,6 +163,7 @@ impl BpfDataplane {
             pod_ifaces: BTreeSet::new(),
             broadcasts,
             writer,
+            socket_cgroup: None,
         };
         Ok((dp, fates))
     }
@@ -187,7 +226,68 @@ impl BpfDataplane {
             }
         }
         self.attach_tc(program_names::UPLINK_TC, &iface, "uplink_tc")?;
+        self.socket_cgroup = self.attach_sockets()?;
         Ok(())
+    }
+
+    /// Attaches the socket programs at the node's cgroup v2 root (see [`CgroupChoice`]), pinning
+    /// their links. A restarted agent attaches its programs next to the old ones first (cgroup
+    /// links always allow several), then unpins the old links, so no connect goes unsteered; while both
+    /// run, the second finds the socket already steered and leaves it. Without cgroup v2 the
+    /// rest of the dataplane works as before; local clients are not steered.
+    fn attach_sockets(&mut self) -> anyhow::Result<Option<PathBuf>> {
+        let dir = match &self.opts.cgroup {
+            CgroupChoice::Off => None,
+            CgroupChoice::Auto => net::cgroup2_mount()?,
+            CgroupChoice::Path(p) => Some(p.clone()),
+        };
+        let Some(dir) = dir else {
+            for name in program_names::SOCKET {
+                pins::unpin_link(&pins::link_path(&self.opts.pin_dir, name));
+            }
+            if self.opts.cgroup == CgroupChoice::Auto {
+                warn!(
+                    "no cgroup v2 hierarchy mounted: clients on this node itself (its processes and pods) are not steered; everything else is"
+                );
+            }
+            return Ok(None);
+        };
+        if !net::is_cgroup2(&dir) {
+            anyhow::bail!(
+                "{} is not a cgroup v2 directory: the socket hooks for clients on this node need one (--cgroup PATH, or --cgroup off)",
+                dir.display()
+            );
+        }
+        let cgroup =
+            std::fs::File::open(&dir).with_context(|| format!("opening the cgroup {}", dir.display()))?;
+        for name in program_names::SOCKET {
+            let path = pins::link_path(&self.opts.pin_dir, name);
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .context("socket program missing")?
+                .try_into()?;
+            // A bpf_link: the kernel attaches links as BPF_F_ALLOW_MULTI whatever the flags say
+            // (and refuses the flag itself), so an old and a new agent's links can coexist.
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to the cgroup {}", dir.display()))?;
+            let link: FdLink = prog
+                .take_link(id)?
+                .try_into()
+                .context("cgroup link is not a bpf_link")?;
+            // The old link detaches once its pin is gone; the new one already runs.
+            pins::unpin_link(&path);
+            link.pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
+        }
+        info!(cgroup = %dir.display(), "socket hooks attached: clients on this node are steered too");
+        Ok(Some(dir))
+    }
+
+    /// Where the socket hooks are attached, if they are.
+    pub fn socket_cgroup(&self) -> Option<&Path> {
+        self.socket_cgroup.as_deref()
     }
 
     /// Attaches a TC ingress program to `iface`, or updates the link pinned under `what`.
@@ -392,6 +492,10 @@ pub trait Dataplane {
     fn apply(&mut self, table: &Desired, macs: &Macs) -> anyhow::Result<ApplyReport>;
     /// Attaches the programs (after the first [`apply`](Self::apply)).
     fn attach(&mut self) -> anyhow::Result<()>;
+    /// Clients on the node itself are steered (the socket hooks are attached).
+    fn steers_local_clients(&self) -> bool {
+        false
+    }
 }
 
 impl Dataplane for BpfDataplane {
@@ -401,8 +505,16 @@ impl Dataplane for BpfDataplane {
 
     fn attach(&mut self) -> anyhow::Result<()> {
         BpfDataplane::attach(self)?;
-        info!(xdp_forwards = self.xdp_forwards, "dataplane attached");
+        info!(
+            xdp_forwards = self.xdp_forwards,
+            local_clients = self.socket_cgroup.is_some(),
+            "dataplane attached"
+        );
         Ok(())
+    }
+
+    fn steers_local_clients(&self) -> bool {
+        self.socket_cgroup.is_some()
     }
 }
 
@@ -428,6 +540,7 @@ pub struct KernelHost {
     pub xdp: XdpChoice,
     pub prefer_local: bool,
     pub hash_seed: u32,
+    pub cgroup: CgroupChoice,
 }
 
 impl Host for KernelHost {
@@ -446,6 +559,7 @@ impl Host for KernelHost {
             xdp: self.xdp,
             prefer_local: self.prefer_local,
             hash_seed: self.hash_seed,
+            cgroup: self.cgroup.clone(),
         })?;
         let adopted = fates.iter().all(|(_, f)| *f == MapFate::Adopted);
         info!(mac = %dp.self_mac(), adopted, "programs loaded");

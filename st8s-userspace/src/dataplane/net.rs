@@ -260,51 +260,6 @@ pub fn solicit(addr: Ipv4Addr) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn picks_the_longest_prefix() {
-        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
-cni0\t0001F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
-        assert_eq!(
-            best_route(table, "10.244.1.2".parse().expect("test address")).as_deref(),
-            Some("cni0")
-        );
-        assert_eq!(
-            best_route(table, "10.0.0.7".parse().expect("test address")).as_deref(),
-            Some("eth0")
-        );
-        assert_eq!(
-            best_route(table, "8.8.8.8".parse().expect("test address")).as_deref(),
-            Some("eth0")
-        );
-    }
-
-    #[test]
-    fn reads_complete_arp_entries_only() {
-        let text = "IP address       HW type     Flags       HW address            Mask     Device\n\
-10.0.0.12        0x1         0x2         aa:bb:cc:00:00:12     *        eth0\n\
-10.0.0.13        0x1         0x0         00:00:00:00:00:00     *        eth0\n";
-        let n = parse_arp(text);
-        assert_eq!(n.len(), 1);
-        assert_eq!(
-            n[&"10.0.0.12".parse().expect("test address")],
-            [0xaa, 0xbb, 0xcc, 0, 0, 0x12]
-        );
-    }
-
-    #[test]
-    fn loopback_exists() {
-        assert_eq!(ifindex("lo").expect("lo"), 1);
-        assert_eq!(iface_with_addr(Ipv4Addr::LOCALHOST).expect("lo"), "lo");
-        assert_eq!(mac_of("lo").expect("lo mac"), [0; 6]);
-    }
-}
-
 /// Where a bridge has learned a MAC address, from its forwarding database (an `AF_BRIDGE`
 /// neighbour dump over rtnetlink, which reads this network namespace, as `bridge fdb` does).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -436,4 +391,93 @@ fn parse_fdb(mut msgs: &[u8], out: &mut Vec<FdbEntry>) -> io::Result<bool> {
         }
     }
     Ok(false)
+}
+
+/// Where the cgroup v2 hierarchy is mounted in this mount namespace (/proc/self/mountinfo), if
+/// anywhere: /sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified on a hybrid one.
+pub fn cgroup2_mount() -> Result<Option<std::path::PathBuf>, NetError> {
+    let text = fs::read_to_string("/proc/self/mountinfo").map_err(|source| NetError::Proc {
+        path: "/proc/self/mountinfo",
+        source,
+    })?;
+    Ok(parse_cgroup2_mount(&text))
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<std::path::PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        let point = mount.split(' ').nth(4)?;
+        (fs.split(' ').next()? == "cgroup2").then(|| point.into())
+    })
+}
+
+/// `path` is a directory of a cgroup v2 hierarchy.
+pub fn is_cgroup2(path: &std::path::Path) -> bool {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs is plain data; zeroed is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statfs to fill.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_longest_prefix() {
+        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+cni0\t0001F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(
+            best_route(table, "10.244.1.2".parse().expect("test address")).as_deref(),
+            Some("cni0")
+        );
+        assert_eq!(
+            best_route(table, "10.0.0.7".parse().expect("test address")).as_deref(),
+            Some("eth0")
+        );
+        assert_eq!(
+            best_route(table, "8.8.8.8".parse().expect("test address")).as_deref(),
+            Some("eth0")
+        );
+    }
+
+    #[test]
+    fn reads_complete_arp_entries_only() {
+        let text = "IP address       HW type     Flags       HW address            Mask     Device\n\
+10.0.0.12        0x1         0x2         aa:bb:cc:00:00:12     *        eth0\n\
+10.0.0.13        0x1         0x0         00:00:00:00:00:00     *        eth0\n";
+        let n = parse_arp(text);
+        assert_eq!(n.len(), 1);
+        assert_eq!(
+            n[&"10.0.0.12".parse().expect("test address")],
+            [0xaa, 0xbb, 0xcc, 0, 0, 0x12]
+        );
+    }
+
+    #[test]
+    fn loopback_exists() {
+        assert_eq!(ifindex("lo").expect("lo"), 1);
+        assert_eq!(iface_with_addr(Ipv4Addr::LOCALHOST).expect("lo"), "lo");
+        assert_eq!(mac_of("lo").expect("lo mac"), [0; 6]);
+    }
+
+    #[test]
+    fn cgroup2_is_found_on_unified_and_hybrid_hosts() {
+        let hybrid = "31 24 0:27 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
+                      42 31 0:39 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        assert_eq!(parse_cgroup2_mount(hybrid), Some("/sys/fs/cgroup/unified".into()));
+        let unified = "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(parse_cgroup2_mount(unified), Some("/sys/fs/cgroup".into()));
+        assert_eq!(
+            parse_cgroup2_mount("42 31 0:39 / /sys/fs/cgroup/memory rw - cgroup cgroup rw\n"),
+            None
+        );
+    }
 }

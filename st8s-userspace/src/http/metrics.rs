@@ -94,6 +94,7 @@ pub struct Metrics {
     pub initial_program_seconds: FloatGauge,
     pub initial_list_seconds: FloatGauge,
     pub unreachable_nodes: Gauge,
+    pub local_clients: Gauge,
     /// Where the maps are pinned: the census counts their entries.
     pin_dir: Option<PathBuf>,
     census_started: AtomicBool,
@@ -166,6 +167,12 @@ impl Metrics {
             "Other nodes that do not answer probes; no flow is steered to them",
             unreachable_nodes.clone(),
         );
+        let local_clients = Gauge::default();
+        r.register(
+            "local_clients_steered",
+            "1 while clients on this node itself (its processes and pods) are steered by the cgroup socket hooks; 0 without cgroup v2 or with --cgroup off",
+            local_clients.clone(),
+        );
         r.register_collector(Box::new(PortPackets {
             pin_dir: pin_dir.clone(),
         }));
@@ -182,6 +189,7 @@ impl Metrics {
             initial_program_seconds,
             initial_list_seconds,
             unreachable_nodes,
+            local_clients,
             pin_dir,
             census_started: AtomicBool::new(false),
         }
