@@ -26,11 +26,11 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use st8s_common::{
-    flow_hash, port_index, socket_hash, Backend, Config, Counters, Discovery, DiscoveryPodKey, FlowKey, FlowValue, MacKey,
-    MaglevRow, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatValue, BACKEND_DRAINING, BACKEND_LOCAL, BANKS,
-    CONFIG_PREFER_LOCAL, FLOW_LOCAL, FLOW_REMOTE, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS,
-    MAX_DISCOVERY, MAX_FLOWS, MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES, PORT_LOCAL_DRAINING, PROTO_TCP,
-    PROTO_UDP, SockRevNatKey, SockRevNatValue,
+    flow_hash, port_index, socket_hash, Backend, Config, Counters, Discovery, DiscoveryPodKey, FlowKey,
+    FlowValue, MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatValue, SockRevNatKey,
+    SockRevNatValue, BACKEND_DRAINING, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL, FLOW_LOCAL, FLOW_REMOTE,
+    GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_DISCOVERY, MAX_FLOWS, MAX_NODES, MAX_PORTS,
+    PORT_INDEX_ENTRIES, PORT_LOCAL_DRAINING, PROTO_TCP, PROTO_UDP,
 };
 
 #[map]
@@ -70,7 +70,8 @@ static ST8S_DISCOVERY_PODS: HashMap<DiscoveryPodKey, Discovery> = HashMap::with_
 /// Sockets on this node that socket-level steering sent to a backend: how to show the
 /// application the address it asked for.
 #[map]
-static ST8S_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+static ST8S_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
+    LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

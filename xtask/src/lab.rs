@@ -231,6 +231,8 @@ pub struct Lab {
     /// real machine (its processes and its pods, where the agent's socket hooks attach). None
     /// without cgroup v2: the agents then steer no local clients.
     cgroup_root: Option<PathBuf>,
+    /// `--cgroup` for a node's agent instead of the node's own cgroup.
+    agent_cgroup: BTreeMap<usize, String>,
 }
 
 /// The lab's cgroup v2 directory name for a lab id (`<pid>-<n>`).
@@ -364,6 +366,7 @@ impl Lab {
             agents: BTreeMap::new(),
             unready: Vec::new(),
             cgroup_root: None,
+            agent_cgroup: BTreeMap::new(),
         };
         lab.build().context("building the lab network")?;
         Ok(lab)
@@ -761,7 +764,10 @@ impl Lab {
             // The node's own cgroup, never the machine's: the hooks must see this node's
             // processes and pods only.
             .arg("--cgroup")
-            .arg(self.node_cgroup(node).unwrap_or_else(|| "off".into()))
+            .arg(match self.agent_cgroup.get(&node) {
+                Some(c) => c.into(),
+                None => self.node_cgroup(node).unwrap_or_else(|| "off".into()),
+            })
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -780,6 +786,12 @@ impl Lab {
     }
 
     /// Kills an agent with SIGKILL (a crash): nothing of its own cleanup runs.
+    /// Gives the agents of `node` started from now on this `--cgroup` (a host without cgroup v2
+    /// looks like a directory that is none).
+    pub fn set_agent_cgroup(&mut self, node: usize, cgroup: &str) {
+        self.agent_cgroup.insert(node, cgroup.to_owned());
+    }
+
     /// Runs the agents started from now on with only these capabilities (`None`: all).
     pub fn set_agent_caps(&mut self, caps: Option<Vec<String>>) {
         self.cfg.agent_caps = caps;

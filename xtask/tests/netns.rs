@@ -911,7 +911,8 @@ const CURL: [&str; 6] = [
 /// address, a pod to another node, and a UDP DNS query (dig, which checks where the answer came
 /// from) from a pod to its own node. Every client sees the address it used as its peer; every
 /// backend sees the client's own address. A restarted agent keeps one set of hooks. A port whose
-/// backends are all gone is refused at once.
+/// backends are all gone is refused at once. Without cgroup v2 the agent says so and serves the
+/// LAN as before.
 #[test]
 fn local_clients_reach_steered_ports_through_node_addresses() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -1065,6 +1066,26 @@ fn local_clients_reach_steered_ports_through_node_addresses() {
         took < Duration::from_secs(1),
         "refused at once, not after a timeout: {took:?}"
     );
+
+    // A host without cgroup v2 (here: a --cgroup that is a plain directory): the agent says so,
+    // inspect and the metric say so, and the LAN is served as before.
+    lab.stop_agent(3).expect("stop");
+    lab.set_agent_cgroup(3, "/tmp");
+    lab.start_agent(3).expect("agent");
+    lab.wait_ready(3, SYNC).expect("ready without cgroup v2");
+    assert!(!lab.snapshot(3).expect("snapshot").local_clients);
+    let log = std::fs::read_to_string(lab.agent_log(3)).unwrap_or_default();
+    assert!(log.contains("no cgroup v2 hierarchy"), "{log}");
+    let metrics = lab
+        .run_on_node(
+            3,
+            &["curl", "-sS", "--max-time", "2", "http://127.0.0.1:9470/metrics"],
+        )
+        .expect("curl");
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(metrics.contains("st8s_local_clients_steered 0"), "{metrics}");
+    let dns = lab.dns(3, false);
+    assert!(dns.ok && dns.pod.as_deref() == Some("lab/dns1"), "{dns:?}");
 }
 
 /// An mDNS query (RFC 6762) for `name`'s A record with the id "W8", one question.

@@ -239,25 +239,26 @@ impl BpfDataplane {
         let dir = match &self.opts.cgroup {
             CgroupChoice::Off => None,
             CgroupChoice::Auto => net::cgroup2_mount()?,
-            CgroupChoice::Path(p) => Some(p.clone()),
+            // A hybrid host's /sys/fs/cgroup holds the v2 hierarchy in `unified`.
+            CgroupChoice::Path(p) => [p.clone(), p.join("unified")]
+                .into_iter()
+                .find(|d| net::is_cgroup2(d))
+                .or_else(|| {
+                    warn!(path = %p.display(), "not a cgroup v2 directory (nor is its `unified`)");
+                    None
+                }),
         };
         let Some(dir) = dir else {
             for name in program_names::SOCKET {
                 pins::unpin_link(&pins::link_path(&self.opts.pin_dir, name));
             }
-            if self.opts.cgroup == CgroupChoice::Auto {
+            if self.opts.cgroup != CgroupChoice::Off {
                 warn!(
-                    "no cgroup v2 hierarchy mounted: clients on this node itself (its processes and pods) are not steered; everything else is"
+                    "no cgroup v2 hierarchy: clients on this node itself (its processes and pods) are not steered; everything else is"
                 );
             }
             return Ok(None);
         };
-        if !net::is_cgroup2(&dir) {
-            anyhow::bail!(
-                "{} is not a cgroup v2 directory: the socket hooks for clients on this node need one (--cgroup PATH, or --cgroup off)",
-                dir.display()
-            );
-        }
         let cgroup =
             std::fs::File::open(&dir).with_context(|| format!("opening the cgroup {}", dir.display()))?;
         for name in program_names::SOCKET {
