@@ -3,7 +3,7 @@
 //!
 //! HTTP: `GET /` -> `pod=<name> client=<ip>:<port>` (keep-alive supported).
 //! DNS: any query -> one TXT record `pod=<name> client=<ip>:<port>` for the question's name.
-//! Discovery (UDP): any datagram -> `pod=<name> client=<ip>:<port>`, sent back to the asker; a
+//! Discovery (UDP): any datagram -> `pod=<name> client=<ip>:<port> ttl=<IP TTL>`, sent back to the asker; a
 //! datagram from port 5353 (an mDNS querier) is answered by multicast to 224.0.0.251:5353, as
 //! mDNS responders do. The sockets are bound as the real servers of those ports bind them (see
 //! `discovery_sockets`).
@@ -61,10 +61,11 @@ pub fn serve(
         for u in listen {
             let n = name.clone();
             let reply = reply.try_clone()?;
+            report_ttl(&u)?;
             threads.push(thread::spawn(move || {
                 let mut buf = [0u8; 1500];
-                while let Ok((_, peer)) = u.recv_from(&mut buf) {
-                    let text = format!("pod={n} client={peer}");
+                while let Ok((peer, ttl)) = recv_with_ttl(&u, &mut buf) {
+                    let text = format!("pod={n} client={peer} ttl={ttl}");
                     let to: SocketAddr = if peer.port() == 5353 {
                         SocketAddr::from(([224, 0, 0, 251], 5353))
                     } else {
@@ -256,6 +257,67 @@ fn discovery_sockets(port: u16, addr: Option<PodAddr>) -> anyhow::Result<(Vec<Ud
             Ok((vec![any], reply))
         }
     }
+}
+
+/// Asks the kernel for each datagram's IP TTL (IP_RECVTTL), which the answers report: mDNS
+/// receivers treat a TTL other than 255 as off-link (RFC 6762 section 11).
+fn report_ttl(u: &UdpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let one: libc::c_int = 1;
+    // SAFETY: valid fd and option buffer.
+    let rc = unsafe {
+        libc::setsockopt(
+            u.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_RECVTTL,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One datagram: its sender and the IP TTL it arrived with (0 when the kernel gave none).
+fn recv_with_ttl(u: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(SocketAddr, i32)> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: plain data; zeroed is a valid value.
+    let mut from: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: plain data; zeroed is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut from as *mut libc::sockaddr_in).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: every pointer in msg points at live buffers of the given sizes.
+    if unsafe { libc::recvmsg(u.as_raw_fd(), &mut msg, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut ttl = 0;
+    // SAFETY: the kernel filled msg_control; the CMSG macros walk it within msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_TTL {
+                ttl = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    let peer = SocketAddr::from((
+        Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr)),
+        u16::from_be(from.sin_port),
+    ));
+    Ok((peer, ttl))
 }
 
 /// A UDP socket bound with SO_REUSEADDR, so that several can share the port on different

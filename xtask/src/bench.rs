@@ -42,6 +42,7 @@ pub struct BenchArgs {
     pub skip_dataplane: bool,
     pub skip_workloads: bool,
     pub skip_control: bool,
+    pub skip_local_clients: bool,
     pub out: PathBuf,
 }
 
@@ -197,6 +198,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if !args.skip_workloads {
             dataplane(&args, &mut report, &mut misses)?;
         }
+        if !args.skip_local_clients {
+            local_clients(&args, &mut report, &mut misses)?;
+        }
         report.push_str(&pp);
     }
     if !args.skip_control {
@@ -272,6 +276,28 @@ fn bench_lab() -> anyhow::Result<Lab> {
 }
 
 fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<()> {
+    let (lab, pods, queries) = data_path_lab()?;
+    let mut haproxy = baseline_paths(&lab, &pods)?;
+    let results = run_workloads(args, &lab, &pods, &queries);
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+    drop(lab);
+    let med = data_path_report(args, report, &results);
+    data_path_targets(&med, misses);
+    Ok(())
+}
+
+/// The four workloads of the data path.
+const WORKLOADS: [Workload; 4] = [
+    Workload::HttpKeepAlive,
+    Workload::HttpNewConn,
+    Workload::DnsUdp,
+    Workload::TcpStream,
+];
+
+/// The lab with the servers on node1 (nginx, knotd, iperf3) and its agents synced: the lab, the
+/// servers' pod addresses, and dnsperf's query file.
+fn data_path_lab() -> anyhow::Result<(Lab, BTreeMap<&'static str, Ipv4Addr>, PathBuf)> {
     progress("data path: building the lab with nginx, knotd and iperf3 pods on node1");
     let mut lab = bench_lab()?;
     let dir = lab.dir().to_owned();
@@ -355,7 +381,7 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
         discovery: Vec::new(),
         command: cmd(&["iperf3", "-s", "-p", "5201"]),
     })?;
-    let pods: BTreeMap<&str, Ipv4Addr> = [
+    let pods: BTreeMap<&'static str, Ipv4Addr> = [
         ("web", lab.pod_ip("web-node1").context("pod ip")?),
         ("dns", lab.pod_ip("dns-node1").context("pod ip")?),
         ("iperf", lab.pod_ip("iperf-node1").context("pod ip")?),
@@ -364,7 +390,14 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
     lab.write_cluster()?;
     lab.start_agents()?;
     lab.wait_synced(Duration::from_secs(30))?;
+    Ok((lab, pods, queries))
+}
 
+/// The paths st8s is compared with: the client routes pod addresses through node1 (`direct`),
+/// iptables DNAT on node3 (forwarded, with MASQUERADE) and node1 (local), and haproxy on node3.
+/// Returns the running haproxy.
+fn baseline_paths(lab: &Lab, pods: &BTreeMap<&'static str, Ipv4Addr>) -> anyhow::Result<std::process::Child> {
+    let dir = lab.dir().to_owned();
     // The client routes pod addresses through node1 (the "direct" path).
     sh_ok(Command::new("ip").args([
         "-n",
@@ -436,7 +469,7 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
             iperf = pods["iperf"]
         ),
     )?;
-    let mut haproxy = Command::new("ip")
+    let haproxy = Command::new("ip")
         .args(["netns", "exec", lab.node_ns(3), "haproxy", "-db", "-f"])
         .arg(&haproxy_conf)
         .stdout(std::process::Stdio::null())
@@ -444,44 +477,54 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
         .spawn()
         .context("starting haproxy")?;
     std::thread::sleep(Duration::from_millis(500));
+    Ok(haproxy)
+}
 
-    let workloads = [
-        Workload::HttpKeepAlive,
-        Workload::HttpNewConn,
-        Workload::DnsUdp,
-        Workload::TcpStream,
-    ];
-    let mut results: BTreeMap<(Workload, &str), Vec<Sample>> = BTreeMap::new();
+/// Every workload on every path, rounds rotating the order of the paths.
+fn run_workloads(
+    args: &BenchArgs,
+    lab: &Lab,
+    pods: &BTreeMap<&'static str, Ipv4Addr>,
+    queries: &std::path::Path,
+) -> BTreeMap<(Workload, &'static str), Vec<Sample>> {
+    let mut results: BTreeMap<(Workload, &'static str), Vec<Sample>> = BTreeMap::new();
     let client = lab.client_ns().to_owned();
     let d = args.seconds.to_string();
-    for w in workloads {
+    for w in WORKLOADS {
         // Warm every path once (ARP, conntrack, flow tables) before measuring.
         for path in PATHS {
-            if let Some(t) = target(w, path, &pods) {
-                let _ = measure(&client, w, t, "1", &queries);
+            if let Some(t) = target(w, path, pods) {
+                let _ = measure(&client, w, t, "1", queries);
             }
         }
         for round in 0..args.rounds {
             let mut order: Vec<&str> = PATHS.to_vec();
             order.rotate_left(round % PATHS.len());
             for path in order {
-                let Some(t) = target(w, path, &pods) else { continue };
+                let Some(t) = target(w, path, pods) else { continue };
                 progress(&format!(
                     "{} | round {}/{} | {path}",
                     w.name(),
                     round + 1,
                     args.rounds
                 ));
-                match measure(&client, w, t, &d, &queries) {
+                match measure(&client, w, t, &d, queries) {
                     Ok(s) => results.entry((w, path)).or_default().push(s),
                     Err(e) => eprintln!("    {path}: {e:#}"),
                 }
             }
         }
     }
-    let _ = haproxy.kill();
-    let _ = haproxy.wait();
+    results
+}
 
+/// The data-path tables: per workload, each path with its median rate and latencies and its
+/// ratios. Returns the medians.
+fn data_path_report(
+    args: &BenchArgs,
+    report: &mut String,
+    results: &BTreeMap<(Workload, &'static str), Vec<Sample>>,
+) -> BTreeMap<(Workload, &'static str), Medians> {
     let _ = writeln!(report, "## Data path\n");
     let _ = writeln!(
         report,
@@ -490,8 +533,8 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
          dnsperf: 10 clients. iperf3: one TCP stream.\n",
         args.rounds, args.seconds
     );
-    let mut med: BTreeMap<(Workload, &str), Medians> = BTreeMap::new();
-    for ((w, p), samples) in &results {
+    let mut med: BTreeMap<(Workload, &'static str), Medians> = BTreeMap::new();
+    for ((w, p), samples) in results {
         let mut rates: Vec<f64> = samples.iter().map(|s| s.rate).collect();
         let mut p50: Vec<f64> = samples.iter().filter_map(|s| s.p50_ms).collect();
         let mut p99: Vec<f64> = samples.iter().filter_map(|s| s.p99_ms).collect();
@@ -504,7 +547,7 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
             ),
         );
     }
-    for w in workloads {
+    for w in WORKLOADS {
         let _ = writeln!(report, "### {}\n", w.name());
         let _ = writeln!(report, "| path | rate | p50 | p99 | vs direct | vs iptables |");
         let _ = writeln!(report, "|---|---:|---:|---:|---:|---:|");
@@ -540,7 +583,11 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
         }
         let _ = writeln!(report);
     }
-    // Targets.
+    med
+}
+
+/// The data path's targets, judged on the medians.
+fn data_path_targets(med: &BTreeMap<(Workload, &'static str), Medians>, misses: &mut Vec<String>) {
     let get = |w, p| med.get(&(w, p)).copied();
     let mut check = |ok: bool, what: String| {
         if !ok {
@@ -592,8 +639,6 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
             ),
         );
     }
-    drop(lab);
-    Ok(())
 }
 
 fn measure(
@@ -609,37 +654,13 @@ fn measure(
     match w {
         Workload::HttpKeepAlive | Workload::HttpNewConn => {
             let url = format!("http://{addr}:{port}/");
-            let d = format!("{secs}s");
-            let mut a = vec!["wrk", "-t1", "-c32", "-d", &d, "--latency", "--timeout", "2s"];
-            if w == Workload::HttpNewConn {
-                a.extend(["-H", "Connection: close"]);
-            }
-            a.push(&url);
-            let out = exec(&a)?;
-            let rate = out
-                .lines()
-                .find_map(|l| l.strip_prefix("Requests/sec:"))
-                .and_then(|v| v.trim().parse().ok())
-                .context("no Requests/sec in wrk output")?;
-            let errors = out
-                .lines()
-                .find(|l| l.contains("Socket errors") || l.contains("Non-2xx"));
-            if let Some(e) = errors {
-                eprintln!("    wrk {url}: {}", e.trim());
-            }
-            let pct = |p: &str| {
-                out.lines().find_map(|l| {
-                    let mut f = l.split_whitespace();
-                    (f.next() == Some(p))
-                        .then(|| f.next().and_then(parse_duration_ms))
-                        .flatten()
-                })
-            };
-            Ok(Sample {
-                rate,
-                p50_ms: pct("50%"),
-                p99_ms: pct("99%"),
-            })
+            let out = exec(
+                &wrk_args(w, &url, secs)
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            )?;
+            wrk_sample(&out, &url)
         }
         Workload::DnsUdp => {
             let out = exec(&[
@@ -690,6 +711,199 @@ fn measure(
             })
         }
     }
+}
+
+/// wrk as every HTTP workload runs it: one thread, 32 connections, latency percentiles.
+fn wrk_args(w: Workload, url: &str, secs: &str) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "wrk",
+        "-t1",
+        "-c32",
+        "-d",
+        &format!("{secs}s"),
+        "--latency",
+        "--timeout",
+        "2s",
+    ]
+    .map(String::from)
+    .to_vec();
+    if w == Workload::HttpNewConn {
+        a.extend(["-H".into(), "Connection: close".into()]);
+    }
+    a.push(url.to_owned());
+    a
+}
+
+/// Rate and percentiles from wrk's output.
+fn wrk_sample(out: &str, url: &str) -> anyhow::Result<Sample> {
+    let rate = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no Requests/sec in wrk output")?;
+    let errors = out
+        .lines()
+        .find(|l| l.contains("Socket errors") || l.contains("Non-2xx"));
+    if let Some(e) = errors {
+        eprintln!("    wrk {url}: {}", e.trim());
+    }
+    let pct = |p: &str| {
+        out.lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(p))
+                .then(|| f.next().and_then(parse_duration_ms))
+                .flatten()
+        })
+    };
+    Ok(Sample {
+        rate,
+        p50_ms: pct("50%"),
+        p99_ms: pct("99%"),
+    })
+}
+
+/// Issue 13: a pod that connects through its own node's address (the socket hooks send it to
+/// the backend pod on that node) against the same pod connecting to the backend pod's address
+/// directly. Both run wrk inside one client pod on node1, against one nginx pod on node1;
+/// rounds are paired (each round measures both paths, the order alternating), and the ratio of
+/// each pair is what the targets judge: its median, with the spread of all pairs.
+fn local_clients(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<()> {
+    progress("local clients: a client pod and an nginx pod on node1");
+    let mut lab = bench_lab()?;
+    let dir = lab.dir().to_owned();
+    let nginx_conf = dir.join("nginx-local.conf");
+    // Two ports, one per path, so that TIME_WAIT of one path never meets the other's SYNs.
+    fs::write(
+        &nginx_conf,
+        format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/nginx-local.pid;\nerror_log {d}/nginx-local.err warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 60s;\n\
+             client_body_temp_path {d}/nl-body; proxy_temp_path {d}/nl-proxy;\n\
+             fastcgi_temp_path {d}/nl-fcgi; uwsgi_temp_path {d}/nl-uwsgi; scgi_temp_path {d}/nl-scgi;\n\
+             server {{ listen 8087; listen 8088; location / {{ return 200 \"pod=lab/web-node1\\n\"; }} }} }}\n",
+            d = dir.display()
+        ),
+    )?;
+    lab.add_pod(PodSpec {
+        name: "web-node1".into(),
+        node: 1,
+        ports: vec![HostPort {
+            host: 82,
+            container: 8087,
+            proto: "TCP",
+        }],
+        http: None,
+        dns: None,
+        discovery: Vec::new(),
+        // Server and client on CPUs of their own, the same for both paths: on a 2-core machine
+        // the scheduler's placement otherwise moves the ratio more than the paths do.
+        command: Some(
+            [
+                "taskset",
+                "-c",
+                "1",
+                "nginx",
+                "-c",
+                nginx_conf.to_str().unwrap_or_default(),
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+    })?;
+    lab.add_pod(PodSpec {
+        name: "client".into(),
+        node: 1,
+        ports: Vec::new(),
+        http: None,
+        dns: None,
+        discovery: Vec::new(),
+        command: Some(["sleep", "3600"].map(String::from).to_vec()),
+    })?;
+    lab.write_cluster()?;
+    lab.start_agents()?;
+    lab.wait_synced(Duration::from_secs(30))?;
+    lab.wait_table(1, Duration::from_secs(30), |s| s.local_clients)
+        .context("node1's socket hooks")?;
+    let web = lab.pod_ip("web-node1").context("pod ip")?;
+    let urls = [
+        ("direct", format!("http://{web}:8088/")),
+        ("st8s", format!("http://{}:82/", node_addr(1))),
+    ];
+    let secs = args.seconds.to_string();
+    let run = |w: Workload, url: &str, secs: &str| -> anyhow::Result<Sample> {
+        let a = wrk_args(w, url, secs);
+        let argv: Vec<&str> = ["taskset", "-c", "0"]
+            .into_iter()
+            .chain(a.iter().map(String::as_str))
+            .collect();
+        let out = lab.run_in_pod("client", &argv)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "wrk: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wrk_sample(&String::from_utf8_lossy(&out.stdout), url)
+    };
+    let _ = writeln!(
+        report,
+        "## Clients on the node itself
+"
+    );
+    let _ = writeln!(
+        report,
+        "A pod on node1 runs wrk (1 thread, 32 connections, on CPU 0) against an nginx pod on node1 \
+         (one worker, on CPU 1): `direct` to the pod's address, `st8s` to node1's address and hostPort, which the socket hooks send \
+         to the pod. {} paired rounds of {} s, the order alternating; the ratio is st8s/direct per \
+         round.\n",
+        args.rounds, args.seconds
+    );
+    let _ = writeln!(
+        report,
+        "| workload | direct | st8s | ratio (median) | ratio (min-max) | target |"
+    );
+    let _ = writeln!(report, "|---|---:|---:|---:|---:|---:|");
+    for (w, target) in [(Workload::HttpKeepAlive, 0.98), (Workload::HttpNewConn, 0.95)] {
+        for (_, url) in &urls {
+            let _ = run(w, url, "1");
+        }
+        let (mut direct, mut st8s, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..args.rounds {
+            progress(&format!(
+                "local clients | {} | round {}/{}",
+                w.name(),
+                round + 1,
+                args.rounds
+            ));
+            let mut pair = [0.0f64; 2];
+            let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                pair[i] = run(w, &urls[i].1, &secs)?.rate;
+            }
+            direct.push(pair[0]);
+            st8s.push(pair[1]);
+            ratios.push(pair[1] / pair[0]);
+        }
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let r = median(&mut ratios);
+        let _ = writeln!(
+            report,
+            "| {} | {:.0} | {:.0} | {r:.3}x | {lo:.3}-{hi:.3}x | >= {target}x |",
+            w.name(),
+            median(&mut direct),
+            median(&mut st8s)
+        );
+        if r < target {
+            misses.push(format!(
+                "{}: a pod through its node's address {r:.3}x connecting to the pod directly (target >= {target}x)",
+                w.name()
+            ));
+        }
+    }
+    let _ = writeln!(report);
+    drop(lab);
+    Ok(())
 }
 
 fn parse_duration_ms(s: &str) -> Option<f64> {

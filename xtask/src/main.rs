@@ -53,6 +53,10 @@ enum Task {
         /// Skip the control-plane part.
         #[arg(long)]
         skip_control: bool,
+        /// Skip the in-cluster clients (a pod through its node's address against the pod
+        /// directly).
+        #[arg(long)]
+        skip_local_clients: bool,
         /// Where to write the report.
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
@@ -179,6 +183,7 @@ fn main() -> anyhow::Result<()> {
             skip_dataplane,
             skip_workloads,
             skip_control,
+            skip_local_clients,
             out,
         } => {
             setup::setup()?;
@@ -204,6 +209,7 @@ fn main() -> anyhow::Result<()> {
                 skip_dataplane,
                 skip_workloads,
                 skip_control,
+                skip_local_clients,
                 out,
             })
         }

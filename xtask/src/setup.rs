@@ -26,8 +26,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("knot", "knotd"),
     // A real Prometheus scrapes the agent's /metrics in the tests.
     ("prometheus", "prometheus"),
-    // A real mDNS responder runs in a lab pod (discovery as real servers expect it).
+    // A real mDNS responder and a real SSDP server run in lab pods (discovery as real servers
+    // expect it).
     ("avahi-daemon", "avahi-daemon"),
+    ("minidlna", "minidlnad"),
 ];
 /// Needed to build bpf-linker against the LLVM that matches the nightly.
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];

@@ -831,6 +831,11 @@ fn discovery_broadcasts_reach_the_pod_and_move_with_it() {
     assert_eq!(answers.len(), 1, "mDNS: {answers:?}");
     assert_eq!((*answers[0].0.ip(), answers[0].0.port()), (node1, 5353));
     assert!(answers[0].1.contains("pod=lab/jelly"));
+    assert!(
+        answers[0].1.contains("ttl=255"),
+        "the copy keeps the querier's IP TTL 255 (RFC 6762 section 11): {}",
+        answers[0].1
+    );
 
     // Unrelated broadcast and multicast: nobody answers, nothing is delivered.
     assert!(ask(&lab, "255.255.255.255", 9999, "hello").is_empty());
@@ -867,6 +872,69 @@ fn discovery_broadcasts_reach_the_pod_and_move_with_it() {
     assert_eq!(*answers[0].0.ip(), node_addr(2));
     assert!(answers[0].1.contains("pod=lab/jelly2"));
     println!("discovery moved with its pod: node2 programmed {moved:?} after the cluster file changed");
+}
+
+/// Issue 13: a real SSDP server, Debian's minidlna, in a pod without hostNetwork: a LAN client's
+/// M-SEARCH to 239.255.255.250:1900 reaches it through its node, and its answer comes back from
+/// the node, as from a LAN host.
+#[test]
+fn a_real_minidlna_in_a_pod_answers_ssdp_through_its_node() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab(true);
+    let dir = lab.dir().join("minidlna");
+    for sub in ["media", "db", "log"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("dir");
+    }
+    let conf = dir.join("minidlna.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "media_dir={d}/media\ndb_dir={d}/db\nlog_dir={d}/log\nport=8200\nnetwork_interface=eth0\nfriendly_name=lab-dlna\ninotify=no\n",
+            d = dir.display()
+        ),
+    )
+    .expect("conf");
+    let mut pod = PodSpec::discovery("dlna", 1, &[1900]);
+    pod.command = Some(
+        [
+            "minidlnad",
+            "-d",
+            "-f",
+            &conf.to_string_lossy(),
+            "-P",
+            &dir.join("minidlna.pid").to_string_lossy(),
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    let lab = running(lab, &[pod]);
+    lab.wait_table(1, SYNC, |s| s.discovery.len() == 1)
+        .expect("node1 delivers discovery");
+    let log = lab.dir().join("pod-dlna.log");
+    let msearch = "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\nST: urn:schemas-upnp-org:device:MediaServer:1\r\n\r\n";
+    // minidlna starts its SSDP socket after its scan: ask until it answers (bounded).
+    let answers = xtask::poll_until(Duration::from_secs(20), "minidlna answers", || {
+        let a = lab
+            .udp_ask(
+                "239.255.255.250".parse().expect("group"),
+                1900,
+                msearch,
+                0,
+                None,
+                Duration::from_millis(1500),
+            )
+            .expect("udp");
+        (!a.is_empty()).then_some(a)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    let (from, text) = &answers[0];
+    assert!(text.contains("MediaServer:1"), "{text}");
+    assert_eq!(
+        (*from.ip(), from.port()),
+        (node_addr(1), 1900),
+        "the answer leaves as the node"
+    );
 }
 
 /// A pod that only runs a client: no ports, a process that keeps its namespace busy.
