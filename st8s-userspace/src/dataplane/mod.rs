@@ -115,6 +115,8 @@ pub struct BpfDataplane {
     writer: MapWriter,
     /// The cgroup the socket hooks are attached at, once they are.
     socket_cgroup: Option<PathBuf>,
+    /// Pod-network devices already reported as having no L2 path (said once each).
+    no_l2_path: BTreeSet<String>,
 }
 
 impl BpfDataplane {
@@ -164,6 +166,7 @@ impl BpfDataplane {
             broadcasts,
             writer,
             socket_cgroup: None,
+            no_l2_path: BTreeSet::new(),
         };
         Ok((dp, fates))
     }
@@ -344,6 +347,17 @@ impl BpfDataplane {
         let mut discovery_links = BTreeMap::new();
         for (id, plan) in &desired.ports {
             if let Some(local) = plan.local.as_ref().filter(|l| l.discovery) {
+                let dev = net::route_dev(local.addr)?.unwrap_or_default();
+                if !net::is_ethernet(&dev) {
+                    if self.no_l2_path.insert(dev.clone()) {
+                        warn!(
+                            iface = %dev,
+                            pod = %local.pod,
+                            "the pod network has no L2 path here (not Ethernet): broadcast and multicast are not delivered to its pods"
+                        );
+                    }
+                    continue;
+                }
                 let (link, learned) = discovery_link(local.addr, pod_ifindexes[id])?;
                 report.retry |= !learned;
                 discovery_links.insert(local.addr, link);

@@ -140,6 +140,17 @@ pub fn iface_name(index: u32) -> Option<String> {
 
 /// The interface's hardware address (SIOCGIFHWADDR).
 pub fn mac_of(iface: &str) -> Result<[u8; 6], NetError> {
+    hwaddr(iface).map(|(_, mac)| mac)
+}
+
+/// The interface carries Ethernet frames (ARPHRD_ETHER): a bridge or a veth does; an L3-only
+/// device (ipvlan in L3 mode, a tunnel) has no L2 path to what is behind it.
+pub fn is_ethernet(iface: &str) -> bool {
+    hwaddr(iface).is_ok_and(|(family, _)| family == libc::ARPHRD_ETHER)
+}
+
+/// The interface's hardware address family and address.
+fn hwaddr(iface: &str) -> Result<(u16, [u8; 6]), NetError> {
     let err = |source| NetError::Mac {
         iface: iface.to_owned(),
         source,
@@ -172,7 +183,7 @@ pub fn mac_of(iface: &str) -> Result<[u8; 6], NetError> {
     for (m, b) in mac.iter_mut().zip(sa.sa_data.iter()) {
         *m = *b as u8;
     }
-    Ok(mac)
+    Ok((sa.sa_family, mac))
 }
 
 /// The device of the most specific route to `addr` in the main table (/proc/net/route), which
@@ -479,5 +490,12 @@ cni0\t0001F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
             parse_cgroup2_mount("42 31 0:39 / /sys/fs/cgroup/memory rw - cgroup cgroup rw\n"),
             None
         );
+    }
+
+    #[test]
+    fn loopback_and_missing_devices_are_no_l2_path() {
+        // ARPHRD_LOOPBACK: frames, but not Ethernet ones a pod could sit behind.
+        assert!(!is_ethernet("lo"));
+        assert!(!is_ethernet("st8s-no-such-device"));
     }
 }
