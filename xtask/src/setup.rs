@@ -24,6 +24,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "ping"),
     ("bind9-utils", "named-checkzone"),
     ("knot", "knotd"),
+    // The LAN resolver in front of st8s's zones and the public authority (dns tests).
+    ("unbound", "unbound"),
     // A real Prometheus scrapes the agent's /metrics in the tests.
     ("prometheus", "prometheus"),
     // A real mDNS responder and a real SSDP server run in lab pods (discovery as real servers

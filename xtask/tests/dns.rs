@@ -73,8 +73,12 @@ fn render(dir: &Path, yaml: &str) -> (String, String) {
 }
 
 fn checkzone(zone: &Path) {
+    checkzone_as(DOMAIN, zone);
+}
+
+fn checkzone_as(origin: &str, zone: &Path) {
     let out = Command::new("named-checkzone")
-        .arg(DOMAIN)
+        .arg(origin)
         .arg(zone)
         .output()
         .expect("named-checkzone (bind9-utils)");
@@ -104,6 +108,44 @@ fn rendered_zones_pass_named_checkzone_and_the_serial_moves_only_on_change() {
     assert_eq!(st8s::dns::serial_of(&z3), Some(3));
     checkzone(&dir.0.join("zone.db"));
     assert!(warnings.is_empty(), "{warnings}");
+
+    // The per-name layout: every zone valid; a name that stops being published loses its file.
+    let zones = dir.0.join("zones");
+    let per_name = |yaml: &str| -> Vec<String> {
+        fs::write(dir.0.join("cluster.yaml"), yaml).expect("write");
+        let out = Command::new(st8s())
+            .args(["dns", "--domain", DOMAIN, "--from-file"])
+            .arg(dir.0.join("cluster.yaml"))
+            .arg("--zone-dir")
+            .arg(&zones)
+            .output()
+            .expect("st8s dns");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut names: Vec<String> = fs::read_dir(&zones)
+            .expect("zones")
+            .filter_map(|e| Some(e.ok()?.file_name().to_str()?.to_owned()))
+            .collect();
+        names.sort();
+        names
+    };
+    let files = per_name(&cluster(true));
+    assert!(
+        files.contains(&"jellyfin.home.example.org.zone".to_owned()),
+        "{files:?}"
+    );
+    for f in &files {
+        checkzone_as(f.trim_end_matches(".zone"), &zones.join(f));
+    }
+    let without_jellyfin = cluster(true).replace("jellyfin.home.example.org", "other.example.com");
+    let files = per_name(&without_jellyfin);
+    assert!(
+        !files.contains(&"jellyfin.home.example.org.zone".to_owned()),
+        "{files:?}"
+    );
+    assert!(
+        files.contains(&"ha.home.example.org.zone".to_owned()),
+        "{files:?}"
+    );
 }
 
 struct Netns(String, Vec<Child>);
@@ -123,19 +165,15 @@ mod knot {
     use super::*;
 
     fn dig(ns: &str, name: &str) -> (String, Vec<String>) {
+        dig_at(ns, "127.0.0.1", "5300", name)
+    }
+
+    /// `dig A` inside the namespace: the status and the sorted answers.
+    fn dig_at(ns: &str, server: &str, port: &str, name: &str) -> (String, Vec<String>) {
+        let at = format!("@{server}");
         let out = Command::new("ip")
             .args([
-                "netns",
-                "exec",
-                ns,
-                "dig",
-                "+time=1",
-                "+tries=2",
-                "-p",
-                "5300",
-                "@127.0.0.1",
-                name,
-                "A",
+                "netns", "exec", ns, "dig", "+time=1", "+tries=2", "-p", port, &at, name, "A",
             ])
             .output()
             .expect("dig");
@@ -263,6 +301,170 @@ mod knot {
             dig(&name, "node2.attic.home.example.org").1,
             ["10.77.0.12"],
             "node names stay"
+        );
+    }
+
+    /// Issue 14, fallthrough: st8s answers only the names it publishes, and every other name of
+    /// the domain resolves as the internet resolves it. Real software from Debian's packages
+    /// stands where CoreDNS stands in deploy/examples/home: knotd serves the per-name zones that
+    /// `st8s dns --zone-dir` writes, another knotd is the public authority for the domain, and
+    /// unbound is the LAN resolver in front. The resolver sends a name to the st8s zones when one
+    /// of them holds it and to the public authority otherwise, which is what CoreDNS's `auto` does
+    /// before `forward` (plugin/auto/auto.go: a query that matches no loaded zone goes to the next
+    /// plugin); here unbound's more specific stub zones do it.
+    #[test]
+    fn names_st8s_does_not_publish_resolve_as_on_the_internet() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "needs root: run through `cargo xtask test`"
+        );
+        let dir = tmpdir("fallthrough");
+        let zones = dir.0.join("zones");
+        fs::write(dir.0.join("cluster.yaml"), cluster(true)).expect("write");
+        let out = Command::new(st8s())
+            .args(["dns", "--domain", DOMAIN, "--from-file"])
+            .arg(dir.0.join("cluster.yaml"))
+            .arg("--zone-dir")
+            .arg(&zones)
+            .output()
+            .expect("st8s dns");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut origins: Vec<String> = fs::read_dir(&zones)
+            .expect("zones")
+            .filter_map(|e| Some(e.ok()?.file_name().to_str()?.strip_suffix(".zone")?.to_owned()))
+            .collect();
+        origins.sort();
+        assert_eq!(
+            origins,
+            [
+                "ha.home.example.org",
+                "jellyfin.home.example.org",
+                "node1.attic.home.example.org",
+                "node2.attic.home.example.org",
+                "node3.garage.home.example.org"
+            ],
+            "a zone per published name and per node, none for the wan name"
+        );
+
+        let name = format!("s8-{}-fall", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .expect("ip")
+                .success()
+        );
+        let mut ns = Netns(name.clone(), Vec::new());
+        assert!(
+            Command::new("ip")
+                .args(["-n", &name, "link", "set", "lo", "up"])
+                .status()
+                .expect("ip")
+                .success()
+        );
+        let knot = |tag: &str, listen: &str, zones: &[(String, PathBuf)]| -> PathBuf {
+            let run = dir.0.join(tag);
+            fs::create_dir_all(&run).expect("dir");
+            let mut conf = format!(
+                "server:\n  listen: {listen}@53\n  rundir: {d}\ndatabase:\n  storage: {d}/db\nlog:\n  - target: stderr\n    any: warning\nzone:\n",
+                d = run.display()
+            );
+            for (origin, file) in zones {
+                conf += &format!(
+                    "  - domain: {origin}\n    file: {}\n    zonefile-load: whole\n",
+                    file.display()
+                );
+            }
+            let path = run.join("knot.conf");
+            fs::write(&path, conf).expect("conf");
+            path
+        };
+        // The st8s side: every zone st8s wrote.
+        let lan_zones: Vec<(String, PathBuf)> = origins
+            .iter()
+            .map(|o| (o.clone(), zones.join(format!("{o}.zone"))))
+            .collect();
+        let lan = knot("lan", "127.0.0.2", &lan_zones);
+        // The internet's view of the domain: the tunnel's answers for the published names,
+        // a name only the internet knows, and nothing for the LAN-only name or the nodes.
+        let public_zone = dir.0.join("public.zone");
+        fs::write(
+            &public_zone,
+            "$ORIGIN home.example.org.\n$TTL 60\n@ SOA ns hostmaster 1 3600 600 86400 60\n@ NS ns\nns A 192.0.2.53\n\
+             jellyfin A 203.0.113.11\ngotify A 203.0.113.10\nnas A 203.0.113.12\n",
+        )
+        .expect("zone");
+        let public = knot("public", "127.0.0.3", &[(DOMAIN.to_owned(), public_zone)]);
+        for conf in [&lan, &public] {
+            let child = Command::new("ip")
+                .args(["netns", "exec", &name, "knotd", "-c"])
+                .arg(conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("knotd");
+            ns.1.push(child);
+        }
+        let mut unbound_conf = format!(
+            "server:\n  interface: 127.0.0.1\n  port: 53\n  do-not-query-localhost: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n  use-syslog: no\n  access-control: 127.0.0.0/8 allow\n  module-config: \"iterator\"\n  num-threads: 1\n\
+             stub-zone:\n  name: \"{DOMAIN}\"\n  stub-addr: 127.0.0.3\n",
+            d = dir.0.display()
+        );
+        for origin in &origins {
+            unbound_conf += &format!("stub-zone:\n  name: \"{origin}\"\n  stub-addr: 127.0.0.2\n");
+        }
+        let unbound_path = dir.0.join("unbound.conf");
+        fs::write(&unbound_path, unbound_conf).expect("conf");
+        let unbound = Command::new("ip")
+            .args(["netns", "exec", &name, "unbound", "-d", "-c"])
+            .arg(&unbound_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("unbound");
+        ns.1.push(unbound);
+        let resolve = |n: &str| dig_at(&name, "127.0.0.1", "53", n);
+        let start = Instant::now();
+        while resolve("jellyfin.home.example.org").0 != "NOERROR" {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the resolvers did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let lan3 = vec!["10.77.0.11".to_owned(), "10.77.0.12".into(), "10.77.0.13".into()];
+        assert_eq!(
+            resolve("jellyfin.home.example.org"),
+            ("NOERROR".into(), lan3.clone()),
+            "both: the LAN answer"
+        );
+        assert_eq!(
+            resolve("ha.home.example.org"),
+            ("NOERROR".into(), lan3),
+            "lan: the LAN answer"
+        );
+        assert_eq!(
+            resolve("gotify.home.example.org"),
+            ("NOERROR".into(), vec!["203.0.113.10".to_owned()]),
+            "wan: exactly the public answer, never a LAN address"
+        );
+        assert_eq!(
+            resolve("nas.home.example.org"),
+            ("NOERROR".into(), vec!["203.0.113.12".to_owned()]),
+            "a name st8s does not know: the public answer"
+        );
+        assert_eq!(
+            resolve("missing.home.example.org").0,
+            "NXDOMAIN",
+            "as on the internet"
+        );
+        assert_eq!(
+            resolve("node3.garage.home.example.org").1,
+            ["10.77.0.13"],
+            "node names from st8s"
         );
     }
 }

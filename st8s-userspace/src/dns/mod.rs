@@ -341,27 +341,98 @@ pub fn render_zone(
     cfg: &DnsConfig,
     previous: Option<&str>,
 ) -> (String, bool) {
-    let body = zone_body(input, domain, cfg);
+    with_soa(domain, &zone_body(input, domain, cfg), cfg, previous)
+}
+
+/// A zone's text: header, SOA (the serial continued from `previous`, moved only when the body
+/// changed) and `body`; and whether it changed.
+fn with_soa(origin: &str, body: &str, cfg: &DnsConfig, previous: Option<&str>) -> (String, bool) {
     let old_serial = previous.and_then(serial_of);
-    let unchanged = previous.and_then(body_of) == Some(body.as_str());
+    let unchanged = previous.and_then(body_of) == Some(body);
     let serial = match (old_serial, unchanged) {
         (Some(s), true) => s,
         (Some(s), false) => s.wrapping_add(1).max(1),
         (None, _) => 1,
     };
     let mut z = String::new();
-    let _ = writeln!(z, "; rendered by st8s dns; do not edit");
-    let _ = writeln!(z, "$ORIGIN {}", fqdn(domain));
+    let _ = writeln!(z, "{HEADER}");
+    let _ = writeln!(z, "$ORIGIN {}", fqdn(origin));
     let _ = writeln!(z, "$TTL {}", cfg.ttl);
     let _ = writeln!(
         z,
         "@ IN SOA {} hostmaster.{} (\n    {serial} ; serial\n    3600 ; refresh\n    600 ; retry\n    86400 ; expire\n    {} ; negative TTL\n)",
         fqdn(&cfg.ns),
-        fqdn(domain),
+        fqdn(origin),
         cfg.ttl
     );
     let _ = write!(z, ";; records\n{body}");
     (z, !unchanged)
+}
+
+/// The first line of every zone st8s dns writes: what it may replace or remove.
+pub const HEADER: &str = "; rendered by st8s dns; do not edit";
+
+/// The per-name layout: one zone per name st8s publishes (`lan` and `both` names with at least one
+/// serving node; `*.x` goes into the zone `x` as `*`) and one per node name, each holding only its
+/// own records. A DNS server that loads every zone of a directory and passes what none of them
+/// holds to the next resolver (CoreDNS `auto` then `forward`) thereby answers exactly these names
+/// from st8s and every other name of the domain (`wan` names, names st8s does not know, a name
+/// whose nodes are all down) as the upstream does. Origin -> zone body (without the SOA).
+pub fn name_zone_bodies(input: &DnsInput, cfg: &DnsConfig) -> BTreeMap<String, String> {
+    let serving: Vec<Ipv4Addr> = input.nodes.iter().filter(|n| n.serving).map(|n| n.addr).collect();
+    let mut records: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    if !serving.is_empty() {
+        for (host, e) in &input.hosts {
+            if e.exposure == Exposure::Wan || zone_of(host, &cfg.domains).is_none() {
+                continue;
+            }
+            let (origin, owner) = match host.strip_prefix("*.") {
+                Some(parent) => (parent.to_owned(), "*"),
+                None => (host.clone(), "@"),
+            };
+            let lines = records.entry(origin).or_default();
+            lines.push(format!("; {} ({:?})", e.sources.join(", "), e.exposure));
+            lines.extend(serving.iter().map(|a| format!("{owner} IN A {a}")));
+        }
+    }
+    for n in &input.nodes {
+        let name = match &n.zone {
+            Some(z) => format!("{}.{z}", n.name),
+            None => n.name.clone(),
+        };
+        if !valid_hostname(&name) {
+            continue;
+        }
+        for domain in &cfg.domains {
+            records
+                .entry(format!("{name}.{domain}"))
+                .or_default()
+                .push(format!("@ IN A {}", n.addr));
+        }
+    }
+    records
+        .into_iter()
+        .map(|(origin, lines)| {
+            let body = format!("@ IN NS {}\n{}\n", fqdn(&cfg.ns), lines.join("\n"));
+            (origin, body)
+        })
+        .collect()
+}
+
+/// The per-name zones (see [`name_zone_bodies`]) as text, each continuing the serial of its
+/// `previous` text; with whether each changed.
+pub fn render_name_zones(
+    input: &DnsInput,
+    cfg: &DnsConfig,
+    previous: &BTreeMap<String, String>,
+) -> BTreeMap<String, (String, bool)> {
+    name_zone_bodies(input, cfg)
+        .into_iter()
+        .map(|(origin, body)| {
+            let zone = with_soa(&origin, &body, cfg, previous.get(&origin).map(String::as_str));
+            (origin, zone)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -561,5 +632,62 @@ metadata: {name: odd, namespace: x, annotations: {st8s.io/hostname: "odd.home.ex
         let (z3, changed) = render_zone(&nodes, "home.example.org", &cfg(), Some(&z2));
         assert!(changed);
         assert_eq!(serial_of(&z3), Some(2));
+    }
+
+    #[test]
+    fn per_name_zones_hold_only_what_st8s_publishes() {
+        let yaml = NODES.to_owned()
+            + r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: jellyfin, namespace: media}
+spec: {rules: [{host: jellyfin.home.example.org}, {host: "*.apps.home.example.org"}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: gotify, namespace: notify, annotations: {st8s.io/exposure: wan}}
+spec: {hostnames: [gotify.home.example.org]}
+"#;
+        let input = collect_yaml(&yaml, &cfg(), now()).expect("parses");
+        let zones = render_name_zones(&input, &cfg(), &BTreeMap::new());
+        let origins: Vec<&str> = zones.keys().map(String::as_str).collect();
+        assert_eq!(
+            origins,
+            [
+                "apps.home.example.org",
+                "jellyfin.home.example.org",
+                "node1.attic.home.example.org",
+                "node2.home.example.org",
+                "node3.home.example.org"
+            ],
+            "no zone for the wan name, nor for the domain itself"
+        );
+        let (jelly, changed) = &zones["jellyfin.home.example.org"];
+        assert!(changed);
+        assert!(
+            jelly.contains("$ORIGIN jellyfin.home.example.org.") && jelly.contains("@ IN A 10.0.0.11"),
+            "{jelly}"
+        );
+        assert!(
+            !jelly.contains("10.0.0.12"),
+            "node2's agent Lease ran out: {jelly}"
+        );
+        assert!(zones["apps.home.example.org"].0.contains("* IN A 10.0.0.11"));
+        assert!(
+            zones["node3.home.example.org"].0.contains("@ IN A 10.0.0.13"),
+            "node names stay"
+        );
+        // The serial continues per zone, and moves only when that zone changes.
+        let previous: BTreeMap<String, String> =
+            zones.iter().map(|(o, (z, _))| (o.clone(), z.clone())).collect();
+        let again = render_name_zones(&input, &cfg(), &previous);
+        assert!(again.values().all(|(_, changed)| !changed));
+        // No serving node at all: the service names go (upstream answers them), node names stay.
+        let later: Timestamp = "2026-11-22T10:00:06Z".parse().expect("timestamp");
+        let down = collect_yaml(&yaml, &cfg(), later).expect("parses");
+        let zones = render_name_zones(&down, &cfg(), &previous);
+        assert!(!zones.contains_key("jellyfin.home.example.org"));
+        assert!(zones.contains_key("node1.attic.home.example.org"));
     }
 }

@@ -48,7 +48,7 @@ use crate::{
 pub struct DnsArgs {
     /// Render once from a YAML file (`kubectl get nodes,ingress,httproutes,ingressroutes,services
     /// -A -o yaml`) instead of watching the cluster.
-    #[arg(long, value_name = "PATH", requires = "out")]
+    #[arg(long, value_name = "PATH")]
     pub from_file: Option<PathBuf>,
     /// A LAN domain to render (repeat for several).
     #[arg(long = "domain", value_name = "DOMAIN", required = true)]
@@ -57,6 +57,13 @@ pub struct DnsArgs {
     /// Required with --from-file; on a cluster the files are written next to the ConfigMap.
     #[arg(long, value_name = "PATH")]
     pub out: Option<PathBuf>,
+    /// Write one zone per published name and per node name into DIR (`<name>.zone`), removing
+    /// those no longer published: for a DNS server that loads a directory of zones and passes
+    /// every other name on (CoreDNS `auto` + `forward`), so that names st8s does not publish, `wan`
+    /// ones included, resolve upstream. With `--configmap ""` the only output (a sidecar of each
+    /// CoreDNS replica, sharing the directory).
+    #[arg(long, value_name = "DIR")]
+    pub zone_dir: Option<PathBuf>,
     /// Node label naming a node's zone: `<node>.<zone>.<domain>`.
     #[arg(long, default_value = "st8s.io/zone")]
     pub zone_label: String,
@@ -131,16 +138,29 @@ fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
 
 fn run_offline(args: &DnsArgs, from: &Path) -> anyhow::Result<()> {
     let cfg = args.config(args.agent_leases);
-    let out = args
-        .out
-        .as_deref()
-        .context("--out is required with --from-file")?;
+    anyhow::ensure!(
+        args.out.is_some() || args.zone_dir.is_some(),
+        "--from-file needs --out or --zone-dir"
+    );
     let text = std::fs::read_to_string(from).with_context(|| format!("reading {}", from.display()))?;
     let input = dns::collect_yaml(&text, &cfg, Timestamp::now())
         .with_context(|| format!("parsing {}", from.display()))?;
     for w in &input.warnings {
         warn!("{w}");
     }
+    if let Some(dir) = &args.zone_dir {
+        let synced = sync_zone_dir(dir, &input, &cfg)?;
+        println!(
+            "{}: {} zones, {} written, {} removed",
+            dir.display(),
+            synced.zones,
+            synced.written.len(),
+            synced.removed.len()
+        );
+    }
+    let Some(out) = args.out.as_deref() else {
+        return Ok(());
+    };
     for domain in &cfg.domains {
         let path = zone_path(out, &cfg.domains, domain);
         let previous = std::fs::read_to_string(&path).ok();
@@ -156,6 +176,54 @@ fn run_offline(args: &DnsArgs, from: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// What one pass over the zone directory did.
+#[derive(Debug, Default)]
+struct Synced {
+    zones: usize,
+    written: Vec<String>,
+    removed: Vec<String>,
+}
+
+/// Makes `dir` hold the per-name zones of `input` ([`dns::render_name_zones`]): writes the ones
+/// that changed (atomically, serials continued from what is there) and removes the ones st8s
+/// wrote that are no longer published. Files it did not write are left alone.
+fn sync_zone_dir(dir: &Path, input: &dns::DnsInput, cfg: &DnsConfig) -> anyhow::Result<Synced> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut previous = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(origin) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".zone"))
+        else {
+            continue;
+        };
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && text.starts_with(dns::HEADER)
+        {
+            previous.insert(origin.to_owned(), text);
+        }
+    }
+    let next = dns::render_name_zones(input, cfg, &previous);
+    let mut synced = Synced {
+        zones: next.len(),
+        ..Synced::default()
+    };
+    for (origin, (text, changed)) in &next {
+        if *changed {
+            write_atomically(&dir.join(format!("{origin}.zone")), text)?;
+            synced.written.push(origin.clone());
+        }
+    }
+    for origin in previous.keys().filter(|o| !next.contains_key(*o)) {
+        let path = dir.join(format!("{origin}.zone"));
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        synced.removed.push(origin.clone());
+    }
+    Ok(synced)
 }
 
 /// The kinds of object `st8s dns` reads on a cluster.
@@ -251,8 +319,8 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
     let cms: Option<Api<ConfigMap>> =
         (!args.configmap.is_empty()).then(|| Api::namespaced(client.clone(), &args.namespace));
     anyhow::ensure!(
-        cms.is_some() || args.out.is_some(),
-        "nowhere to write the zones: give --configmap or --out"
+        cms.is_some() || args.out.is_some() || args.zone_dir.is_some(),
+        "nowhere to write the zones: give --configmap, --out or --zone-dir"
     );
     let mut zones = previous_zones(args, &cfg, cms.as_ref()).await;
     info!(
@@ -315,6 +383,22 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
             warn!("{w}");
         }
         warned = fresh;
+        if let Some(dir) = &args.zone_dir {
+            match sync_zone_dir(dir, &input, &cfg) {
+                Ok(synced) if !synced.written.is_empty() || !synced.removed.is_empty() => info!(
+                    dir = %dir.display(),
+                    written = ?synced.written,
+                    removed = ?synced.removed,
+                    latency_us = earliest.map(|t| t.elapsed().as_micros() as u64),
+                    "zone directory written"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "writing the zone directory failed; retrying in 2 s");
+                    wake = Some(now + k8s_openapi::jiff::SignedDuration::from_secs(2));
+                }
+            }
+        }
         let (next, changed) = render_all(&input, &cfg, &zones, written_once);
         if changed.is_empty() {
             continue;
