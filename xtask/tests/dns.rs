@@ -311,7 +311,8 @@ mod knot {
     /// unbound is the LAN resolver in front. The resolver sends a name to the st8s zones when one
     /// of them holds it and to the public authority otherwise, which is what CoreDNS's `auto` does
     /// before `forward` (plugin/auto/auto.go: a query that matches no loaded zone goes to the next
-    /// plugin); here unbound's more specific stub zones do it.
+    /// plugin); here unbound's more specific stub zones do it. When the upstream stops answering,
+    /// the LAN names keep working.
     #[test]
     fn names_st8s_does_not_publish_resolve_as_on_the_internet() {
         // SAFETY: geteuid has no preconditions.
@@ -465,6 +466,22 @@ mod knot {
             resolve("node3.garage.home.example.org").1,
             ["10.77.0.13"],
             "node names from st8s"
+        );
+
+        // The upstream stops answering: the names st8s publishes keep resolving (asked here for
+        // the first time, so not from the resolver's cache); the others fail as they would.
+        let public_knot = &mut ns.1[1];
+        let _ = public_knot.kill();
+        let _ = public_knot.wait();
+        assert_eq!(
+            resolve("node1.attic.home.example.org"),
+            ("NOERROR".into(), vec!["10.77.0.11".to_owned()]),
+            "LAN names without the upstream"
+        );
+        assert_ne!(
+            resolve("other.home.example.org").0,
+            "NOERROR",
+            "the upstream is gone"
         );
     }
 }
