@@ -26,6 +26,7 @@ pub fn cluster_text(data: &[u8]) {
         ttl: 30,
         ns: "localhost.".into(),
         agent_leases: true,
+        service_aaaa: true,
     };
     if let Ok(input) = dns::collect_yaml(text, &cfg, k8s_openapi::jiff::Timestamp::UNIX_EPOCH) {
         let (zone, _) = dns::render_zone(&input, "home.example.org", &cfg, None);

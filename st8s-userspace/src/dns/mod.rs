@@ -13,7 +13,11 @@
 //! `wan` (no LAN record). When objects disagree about one hostname, the most restrictive for the
 //! LAN wins (`wan` over `lan` over `both`) and a warning names both objects.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use k8s_openapi::{
     api::coordination::v1::Lease,
@@ -21,7 +25,7 @@ use k8s_openapi::{
 };
 
 pub use self::objects::Objects;
-use crate::sources::k8s::{internal_ip as node_internal_ip, node_ready};
+use crate::sources::k8s::{internal_ip as node_internal_ip, internal_ip6, node_ready};
 
 pub mod objects;
 pub mod watch;
@@ -63,6 +67,9 @@ pub struct DnsConfig {
     /// A node answers for services only while its agent's Lease is fresh (always so on a
     /// cluster; offline, only when the file holds the Leases).
     pub agent_leases: bool,
+    /// Service names get AAAA records too (the serving nodes' IPv6 InternalIPs). Off by default:
+    /// st8s steers IPv4 only, and a dual-stack client prefers IPv6 (see the README).
+    pub service_aaaa: bool,
 }
 
 /// One hostname to answer, and who asked for it.
@@ -98,6 +105,8 @@ pub enum DnsWarning {
 pub struct ZoneNode {
     pub name: String,
     pub addr: Ipv4Addr,
+    /// Its IPv6 InternalIP, on a dual-stack node.
+    pub addr6: Option<Ipv6Addr>,
     pub zone: Option<String>,
     /// Ready, and its agent ready: it answers for services.
     pub serving: bool,
@@ -195,6 +204,7 @@ pub fn collect(objects: &Objects, cfg: &DnsConfig, now: Timestamp) -> DnsInput {
         input.nodes.push(ZoneNode {
             name,
             addr,
+            addr6: internal_ip6(node),
             zone,
             serving: node_ready(node) && agent_ok,
         });
@@ -277,7 +287,6 @@ pub fn zone_of<'a>(host: &str, domains: &'a [String]) -> Option<&'a str> {
 pub fn zone_body(input: &DnsInput, domain: &str, cfg: &DnsConfig) -> String {
     let mut b = String::new();
     let _ = writeln!(b, "@ IN NS {}", fqdn(&cfg.ns));
-    let serving: Vec<Ipv4Addr> = input.nodes.iter().filter(|n| n.serving).map(|n| n.addr).collect();
     let rel = |name: &str| -> String {
         if name == domain {
             "@".into()
@@ -292,8 +301,8 @@ pub fn zone_body(input: &DnsInput, domain: &str, cfg: &DnsConfig) -> String {
             continue;
         }
         let _ = writeln!(b, "; {} ({:?})", e.sources.join(", "), e.exposure);
-        for addr in &serving {
-            let _ = writeln!(b, "{} IN A {addr}", rel(host));
+        for line in service_records(input, cfg, &rel(host)) {
+            let _ = writeln!(b, "{line}");
         }
     }
     for n in &input.nodes {
@@ -302,10 +311,34 @@ pub fn zone_body(input: &DnsInput, domain: &str, cfg: &DnsConfig) -> String {
             None => n.name.clone(),
         };
         if valid_hostname(&name) {
-            let _ = writeln!(b, "{name} IN A {}", n.addr);
+            for line in node_records(n, &name) {
+                let _ = writeln!(b, "{line}");
+            }
         }
     }
     b
+}
+
+/// A service name's records, owned by `owner`: an A per serving node, and with
+/// `service_aaaa` an AAAA per serving node that has an IPv6 address.
+fn service_records(input: &DnsInput, cfg: &DnsConfig, owner: &str) -> Vec<String> {
+    let serving = input.nodes.iter().filter(|n| n.serving);
+    let mut lines: Vec<String> = serving
+        .clone()
+        .map(|n| format!("{owner} IN A {}", n.addr))
+        .collect();
+    if cfg.service_aaaa {
+        lines.extend(serving.filter_map(|n| Some(format!("{owner} IN AAAA {}", n.addr6?))));
+    }
+    lines
+}
+
+/// A node name's records: its IPv4 address, and its IPv6 one when it has one (the node itself
+/// answers there, whatever st8s steers).
+fn node_records(n: &ZoneNode, owner: &str) -> Vec<String> {
+    let mut lines = vec![format!("{owner} IN A {}", n.addr)];
+    lines.extend(n.addr6.map(|a| format!("{owner} IN AAAA {a}")));
+    lines
 }
 
 fn fqdn(name: &str) -> String {
@@ -392,7 +425,7 @@ pub fn name_zone_bodies(input: &DnsInput, cfg: &DnsConfig) -> BTreeMap<String, S
             };
             let lines = records.entry(origin).or_default();
             lines.push(format!("; {} ({:?})", e.sources.join(", "), e.exposure));
-            lines.extend(serving.iter().map(|a| format!("{owner} IN A {a}")));
+            lines.extend(service_records(input, cfg, owner));
         }
     }
     for n in &input.nodes {
@@ -407,7 +440,7 @@ pub fn name_zone_bodies(input: &DnsInput, cfg: &DnsConfig) -> BTreeMap<String, S
             records
                 .entry(format!("{name}.{domain}"))
                 .or_default()
-                .push(format!("@ IN A {}", n.addr));
+                .extend(node_records(n, "@"));
         }
     }
     records
@@ -446,6 +479,7 @@ mod tests {
             ttl: 30,
             ns: "localhost".into(),
             agent_leases: true,
+            service_aaaa: false,
         }
     }
 
@@ -689,5 +723,61 @@ spec: {hostnames: [gotify.home.example.org]}
         let zones = render_name_zones(&down, &cfg(), &previous);
         assert!(!zones.contains_key("jellyfin.home.example.org"));
         assert!(zones.contains_key("node1.attic.home.example.org"));
+    }
+
+    #[test]
+    fn dual_stack_nodes_get_aaaa_and_service_names_only_when_asked() {
+        let yaml = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node1, labels: {st8s.io/zone: attic}}
+  status:
+    addresses: [{type: InternalIP, address: 10.0.0.11}, {type: InternalIP, address: "fd00::11"}, {type: ExternalIP, address: "2001:db8::11"}]
+    conditions: [{type: Ready, status: "True"}]
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node2}
+  status:
+    addresses: [{type: InternalIP, address: 10.0.0.12}]
+    conditions: [{type: Ready, status: "True"}]
+- apiVersion: networking.k8s.io/v1
+  kind: Ingress
+  metadata: {name: jellyfin, namespace: media}
+  spec: {rules: [{host: jellyfin.home.example.org}]}
+"#;
+        let offline = DnsConfig {
+            agent_leases: false,
+            ..cfg()
+        };
+        let input = collect_yaml(yaml, &offline, now()).expect("parses");
+        let (zone, _) = render_zone(&input, "home.example.org", &offline, None);
+        assert!(zone.contains("node1.attic IN AAAA fd00::11"), "{zone}");
+        assert!(!zone.contains("2001:db8::11"), "InternalIP only: {zone}");
+        assert!(!zone.contains("jellyfin IN AAAA"), "off by default: {zone}");
+        let aaaa = DnsConfig {
+            service_aaaa: true,
+            ..offline
+        };
+        let (zone, _) = render_zone(&input, "home.example.org", &aaaa, None);
+        assert!(zone.contains("jellyfin IN AAAA fd00::11"), "{zone}");
+        assert_eq!(
+            zone.matches("jellyfin IN AAAA").count(),
+            1,
+            "node2 has no IPv6: {zone}"
+        );
+        let zones = render_name_zones(&input, &aaaa, &BTreeMap::new());
+        assert!(
+            zones["jellyfin.home.example.org"]
+                .0
+                .contains("@ IN AAAA fd00::11")
+        );
+        assert!(
+            zones["node1.attic.home.example.org"]
+                .0
+                .contains("@ IN AAAA fd00::11")
+        );
     }
 }

@@ -64,6 +64,11 @@ pub struct DnsArgs {
     /// CoreDNS replica, sharing the directory).
     #[arg(long, value_name = "DIR")]
     pub zone_dir: Option<PathBuf>,
+    /// Give service names AAAA records too (the serving nodes' IPv6 InternalIPs). st8s steers
+    /// IPv4 only: a dual-stack client that prefers IPv6 then bypasses it (see the README). Node
+    /// names always get their node's AAAA.
+    #[arg(long)]
+    pub service_aaaa: bool,
     /// Node label naming a node's zone: `<node>.<zone>.<domain>`.
     #[arg(long, default_value = "st8s.io/zone")]
     pub zone_label: String,
@@ -102,6 +107,7 @@ impl DnsArgs {
             ttl: self.ttl,
             ns: self.ns.clone(),
             agent_leases,
+            service_aaaa: self.service_aaaa,
         }
     }
 }
@@ -530,6 +536,7 @@ mod tests {
         let node = |name: &str, addr: &str, serving| ZoneNode {
             name: name.into(),
             addr: addr.parse().expect("ip"),
+            addr6: None,
             zone: None,
             serving,
         };

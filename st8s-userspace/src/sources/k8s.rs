@@ -21,6 +21,17 @@ pub fn internal_ip(node: &Node) -> Option<Ipv4Addr> {
         .find_map(|a| a.address.parse().ok())
 }
 
+/// The node's first InternalIP that is an IPv6 address (a dual-stack node has one of each).
+pub fn internal_ip6(node: &Node) -> Option<std::net::Ipv6Addr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse().ok())
+}
+
 /// The node's `Ready` condition is `True`.
 pub fn node_ready(node: &Node) -> bool {
     node.status
