@@ -41,6 +41,10 @@ struct Dns {
 
 impl Dns {
     fn start(kubeconfig: &std::path::Path, tag: &str) -> Dns {
+        Self::start_with(kubeconfig, tag, &[])
+    }
+
+    fn start_with(kubeconfig: &std::path::Path, tag: &str, extra: &[&str]) -> Dns {
         let log = std::env::temp_dir().join(format!("st8s-dns-cluster-{}-{tag}.log", std::process::id()));
         let child = Command::new(st8s())
             // The double's nodes are at addresses no test may send to: no probes.
@@ -53,6 +57,7 @@ impl Dns {
                 "--peer-probe-ms",
                 "0",
             ])
+            .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .env_remove("KUBERNETES_SERVICE_HOST")
@@ -246,4 +251,84 @@ fn zones_follow_the_cluster_and_unready_nodes_leave_the_answers() {
     println!(
         "st8s dns, measured against the API double: node NotReady -> zone ConfigMap written in {not_ready_ms:.1} ms; agent Lease ran out -> written {lease_ms:.1} ms after the expiry"
     );
+}
+
+/// The status code of `GET path` on loopback, or None when nothing answers.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: st8s\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn wait_status(port: u16, want: u16, secs: u64, dns: &Dns) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while http_status(port, "/readyz") != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never said {want}: {:?}\n{}",
+            http_status(port, "/readyz"),
+            dns.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 14: `st8s dns` as a sidecar of a CoreDNS replica (no ConfigMap, a zone directory) says
+/// through /readyz whether its zones are current: ready once written from a complete view, not
+/// ready while its watches fail (an API outage), ready again after. The home example's readiness
+/// probe on it takes a replica with stale zones out of the steered :53, so the others answer.
+#[test]
+fn a_sidecar_is_ready_only_while_its_zones_are_current() {
+    let api = ApiServer::start().expect("double");
+    let kubeconfig = std::env::temp_dir().join(format!("st8s-dns-sidecar-{}.kubeconfig", std::process::id()));
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    api.apply(Resource::Node, node("node1", "10.77.0.11", true));
+    api.apply(Resource::Lease, lease("node1", Duration::ZERO));
+    api.apply(
+        Resource::Ingress,
+        json!({"metadata": {"name": "jellyfin", "namespace": "media"},
+               "spec": {"rules": [{"host": "jellyfin.home.example.org"}]}}),
+    );
+    api.set_missing(Resource::IngressRoute, true);
+    api.set_missing(Resource::HttpRoute, true);
+    let dir = std::env::temp_dir().join(format!("st8s-dns-sidecar-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let dns = Dns::start_with(
+        &kubeconfig,
+        "sidecar",
+        &[
+            "--configmap",
+            "",
+            "--zone-dir",
+            dir.to_str().expect("utf-8"),
+            "--listen",
+            &listen,
+        ],
+    );
+    wait_status(port, 200, 20, &dns);
+    assert!(dir.join("jellyfin.home.example.org.zone").exists());
+    assert!(
+        api.patches().iter().all(|p| p.kind != Resource::ConfigMap),
+        "no ConfigMap in this mode"
+    );
+    api.set_down(true);
+    wait_status(port, 503, 20, &dns);
+    api.set_down(false);
+    wait_status(port, 200, 20, &dns);
+    drop(dns);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&kubeconfig);
 }

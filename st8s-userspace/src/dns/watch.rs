@@ -11,6 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -37,6 +38,7 @@ use crate::{
         self, DnsConfig, Objects,
         objects::{self, NamesHosts, Route},
     },
+    http::metrics::Metrics,
     sources::{
         kube::{self as kube_source, Msg, WatchStatus, Watchers},
         probe::{PeerProbeArgs, Prober},
@@ -64,6 +66,11 @@ pub struct DnsArgs {
     /// CoreDNS replica, sharing the directory).
     #[arg(long, value_name = "DIR")]
     pub zone_dir: Option<PathBuf>,
+    /// Serve /healthz, /readyz and /metrics here. /readyz answers 200 once the zones are written
+    /// from a complete view, and only while every watch works and the last write did: a readiness
+    /// probe on it keeps a CoreDNS replica whose zones are not current out of the steered :53.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
     /// Give service names AAAA records too (the serving nodes' IPv6 InternalIPs). st8s steers
     /// IPv4 only: a dual-stack client that prefers IPv6 then bypasses it (see the README). Node
     /// names always get their node's AAAA.
@@ -334,6 +341,17 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         configmap = %format!("{}/{}", args.namespace, args.configmap),
         "watching nodes, agent leases, ingresses, services, httproutes and ingressroutes"
     );
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = args.listen {
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(addr, m).await {
+                warn!(error = format!("{e:#}"), "health endpoint failed");
+            }
+        });
+    }
+    let mut dir_ok = true;
+    let mut write_ok = cms.is_none();
     let (stores, mut rx) = spawn_watchers(&client, &args.namespace, &cfg.zone_label);
     let mut prober = Prober::start(&args.peers);
     let mut unreachable: std::collections::BTreeSet<std::net::Ipv4Addr> = Default::default();
@@ -365,6 +383,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
             kube_source::log_effect(msg, &effect, "the zones as last written");
         }
         if !status.synced(&WATCHED) {
+            metrics.set_ready(false, Some("waiting for the first complete list"));
             continue;
         }
         let now = Timestamp::now();
@@ -390,30 +409,36 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         }
         warned = fresh;
         if let Some(dir) = &args.zone_dir {
-            match sync_zone_dir(dir, &input, &cfg) {
-                Ok(synced) if !synced.written.is_empty() || !synced.removed.is_empty() => info!(
-                    dir = %dir.display(),
-                    written = ?synced.written,
-                    removed = ?synced.removed,
-                    latency_us = earliest.map(|t| t.elapsed().as_micros() as u64),
-                    "zone directory written"
-                ),
-                Ok(_) => {}
+            dir_ok = match sync_zone_dir(dir, &input, &cfg) {
+                Ok(synced) => {
+                    if !synced.written.is_empty() || !synced.removed.is_empty() {
+                        info!(
+                            dir = %dir.display(),
+                            written = ?synced.written,
+                            removed = ?synced.removed,
+                            latency_us = earliest.map(|t| t.elapsed().as_micros() as u64),
+                            "zone directory written"
+                        );
+                    }
+                    true
+                }
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "writing the zone directory failed; retrying in 2 s");
                     wake = Some(now + k8s_openapi::jiff::SignedDuration::from_secs(2));
+                    false
                 }
-            }
+            };
         }
         let (next, changed) = render_all(&input, &cfg, &zones, written_once);
         if changed.is_empty() {
+            report_ready(&metrics, &status, dir_ok, write_ok);
             continue;
         }
         let written = match &cms {
             Some(cms) => apply_configmap(cms, &args.configmap, &next).await,
             None => Ok(()),
         };
-        match written {
+        write_ok = match written {
             Ok(()) => {
                 written_once = true;
                 zones = next;
@@ -432,13 +457,29 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
                         }
                     }
                 }
+                true
             }
             Err(e) => {
                 warn!(error = %format!("{e:#}"), "writing the zones failed; retrying in 2 s");
                 wake = Some(now + k8s_openapi::jiff::SignedDuration::from_secs(2));
+                false
             }
-        }
+        };
+        report_ready(&metrics, &status, dir_ok, write_ok);
     }
+}
+
+/// Ready: every kind listed, no watch failing, and the last writes worked.
+fn report_ready(metrics: &Metrics, status: &WatchStatus, dir_ok: bool, write_ok: bool) {
+    let reason = match status.failing().next() {
+        Some((kind, failure)) => Some(format!(
+            "the watch of {kind} fails ({failure}); the zones may be stale"
+        )),
+        None if !dir_ok => Some("writing the zone directory failed".to_owned()),
+        None if !write_ok => Some("writing the zones ConfigMap failed".to_owned()),
+        None => None,
+    };
+    metrics.set_ready(reason.is_none(), reason.as_deref());
 }
 
 /// The zones as they were before this start, so that the serial continues across restarts: from
