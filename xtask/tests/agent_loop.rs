@@ -302,6 +302,22 @@ async fn a_pod_that_turns_not_ready_drains_and_a_deleted_one_leaves() {
     agent.stop().await;
 }
 
+/// Issue 15: a rolling update deletes a pod that is still Ready (deletionTimestamp set, the
+/// Ready condition still True while it shuts down): it drains at once, as a NotReady one does.
+#[tokio::test]
+async fn a_ready_pod_being_deleted_drains() {
+    let (api, agent) = two_backends().await;
+    let mut going = pod("web-b", "node2", "10.244.2.10", 80, 8080, "TCP");
+    going["metadata"]["deletionTimestamp"] = "2026-11-25T10:00:00Z".into();
+    api.apply(Resource::Pod, going);
+    agent
+        .until(5, "node2 draining", |t| {
+            web(t) == [held("node1", false), held("node2", true)]
+        })
+        .await;
+    agent.stop().await;
+}
+
 #[tokio::test]
 async fn failed_writes_are_retried_until_they_land() {
     let api = ApiServer::start().expect("double");

@@ -45,6 +45,9 @@ pub struct Pod {
     pub ip: Option<String>,
     /// The pod's `Ready` condition is `True`.
     pub ready: bool,
+    /// `metadata.deletionTimestamp` is set: the pod is shutting down (a rolling update deletes
+    /// pods that are still Ready), so it takes no new flow, as if it were NotReady.
+    pub terminating: bool,
     pub host_network: bool,
     /// The value of the `st8s.io/steer` annotation.
     pub steer: Option<String>,

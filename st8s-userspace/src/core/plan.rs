@@ -337,7 +337,12 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
 
     let mut owners: BTreeMap<(PortId, String), Owner> = BTreeMap::new();
     // Ready pods first: a draining pod only keeps a hostPort that no Ready pod on its node took.
-    let mut pods: Vec<(&String, &Pod, bool)> = cluster.pods.iter().map(|(n, p)| (n, p, p.ready)).collect();
+    // A terminating pod drains like a NotReady one (its TCP flows finish, no new flow).
+    let mut pods: Vec<(&String, &Pod, bool)> = cluster
+        .pods
+        .iter()
+        .map(|(n, p)| (n, p, p.ready && !p.terminating))
+        .collect();
     pods.sort_by_key(|(_, _, ready)| !*ready);
     for (name, pod, ready) in pods {
         match pod.steer.as_deref() {
@@ -646,6 +651,36 @@ pub(crate) mod tests {
         assert_eq!(p.desired.ports.len(), 1, "{:?}", p.desired.ports);
         assert!(p.desired.ports[&unready].backends.iter().all(|b| b.draining));
         assert!(p.problems.is_empty());
+    }
+
+    #[test]
+    fn a_terminating_pod_drains_although_it_is_still_ready() {
+        let mut going = pod("going", "node2", "10.244.2.2", &[HostPort::new(80, 8080, "TCP")]);
+        going.terminating = true;
+        let mut going_dns = pod(
+            "going-dns",
+            "node2",
+            "10.244.2.3",
+            &[HostPort::new(53, 53, "UDP")],
+        );
+        going_dns.terminating = true;
+        let stay = pod("stay", "node1", "10.244.1.2", &[HostPort::new(80, 8080, "TCP")]);
+        let p = plan(&cluster(three_nodes(), vec![going, going_dns, stay]), "node3").expect("plans");
+        let web = &p.desired.ports[&WEB_PORT];
+        let by_node: Vec<(&str, bool)> = web
+            .backends
+            .iter()
+            .map(|b| (b.node.as_str(), b.draining))
+            .collect();
+        assert_eq!(
+            by_node,
+            [("node1", false), ("node2", true)],
+            "its TCP flows finish, new ones go elsewhere"
+        );
+        assert!(
+            !p.desired.ports.keys().any(|k| k.port == 53),
+            "UDP has no connection to finish: the port goes"
+        );
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct PodParts<'a, P> {
     pub node: Option<String>,
     pub ip: Option<String>,
     pub ready: bool,
+    /// `metadata.deletionTimestamp` is set.
+    pub terminating: bool,
     pub host_network: bool,
     /// (hostPort, containerPort, protocol) of every container port.
     pub ports: P,
@@ -98,6 +100,7 @@ where
         node: parts.node,
         ip: parts.ip,
         ready: parts.ready,
+        terminating: parts.terminating,
         host_network: parts.host_network,
         steer: annotation(STEER_ANNOTATION),
         discovery: annotation(DISCOVERY_ANNOTATION),
@@ -118,6 +121,7 @@ pub fn pod(pod: &Pod) -> Option<core::Pod> {
         ready: status
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+        terminating: pod.metadata.deletion_timestamp.is_some(),
         host_network: spec.host_network.unwrap_or(false),
         ports: spec
             .containers
@@ -138,10 +142,12 @@ struct SlimMeta {
     annotations: Option<BTreeMap<String, String>>,
     #[serde(default)]
     resource_version: Option<String>,
+    #[serde(default)]
+    deletion_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
-/// Metadata without managedFields, labels and the rest: name, namespace, resourceVersion, and
-/// the `st8s.io/` annotations (`#[serde(deserialize_with = "k8s::slim_meta")]` on a slim type's
+/// Metadata without managedFields, labels and the rest: name, namespace, resourceVersion,
+/// deletionTimestamp, and the `st8s.io/` annotations (`#[serde(deserialize_with = "k8s::slim_meta")]` on a slim type's
 /// `metadata`).
 pub fn slim_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
     let m = <SlimMeta as serde::Deserialize>::deserialize(d)?;
@@ -149,6 +155,7 @@ pub fn slim_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D
         name: m.name,
         namespace: m.namespace,
         resource_version: m.resource_version,
+        deletion_timestamp: m.deletion_timestamp,
         annotations: m
             .annotations
             .map(|a| a.into_iter().filter(|(k, _)| k.starts_with("st8s.io/")).collect())

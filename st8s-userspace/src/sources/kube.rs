@@ -212,6 +212,7 @@ impl WatchedPod {
                     .iter()
                     .any(|c| c.type_ == "Ready" && c.status == "True")
             }),
+            terminating: self.metadata.deletion_timestamp.is_some(),
             host_network: spec.host_network.unwrap_or(false),
             ports: spec
                 .containers
@@ -691,6 +692,18 @@ mod tests {
         assert!(
             pod("plain", None).to_pod().is_none(),
             "pods without hostPorts are not kept"
+        );
+        assert!(!p.terminating);
+        let deleted: WatchedPod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "ns", "deletionTimestamp": "2026-11-25T10:00:00Z"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [{"containerPort": 8080, "hostPort": 80}]}]},
+            "status": {"podIP": "10.244.1.2", "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("pod");
+        let d = deleted.to_pod().expect("has a hostPort");
+        assert!(
+            d.ready && d.terminating,
+            "a rolling update deletes pods that are still Ready"
         );
         let mut plain = pod("plain", None);
         name_only_without_host_ports(&mut plain);
