@@ -75,8 +75,10 @@ pub const LAYOUT_VERSION: u16 = 1;
 
 /// Steered (port, protocol) pairs at most. A home cluster exposes a handful.
 pub const MAX_PORTS: u32 = 64;
-/// Backends (nodes owning a backend pod) per steered port at most.
-pub const MAX_BACKENDS: u32 = 16;
+/// Backends (nodes owning a backend pod) per steered port at most: a cluster this large running
+/// its ingress as a DaemonSet lists every node. Maglev rows index backends with a `u8`, so at most
+/// 255; 4093 slots still give each of 64 backends about 64 slots.
+pub const MAX_BACKENDS: u32 = 64;
 /// Maglev lookup-table size: prime, and > 100x a typical home cluster's backends per port, which
 /// keeps the share of flows that move when one backend changes near 1/N (Maglev paper, sec. 5.3).
 pub const MAGLEV_SIZE: usize = 4093;

@@ -909,6 +909,38 @@ fn discovery_copies_broadcasts_to_the_pod_and_its_announcements_leave_as_the_nod
     assert_eq!(dp.counters(3).drop_error, 3);
 }
 
+/// Issue 15: a port with more backends than the old limit of 16 (a 20-node cluster running its
+/// ingress on every node): new flows spread over all of them, the ones past 16 included, through
+/// the real writer's table and the real Maglev row.
+#[test]
+fn a_port_with_twenty_backends_uses_them_all() {
+    let mut dp = Dp::new(CONFIG_XDP_FORWARDS);
+    let addrs: Vec<String> = (1..=20).map(|i| format!("10.77.1.{i}")).collect();
+    let macs: Vec<[u8; 6]> = (1..=20u8).map(|i| [0x02, 0, 0, 0, 1, i]).collect();
+    let backends: Vec<(&str, [u8; 6], bool)> = addrs
+        .iter()
+        .zip(&macs)
+        .map(|(a, m)| (a.as_str(), *m, false))
+        .collect();
+    let maglev: Vec<u8> = (0..MAGLEV_SIZE).map(|i| (i % 20) as u8).collect();
+    dp.port_with_maglev(80, PROTO_TCP, &backends, maglev, false);
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 1000..1600u16 {
+        let mut f = Frame::tcp(a(CLIENT), sport, a(SELF), 80);
+        f.tcp_flags = st8s::packet::TCP_SYN;
+        let (verdict, out) = dp.run_xdp(&f.wire());
+        assert_eq!(verdict, XDP_TX, "forwarded");
+        let mac: [u8; 6] = out[0..6].try_into().expect("mac");
+        assert!(macs.contains(&mac), "to a backend: {mac:02x?}");
+        seen.insert(mac);
+    }
+    assert_eq!(
+        seen.len(),
+        20,
+        "every backend, the 17th to 20th included: {seen:02x?}"
+    );
+}
+
 /// The spec's idea of a packet st8s may steer: plain IPv4 (no options, no fragment) TCP or UDP
 /// with lengths that add up. Written from the spec, not from the programs.
 fn plain_l4(p: &[u8]) -> Option<(u8, Ipv4Addr, u16)> {

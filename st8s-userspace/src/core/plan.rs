@@ -654,6 +654,34 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_daemonset_on_twenty_nodes_lists_them_all_and_more_than_the_capacity_is_refused() {
+        let nodes = |n: usize| -> Vec<Node> {
+            (1..=n)
+                .map(|i| node(&format!("node{i}"), &format!("10.0.1.{i}"), true))
+                .collect()
+        };
+        let pods = |n: usize| -> Vec<Pod> {
+            (1..=n)
+                .map(|i| {
+                    pod(
+                        &format!("web{i}"),
+                        &format!("node{i}"),
+                        &format!("10.244.{i}.2"),
+                        &web(),
+                    )
+                })
+                .collect()
+        };
+        let p = plan(&cluster(nodes(20), pods(20)), "node1").expect("plans");
+        assert_eq!(p.desired.ports[&WEB_PORT].backends.len(), 20);
+        let max = MAX_BACKENDS as usize;
+        assert!(matches!(
+            plan(&cluster(nodes(max + 1), pods(max + 1)), "node1"),
+            Err(PlanError::TooManyBackends { count, .. }) if count == max + 1
+        ));
+    }
+
+    #[test]
     fn a_terminating_pod_drains_although_it_is_still_ready() {
         let mut going = pod("going", "node2", "10.244.2.2", &[HostPort::new(80, 8080, "TCP")]);
         going.terminating = true;
