@@ -272,6 +272,7 @@ fn bench_lab() -> anyhow::Result<Lab> {
         xdp: "auto".into(),
         kubeconfig: None,
         agent_caps: None,
+        routed_cni: false,
     })
 }
 
@@ -1249,6 +1250,7 @@ fn control_plane(report: &mut String, misses: &mut Vec<String>) -> anyhow::Resul
             xdp: "auto".into(),
             kubeconfig: Some(kubeconfig.clone()),
             agent_caps: None,
+            routed_cni: false,
         })?;
         let sw = lab.switch_ns().to_owned();
         let listener = in_netns(&sw, || std::net::TcpListener::bind((API_ADDR, 6443)))??;

@@ -59,6 +59,10 @@ pub struct LabConfig {
     /// Run the agents with only these capabilities (names as in a Pod's securityContext, e.g.
     /// `BPF`), as root, the way the DaemonSet runs them. `None`: every capability.
     pub agent_caps: Option<Vec<String>>,
+    /// The pod network as a routed CNI builds it (Calico's shape): no bridge; each pod's veth
+    /// has a /32 route on its node, and the pod reaches the node through a link-local gateway
+    /// that the node answers by proxy ARP. Otherwise a `cni0` bridge (flannel's, k3s's).
+    pub routed_cni: bool,
 }
 
 /// The number of a capability named as in a Pod's securityContext (`NET_ADMIN`), for the ones
@@ -416,17 +420,24 @@ impl Lab {
             // Real NICs put full checksums on the wire; so does every uplink here (see the
             // client's below).
             sh("ip", &["netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"])?;
-            ip(&["-n", ns, "link", "add", "cni0", "type", "bridge"])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("10.244.{node}.1/24"),
-                "dev",
-                "cni0",
-            ])?;
-            ip(&["-n", ns, "link", "set", "cni0", "up"])?;
+            if self.cfg.routed_cni {
+                // Proxy ARP answers only for an address the node has a route to (through
+                // another device): a Calico node has its default route; this one gets one for
+                // the pods' gateway address alone.
+                ip(&["-n", ns, "route", "add", "169.254.1.1/32", "dev", "eth0"])?;
+            } else {
+                ip(&["-n", ns, "link", "add", "cni0", "type", "bridge"])?;
+                ip(&[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("10.244.{node}.1/24"),
+                    "dev",
+                    "cni0",
+                ])?;
+                ip(&["-n", ns, "link", "set", "cni0", "up"])?;
+            }
             sh(
                 "ip",
                 &["netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
@@ -571,18 +582,68 @@ impl Lab {
         ip(&[
             "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &node_if, "netns", &node_ns,
         ])?;
-        ip(&["-n", &node_ns, "link", "set", &node_if, "master", "cni0", "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.244.{}.1", spec.node),
-        ])?;
+        if self.cfg.routed_cni {
+            // As Calico does: a /32 per pod on the node, the pod's gateway a link-local address
+            // that the node's side of the veth answers by proxy ARP.
+            ip(&["-n", &node_ns, "link", "set", &node_if, "up"])?;
+            sh(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &node_ns,
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv4.conf.{node_if}.proxy_arp=1"),
+                ],
+            )?;
+            ip(&[
+                "-n",
+                &node_ns,
+                "route",
+                "add",
+                &format!("{pod_ip}/32"),
+                "dev",
+                &node_if,
+            ])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ])?;
+        } else {
+            ip(&["-n", &node_ns, "link", "set", &node_if, "master", "cni0", "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.244.{}.1", spec.node),
+            ])?;
+        }
         let mut cmd = self.in_node_cgroup(spec.node);
         cmd.arg("nsenter").arg(format!("--net=/run/netns/{ns}")).arg("--");
         match &spec.command {
@@ -604,7 +665,8 @@ impl Lab {
                 for p in &spec.discovery {
                     cmd.args(["--discovery", &p.to_string()]);
                 }
-                cmd.args(["--addr", &format!("{pod_ip}/24")]);
+                let prefix = if self.cfg.routed_cni { 32 } else { 24 };
+                cmd.args(["--addr", &format!("{pod_ip}/{prefix}")]);
             }
         }
         let log = fs::File::create(self.dir.join(format!("pod-{}.log", spec.name)))?;

@@ -42,6 +42,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
         xdp: args.xdp.clone(),
         kubeconfig: None,
         agent_caps: None,
+        routed_cni: false,
     };
     progress("creating the lab: switch, 3 nodes with pod bridges, a client");
     let mut lab = Lab::new(cfg)?;

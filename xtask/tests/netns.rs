@@ -52,6 +52,7 @@ fn lab_with(prefer_local: bool, xdp: &str) -> Lab {
         xdp: xdp.into(),
         kubeconfig: None,
         agent_caps: None,
+        routed_cni: false,
     })
     .expect("lab builds")
 }
@@ -599,6 +600,7 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
         xdp: "auto".into(),
         kubeconfig: Some(kubeconfig.clone()),
         agent_caps: Some(caps.clone()),
+        routed_cni: false,
     })
     .expect("lab builds");
     let sw = lab.switch_ns().to_owned();
@@ -935,6 +937,66 @@ fn a_real_minidlna_in_a_pod_answers_ssdp_through_its_node() {
         (node_addr(1), 1900),
         "the answer leaves as the node"
     );
+}
+
+/// Issue 15: a routed CNI (Calico's shape: no bridge, a /32 route per pod veth, the pod's
+/// gateway answered by proxy ARP) works as the bridge does: local delivery and forwarding with
+/// the client's address, discovery to a pod bound as Jellyfin binds, and a pod's own connect
+/// through its node's address.
+#[test]
+fn a_routed_cni_without_a_bridge_is_steered_the_same() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (st8s_bin, xtask_bin) = bins();
+    let lab = Lab::new(LabConfig {
+        nodes: 3,
+        st8s_bin,
+        xtask_bin,
+        prefer_local: true,
+        xdp: "auto".into(),
+        kubeconfig: None,
+        agent_caps: None,
+        routed_cni: true,
+    })
+    .expect("lab");
+    let lab = running(
+        lab,
+        &[
+            PodSpec::web("web1", 1),
+            PodSpec::discovery("jelly", 2, &[7359]),
+            client_pod("c1", 1),
+        ],
+    );
+    let local = lab.http(1, 80);
+    assert_eq!(local.pod.as_deref(), Some("lab/web1"), "{local:?}");
+    assert_eq!(
+        local.client_ip(),
+        Some(CLIENT_ADDR),
+        "the client's address: {local:?}"
+    );
+    let fwd = lab.http(3, 80);
+    assert_eq!(fwd.pod.as_deref(), Some("lab/web1"), "{fwd:?}");
+    assert_eq!(fwd.client_ip(), Some(CLIENT_ADDR), "{fwd:?}");
+    let answers = lab
+        .udp_ask(
+            "255.255.255.255".parse().expect("a"),
+            7359,
+            "who is JellyfinServer?",
+            0,
+            None,
+            Duration::from_millis(800),
+        )
+        .expect("udp");
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(*answers[0].0.ip(), node_addr(2));
+    let (body, peer) = local_get(
+        lab.run_in_pod(
+            "c1",
+            &[&CURL[..], &[&format!("http://{}/", node_addr(1))]].concat(),
+        )
+        .expect("curl"),
+    );
+    assert!(body.contains("pod=lab/web1"), "{body}");
+    assert_eq!(peer, format!("{}:80", node_addr(1)));
 }
 
 /// A pod that only runs a client: no ports, a process that keeps its namespace busy.
