@@ -30,6 +30,9 @@ enum Command {
         /// Flows to show at most.
         #[arg(long, default_value_t = 20)]
         flows: usize,
+        /// `text` for people, `json` for scripts (field names as in the maps and the metrics).
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
     },
     /// Detach the programs and remove every pin (stop the agent first).
     Uninstall {
@@ -48,6 +51,12 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
@@ -61,9 +70,16 @@ fn main() -> anyhow::Result<()> {
             .build()
             .context("starting the runtime")?
             .block_on(agent::run(args)),
-        Command::Inspect { pin_dir, flows } => {
+        Command::Inspect {
+            pin_dir,
+            flows,
+            output,
+        } => {
             let s = inspect::snapshot(&pin_dir)?;
-            print!("{}", inspect::render(&s, flows));
+            match output {
+                Output::Text => print!("{}", inspect::render(&s, flows)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&inspect::to_json(&s, flows))?),
+            }
             Ok(())
         }
         Command::Uninstall { pin_dir } => {

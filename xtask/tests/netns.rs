@@ -1170,6 +1170,20 @@ fn local_clients_reach_steered_ports_through_node_addresses() {
         "node3: one connect sent to another node"
     );
     assert_eq!(sum(&c3, |c| c.socket_local), 0);
+    // The same from `st8s inspect --output json`, as a script would read it.
+    let out = std::process::Command::new(xtask::st8s_debug_bin())
+        .args(["inspect", "--output", "json", "--pin-dir"])
+        .arg(lab.agent_pin_dir(1))
+        .output()
+        .expect("st8s inspect");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect prints JSON");
+    assert_eq!(j["local_clients_steered"], true, "{j}");
+    let web = j["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["port"] == "80/tcp"))
+        .unwrap_or_else(|| panic!("80/tcp in {j}"));
+    assert_eq!(web["counters"]["socket_local"], 4, "{web}");
 
     // Every backend of port 80 gone: the port leaves the table, and a local connect is refused
     // at once, as the kernel refuses any connect to a closed port.

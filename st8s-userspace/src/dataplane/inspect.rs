@@ -248,6 +248,134 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
     o
 }
 
+/// `st8s inspect --output json`: the snapshot with stable field names, those of the maps and of
+/// the metrics' labels (`port` as `80/tcp`, counters by their `result` label), for scripts and
+/// `kubectl exec`. It parses back into itself.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InspectJson {
+    pub node_addr: Ipv4Addr,
+    pub uplink_ifindex: u32,
+    pub mac: String,
+    pub xdp_forwards: bool,
+    pub prefer_local: bool,
+    pub local_clients_steered: bool,
+    pub nodes: Vec<Ipv4Addr>,
+    pub ports: Vec<PortJson>,
+    pub discovery: Vec<DiscoveryJson>,
+    pub flows: Vec<FlowJson>,
+    /// Flows in `ST8S_FLOWS` (all of them; `flows` lists the newest).
+    pub flow_entries: usize,
+    pub revnat_entries: usize,
+    /// Counters not tied to a port.
+    pub global: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortJson {
+    pub port: String,
+    pub backends: Vec<BackendJson>,
+    /// The backend pod on this node, `address:containerPort`.
+    pub local: Option<String>,
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackendJson {
+    pub node_addr: Ipv4Addr,
+    /// This node's own backend.
+    pub local: bool,
+    pub draining: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiscoveryJson {
+    pub port: String,
+    pub pod: String,
+    /// The ifindex of the pod's link, where the copies are sent.
+    pub link: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FlowJson {
+    pub client: String,
+    pub frontend: String,
+    /// `local` or `remote`.
+    pub kind: String,
+    pub backend: String,
+}
+
+fn counter_map(c: &Counters) -> BTreeMap<String, u64> {
+    by_result(c).into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// The snapshot as [`InspectJson`], with at most `max_flows` flows listed.
+pub fn to_json(s: &Snapshot, max_flows: usize) -> InspectJson {
+    let c = &s.config;
+    InspectJson {
+        node_addr: addr(c.self_addr_be),
+        uplink_ifindex: c.uplink_ifindex,
+        mac: format_mac(&c.self_mac),
+        xdp_forwards: c.flags & CONFIG_XDP_FORWARDS != 0,
+        prefer_local: c.flags & CONFIG_PREFER_LOCAL != 0,
+        local_clients_steered: s.local_clients,
+        nodes: s.nodes.clone(),
+        ports: s
+            .ports
+            .iter()
+            .map(|(k, v, bs, n)| PortJson {
+                port: port_name(k),
+                backends: bs
+                    .iter()
+                    .map(|b| BackendJson {
+                        node_addr: addr(b.node_addr_be),
+                        local: b.flags & BACKEND_LOCAL != 0,
+                        draining: b.flags & st8s_common::BACKEND_DRAINING != 0,
+                    })
+                    .collect(),
+                local: (v.has_local != 0)
+                    .then(|| format!("{}:{}", addr(v.local_addr_be), u16::from_be(v.local_port_be))),
+                counters: counter_map(n),
+            })
+            .collect(),
+        discovery: s
+            .discovery
+            .iter()
+            .map(|(port, d)| DiscoveryJson {
+                port: format!("{port}/udp"),
+                pod: format!("{}:{}", addr(d.pod_addr_be), u16::from_be(d.pod_port_be)),
+                link: d.ifindex,
+            })
+            .collect(),
+        flows: s
+            .flows
+            .iter()
+            .take(max_flows)
+            .map(|(k, v)| {
+                let proto = Proto::from_number(k.proto)
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                FlowJson {
+                    client: format!("{}:{}", addr(k.client_addr_be), u16::from_be(k.client_port_be)),
+                    frontend: format!(
+                        "{}:{}/{proto}",
+                        addr(k.frontend_addr_be),
+                        u16::from_be(k.frontend_port_be)
+                    ),
+                    kind: if v.kind == FLOW_LOCAL { "local" } else { "remote" }.to_owned(),
+                    backend: if v.kind == FLOW_LOCAL {
+                        format!("{}:{}", addr(v.backend_addr_be), u16::from_be(v.backend_port_be))
+                    } else {
+                        addr(v.backend_addr_be).to_string()
+                    },
+                }
+            })
+            .collect(),
+        flow_entries: s.flows.len(),
+        revnat_entries: s.revnat_entries,
+        global: counter_map(&s.global),
+    }
+}
+
 /// Counters per port name, for tests and scripts.
 pub fn counters_by_port(s: &Snapshot) -> BTreeMap<String, Counters> {
     s.ports.iter().map(|(k, _, _, c)| (port_name(k), *c)).collect()
@@ -308,4 +436,69 @@ pub fn map_entries(dir: &Path) -> anyhow::Result<Vec<(&'static str, usize)>> {
         (map_names::FLOWS, flows.keys().filter(Result::is_ok).count()),
         (map_names::REVNAT, revnat.keys().filter(Result::is_ok).count()),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_output_round_trips_with_the_metric_names() {
+        let be = |a: &str| u32::from(a.parse::<Ipv4Addr>().expect("ip")).to_be();
+        let s = Snapshot {
+            config: Config {
+                self_addr_be: be("10.77.0.11"),
+                uplink_ifindex: 2,
+                flags: CONFIG_PREFER_LOCAL,
+                self_mac: [2, 0, 0, 0, 0, 1],
+                ..Config::default()
+            },
+            ports: vec![(
+                PortKey {
+                    port_be: 80u16.to_be(),
+                    proto: 6,
+                    ..PortKey::default()
+                },
+                PortInfo {
+                    has_local: 1,
+                    local_addr_be: be("10.244.1.11"),
+                    local_port_be: 8080u16.to_be(),
+                    backend_count: 1,
+                    ..PortInfo::default()
+                },
+                vec![Backend {
+                    node_addr_be: be("10.77.0.11"),
+                    flags: BACKEND_LOCAL,
+                    ..Backend::default()
+                }],
+                Counters {
+                    delivered_local: 3,
+                    socket_local: 2,
+                    ..Counters::default()
+                },
+            )],
+            global: Counters::default(),
+            flows: Vec::new(),
+            nodes: vec!["10.77.0.11".parse().expect("ip")],
+            revnat_entries: 4,
+            discovery: Vec::new(),
+            local_clients: true,
+        };
+        let j = to_json(&s, 10);
+        let text = serde_json::to_string(&j).expect("json");
+        let back: InspectJson = serde_json::from_str(&text).expect("parses");
+        assert_eq!(back, j);
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["ports"][0]["port"], "80/tcp");
+        assert_eq!(v["ports"][0]["local"], "10.244.1.11:8080");
+        assert_eq!(v["ports"][0]["counters"]["delivered_local"], 3);
+        assert_eq!(v["ports"][0]["counters"]["socket_local"], 2);
+        assert_eq!(v["ports"][0]["backends"][0]["local"], true);
+        assert_eq!(v["local_clients_steered"], true);
+        // Every counter under the name of its metric label.
+        let names: Vec<&str> = by_result(&Counters::default()).iter().map(|(n, _)| *n).collect();
+        let keys: Vec<&String> = j.ports[0].counters.keys().collect();
+        assert_eq!(keys.len(), names.len());
+        assert!(names.iter().all(|n| j.ports[0].counters.contains_key(*n)));
+    }
 }
