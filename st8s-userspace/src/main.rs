@@ -48,6 +48,9 @@ enum Command {
         node: String,
         #[arg(long, value_name = "PATH")]
         from_file: PathBuf,
+        /// `text` for people, `json` for scripts (field names as in `st8s inspect --output json`).
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
     },
 }
 
@@ -55,6 +58,36 @@ enum Command {
 enum Output {
     Text,
     Json,
+}
+
+/// `st8s plan --output json`: what this node's maps should hold, with the names `st8s inspect
+/// --output json` uses (`port` as `80/tcp`, `node_addr`, `local` as `address:containerPort`).
+fn plan_json(p: &st8s::core::Plan) -> serde_json::Value {
+    let ports: Vec<serde_json::Value> = p
+        .desired
+        .ports
+        .iter()
+        .map(|(id, port)| {
+            serde_json::json!({
+                "port": id.to_string(),
+                "backends": port.backends.iter().map(|b| serde_json::json!({
+                    "node": b.node,
+                    "node_addr": b.node_addr,
+                    "pod": b.pod,
+                    "draining": b.draining,
+                })).collect::<Vec<_>>(),
+                "local": port.local.as_ref().map(|l| format!("{}:{}", l.addr, l.port)),
+                "local_pod": port.local.as_ref().map(|l| l.pod.clone()),
+                "discovery": port.local.as_ref().is_some_and(|l| l.discovery),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "node": p.desired.self_node.name,
+        "node_addr": p.desired.self_node.addr,
+        "ports": ports,
+        "problems": p.problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,13 +130,25 @@ fn main() -> anyhow::Result<()> {
             .build()
             .context("starting the runtime")?
             .block_on(st8s::dns::watch::run(args)),
-        Command::Plan { node, from_file } => {
+        Command::Plan {
+            node,
+            from_file,
+            output,
+        } => {
             let text = std::fs::read_to_string(&from_file)
                 .with_context(|| format!("reading {}", from_file.display()))?;
             let cluster = read_cluster(&text)?;
             let p = plan(&cluster, &node)?;
             for problem in &p.problems {
                 eprintln!("problem: {problem}");
+            }
+            if let Output::Json = output {
+                println!("{}", serde_json::to_string_pretty(&plan_json(&p))?);
+                return if p.problems.is_empty() {
+                    Ok(())
+                } else {
+                    anyhow::bail!("{} problem(s)", p.problems.len())
+                };
             }
             println!("node {} ({})", p.desired.self_node.name, p.desired.self_node.addr);
             for (id, port) in &p.desired.ports {
