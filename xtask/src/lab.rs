@@ -266,7 +266,13 @@ fn remove_cgroup_tree(dir: &Path) {
         }
         thread::sleep(Duration::from_millis(20));
     }
-    let _ = fs::remove_dir(dir);
+    // A parent whose children were just removed stays busy until the kernel has released them.
+    for _ in 0..100 {
+        if fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
