@@ -541,25 +541,25 @@ impl Lab {
 
     /// Runs `argv` as a process of `node` itself: its network namespace and its cgroup.
     pub fn run_on_node(&self, node: usize, argv: &[&str]) -> anyhow::Result<Output> {
-        let mut cmd = self.in_node_cgroup(node);
-        cmd.arg("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.node_ns(node)))
-            .arg("--")
-            .args(argv);
-        cmd.output()
+        self.run_in(node, self.node_ns(node), argv)
             .with_context(|| format!("running {argv:?} on node {node}"))
     }
 
     /// Runs `argv` inside a running pod: its network namespace, its node's cgroup.
     pub fn run_in_pod(&self, pod: &str, argv: &[&str]) -> anyhow::Result<Output> {
         let p = self.pods.get(pod).with_context(|| format!("no pod {pod}"))?;
-        let mut cmd = self.in_node_cgroup(p.spec.node);
+        self.run_in(p.spec.node, &p.ns, argv)
+            .with_context(|| format!("running {argv:?} in pod {pod}"))
+    }
+
+    /// Runs `argv` in network namespace `ns`, as a process of `node`'s cgroup.
+    fn run_in(&self, node: usize, ns: &str, argv: &[&str]) -> std::io::Result<Output> {
+        let mut cmd = self.in_node_cgroup(node);
         cmd.arg("nsenter")
-            .arg(format!("--net=/run/netns/{}", p.ns))
+            .arg(format!("--net=/run/netns/{ns}"))
             .arg("--")
             .args(argv);
         cmd.output()
-            .with_context(|| format!("running {argv:?} in pod {pod}"))
     }
 
     pub fn switch_ns(&self) -> &str {

@@ -148,7 +148,32 @@ fn rendered_zones_pass_named_checkzone_and_the_serial_moves_only_on_change() {
     );
 }
 
+/// A network namespace of the test's own (loopback up), and the servers started in it; both
+/// go when it drops.
 struct Netns(String, Vec<Child>);
+
+impl Netns {
+    fn new(name: &str) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", name])
+                .status()
+                .expect("ip")
+                .success()
+        );
+        let ns = Netns(name.to_owned(), Vec::new());
+        assert!(
+            Command::new("ip")
+                .args(["-n", name, "link", "set", "lo", "up"])
+                .status()
+                .expect("ip")
+                .success()
+        );
+        ns
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         for c in &mut self.1 {
@@ -210,22 +235,7 @@ mod knot {
         let dir = tmpdir("knot");
         let (_, _) = render(&dir.0, &cluster(true));
         let name = format!("s8-{}-dns", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        assert!(
-            Command::new("ip")
-                .args(["netns", "add", &name])
-                .status()
-                .expect("ip")
-                .success()
-        );
-        let mut ns = Netns(name.clone(), Vec::new());
-        assert!(
-            Command::new("ip")
-                .args(["-n", &name, "link", "set", "lo", "up"])
-                .status()
-                .expect("ip")
-                .success()
-        );
+        let mut ns = Netns::new(&name);
         let conf = dir.0.join("knot.conf");
         fs::write(
             &conf,
@@ -350,22 +360,7 @@ mod knot {
         );
 
         let name = format!("s8-{}-fall", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        assert!(
-            Command::new("ip")
-                .args(["netns", "add", &name])
-                .status()
-                .expect("ip")
-                .success()
-        );
-        let mut ns = Netns(name.clone(), Vec::new());
-        assert!(
-            Command::new("ip")
-                .args(["-n", &name, "link", "set", "lo", "up"])
-                .status()
-                .expect("ip")
-                .success()
-        );
+        let mut ns = Netns::new(&name);
         let knot = |tag: &str, listen: &str, zones: &[(String, PathBuf)]| -> PathBuf {
             let run = dir.0.join(tag);
             fs::create_dir_all(&run).expect("dir");

@@ -338,17 +338,17 @@ impl BpfDataplane {
         let mut report = ApplyReport::default();
         // Everything that can fail because of the node's network is resolved before the first
         // write, so that a missing pod route leaves the maps as they were.
-        let mut pod_ifindexes = BTreeMap::new();
+        let mut pod_links = BTreeMap::new();
         for (id, plan) in &desired.ports {
             if let Some(local) = &plan.local {
-                pod_ifindexes.insert(*id, self.pod_ifindex(local.addr)?);
+                pod_links.insert(*id, self.pod_link(local.addr)?);
             }
         }
         let mut discovery_links = BTreeMap::new();
         for (id, plan) in &desired.ports {
             if let Some(local) = plan.local.as_ref().filter(|l| l.discovery) {
-                let dev = net::route_dev(local.addr)?.unwrap_or_default();
-                if !net::is_ethernet(&dev) {
+                let (dev, ifindex) = &pod_links[id];
+                if !net::is_ethernet(dev) {
                     if self.no_l2_path.insert(dev.clone()) {
                         warn!(
                             iface = %dev,
@@ -358,7 +358,7 @@ impl BpfDataplane {
                     }
                     continue;
                 }
-                let (link, learned) = discovery_link(local.addr, pod_ifindexes[id])?;
+                let (link, learned) = discovery_link(local.addr, *ifindex)?;
                 report.retry |= !learned;
                 discovery_links.insert(local.addr, link);
             }
@@ -392,7 +392,7 @@ impl BpfDataplane {
                 local: t.local.map(|(addr, port)| LocalPod {
                     addr,
                     port,
-                    ifindex: pod_ifindexes.get(id).copied().unwrap_or_default(),
+                    ifindex: pod_links.get(id).map_or(0, |(_, i)| *i),
                 }),
                 flags: if plan.local.as_ref().is_some_and(|l| l.draining) {
                     PORT_LOCAL_DRAINING
@@ -459,7 +459,8 @@ impl BpfDataplane {
     }
 
     /// The interface behind which a local pod lives; the pod program is attached there once.
-    fn pod_ifindex(&mut self, pod: Ipv4Addr) -> anyhow::Result<u32> {
+    /// Its name and ifindex.
+    fn pod_link(&mut self, pod: Ipv4Addr) -> anyhow::Result<(String, u32)> {
         let dev = net::route_dev(pod)?.with_context(|| format!("no route to pod {pod}"))?;
         if dev == self.opts.iface {
             anyhow::bail!(
@@ -471,7 +472,8 @@ impl BpfDataplane {
             info!(iface = %dev, "pod program attached");
             self.pod_ifaces.insert(dev.clone());
         }
-        Ok(net::ifindex(&dev)?)
+        let ifindex = net::ifindex(&dev)?;
+        Ok((dev, ifindex))
     }
 
     pub fn self_mac(&self) -> String {

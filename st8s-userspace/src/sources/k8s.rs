@@ -12,17 +12,16 @@ use crate::core::{self, DISCOVERY_ANNOTATION, HostPort, STEER_ANNOTATION};
 
 /// The node's first InternalIP that is an IPv4 address.
 pub fn internal_ip(node: &Node) -> Option<Ipv4Addr> {
-    node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
-        .iter()
-        .filter(|a| a.type_ == "InternalIP")
-        .find_map(|a| a.address.parse().ok())
+    first_internal_ip(node)
 }
 
 /// The node's first InternalIP that is an IPv6 address (a dual-stack node has one of each).
 pub fn internal_ip6(node: &Node) -> Option<std::net::Ipv6Addr> {
+    first_internal_ip(node)
+}
+
+/// The first InternalIP that parses as `A`.
+fn first_internal_ip<A: std::str::FromStr>(node: &Node) -> Option<A> {
     node.status
         .as_ref()?
         .addresses
