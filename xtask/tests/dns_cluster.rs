@@ -147,6 +147,18 @@ fn zones_follow_the_cluster_and_unready_nodes_leave_the_answers() {
                             "annotations": {"st8s.io/hostname": "ha.home.example.org", "st8s.io/exposure": "lan"}},
                "spec": {"ports": [{"port": 8123}]}}),
     );
+    // `st8s.io/answer: backends`: only the node that runs Traefik (hostPort 443) answers.
+    api.apply(
+        Resource::Ingress,
+        json!({"metadata": {"name": "photos", "namespace": "media", "annotations": {"st8s.io/answer": "backends"}},
+               "spec": {"rules": [{"host": "photos.home.example.org"}]}}),
+    );
+    api.apply(
+        Resource::Pod,
+        json!({"metadata": {"name": "traefik-x", "namespace": "ingress"},
+               "spec": {"nodeName": "node1", "containers": [{"name": "t", "ports": [{"containerPort": 8443, "hostPort": 443}]}]},
+               "status": {"podIP": "10.42.0.9", "conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
     api.set_missing(Resource::IngressRoute, true);
     // deploy/base ships the ConfigMap empty, so that `st8s dns` only ever patches it.
     api.apply(
@@ -167,6 +179,10 @@ fn zones_follow_the_cluster_and_unready_nodes_leave_the_answers() {
         "a WAN-only name never gets a LAN record: {z}"
     );
     assert!(z.contains("node1.lab IN A 10.77.0.11"), "node names: {z}");
+    assert!(
+        z.contains("photos IN A 10.77.0.11") && !z.contains("photos IN A 10.77.0.12"),
+        "answer: backends lists the node running Traefik: {z}"
+    );
     assert_eq!(serial(&z), 1);
     assert!(
         dns.log().contains("CRD not installed"),
@@ -236,6 +252,7 @@ fn zones_follow_the_cluster_and_unready_nodes_leave_the_answers() {
     for (verb, resource) in [
         ("watch", "nodes"),
         ("watch", "leases"),
+        ("watch", "pods"),
         ("watch", "ingresses"),
         ("watch", "services"),
         ("watch", "httproutes"),

@@ -12,9 +12,16 @@
 //! Exposure, from the annotation `st8s.io/exposure` on the same object: `both` (default), `lan`,
 //! `wan` (no LAN record). When objects disagree about one hostname, the most restrictive for the
 //! LAN wins (`wan` over `lan` over `both`) and a warning names both objects.
+//!
+//! Answer policy, from the annotation `st8s.io/answer`: `nodes` (default) answers a name with
+//! every serving node, since st8s on any node steers to a backend wherever it runs; `backends`
+//! answers only with the serving nodes that run a Ready backend (a pod holding a hostPort) on
+//! one of the name's ports (80/tcp and 443/tcp for Ingress, HTTPRoute and IngressRoute; the
+//! Service's own ports for an annotated Service), and with every serving node when none does.
+//! When objects disagree, `backends` wins and a warning names both.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     net::{Ipv4Addr, Ipv6Addr},
 };
@@ -32,6 +39,11 @@ pub mod watch;
 
 pub const EXPOSURE_ANNOTATION: &str = "st8s.io/exposure";
 pub const HOSTNAME_ANNOTATION: &str = "st8s.io/hostname";
+pub const ANSWER_ANNOTATION: &str = "st8s.io/answer";
+
+/// A port a client connects to on a node: number and protocol (`TCP`, `UDP`, `SCTP`), as a
+/// pod's hostPort spells it.
+pub type NamePort = (i32, String);
 /// Each agent renews the Lease `st8s-agent-<node>` (coordination.k8s.io/v1) while its dataplane
 /// is programmed from a synced view of the cluster; a node whose Lease has run out leaves the
 /// answers.
@@ -72,10 +84,31 @@ pub struct DnsConfig {
     pub service_aaaa: bool,
 }
 
+/// Which serving nodes a name lists (see the module documentation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Answer {
+    #[default]
+    Nodes,
+    Backends,
+}
+
+impl Answer {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "nodes" => Some(Answer::Nodes),
+            "backends" => Some(Answer::Backends),
+            _ => None,
+        }
+    }
+}
+
 /// One hostname to answer, and who asked for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exposed {
     pub exposure: Exposure,
+    pub answer: Answer,
+    /// The ports of the name, from every object that names it.
+    pub ports: BTreeSet<NamePort>,
     /// `Kind namespace/name` of every object that names the hostname.
     pub sources: Vec<String>,
 }
@@ -98,6 +131,21 @@ pub enum DnsWarning {
         second_exposure: Exposure,
         winner: Exposure,
     },
+    #[error(
+        "{object}: annotation {ANSWER_ANNOTATION}={value:?} is not nodes or backends; answering with every node"
+    )]
+    BadAnswer { object: String, value: String },
+    #[error(
+        "{host}: {first} answers with {first_answer:?} but {second} with {second_answer:?}; {winner:?} wins"
+    )]
+    AnswerConflict {
+        host: String,
+        first: String,
+        first_answer: Answer,
+        second: String,
+        second_answer: Answer,
+        winner: Answer,
+    },
 }
 
 /// A node as the zone needs it.
@@ -118,6 +166,8 @@ pub struct DnsInput {
     pub hosts: BTreeMap<String, Exposed>,
     pub nodes: Vec<ZoneNode>,
     pub warnings: Vec<DnsWarning>,
+    /// The ports each node runs a Ready backend on (node name -> ports).
+    pub backends: BTreeMap<String, BTreeSet<NamePort>>,
     /// When the first agent Lease that is fresh now runs out: the zones must be rendered again
     /// then, even if no object changes.
     pub next_expiry: Option<Timestamp>,
@@ -210,7 +260,17 @@ pub fn collect(objects: &Objects, cfg: &DnsConfig, now: Timestamp) -> DnsInput {
         });
     }
     input.nodes.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut claims: Vec<(String, Exposure, &str)> = Vec::new();
+    for pod in objects.pods.iter().filter(|p| p.ready && !p.terminating) {
+        if let Some(node) = &pod.node {
+            let ports = pod.host_ports.iter();
+            input
+                .backends
+                .entry(node.clone())
+                .or_default()
+                .extend(ports.map(|h| (h.host_port, h.protocol.to_ascii_uppercase())));
+        }
+    }
+    let mut claims: Vec<(String, Exposed)> = Vec::new();
     for route in objects.routes.iter().filter(|r| !r.hosts.is_empty()) {
         let object = route.object.as_str();
         let exposure = match route.exposure.as_deref() {
@@ -226,6 +286,17 @@ pub fn collect(objects: &Objects, cfg: &DnsConfig, now: Timestamp) -> DnsInput {
                 }
             },
         };
+        let answer = match route.answer.as_deref().map(|a| (a, Answer::parse(a))) {
+            None => Answer::Nodes,
+            Some((_, Some(a))) => a,
+            Some((value, None)) => {
+                input.warnings.push(DnsWarning::BadAnswer {
+                    object: object.to_owned(),
+                    value: value.to_owned(),
+                });
+                Answer::Nodes
+            }
+        };
         for host in &route.hosts {
             let host = host.trim_end_matches('.').to_ascii_lowercase();
             if !valid_hostname(&host) {
@@ -239,38 +310,101 @@ pub fn collect(objects: &Objects, cfg: &DnsConfig, now: Timestamp) -> DnsInput {
                     host,
                 });
             } else {
-                claims.push((host, exposure, object));
+                let claim = Exposed {
+                    exposure,
+                    answer,
+                    ports: route.ports.iter().cloned().collect(),
+                    sources: vec![object.to_owned()],
+                };
+                claims.push((host, claim));
             }
         }
     }
-    for (host, exposure, object) in claims {
-        let Some(e) = input.hosts.get_mut(&host) else {
-            input.hosts.insert(
-                host,
-                Exposed {
-                    exposure,
-                    sources: vec![object.to_owned()],
-                },
-            );
-            continue;
-        };
-        if e.exposure != exposure {
-            let winner = e.exposure.max(exposure);
-            input.warnings.push(DnsWarning::Conflict {
-                host: host.clone(),
-                first: e.sources[0].clone(),
-                first_exposure: e.exposure,
-                second: object.to_owned(),
-                second_exposure: exposure,
-                winner,
-            });
-            e.exposure = winner;
-        }
-        if !e.sources.iter().any(|s| s == object) {
-            e.sources.push(object.to_owned());
-        }
+    for (host, claim) in claims {
+        merge_claim(&mut input, host, claim);
     }
     input
+}
+
+/// Adds one object's claim on a hostname: the more restrictive exposure and answer win, with a
+/// warning naming the first object that said otherwise.
+fn merge_claim(input: &mut DnsInput, host: String, claim: Exposed) {
+    let Exposed {
+        exposure,
+        answer,
+        ports,
+        sources,
+    } = claim;
+    let object = sources[0].as_str();
+    let Some(e) = input.hosts.get_mut(&host) else {
+        input.hosts.insert(
+            host,
+            Exposed {
+                exposure,
+                answer,
+                ports,
+                sources,
+            },
+        );
+        return;
+    };
+    if e.answer != answer {
+        let winner = e.answer.max(answer);
+        input.warnings.push(DnsWarning::AnswerConflict {
+            host: host.clone(),
+            first: e.sources[0].clone(),
+            first_answer: e.answer,
+            second: object.to_owned(),
+            second_answer: answer,
+            winner,
+        });
+        e.answer = winner;
+    }
+    e.ports.extend(ports);
+    if e.exposure != exposure {
+        let winner = e.exposure.max(exposure);
+        input.warnings.push(DnsWarning::Conflict {
+            host: host.clone(),
+            first: e.sources[0].clone(),
+            first_exposure: e.exposure,
+            second: object.to_owned(),
+            second_exposure: exposure,
+            winner,
+        });
+        e.exposure = winner;
+    }
+    if !e.sources.iter().any(|s| s == object) {
+        e.sources.push(object.to_owned());
+    }
+}
+
+impl DnsInput {
+    /// The nodes a name answers with: every serving node, or with `backends` those that run a
+    /// backend on one of its ports (every serving node when none does).
+    pub fn answering(&self, e: &Exposed) -> Vec<&ZoneNode> {
+        let serving: Vec<&ZoneNode> = self.nodes.iter().filter(|n| n.serving).collect();
+        if e.answer == Answer::Backends {
+            let runs_one = |n: &&ZoneNode| {
+                self.backends
+                    .get(&n.name)
+                    .is_some_and(|ports| !ports.is_disjoint(&e.ports))
+            };
+            let with: Vec<&ZoneNode> = serving.iter().copied().filter(runs_one).collect();
+            if !with.is_empty() {
+                return with;
+            }
+        }
+        serving
+    }
+}
+
+/// The comment above a name's records: who names it, and how.
+fn claim_comment(e: &Exposed) -> String {
+    let answer = match e.answer {
+        Answer::Nodes => "",
+        Answer::Backends => ", backends",
+    };
+    format!("; {} ({:?}{answer})", e.sources.join(", "), e.exposure)
 }
 
 /// The configured domain a hostname belongs to (the longest match).
@@ -300,8 +434,8 @@ pub fn zone_body(input: &DnsInput, domain: &str, cfg: &DnsConfig) -> String {
         if e.exposure == Exposure::Wan || zone_of(host, &cfg.domains) != Some(domain) {
             continue;
         }
-        let _ = writeln!(b, "; {} ({:?})", e.sources.join(", "), e.exposure);
-        for line in service_records(input, cfg, &rel(host)) {
+        let _ = writeln!(b, "{}", claim_comment(e));
+        for line in service_records(&input.answering(e), cfg, &rel(host)) {
             let _ = writeln!(b, "{line}");
         }
     }
@@ -319,16 +453,16 @@ pub fn zone_body(input: &DnsInput, domain: &str, cfg: &DnsConfig) -> String {
     b
 }
 
-/// A service name's records, owned by `owner`: an A per serving node, and with
-/// `service_aaaa` an AAAA per serving node that has an IPv6 address.
-fn service_records(input: &DnsInput, cfg: &DnsConfig, owner: &str) -> Vec<String> {
-    let serving = input.nodes.iter().filter(|n| n.serving);
-    let mut lines: Vec<String> = serving
-        .clone()
-        .map(|n| format!("{owner} IN A {}", n.addr))
-        .collect();
+/// A service name's records, owned by `owner`: an A per answering node, and with
+/// `service_aaaa` an AAAA per answering node that has an IPv6 address.
+fn service_records(nodes: &[&ZoneNode], cfg: &DnsConfig, owner: &str) -> Vec<String> {
+    let mut lines: Vec<String> = nodes.iter().map(|n| format!("{owner} IN A {}", n.addr)).collect();
     if cfg.service_aaaa {
-        lines.extend(serving.filter_map(|n| Some(format!("{owner} IN AAAA {}", n.addr6?))));
+        lines.extend(
+            nodes
+                .iter()
+                .filter_map(|n| Some(format!("{owner} IN AAAA {}", n.addr6?))),
+        );
     }
     lines
 }
@@ -424,8 +558,8 @@ pub fn name_zone_bodies(input: &DnsInput, cfg: &DnsConfig) -> BTreeMap<String, S
                 None => (host.clone(), "@"),
             };
             let lines = records.entry(origin).or_default();
-            lines.push(format!("; {} ({:?})", e.sources.join(", "), e.exposure));
-            lines.extend(service_records(input, cfg, owner));
+            lines.push(claim_comment(e));
+            lines.extend(service_records(&input.answering(e), cfg, owner));
         }
     }
     for n in &input.nodes {
@@ -723,6 +857,118 @@ spec: {hostnames: [gotify.home.example.org]}
         let zones = render_name_zones(&down, &cfg(), &previous);
         assert!(!zones.contains_key("jellyfin.home.example.org"));
         assert!(zones.contains_key("node1.attic.home.example.org"));
+    }
+
+    #[test]
+    fn answer_backends_lists_the_nodes_that_run_one_and_every_node_when_none_does() {
+        let yaml = r#"
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node1}
+  status: {addresses: [{type: InternalIP, address: 10.0.0.11}], conditions: [{type: Ready, status: "True"}]}
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node2}
+  status: {addresses: [{type: InternalIP, address: 10.0.0.12}], conditions: [{type: Ready, status: "True"}]}
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node3}
+  status: {addresses: [{type: InternalIP, address: 10.0.0.13}], conditions: [{type: Ready, status: "False"}]}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: traefik-a, namespace: ingress}
+  spec: {nodeName: node2, containers: [{name: t, ports: [{containerPort: 8443, hostPort: 443}]}]}
+  status: {podIP: 10.42.1.5, conditions: [{type: Ready, status: "True"}]}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: traefik-b, namespace: ingress}
+  spec: {nodeName: node3, containers: [{name: t, ports: [{containerPort: 8443, hostPort: 443}]}]}
+  status: {podIP: 10.42.2.5, conditions: [{type: Ready, status: "True"}]}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: coredns-a, namespace: dns, deletionTimestamp: "2026-11-22T09:59:00Z"}
+  spec: {nodeName: node1, containers: [{name: c, ports: [{containerPort: 53, hostPort: 53, protocol: UDP}]}]}
+  status: {podIP: 10.42.0.7, conditions: [{type: Ready, status: "True"}]}
+- apiVersion: networking.k8s.io/v1
+  kind: Ingress
+  metadata: {name: photos, namespace: media, annotations: {st8s.io/answer: backends}}
+  spec: {rules: [{host: photos.home.example.org}]}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: dns, namespace: dns, annotations: {st8s.io/hostname: ns.home.example.org, st8s.io/answer: backends}}
+  spec: {ports: [{port: 53, protocol: UDP}]}
+- apiVersion: networking.k8s.io/v1
+  kind: Ingress
+  metadata: {name: wiki, namespace: docs, annotations: {st8s.io/answer: backends}}
+  spec: {rules: [{host: wiki.home.example.org}]}
+- apiVersion: networking.k8s.io/v1
+  kind: Ingress
+  metadata: {name: notes, namespace: docs}
+  spec: {rules: [{host: notes.home.example.org}]}
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: HTTPRoute
+  metadata: {name: wiki, namespace: docs, annotations: {st8s.io/answer: all}}
+  spec: {hostnames: [wiki.home.example.org, notes.home.example.org]}
+- apiVersion: gateway.networking.k8s.io/v1
+  kind: HTTPRoute
+  metadata: {name: notes-b, namespace: docs, annotations: {st8s.io/answer: backends}}
+  spec: {hostnames: [notes.home.example.org]}
+"#;
+        let offline = DnsConfig {
+            agent_leases: false,
+            ..cfg()
+        };
+        let input = collect_yaml(yaml, &offline, now()).expect("parses");
+        let answer = |host: &str| -> Vec<String> {
+            input
+                .answering(&input.hosts[host])
+                .iter()
+                .map(|n| n.name.clone())
+                .collect()
+        };
+        assert_eq!(
+            answer("photos.home.example.org"),
+            ["node2"],
+            "node3 runs Traefik too, but is NotReady"
+        );
+        assert_eq!(
+            answer("ns.home.example.org"),
+            ["node1", "node2"],
+            "the only DNS backend is shutting down: every serving node"
+        );
+        assert_eq!(answer("notes.home.example.org"), ["node2"], "backends wins");
+        assert_eq!(
+            answer("wiki.home.example.org"),
+            ["node2"],
+            "a bad value answers with every node, and backends still wins"
+        );
+        let all = input
+            .warnings
+            .iter()
+            .map(|w| w.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            all.contains("HTTPRoute docs/wiki") && all.contains("\"all\" is not nodes or backends"),
+            "{all}"
+        );
+        assert!(
+            all.contains("Ingress docs/notes answers with Nodes but HTTPRoute docs/notes-b with Backends; Backends wins"),
+            "{all}"
+        );
+        let (zone, _) = render_zone(&input, "home.example.org", &offline, None);
+        assert!(zone.contains("photos IN A 10.0.0.12"), "{zone}");
+        assert!(!zone.contains("photos IN A 10.0.0.11"), "{zone}");
+        assert!(zone.contains("; Ingress media/photos (Both, backends)"), "{zone}");
+        let zones = render_name_zones(&input, &offline, &BTreeMap::new());
+        let photos = &zones["photos.home.example.org"].0;
+        assert!(
+            photos.contains("@ IN A 10.0.0.12") && !photos.contains("10.0.0.11"),
+            "{photos}"
+        );
     }
 
     #[test]

@@ -5,16 +5,22 @@
 
 use k8s_openapi::{
     NamespaceResourceScope,
-    api::{coordination::v1::Lease, core::v1::Node},
+    api::{
+        coordination::v1::Lease,
+        core::v1::{Node, Pod},
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::Deserialize;
 
-use super::HOSTNAME_ANNOTATION;
-use crate::sources::{
-    k8s,
-    kube::slim_node,
-    resource::{Resource, slim_resource},
+use super::{ANSWER_ANNOTATION, EXPOSURE_ANNOTATION, HOSTNAME_ANNOTATION, NamePort};
+use crate::{
+    core,
+    sources::{
+        k8s,
+        kube::slim_node,
+        resource::{Resource, slim_resource},
+    },
 };
 
 /// Everything the zones are rendered from.
@@ -23,6 +29,9 @@ pub struct Objects {
     pub nodes: Vec<Node>,
     pub leases: Vec<Lease>,
     pub routes: Vec<Route>,
+    /// The pods that declare hostPorts (the backends st8s steers to), for `st8s.io/answer:
+    /// backends`.
+    pub pods: Vec<core::Pod>,
 }
 
 /// One object that names hostnames.
@@ -32,13 +41,31 @@ pub struct Route {
     pub object: String,
     /// The `st8s.io/exposure` annotation, unparsed (a bad value is the renderer's warning).
     pub exposure: Option<String>,
+    /// The `st8s.io/answer` annotation, unparsed.
+    pub answer: Option<String>,
     pub hosts: Vec<String>,
+    /// The ports a client of these names connects to on a node (`st8s.io/answer: backends`
+    /// looks for nodes running a backend on one of them).
+    pub ports: Vec<NamePort>,
 }
+
+/// HTTP and HTTPS: the ports of a name that an Ingress, HTTPRoute or IngressRoute routes (its
+/// controller, Traefik or Envoy, holds them on the nodes).
+pub const WEB_PORTS: [(i32, &str); 2] = [(80, "TCP"), (443, "TCP")];
 
 /// A kind whose objects name hostnames.
 pub trait NamesHosts: kube::Resource<DynamicType = ()> {
     /// The hostnames as the object spells them (validated by the renderer).
     fn hosts(&self) -> Vec<String>;
+
+    /// The ports a client connects to under these names: HTTP and HTTPS unless the kind says
+    /// otherwise.
+    fn ports(&self) -> Vec<NamePort> {
+        WEB_PORTS
+            .iter()
+            .map(|(p, proto)| (*p, (*proto).to_owned()))
+            .collect()
+    }
 
     fn route(&self) -> Route {
         let meta = self.meta();
@@ -49,8 +76,10 @@ pub trait NamesHosts: kube::Resource<DynamicType = ()> {
                 Some(ns) => format!("{kind} {ns}/{name}"),
                 None => format!("{kind} {name}"),
             },
-            exposure: annotation(meta, super::EXPOSURE_ANNOTATION).map(str::to_owned),
+            exposure: annotation(meta, EXPOSURE_ANNOTATION).map(str::to_owned),
+            answer: annotation(meta, ANSWER_ANNOTATION).map(str::to_owned),
             hosts: self.hosts(),
+            ports: self.ports(),
         }
     }
 }
@@ -89,11 +118,28 @@ impl NamesHosts for Ingress {
     }
 }
 
-/// A Service annotated `st8s.io/hostname: "a.example.org,b.example.org"`.
+/// A Service annotated `st8s.io/hostname: "a.example.org,b.example.org"`; its names' ports are
+/// its `spec.ports` (port and protocol), the ports its hostPort backends hold on the nodes.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct Service {
     #[serde(deserialize_with = "k8s::slim_meta")]
     pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<ServiceSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ServiceSpec {
+    #[serde(default)]
+    pub ports: Option<Vec<ServicePort>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ServicePort {
+    #[serde(default)]
+    pub port: i32,
+    #[serde(default)]
+    pub protocol: Option<String>,
 }
 
 slim_resource!(Service, Resource::Service, NamespaceResourceScope);
@@ -107,6 +153,18 @@ impl NamesHosts for Service {
             .map(str::trim)
             .filter(|h| !h.is_empty())
             .map(str::to_owned)
+            .collect()
+    }
+
+    fn ports(&self) -> Vec<NamePort> {
+        let ports = self.spec.iter().flat_map(|s| s.ports.iter().flatten());
+        ports
+            .map(|p| {
+                (
+                    p.port,
+                    p.protocol.as_deref().unwrap_or("TCP").to_ascii_uppercase(),
+                )
+            })
             .collect()
     }
 }
@@ -216,6 +274,11 @@ pub fn from_yaml(text: &str) -> Result<Objects, serde_yaml::Error> {
                 }
                 None
             }
+            ("Pod", "v1") => {
+                let pod = serde_yaml::from_value::<Pod>(v).ok();
+                objects.pods.extend(pod.as_ref().and_then(k8s::pod));
+                None
+            }
             ("Ingress", _) => parsed::<Ingress>(v),
             ("Service", "v1") => parsed::<Service>(v),
             ("HTTPRoute", a) if a.starts_with("gateway.networking.k8s.io/") => parsed::<HttpRoute>(v),
@@ -306,6 +369,9 @@ items:
             ],
             "a foreign HTTPRoute is not read"
         );
+        let ports = |i: usize| objects.routes[i].ports.clone();
+        assert_eq!(ports(0), [(80, "TCP".into()), (443, "TCP".into())]);
+        assert_eq!(ports(1), [(80, "TCP".into())], "a Service's own ports");
 
         let mut node: Node = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "n1", "labels": {"st8s.io/zone": "attic", "kubernetes.io/os": "linux"}},

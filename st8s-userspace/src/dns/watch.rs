@@ -1,5 +1,6 @@
 //! `st8s dns` as a program: offline (a YAML file in, zone files out) or on a cluster, where it
-//! watches the objects that name hostnames, the Nodes and the agents' Leases, and keeps one
+//! watches the objects that name hostnames, the Nodes, the agents' Leases and the pods that hold
+//! hostPorts (for `st8s.io/answer: backends`), and keeps one
 //! ConfigMap (server-side apply, field manager `st8s`) with a zone file per domain, which CoreDNS
 //! serves with its `file` plugin.
 //!
@@ -40,7 +41,7 @@ use crate::{
     },
     http::metrics::Metrics,
     sources::{
-        kube::{self as kube_source, Msg, WatchStatus, Watchers},
+        kube::{self as kube_source, Msg, WatchStatus, WatchedPod, Watchers},
         probe::{PeerProbeArgs, Prober},
         resource::Resource,
     },
@@ -48,8 +49,9 @@ use crate::{
 
 #[derive(clap::Args, Debug)]
 pub struct DnsArgs {
-    /// Render once from a YAML file (`kubectl get nodes,ingress,httproutes,ingressroutes,services
-    /// -A -o yaml`) instead of watching the cluster.
+    /// Render once from a YAML file (`kubectl get nodes,pods,ingress,httproutes,ingressroutes,services
+    /// -A -o yaml`; pods only matter for `st8s.io/answer: backends`) instead of watching the
+    /// cluster.
     #[arg(long, value_name = "PATH")]
     pub from_file: Option<PathBuf>,
     /// A LAN domain to render (repeat for several).
@@ -240,9 +242,10 @@ fn sync_zone_dir(dir: &Path, input: &dns::DnsInput, cfg: &DnsConfig) -> anyhow::
 }
 
 /// The kinds of object `st8s dns` reads on a cluster.
-pub const WATCHED: [Resource; 6] = [
+pub const WATCHED: [Resource; 7] = [
     Resource::Node,
     Resource::Lease,
+    Resource::Pod,
     Resource::Ingress,
     Resource::Service,
     Resource::HttpRoute,
@@ -254,6 +257,7 @@ pub const WATCHED: [Resource; 6] = [
 pub struct DnsStores {
     pub nodes: Store<Node>,
     pub leases: Store<Lease>,
+    pub pods: Store<WatchedPod>,
     pub ingresses: Store<objects::Ingress>,
     pub services: Store<objects::Service>,
     pub http_routes: Store<objects::HttpRoute>,
@@ -280,6 +284,7 @@ impl DnsStores {
         let mut objects = Objects {
             nodes: read(&self.nodes),
             leases: read(&self.leases),
+            pods: self.pods.state().iter().filter_map(|p| p.to_pod()).collect(),
             routes: [
                 routes(&self.ingresses, status, Resource::Ingress),
                 routes(&self.services, status, Resource::Service),
@@ -292,6 +297,7 @@ impl DnsStores {
             .nodes
             .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         objects.routes.sort_by(|a, b| a.object.cmp(&b.object));
+        objects.pods.sort_by_key(|p| p.key());
         objects
     }
 }
@@ -313,6 +319,11 @@ pub fn spawn_watchers(
             Api::namespaced(client.clone(), lease_namespace),
             Resource::Lease,
             objects::slim_lease,
+        ),
+        pods: w.watch(
+            Api::all(client.clone()),
+            Resource::Pod,
+            kube_source::name_only_without_host_ports,
         ),
         ingresses: w.watch(Api::all(client.clone()), Resource::Ingress, |_| {}),
         services: w.watch(Api::all(client.clone()), Resource::Service, |_| {}),
@@ -339,7 +350,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
     info!(
         domains = ?cfg.domains,
         configmap = %format!("{}/{}", args.namespace, args.configmap),
-        "watching nodes, agent leases, ingresses, services, httproutes and ingressroutes"
+        "watching nodes, agent leases, pods with hostPorts, ingresses, services, httproutes and ingressroutes"
     );
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = args.listen {
