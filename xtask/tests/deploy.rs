@@ -229,7 +229,13 @@ fn rbac_evaluation_says_yes_and_no_as_kubernetes_would() {
     );
     let pods = call("watch", "", "pods", None, None);
     assert!(allowed(&docs, "st8s-system", "st8s-agent", &pods));
-    assert!(!allowed(&docs, "st8s-system", "st8s-dns", &pods));
+    assert!(allowed(&docs, "st8s-system", "st8s-dns", &pods));
+    let evict = call("delete", "", "pods", Some("media"), Some("jellyfin-0"));
+    assert!(
+        !allowed(&docs, "st8s-system", "st8s-dns", &evict),
+        "it reads pods, nothing more"
+    );
+    assert!(!allowed(&docs, "st8s-system", "st8s-agent", &evict));
     let lease = call(
         "create",
         "coordination.k8s.io",
