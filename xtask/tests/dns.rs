@@ -154,7 +154,11 @@ struct Netns(String, Vec<Child>);
 
 impl Netns {
     fn new(name: &str) -> Netns {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        // A leftover of an interrupted run goes first (usually there is none).
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
         assert!(
             Command::new("ip")
                 .args(["netns", "add", name])
@@ -237,14 +241,8 @@ mod knot {
         let name = format!("s8-{}-dns", std::process::id());
         let mut ns = Netns::new(&name);
         let conf = dir.0.join("knot.conf");
-        fs::write(
-            &conf,
-            format!(
-                "server:\n  listen: 127.0.0.1@5300\n  rundir: {d}\ndatabase:\n  storage: {d}/db\nlog:\n  - target: stderr\n    any: warning\nzone:\n  - domain: {DOMAIN}\n    file: {d}/zone.db\n    zonefile-load: whole\n",
-                d = dir.0.display()
-            ),
-        )
-        .expect("conf");
+        let zone = [(DOMAIN.to_owned(), dir.0.join("zone.db"))];
+        fs::write(&conf, xtask::knot::conf("127.0.0.1", 5300, &dir.0, &zone)).expect("conf");
         let knot = Command::new("ip")
             .args(["netns", "exec", &name, "knotd", "-c"])
             .arg(&conf)
@@ -364,16 +362,7 @@ mod knot {
         let knot = |tag: &str, listen: &str, zones: &[(String, PathBuf)]| -> PathBuf {
             let run = dir.0.join(tag);
             fs::create_dir_all(&run).expect("dir");
-            let mut conf = format!(
-                "server:\n  listen: {listen}@53\n  rundir: {d}\ndatabase:\n  storage: {d}/db\nlog:\n  - target: stderr\n    any: warning\nzone:\n",
-                d = run.display()
-            );
-            for (origin, file) in zones {
-                conf += &format!(
-                    "  - domain: {origin}\n    file: {}\n    zonefile-load: whole\n",
-                    file.display()
-                );
-            }
+            let conf = xtask::knot::conf(listen, 53, &run, zones);
             let path = run.join("knot.conf");
             fs::write(&path, conf).expect("conf");
             path
@@ -478,5 +467,141 @@ mod knot {
             "NOERROR",
             "the upstream is gone"
         );
+    }
+
+    /// Issue 14, "losing any one node, `st8s dns` included, leaves the names answered and
+    /// current": two CoreDNS replicas as deploy/examples/home runs them, each a DNS server
+    /// (knotd, rescanning like CoreDNS's `auto` with `reload 1s`) reading the zone directory its
+    /// own `st8s dns` sidecar writes, both watching one API (the double, on loopback). One
+    /// sidecar stops, as when its node dies: its /readyz stops answering, so the kubelet's
+    /// readiness probe takes that replica out of the steered :53, and the other replica keeps
+    /// answering current records through the next change.
+    #[test]
+    fn a_replica_whose_sidecar_stops_leaves_the_others_current() {
+        use xtask::apiserver::{ApiServer, Resource, node};
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "needs root: run through `cargo xtask test`"
+        );
+        let dir = tmpdir("replicas");
+        let api = ApiServer::start().expect("double");
+        let kubeconfig = dir.0.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+        let nodes = [
+            ("node1", "10.77.0.11"),
+            ("node2", "10.77.0.12"),
+            ("node3", "10.77.0.13"),
+        ];
+        for (n, ip) in nodes {
+            api.apply(Resource::Node, node(n, ip, true));
+            let renewed = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                k8s_openapi::jiff::Timestamp::now(),
+            );
+            api.apply(
+                Resource::Lease,
+                serde_json::json!({"metadata": {"name": format!("st8s-agent-{n}"), "namespace": "st8s-system"},
+                                   "spec": {"holderIdentity": n, "leaseDurationSeconds": 3600, "renewTime": renewed}}),
+            );
+        }
+        api.apply(
+            Resource::Ingress,
+            serde_json::json!({"metadata": {"name": "jellyfin", "namespace": "media"},
+                               "spec": {"rules": [{"host": "jellyfin.home.example.org"}]}}),
+        );
+        api.set_missing(Resource::IngressRoute, true);
+        api.set_missing(Resource::HttpRoute, true);
+
+        let name = format!("s8-{}-repl", std::process::id());
+        let mut ns = Netns::new(&name);
+        let mut replicas = Vec::new();
+        for (tag, addr) in [("a", "127.0.0.2"), ("b", "127.0.0.3")] {
+            let zones = dir.0.join(format!("zones-{tag}"));
+            let port = xtask::free_port();
+            // The sidecar as the example runs it: no ConfigMap, the zone directory, /readyz.
+            let sidecar = Command::new(st8s())
+                .args([
+                    "dns",
+                    "--domain",
+                    DOMAIN,
+                    "--namespace",
+                    "st8s-system",
+                    "--configmap",
+                    "",
+                ])
+                .arg("--zone-dir")
+                .arg(&zones)
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--peer-probe-ms", "0"])
+                .env("KUBECONFIG", &kubeconfig)
+                .env_remove("KUBERNETES_SERVICE_HOST")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("st8s dns");
+            ns.1.push(sidecar);
+            let first = zones.join("jellyfin.home.example.org.zone");
+            let start = Instant::now();
+            while !first.exists() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(15),
+                    "sidecar {tag} wrote no zones"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let server =
+                xtask::knot::DirServer::start(&name, addr, 53, &dir.0.join(format!("knot-{tag}")), &zones)
+                    .expect("knotd");
+            replicas.push((server, port, addr));
+        }
+        let all: Vec<String> = nodes.iter().map(|(_, ip)| (*ip).to_owned()).collect();
+        let answers = |addr: &str| dig_at(&name, addr, "53", "jellyfin.home.example.org").1;
+        for (_, port, addr) in &replicas {
+            let start = Instant::now();
+            while answers(addr) != all || xtask::http_status(*port, "/readyz") != Some(200) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(15),
+                    "replica {addr}: {:?}, /readyz {:?}",
+                    answers(addr),
+                    xtask::http_status(*port, "/readyz")
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+
+        // Replica a's sidecar stops (its node died, or it crashed).
+        let a = &mut ns.1[0];
+        let _ = a.kill();
+        let _ = a.wait();
+        let (port_a, port_b) = (replicas[0].1, replicas[1].1);
+        assert_eq!(
+            xtask::http_status(port_a, "/readyz"),
+            None,
+            "a replica without its sidecar fails its readiness probe"
+        );
+        let changed = Instant::now();
+        api.apply(Resource::Node, node("node2", "10.77.0.12", false));
+        let current = vec!["10.77.0.11".to_owned(), "10.77.0.13".into()];
+        while answers(replicas[1].2) != current {
+            assert!(
+                changed.elapsed() < Duration::from_secs(5),
+                "replica b still answers {:?}",
+                answers(replicas[1].2)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let took = changed.elapsed();
+        assert_eq!(xtask::http_status(port_b, "/readyz"), Some(200));
+        assert_eq!(
+            answers(replicas[0].2),
+            all,
+            "replica a is stale, which is why its readiness takes it out of service"
+        );
+        println!(
+            "two replicas, one sidecar stopped: the other replica's DNS server dropped a NotReady node {:.0} ms after the change (1 s rescan)",
+            took.as_secs_f64() * 1e3
+        );
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        drop(replicas);
     }
 }

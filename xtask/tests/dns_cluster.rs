@@ -270,20 +270,7 @@ fn zones_follow_the_cluster_and_unready_nodes_leave_the_answers() {
     );
 }
 
-/// The status code of `GET path` on loopback, or None when nothing answers.
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: st8s\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.split_whitespace().nth(1)?.parse().ok()
-}
+use xtask::http_status;
 
 fn wait_status(port: u16, want: u16, secs: u64, dns: &Dns) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -318,10 +305,7 @@ fn a_sidecar_is_ready_only_while_its_zones_are_current() {
     api.set_missing(Resource::HttpRoute, true);
     let dir = std::env::temp_dir().join(format!("st8s-dns-sidecar-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = xtask::free_port();
     let listen = format!("127.0.0.1:{port}");
     let dns = Dns::start_with(
         &kubeconfig,

@@ -1684,62 +1684,19 @@ fn st8s_dns_drops_a_cut_node_from_the_answers() {
     // dropped, changed ones reloaded).
     let zone_dir = lab.dir().join("zones");
     let _dns = start_dns(&["--zone-dir", zone_dir.to_str().expect("utf-8 path")]);
-    let knot_dir = lab.dir().join("knot");
-    std::fs::create_dir_all(&knot_dir).expect("dir");
-    let knot_conf = knot_dir.join("knot.conf");
-    let write_knot_conf = {
-        let (knot_dir, knot_conf, zone_dir) = (knot_dir.clone(), knot_conf.clone(), zone_dir.clone());
-        move || {
-            let mut conf = format!(
-                "server:\n  listen: {}@5300\n  rundir: {d}\ndatabase:\n  storage: {d}/db\nlog:\n  - target: stderr\n    any: warning\nzone:\n",
-                xtask::lab::API_ADDR,
-                d = knot_dir.display()
-            );
-            for e in std::fs::read_dir(&zone_dir).into_iter().flatten().flatten() {
-                let path = e.path();
-                if let Some(origin) = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_suffix(".zone"))
-                {
-                    conf += &format!(
-                        "  - domain: {origin}\n    file: {}\n    zonefile-load: whole\n",
-                        path.display()
-                    );
-                }
-            }
-            std::fs::write(&knot_conf, conf).expect("knot.conf");
-        }
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while !zone_dir.join("jellyfin.home.example.org.zone").exists() {
         assert!(std::time::Instant::now() < deadline, "no per-name zones written");
         std::thread::sleep(Duration::from_millis(20));
     }
-    write_knot_conf();
-    let _knot = Dns(std::process::Command::new("ip")
-        .args(["netns", "exec", &sw, "knotd", "-c"])
-        .arg(&knot_conf)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("knotd"));
-    let rescan_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let rescan = {
-        let (stop, sw, conf) = (rescan_stop.clone(), sw.clone(), knot_conf.clone());
-        let write = write_knot_conf.clone();
-        std::thread::spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_secs(1));
-                write();
-                let _ = std::process::Command::new("ip")
-                    .args(["netns", "exec", &sw, "knotc", "-c"])
-                    .arg(&conf)
-                    .arg("reload")
-                    .output();
-            }
-        })
-    };
+    let knot = xtask::knot::DirServer::start(
+        &sw,
+        &xtask::lab::API_ADDR.to_string(),
+        5300,
+        &lab.dir().join("knot"),
+        &zone_dir,
+    )
+    .expect("knotd");
     let served = || -> Vec<String> {
         let out = std::process::Command::new("ip")
             .args([
@@ -1816,9 +1773,7 @@ fn st8s_dns_drops_a_cut_node_from_the_answers() {
         at_server < Duration::from_secs(3),
         "cut to the DNS server's answers: {at_server:?}"
     );
-    rescan_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = rescan.join();
-    drop(_knot);
+    drop(knot);
     lab.set_link(2, true).expect("restore node2");
     let (_, seen) = zone_write(seen, &all);
     drop(_dns);
