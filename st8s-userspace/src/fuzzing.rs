@@ -27,6 +27,7 @@ pub fn cluster_text(data: &[u8]) {
         ns: "localhost.".into(),
         agent_leases: true,
         service_aaaa: true,
+        mdns_zones: vec!["attic".into()],
     };
     if let Ok(input) = dns::collect_yaml(text, &cfg, k8s_openapi::jiff::Timestamp::UNIX_EPOCH) {
         let (zone, _) = dns::render_zone(&input, "home.example.org", &cfg, None);
@@ -45,6 +46,24 @@ pub fn annotation_text(data: &[u8]) {
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: n\n  annotations:\n    st8s.io/discovery: {text:?}\n    st8s.io/steer: {text:?}\nspec:\n  nodeName: node1\n  containers:\n  - name: c\n    ports:\n    - containerPort: 7359\n      hostPort: 7359\n      protocol: UDP\nstatus:\n  podIP: 10.244.1.2\n  conditions:\n  - type: Ready\n    status: \"True\"\n---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node1\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 10.0.0.11\n  conditions:\n  - type: Ready\n    status: \"True\"\n"
     );
     cluster_text(yaml.as_bytes());
+}
+
+/// An mDNS message from the LAN through the parser and the agent's host table, and the table
+/// through the Lease annotation into `st8s dns`.
+pub fn mdns_message(data: &[u8]) {
+    use crate::dns::mdns::{self, Hosts, Subnet};
+    let Ok(records) = mdns::parse_response(data) else {
+        return;
+    };
+    let mut hosts = Hosts::new(vec![Subnet {
+        addr: std::net::Ipv4Addr::new(10, 0, 0, 0),
+        mask: std::net::Ipv4Addr::new(255, 0, 0, 0),
+    }]);
+    let now = std::time::Instant::now();
+    let _ = hosts.learn(std::net::Ipv4Addr::new(10, 0, 0, 1), &records, now);
+    let _ = hosts.due(now + std::time::Duration::from_secs(3600));
+    let _ = hosts.expire(now + std::time::Duration::from_secs(1));
+    let _ = mdns::host_query(&hosts.snapshot().into_keys().collect::<Vec<_>>());
 }
 
 #[cfg(test)]
@@ -106,6 +125,33 @@ mod tests {
                 "round {round} panicked on:\n{}",
                 String::from_utf8_lossy(&b)
             );
+        }
+        // An avahi host announcement (A, cache flush, TTL 120) with a compressed PTR after it.
+        let announcement: &[u8] = &[
+            0, 0, 0x84, 0, 0, 0, 0, 2, 0, 0, 0, 0, 7, b's', b't', b'u', b'c', b'h', b'i', b'p', 5, b'l',
+            b'o', b'c', b'a', b'l', 0, 0, 1, 0x80, 1, 0, 0, 0, 120, 0, 4, 10, 0, 0, 60, 0xc0, 12, 0, 12, 0,
+            1, 0, 0, 0, 120, 0, 2, 0xc0, 20,
+        ];
+        assert_eq!(
+            crate::dns::mdns::parse_response(announcement).map(|r| r.len()),
+            Ok(2),
+            "the seed is a valid message"
+        );
+        for round in 0..2000 {
+            let mut b = announcement.to_vec();
+            for _ in 0..=rng.below(6) {
+                let at = rng.below(b.len());
+                match rng.below(3) {
+                    0 => b[at] = rng.next() as u8,
+                    1 => b.truncate(at),
+                    _ => b.insert(at, rng.next() as u8),
+                }
+                if b.is_empty() {
+                    break;
+                }
+            }
+            let r = std::panic::catch_unwind(|| mdns_message(&b));
+            assert!(r.is_ok(), "round {round} panicked on {b:?}");
         }
         for round in 0..1000 {
             let len = rng.below(40);

@@ -74,7 +74,7 @@ enum Task {
     /// Fuzz the userspace parsers with cargo-fuzz (libFuzzer, nightly), installing cargo-fuzz
     /// if needed. The test suite runs a bounded version of the same targets.
     Fuzz {
-        /// `cluster_yaml`, `annotations`, or `all`.
+        /// `cluster_yaml`, `annotations`, `mdns`, or `all`.
         #[arg(long, default_value = "all")]
         target: String,
         /// Seconds per target.
@@ -159,9 +159,9 @@ fn main() -> anyhow::Result<()> {
             }
             setup::build_ebpf()?;
             let targets: Vec<&str> = match target.as_str() {
-                "all" => vec!["cluster_yaml", "annotations"],
-                t @ ("cluster_yaml" | "annotations") => vec![t],
-                other => bail!("no fuzz target {other:?}: cluster_yaml, annotations or all"),
+                "all" => vec!["cluster_yaml", "annotations", "mdns"],
+                t @ ("cluster_yaml" | "annotations" | "mdns") => vec![t],
+                other => bail!("no fuzz target {other:?}: cluster_yaml, annotations, mdns or all"),
             };
             for t in targets {
                 progress(&format!("fuzzing {t} for {seconds} s"));

@@ -10,6 +10,7 @@
 //! the API-server double, without root.
 
 mod lease;
+pub mod mdns;
 mod runner;
 
 use std::{
@@ -91,6 +92,11 @@ pub struct AgentArgs {
     /// times).
     #[arg(long, value_name = "MS", default_value_t = 300)]
     pub settle_ms: u64,
+    /// Listen for mDNS on the uplink and publish the `.local` hosts heard there (addresses on the
+    /// uplink's subnets only) on this agent's Lease, for `st8s dns --mdns-zone`. Never answers
+    /// mDNS itself. Needs the Kubernetes API (the Lease) and port 5353 shared with any avahi.
+    #[arg(long)]
+    pub mdns: bool,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -175,6 +181,11 @@ pub async fn run_file<H: Host>(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Option<H::Dataplane>> {
+    if args.mdns {
+        warn!(
+            "--mdns publishes on the agent's Lease, which needs the Kubernetes API; not listening with --from-file"
+        );
+    }
     let mut source = FileSource::new(path);
     let since = Instant::now();
     let cluster = source
@@ -262,8 +273,13 @@ pub async fn run_kube<H: Host>(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Option<H::Dataplane>> {
     let (stores, mut rx) = kube_source::spawn_watchers(client.clone());
+    let (heard_tx, heard) = tokio::sync::watch::channel(mdns::Heard::new());
+    let mut mdns_tx = args.mdns.then_some(heard_tx);
     if args.lease_seconds > 0 {
-        lease::spawn_renewer(client, args, metrics.clone());
+        lease::spawn_renewer(client, args, metrics.clone(), args.mdns.then_some(heard));
+    } else if args.mdns {
+        warn!("--mdns without a Lease (--lease-seconds 0): nothing would publish the hosts; not listening");
+        mdns_tx = None;
     }
     let mut state = KubeState::new(stores);
     let mut runner: Option<Runner<H::Dataplane>> = None;
@@ -302,6 +318,9 @@ pub async fn run_kube<H: Host>(
                 }
                 // The stores are read once per burst.
                 let changed = state.refresh();
+                if state.synced() {
+                    start_mdns(args, &state.cluster, &mut mdns_tx);
+                }
                 metrics.set_objects("node", state.cluster.nodes.len());
                 metrics.set_objects("pod", state.cluster.pods.len());
                 if changed && state.synced() {
@@ -345,6 +364,23 @@ pub async fn run_kube<H: Host>(
         }
     }
     Ok(runner.map(Runner::into_dataplane))
+}
+
+/// Starts the mDNS listener once, on the uplink: `--iface`, or the interface that holds this
+/// node's InternalIP.
+fn start_mdns(args: &AgentArgs, cluster: &Cluster, tx: &mut Option<tokio::sync::watch::Sender<mdns::Heard>>) {
+    let iface = match &args.iface {
+        Some(i) => Ok(i.clone()),
+        None => match cluster.nodes.get(&args.node).and_then(|n| n.addr) {
+            Some(addr) => crate::dataplane::net::iface_with_addr(addr).map_err(|e| e.to_string()),
+            None => Err(format!("node {} has no InternalIP", args.node)),
+        },
+    };
+    let Some(sender) = tx.take() else { return };
+    match iface {
+        Ok(iface) => mdns::spawn(iface, sender),
+        Err(e) => warn!(error = %e, "no uplink to listen for mDNS on"),
+    }
 }
 
 fn settle(args: &AgentArgs) -> Duration {

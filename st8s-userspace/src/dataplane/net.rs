@@ -9,6 +9,8 @@ use std::{
     net::{Ipv4Addr, UdpSocket},
 };
 
+use crate::dns::mdns::Subnet;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("no interface holds address {addr}")]
@@ -72,12 +74,21 @@ pub fn iface_with_addr(addr: Ipv4Addr) -> Result<String, NetError> {
 /// The IPv4 addresses of `iface` with the broadcast address of each one's subnet (none for /31
 /// and /32, which have no broadcast).
 pub fn broadcasts(iface: &str) -> Result<BTreeMap<Ipv4Addr, Ipv4Addr>, NetError> {
+    Ok(subnets(iface)?
+        .into_iter()
+        .filter(|s| u32::from(s.mask).count_ones() < 31)
+        .map(|s| (s.addr, Ipv4Addr::from(u32::from(s.addr) | !u32::from(s.mask))))
+        .collect())
+}
+
+/// The IPv4 addresses of `iface`, each with its netmask.
+pub fn subnets(iface: &str) -> Result<Vec<Subnet>, NetError> {
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills ifap with a list we free below.
     if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
         return Err(NetError::Ifaddrs(io::Error::last_os_error()));
     }
-    let mut out = BTreeMap::new();
+    let mut out = Vec::new();
     let mut cur = ifap;
     while !cur.is_null() {
         // SAFETY: cur is a node of the list getifaddrs returned.
@@ -101,9 +112,10 @@ pub fn broadcasts(iface: &str) -> Result<BTreeMap<Ipv4Addr, Ipv4Addr>, NetError>
                 u32::from_be((*(ifa.ifa_netmask as *const libc::sockaddr_in)).sin_addr.s_addr),
             )
         };
-        if mask.count_ones() < 31 {
-            out.insert(Ipv4Addr::from(addr), Ipv4Addr::from(addr | !mask));
-        }
+        out.push(Subnet {
+            addr: Ipv4Addr::from(addr),
+            mask: Ipv4Addr::from(mask),
+        });
     }
     // SAFETY: ifap came from getifaddrs.
     unsafe { libc::freeifaddrs(ifap) };

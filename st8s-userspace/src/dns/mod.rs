@@ -34,6 +34,7 @@ use k8s_openapi::{
 pub use self::objects::Objects;
 use crate::sources::k8s::{internal_ip as node_internal_ip, internal_ip6, node_ready};
 
+pub mod mdns;
 pub mod objects;
 pub mod watch;
 
@@ -82,6 +83,9 @@ pub struct DnsConfig {
     /// Service names get AAAA records too (the serving nodes' IPv6 InternalIPs). Off by default:
     /// st8s steers IPv4 only, and a dual-stack client prefers IPv6 (see the README).
     pub service_aaaa: bool,
+    /// Zones (node `zone_label` values) whose agents' mDNS hosts are answered as
+    /// `<host>.<zone>.<domain>` (opt-in per zone).
+    pub mdns_zones: Vec<String>,
 }
 
 /// Which serving nodes a name lists (see the module documentation).
@@ -136,6 +140,15 @@ pub enum DnsWarning {
     )]
     BadAnswer { object: String, value: String },
     #[error(
+        "node {node}: annotation {} on its agent's Lease is not a JSON map of host to IPv4 addresses ({error}); skipped",
+        mdns::HOSTS_ANNOTATION
+    )]
+    MdnsBadAnnotation { node: String, error: String },
+    #[error("node {node}: mDNS host {host:?} is not a valid DNS label; skipped")]
+    MdnsInvalidHost { node: String, host: String },
+    #[error("mDNS host {name} is also {by}, which keeps the name")]
+    MdnsShadowed { name: String, by: String },
+    #[error(
         "{host}: {first} answers with {first_answer:?} but {second} with {second_answer:?}; {winner:?} wins"
     )]
     AnswerConflict {
@@ -168,6 +181,9 @@ pub struct DnsInput {
     pub warnings: Vec<DnsWarning>,
     /// The ports each node runs a Ready backend on (node name -> ports).
     pub backends: BTreeMap<String, BTreeSet<NamePort>>,
+    /// The mDNS hosts of opted-in zones: `<host>.<zone>` -> addresses (the union of what the
+    /// zone's agents with a fresh Lease hear).
+    pub mdns: BTreeMap<String, BTreeSet<Ipv4Addr>>,
     /// When the first agent Lease that is fresh now runs out: the zones must be rendered again
     /// then, even if no object changes.
     pub next_expiry: Option<Timestamp>,
@@ -260,6 +276,9 @@ pub fn collect(objects: &Objects, cfg: &DnsConfig, now: Timestamp) -> DnsInput {
         });
     }
     input.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    if !cfg.mdns_zones.is_empty() {
+        collect_mdns(objects, cfg, now, &mut input);
+    }
     for pod in objects.pods.iter().filter(|p| p.ready && !p.terminating) {
         if let Some(node) = &pod.node {
             let ports = pod.host_ports.iter();
@@ -324,6 +343,72 @@ pub fn collect(objects: &Objects, cfg: &DnsConfig, now: Timestamp) -> DnsInput {
         merge_claim(&mut input, host, claim);
     }
     input
+}
+
+/// The mDNS hosts that the agents of opted-in zones publish on their Leases (fresh Leases only:
+/// an agent that is gone no longer vouches for what it heard).
+fn collect_mdns(objects: &Objects, cfg: &DnsConfig, now: Timestamp, input: &mut DnsInput) {
+    for lease in &objects.leases {
+        let Some((node, expiry)) = agent_lease(lease) else {
+            continue;
+        };
+        let zone = input
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .and_then(|n| n.zone.clone());
+        let Some(zone) = zone.filter(|z| cfg.mdns_zones.contains(z)) else {
+            continue;
+        };
+        let annotations = lease.metadata.annotations.as_ref();
+        let Some(text) = annotations.and_then(|a| a.get(mdns::HOSTS_ANNOTATION)) else {
+            continue;
+        };
+        if expiry <= now {
+            continue;
+        }
+        let heard: BTreeMap<String, Vec<Ipv4Addr>> = match serde_json::from_str(text) {
+            Ok(h) => h,
+            Err(e) => {
+                input.warnings.push(DnsWarning::MdnsBadAnnotation {
+                    node,
+                    error: e.to_string(),
+                });
+                continue;
+            }
+        };
+        for (host, addrs) in heard {
+            if !mdns::valid_label(&host) || host.bytes().any(|b| b.is_ascii_uppercase()) {
+                input.warnings.push(DnsWarning::MdnsInvalidHost {
+                    node: node.clone(),
+                    host,
+                });
+                continue;
+            }
+            let name = format!("{host}.{zone}");
+            input.mdns.entry(name).or_default().extend(addrs);
+        }
+    }
+    // A node's own name, or a name st8s publishes for a service, keeps it.
+    let names: Vec<String> = input.mdns.keys().cloned().collect();
+    for name in names {
+        let node = input
+            .nodes
+            .iter()
+            .find(|n| n.zone.as_ref().is_some_and(|z| format!("{}.{z}", n.name) == name));
+        let by = match node {
+            Some(n) => Some(format!("node {}", n.name)),
+            None => cfg.domains.iter().find_map(|d| {
+                let full = format!("{name}.{d}");
+                let e = input.hosts.get(&full)?;
+                Some(format!("{full} ({})", e.sources.join(", ")))
+            }),
+        };
+        if let Some(by) = by {
+            input.mdns.remove(&name);
+            input.warnings.push(DnsWarning::MdnsShadowed { name, by });
+        }
+    }
 }
 
 /// Adds one object's claim on a hostname: the more restrictive exposure and answer win, with a
@@ -448,6 +533,12 @@ pub fn zone_body(input: &DnsInput, domain: &str, cfg: &DnsConfig) -> String {
             for line in node_records(n, &name) {
                 let _ = writeln!(b, "{line}");
             }
+        }
+    }
+    for (name, addrs) in &input.mdns {
+        let _ = writeln!(b, "; mDNS {name}");
+        for a in addrs {
+            let _ = writeln!(b, "{name} IN A {a}");
         }
     }
     b
@@ -577,6 +668,13 @@ pub fn name_zone_bodies(input: &DnsInput, cfg: &DnsConfig) -> BTreeMap<String, S
                 .extend(node_records(n, "@"));
         }
     }
+    for (name, addrs) in &input.mdns {
+        for domain in &cfg.domains {
+            let lines = records.entry(format!("{name}.{domain}")).or_default();
+            lines.push(format!("; mDNS {name}"));
+            lines.extend(addrs.iter().map(|a| format!("@ IN A {a}")));
+        }
+    }
     records
         .into_iter()
         .map(|(origin, lines)| {
@@ -614,6 +712,7 @@ mod tests {
             ns: "localhost".into(),
             agent_leases: true,
             service_aaaa: false,
+            mdns_zones: Vec::new(),
         }
     }
 
@@ -968,6 +1067,80 @@ items:
         assert!(
             photos.contains("@ IN A 10.0.0.12") && !photos.contains("10.0.0.11"),
             "{photos}"
+        );
+    }
+
+    #[test]
+    fn mdns_hosts_of_opted_in_zones_are_answered_under_the_zone() {
+        // node1 (attic) hears stuchip, its own name and a bad label; node2 (no zone) and node3
+        // (NotReady, but with a fresh Lease) hear other things.
+        let leases = r#"
+- apiVersion: coordination.k8s.io/v1
+  kind: Lease
+  metadata: {name: st8s-agent-node1, namespace: st8s-system, annotations: {st8s.io/mdns-hosts: '{"stuchip":["10.0.0.60"],"node1":["10.0.0.99"],"Bad_Host":["10.0.0.61"]}'}}
+  spec: {holderIdentity: node1, leaseDurationSeconds: 10, renewTime: "2026-11-22T09:59:55.000000Z"}
+- apiVersion: coordination.k8s.io/v1
+  kind: Lease
+  metadata: {name: st8s-agent-node2, namespace: st8s-system, annotations: {st8s.io/mdns-hosts: '{"tv":["10.0.0.62"]}'}}
+  spec: {holderIdentity: node2, leaseDurationSeconds: 10, renewTime: "2026-11-22T09:59:55.000000Z"}
+- apiVersion: v1
+  kind: Node
+  metadata: {name: node4, labels: {st8s.io/zone: attic}}
+  status: {addresses: [{type: InternalIP, address: 10.0.0.14}], conditions: [{type: Ready, status: "True"}]}
+- apiVersion: coordination.k8s.io/v1
+  kind: Lease
+  metadata: {name: st8s-agent-node4, namespace: st8s-system, annotations: {st8s.io/mdns-hosts: 'not json'}}
+  spec: {holderIdentity: node4, leaseDurationSeconds: 10, renewTime: "2026-11-22T09:59:55.000000Z"}
+"#;
+        let yaml = NODES.replace(
+            "- apiVersion: coordination.k8s.io/v1\n  kind: Lease\n  metadata: {name: st8s-agent-node1,",
+            "- apiVersion: coordination.k8s.io/v1\n  kind: Lease\n  metadata: {name: old-node1,",
+        ) + leases;
+        let opted = DnsConfig {
+            mdns_zones: vec!["attic".into()],
+            ..cfg()
+        };
+        let input = collect_yaml(&yaml, &opted, now()).expect("parses");
+        let names: Vec<&str> = input.mdns.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            ["stuchip.attic"],
+            "node2 has no zone; node1's own name stays the node's"
+        );
+        let all = input
+            .warnings
+            .iter()
+            .map(|w| w.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        for want in [
+            "\"Bad_Host\" is not a valid DNS label",
+            "node1.attic is also node node1",
+            "node4: annotation st8s.io/mdns-hosts",
+        ] {
+            assert!(all.contains(want), "{want}: {all}");
+        }
+        let (zone, _) = render_zone(&input, "home.example.org", &opted, None);
+        assert!(zone.contains("stuchip.attic IN A 10.0.0.60"), "{zone}");
+        assert!(
+            zone.contains("node1.attic IN A 10.0.0.11") && !zone.contains("10.0.0.99"),
+            "{zone}"
+        );
+        let zones = render_name_zones(&input, &opted, &BTreeMap::new());
+        assert!(
+            zones["stuchip.attic.home.example.org"]
+                .0
+                .contains("@ IN A 10.0.0.60")
+        );
+        // Not opted in: nothing; the agent's Lease runs out: its hosts go with it.
+        let plain = collect_yaml(&yaml, &cfg(), now()).expect("parses");
+        assert!(plain.mdns.is_empty());
+        let later: Timestamp = "2026-11-22T10:00:06Z".parse().expect("timestamp");
+        assert!(
+            collect_yaml(&yaml, &opted, later)
+                .expect("parses")
+                .mdns
+                .is_empty()
         );
     }
 

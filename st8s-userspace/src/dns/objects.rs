@@ -240,11 +240,17 @@ pub fn slim_zone_node(zone_label: &str, n: &mut Node) {
     n.metadata.labels = zone.map(|z| [z].into());
 }
 
-/// What `st8s dns` keeps of a Lease: name, namespace and spec.
+/// What `st8s dns` keeps of a Lease: name, namespace, the agent's mDNS hosts and spec.
 pub fn slim_lease(l: &mut Lease) {
+    let hosts = l
+        .metadata
+        .annotations
+        .as_mut()
+        .and_then(|a| a.remove_entry(super::mdns::HOSTS_ANNOTATION));
     l.metadata = ObjectMeta {
         name: l.metadata.name.take(),
         namespace: l.metadata.namespace.take(),
+        annotations: hosts.map(|h| [h].into()),
         resource_version: l.metadata.resource_version.take(),
         ..ObjectMeta::default()
     };

@@ -78,6 +78,11 @@ pub struct DnsArgs {
     /// names always get their node's AAAA.
     #[arg(long)]
     pub service_aaaa: bool,
+    /// Answer the `.local` hosts that the agents of this zone hear (`st8s agent --mdns`) as
+    /// `<host>.<zone>.<domain>` (repeat for several zones). A node's own name and the names st8s
+    /// publishes for services keep theirs.
+    #[arg(long = "mdns-zone", value_name = "ZONE")]
+    pub mdns_zones: Vec<String>,
     /// Node label naming a node's zone: `<node>.<zone>.<domain>`.
     #[arg(long, default_value = "st8s.io/zone")]
     pub zone_label: String,
@@ -117,6 +122,7 @@ impl DnsArgs {
             ns: self.ns.clone(),
             agent_leases,
             service_aaaa: self.service_aaaa,
+            mdns_zones: self.mdns_zones.clone(),
         }
     }
 }
