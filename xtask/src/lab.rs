@@ -237,6 +237,8 @@ pub struct Lab {
     cgroup_root: Option<PathBuf>,
     /// `--cgroup` for a node's agent instead of the node's own cgroup.
     agent_cgroup: BTreeMap<usize, String>,
+    /// Extra arguments for every agent started from now on.
+    agent_args: Vec<String>,
 }
 
 /// The lab's cgroup v2 directory name for a lab id (`<pid>-<n>`).
@@ -377,6 +379,7 @@ impl Lab {
             unready: Vec::new(),
             cgroup_root: None,
             agent_cgroup: BTreeMap::new(),
+            agent_args: Vec::new(),
         };
         lab.build().context("building the lab network")?;
         Ok(lab)
@@ -836,6 +839,7 @@ impl Lab {
                 Some(c) => c.into(),
                 None => self.node_cgroup(node).unwrap_or_else(|| "off".into()),
             })
+            .args(&self.agent_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -858,6 +862,11 @@ impl Lab {
     /// looks like a directory that is none).
     pub fn set_agent_cgroup(&mut self, node: usize, cgroup: &str) {
         self.agent_cgroup.insert(node, cgroup.to_owned());
+    }
+
+    /// Gives every agent started from now on these extra arguments (`--mdns`).
+    pub fn set_agent_args(&mut self, args: &[&str]) {
+        self.agent_args = args.iter().map(|a| (*a).to_owned()).collect();
     }
 
     /// Runs the agents started from now on with only these capabilities (`None`: all).

@@ -1815,3 +1815,189 @@ fn st8s_dns_drops_a_cut_node_from_the_answers() {
     );
     let _ = ipt("-D");
 }
+
+/// Issue 14, the mDNS bridge: a LAN device running a real avahi-daemon (Debian's) as `stuchip`
+/// is answered as `stuchip.attic.home.example.org`, the way the home example wires it: the
+/// agents (`--mdns`, against the API) publish what they hear on their Leases, `st8s dns
+/// --mdns-zone attic` writes the per-name zones, and a real DNS server (knotd, rescanning like
+/// CoreDNS's `auto`) answers `dig`. avahi starts before the agents, so its announcement is not
+/// heard: the agents find it by browsing (its `_workstation._tcp` service, RFC 6763 §9), and
+/// avahi answers with its A record as an additional record. Stopping avahi sends its goodbye
+/// (TTL 0, RFC 6762 §10.1; avahi-core withdraws its records on shutdown), and the name leaves
+/// the answers.
+#[test]
+fn a_lan_device_announced_by_mdns_is_answered_under_its_zone() {
+    use xtask::apiserver::{ApiServer, Resource};
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (st8s_bin, xtask_bin) = bins();
+    let kubeconfig = std::env::temp_dir().join(format!("st8s-mdns-kubeconfig-{}", std::process::id()));
+    let mut lab = Lab::new(LabConfig {
+        nodes: 3,
+        st8s_bin,
+        xtask_bin,
+        prefer_local: true,
+        xdp: "auto".into(),
+        kubeconfig: Some(kubeconfig.clone()),
+        agent_caps: None,
+        routed_cni: false,
+    })
+    .expect("lab builds");
+    let sw = lab.switch_ns().to_owned();
+    let listener = in_netns(&sw, || std::net::TcpListener::bind((xtask::lab::API_ADDR, 6443)))
+        .expect("netns")
+        .expect("bind on the LAN");
+    let api = ApiServer::start_on(listener).expect("double");
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    for n in 1..=3 {
+        let mut node = xtask::apiserver::node(&format!("node{n}"), &node_addr(n).to_string(), true);
+        node["metadata"]["labels"] = serde_json::json!({"st8s.io/zone": "attic"});
+        api.apply(Resource::Node, node);
+    }
+
+    // The LAN device: avahi-daemon in the client's namespace, its own /run/avahi-daemon.
+    let dir = lab.dir().join("stuchip");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let conf = dir.join("avahi-daemon.conf");
+    std::fs::write(
+        &conf,
+        "[server]\nhost-name=stuchip\ndomain-name=local\nuse-ipv4=yes\nuse-ipv6=no\nallow-interfaces=eth0\nenable-dbus=no\n\
+         [wide-area]\nenable-wide-area=no\n[publish]\npublish-hinfo=no\npublish-workstation=yes\n",
+    )
+    .expect("conf");
+    let avahi_log = dir.join("avahi.log");
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut avahi = Stop(
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                lab.client_ns(),
+                "unshare",
+                "--mount",
+                "--",
+                "sh",
+                "-c",
+            ])
+            .arg(format!(
+                "mkdir -p /run/avahi-daemon && mount -t tmpfs tmpfs /run/avahi-daemon && \
+                 exec avahi-daemon --no-drop-root --no-chroot --no-rlimits --no-proc-title -f {}",
+                conf.display()
+            ))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&avahi_log).expect("log"))
+            .spawn()
+            .expect("avahi-daemon"),
+    );
+    xtask::poll_until(Duration::from_secs(20), "avahi announces stuchip", || {
+        std::fs::read_to_string(&avahi_log)
+            .ok()
+            .filter(|l| l.contains("Server startup complete"))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&avahi_log).unwrap_or_default()));
+    // avahi 0.8 announces its records three times after probing, the last about 4 s after
+    // "startup complete" (measured here: host records at +0, +1 s, +3 s; the workstation service
+    // at +0.8, +1.9, +3.9 s; RFC 6762 §8.3 asks for at least two, doubling the interval). The
+    // agents start after that, so only browsing can find stuchip.
+    std::thread::sleep(Duration::from_secs(5));
+
+    lab.set_agent_args(&["--mdns"]);
+    lab.start_agents().expect("agents");
+    for n in 1..=3 {
+        lab.wait_ready(n, SYNC).expect("ready from the API");
+    }
+    let heard = |n: usize| -> String {
+        api.get(Resource::Lease, &format!("st8s-system/st8s-agent-node{n}"))
+            .and_then(|l| {
+                l["metadata"]["annotations"]["st8s.io/mdns-hosts"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default()
+    };
+    xtask::poll_until(Duration::from_secs(15), "node1's Lease names stuchip", || {
+        heard(1).contains("stuchip").then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}\n{}",
+            heard(1),
+            std::fs::read_to_string(lab.agent_log(1)).unwrap_or_default()
+        )
+    });
+    assert_eq!(heard(1), format!("{{\"stuchip\":[\"{CLIENT_ADDR}\"]}}"));
+
+    let zone_dir = lab.dir().join("zones");
+    let dns_log = lab.dir().join("dns-mdns.log");
+    let _dns = Stop(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{sw}"))
+            .arg("--")
+            .arg(xtask::st8s_debug_bin())
+            .args([
+                "dns",
+                "--domain",
+                "home.example.org",
+                "--namespace",
+                "st8s-system",
+            ])
+            .args(["--configmap", "", "--mdns-zone", "attic", "--zone-dir"])
+            .arg(&zone_dir)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&dns_log).expect("log"))
+            .spawn()
+            .expect("st8s dns"),
+    );
+    let _knot = xtask::knot::DirServer::start(
+        &sw,
+        &xtask::lab::API_ADDR.to_string(),
+        5300,
+        &lab.dir().join("knot"),
+        &zone_dir,
+    )
+    .expect("knotd");
+    let dig = || -> String {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &sw, "dig", "+short", "+time=1", "+tries=1", "-p", "5300",
+            ])
+            .arg(format!("@{}", xtask::lab::API_ADDR))
+            .arg("stuchip.attic.home.example.org")
+            .output()
+            .expect("dig");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    xtask::poll_until(Duration::from_secs(15), "dig answers stuchip.attic", || {
+        (dig() == CLIENT_ADDR.to_string()).then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}\n{}",
+            dig(),
+            std::fs::read_to_string(&dns_log).unwrap_or_default()
+        )
+    });
+
+    // avahi stops: its goodbye takes the name out of the Lease, the zones and the answers.
+    let stopped = std::time::Instant::now();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(avahi.0.id() as i32, libc::SIGTERM) };
+    let _ = avahi.0.wait();
+    xtask::poll_until(Duration::from_secs(10), "stuchip leaves the answers", || {
+        dig().is_empty().then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}; node1 heard {:?}", dig(), heard(1)));
+    println!(
+        "mDNS bridge: avahi on the LAN stopped; stuchip.attic.home.example.org left a zone-reading DNS server's answers {:.0} ms later (goodbye -> agent Lease -> st8s dns -> zone file -> 1 s rescan)",
+        stopped.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(heard(1), "{}", "the goodbye empties node1's Lease");
+    drop(lab);
+    let _ = std::fs::remove_file(&kubeconfig);
+}

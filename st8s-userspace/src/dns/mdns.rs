@@ -292,7 +292,8 @@ impl Hosts {
         let mut by_host: BTreeMap<String, Vec<(Ipv4Addr, u32, bool)>> = BTreeMap::new();
         for r in records {
             match &r.data {
-                Data::Ptr(t) if r.name == SERVICES && out.service_types.len() < MAX_TYPES => {
+                // A service type to browse (not one being withdrawn: a goodbye lists them too).
+                Data::Ptr(t) if r.name == SERVICES && r.ttl > 0 && out.service_types.len() < MAX_TYPES => {
                     out.service_types.push(t.clone());
                 }
                 Data::A(a) => match r.name.strip_suffix(".local").filter(|h| valid_label(h)) {
@@ -650,6 +651,10 @@ mod tests {
             t1,
         );
         assert_eq!(l.service_types, ["_http._tcp.local"]);
+        let mut withdrawn = parse_response(&types).expect("p");
+        withdrawn[0].ttl = 0;
+        let gone = hosts.learn(Ipv4Addr::new(10, 77, 0, 70), &withdrawn, t1);
+        assert!(gone.service_types.is_empty(), "a goodbye is not browsed");
         let q = browse_query(&l.service_types);
         assert_eq!(&q[4..6], &[0, 1], "one question");
         assert!(q.ends_with(&[0, 0, 12, 0, 1]), "PTR IN, multicast answer");
