@@ -111,6 +111,9 @@ pub const PROTO_UDP: u8 = 17;
 pub const CONFIG_PREFER_LOCAL: u32 = 1;
 /// `Config::flags`: the XDP program is attached and forwards remote flows itself.
 pub const CONFIG_XDP_FORWARDS: u32 = 2;
+/// `Config::flags`: the TC programs are attached through netlink (clsact + cls_bpf filters), on
+/// kernels without TCX links (before 6.6). Read by `st8s inspect`; the programs ignore it.
+pub const CONFIG_TC_NETLINK: u32 = 4;
 
 /// `Backend::flags`: this backend is the node the program runs on.
 pub const BACKEND_LOCAL: u8 = 1;

@@ -899,7 +899,12 @@ impl Lab {
 
     /// `st8s uninstall` for one node's pin directory.
     pub fn uninstall(&self, node: usize) -> anyhow::Result<Output> {
-        Command::new(&self.cfg.st8s_bin)
+        // In the node's network namespace, as the DaemonSet's hostNetwork pod runs it: netlink
+        // TC filters live on the node's interfaces.
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_ns(node)))
+            .arg("--")
+            .arg(&self.cfg.st8s_bin)
             .arg("uninstall")
             .arg("--pin-dir")
             .arg(self.agent_pin_dir(node))

@@ -500,16 +500,10 @@ fn tc_only_mode_forwards_too() {
     assert!(c["80/tcp"].forwarded > 0 && c["53/udp"].forwarded > 0, "{c:?}");
 }
 
-/// Restart safety: agents killed with SIGKILL and restarted while a client keeps opening
-/// connections through a forwarded port: not one request fails, and the restarted agents adopt
-/// the pinned state instead of flushing it.
-#[test]
-fn agents_killed_and_restarted_under_load_lose_no_request() {
-    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lab = running(lab(true), &[PodSpec::web("web-node1", 1)]);
-    let before = st8s::dataplane::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
-
-    // A bounded loop of new connections to node3 (forwarded to node1), in the client's netns.
+/// A bounded loop of new connections from the client to node3:80 (forwarded to node1's web pod)
+/// while node3's and node1's agents are killed (SIGKILL) and restarted twice; the requests that
+/// got their answer, and what went wrong with the others.
+fn requests_through_restarts(lab: &mut Lab) -> (u32, Vec<String>) {
     let client = lab.client_ns().to_owned();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_loop = stop.clone();
@@ -551,7 +545,19 @@ fn agents_killed_and_restarted_under_load_lose_no_request() {
         std::thread::sleep(Duration::from_millis(150));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = load.join().expect("load thread").expect("netns");
+    load.join().expect("load thread").expect("netns")
+}
+
+/// Restart safety: agents killed with SIGKILL and restarted while a client keeps opening
+/// connections through a forwarded port: not one request fails, and the restarted agents adopt
+/// the pinned state instead of flushing it.
+#[test]
+fn agents_killed_and_restarted_under_load_lose_no_request() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = running(lab(true), &[PodSpec::web("web-node1", 1)]);
+    let before = st8s::dataplane::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
+
+    let (ok, failed) = requests_through_restarts(&mut lab);
     eprintln!(
         "restart under load: {ok} requests answered, {} failed",
         failed.len()
@@ -574,6 +580,119 @@ fn agents_killed_and_restarted_under_load_lose_no_request() {
         after["80/tcp"].forwarded >= before["80/tcp"].forwarded + u64::from(ok),
         "counters survive restarts"
     );
+}
+
+/// Issue 15, kernels without TCX (Debian 12's 6.1, Ubuntu 22.04's 5.15): the same dataplane with
+/// its TC programs as netlink filters (`--tc-attach netlink`, what `auto` picks there), with XDP
+/// off so that TC alone delivers and forwards. One st8s filter per interface, at its fixed
+/// priority and handle; the mode in the log, `st8s inspect` and the metrics; restarts under load
+/// replace the filters in place (no request lost, still one filter); `st8s uninstall` removes
+/// them.
+#[test]
+fn netlink_tc_filters_steer_survive_restarts_and_uninstall() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = lab_with(true, "off");
+    lab.set_agent_args(&["--tc-attach", "netlink"]);
+    let mut lab = running(lab, &[PodSpec::web("web-node1", 1), PodSpec::dns("dns-node2", 2)]);
+    let filters = |lab: &Lab, node: usize, dev: &str| -> String {
+        let out = lab
+            .exec(
+                lab.node_ns(node),
+                "tc",
+                &["filter", "show", "dev", dev, "ingress"],
+            )
+            .expect("tc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let uplink = filters(&lab, 3, "eth0");
+    assert_eq!(
+        uplink.lines().filter(|l| l.contains("st8s_uplink_tc")).count(),
+        1,
+        "{uplink}"
+    );
+    assert!(
+        uplink.contains("pref 1 ") && uplink.contains("handle 0x5738") && uplink.contains("direct-action"),
+        "{uplink}"
+    );
+    assert!(
+        filters(&lab, 1, "cni0").contains("st8s_pod_tc"),
+        "the pod program too: {}",
+        filters(&lab, 1, "cni0")
+    );
+    assert!(
+        !pins_of(&lab, 3).iter().any(|p| p.contains("tc")),
+        "no TCX link pinned: {:?}",
+        pins_of(&lab, 3)
+    );
+    let s = lab.snapshot(3).expect("snapshot");
+    assert_ne!(
+        s.config.flags & st8s_common::CONFIG_TC_NETLINK,
+        0,
+        "inspect knows the mode"
+    );
+    let (_, metrics) = lab.agent_http(3, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("st8s_attach_mode{hook=\"tc\",mode=\"netlink\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        std::fs::read_to_string(lab.agent_log(3))
+            .unwrap_or_default()
+            .contains("TC programs attach as netlink filters"),
+        "said in the log"
+    );
+
+    let web = lab.http(3, 80);
+    assert_eq!(
+        web.pod.as_deref(),
+        Some("lab/web-node1"),
+        "forwarded by TC: {web:?}"
+    );
+    assert_eq!(web.client_ip(), Some(CLIENT_ADDR));
+    assert_eq!(lab.http(1, 80).pod.as_deref(), Some("lab/web-node1"), "local");
+    let dns = lab.dns(3, false);
+    assert_eq!(dns.pod.as_deref(), Some("lab/dns-node2"), "{dns:?}");
+
+    let (ok, failed) = requests_through_restarts(&mut lab);
+    eprintln!(
+        "netlink mode, restart under load: {ok} requests answered, {} failed",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(5)]);
+    assert!(ok > 200, "the loop ran ({ok} requests)");
+    let uplink = filters(&lab, 3, "eth0");
+    assert_eq!(
+        uplink.lines().filter(|l| l.contains("st8s_uplink_tc")).count(),
+        1,
+        "replaced in place, not added: {uplink}"
+    );
+
+    // A graceful stop (SIGTERM, as a rolling update sends it) leaves the filter running.
+    lab.stop_agent(3).expect("stop");
+    let uplink = filters(&lab, 3, "eth0");
+    assert_eq!(
+        uplink.lines().filter(|l| l.contains("st8s_uplink_tc")).count(),
+        1,
+        "the dataplane outlives its agent: {uplink}"
+    );
+    assert_eq!(lab.http(3, 80).pod.as_deref(), Some("lab/web-node1"));
+    let out = lab.uninstall(3).expect("uninstall");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !filters(&lab, 3, "eth0").contains("st8s"),
+        "uninstall removes the filter: {}",
+        filters(&lab, 3, "eth0")
+    );
+}
+
+/// The names under a node's pin directory.
+fn pins_of(lab: &Lab, node: usize) -> Vec<String> {
+    std::fs::read_dir(lab.agent_pin_dir(node))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 /// The agents on a "real cluster": they watch the API-server double (on the LAN), program the

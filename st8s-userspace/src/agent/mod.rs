@@ -28,7 +28,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     core::{Cluster, Desired, plan},
-    dataplane::{CgroupChoice, Host, KernelHost, XdpChoice, pins},
+    dataplane::{CgroupChoice, Host, KernelHost, TcChoice, XdpChoice, pins},
     http::{ErrorKind, Metrics},
     sources::{
         file::FileSource,
@@ -55,6 +55,11 @@ pub struct AgentArgs {
     /// XDP on the uplink: `auto` uses native XDP when the driver has it and TC alone otherwise.
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp: XdpChoice,
+    /// TC programs: `auto` uses TCX links on kernels that have them (6.6 and later) and netlink
+    /// filters (clsact, cls_bpf; Debian 12's 6.1, Ubuntu 22.04's 5.15) before. Either way a
+    /// restarted agent replaces its programs in place.
+    #[arg(long = "tc-attach", value_enum, default_value = "auto")]
+    pub tc: TcChoice,
     /// Send new flows to this node's own backend pod when it has one (otherwise Maglev spreads
     /// them over all backends).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -116,6 +121,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         prefer_local: args.prefer_local,
         hash_seed: args.hash_seed,
         cgroup: args.cgroup.clone(),
+        tc: args.tc,
     };
     let prober = Prober::start(&args.peers);
     let mut signals = Signals::new()?;

@@ -68,6 +68,7 @@ impl<D: Dataplane> Runner<D> {
             .set(program_started.elapsed().as_secs_f64());
         r.dp.attach()?;
         metrics.local_clients.set(i64::from(r.dp.steers_local_clients()));
+        metrics.set_attach_modes(&r.dp.attach_modes());
         Ok(r)
     }
 

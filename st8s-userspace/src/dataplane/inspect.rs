@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use st8s_common::{
-    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, FLOW_LOCAL, FlowKey,
-    FlowValue, GLOBAL_COUNTER_SLOT, PortInfo, PortKey, map_names, program_names,
+    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_TC_NETLINK, CONFIG_XDP_FORWARDS, Config, Counters,
+    FLOW_LOCAL, FlowKey, FlowValue, GLOBAL_COUNTER_SLOT, PortInfo, PortKey, map_names, program_names,
 };
 
 use super::{net::format_mac, open_pinned};
@@ -100,12 +100,21 @@ pub fn port_name(k: &PortKey) -> String {
     }
 }
 
+/// How the TC programs are attached, from the config's flags.
+fn tc_mode(flags: u32) -> &'static str {
+    if flags & CONFIG_TC_NETLINK != 0 {
+        "netlink"
+    } else {
+        "tcx"
+    }
+}
+
 pub fn render(s: &Snapshot, max_flows: usize) -> String {
     let mut o = String::new();
     let c = &s.config;
     let _ = writeln!(
         o,
-        "node {}  uplink ifindex {}  mac {}  xdp forwards: {}  prefer local: {}",
+        "node {}  uplink ifindex {}  mac {}  xdp forwards: {}  tc: {}  prefer local: {}",
         addr(c.self_addr_be),
         c.uplink_ifindex,
         format_mac(&c.self_mac),
@@ -114,6 +123,7 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
         } else {
             "no (tc)"
         },
+        tc_mode(c.flags),
         if c.flags & CONFIG_PREFER_LOCAL != 0 {
             "yes"
         } else {
@@ -257,6 +267,8 @@ pub struct InspectJson {
     pub uplink_ifindex: u32,
     pub mac: String,
     pub xdp_forwards: bool,
+    /// `tcx` or `netlink`, as the agent attached the TC programs.
+    pub tc_attach: String,
     pub prefer_local: bool,
     pub local_clients_steered: bool,
     pub nodes: Vec<Ipv4Addr>,
@@ -316,6 +328,7 @@ pub fn to_json(s: &Snapshot, max_flows: usize) -> InspectJson {
         uplink_ifindex: c.uplink_ifindex,
         mac: format_mac(&c.self_mac),
         xdp_forwards: c.flags & CONFIG_XDP_FORWARDS != 0,
+        tc_attach: tc_mode(c.flags).to_owned(),
         prefer_local: c.flags & CONFIG_PREFER_LOCAL != 0,
         local_clients_steered: s.local_clients,
         nodes: s.nodes.clone(),

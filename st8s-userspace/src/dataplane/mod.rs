@@ -23,7 +23,7 @@ use aya::{
     },
 };
 use st8s_common::{
-    CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Discovery, LAYOUT_VERSION, NodeInfo,
+    CONFIG_PREFER_LOCAL, CONFIG_TC_NETLINK, CONFIG_XDP_FORWARDS, Config, Discovery, LAYOUT_VERSION, NodeInfo,
     PORT_LOCAL_DRAINING, program_names,
 };
 use tracing::{info, warn};
@@ -67,6 +67,50 @@ pub enum XdpChoice {
     Off,
 }
 
+/// Whether the TC programs go in as netlink filters: chosen once at start, and said in the log.
+/// `tcx` on a kernel without TCX is refused here, before any map or link is touched.
+fn tc_netlink(choice: TcChoice) -> anyhow::Result<bool> {
+    let kernel = aya::util::KernelVersion::current().context("reading the kernel version")?;
+    let netlink = tc_netlink_on(choice, kernel)?;
+    if netlink {
+        info!(%kernel, priority = NL_PRIORITY, handle = format!("{NL_HANDLE:#x}"), "TC programs attach as netlink filters (clsact, cls_bpf direct-action)");
+    } else {
+        info!(%kernel, "TC programs attach as TCX links");
+    }
+    Ok(netlink)
+}
+
+/// [`tc_netlink`] on a given kernel: TCX links exist from 6.6 on.
+fn tc_netlink_on(choice: TcChoice, kernel: aya::util::KernelVersion) -> anyhow::Result<bool> {
+    let has_tcx = kernel >= aya::util::KernelVersion::new(6, 6, 0);
+    Ok(match choice {
+        TcChoice::Auto => !has_tcx,
+        TcChoice::Tcx if !has_tcx => {
+            anyhow::bail!("--tc-attach tcx needs TCX links (kernel 6.6 or later); this is {kernel}")
+        }
+        TcChoice::Tcx => false,
+        TcChoice::Netlink => true,
+    })
+}
+
+/// How to attach the TC programs (`--tc-attach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcChoice {
+    /// TCX links on kernels that have them (6.6 and later), netlink filters before.
+    Auto,
+    /// TCX links (bpf_link, pinned; kernel 6.6 or later).
+    Tcx,
+    /// A cls_bpf filter on the clsact qdisc, through netlink (every kernel st8s runs on).
+    Netlink,
+}
+
+/// The netlink filters st8s owns: one per interface, at this priority and handle, so that a
+/// restarted agent finds and replaces its own filter in place (`tc filter show dev eth0 ingress`
+/// lists it as `pref 1 handle 0x5738 bpf direct-action`). Priority 1 runs first among the
+/// legacy filters.
+pub const NL_PRIORITY: u16 = 1;
+pub const NL_HANDLE: u16 = 0x5738;
+
 /// Where the socket hooks for clients on the node itself attach (`--cgroup`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CgroupChoice {
@@ -99,6 +143,7 @@ pub struct Options {
     pub prefer_local: bool,
     pub hash_seed: u32,
     pub cgroup: CgroupChoice,
+    pub tc: TcChoice,
 }
 
 /// The dataplane in the kernel: the loaded programs, and the [`MapWriter`] that holds what their
@@ -109,6 +154,8 @@ pub struct BpfDataplane {
     uplink_ifindex: u32,
     self_mac: [u8; 6],
     xdp_forwards: bool,
+    /// The TC programs are netlink filters (no TCX on this kernel, or `--tc-attach netlink`).
+    tc_netlink: bool,
     pod_ifaces: BTreeSet<String>,
     /// The uplink's addresses and their subnets' broadcast addresses.
     broadcasts: BTreeMap<Ipv4Addr, Ipv4Addr>,
@@ -156,12 +203,14 @@ impl BpfDataplane {
         if writer.config().is_some() {
             info!(ports = writer.ports().count(), "adopted the live table");
         }
+        let tc_netlink = tc_netlink(opts.tc)?;
         let dp = BpfDataplane {
             ebpf,
             opts,
             uplink_ifindex,
             self_mac,
             xdp_forwards,
+            tc_netlink,
             pod_ifaces: BTreeSet::new(),
             broadcasts,
             writer,
@@ -294,7 +343,9 @@ impl BpfDataplane {
         self.socket_cgroup.as_deref()
     }
 
-    /// Attaches a TC ingress program to `iface`, or updates the link pinned under `what`.
+    /// Attaches a TC ingress program to `iface`: as a TCX link, or by updating the link pinned
+    /// under `what`; or, in netlink mode, as st8s's filter there, replaced in place when one is
+    /// there already (an earlier agent's: no packet meets the interface without a program).
     fn attach_tc(&mut self, program: &str, iface: &str, what: &str) -> anyhow::Result<()> {
         let path = pins::link_path(&self.opts.pin_dir, what);
         let prog: &mut SchedClassifier = self
@@ -302,6 +353,39 @@ impl BpfDataplane {
             .program_mut(program)
             .context("TC program missing")?
             .try_into()?;
+        if self.tc_netlink {
+            // A TCX link from an agent that ran in the other mode goes first.
+            pins::unpin_link(&path);
+            // EEXIST when the qdisc is there already.
+            let _ = tc::qdisc_add_clsact(iface);
+            let ours = SchedClassifierLink::attached(
+                iface,
+                TcAttachType::Ingress,
+                NL_PRIORITY,
+                tc::TcHandle::new(0, NL_HANDLE),
+                None,
+            )
+            .with_context(|| format!("interface {iface}"))?;
+            let id = match prog.attach_to_link(ours) {
+                Ok(id) => id,
+                // No filter of ours there yet (ENOENT): create it.
+                Err(_) => prog
+                    .attach_with_options(
+                        iface,
+                        TcAttachType::Ingress,
+                        tc::TcAttachOptions::Netlink(tc::NlOptions {
+                            priority: NL_PRIORITY,
+                            handle: tc::TcHandle::new(0, NL_HANDLE),
+                            classid: None,
+                        }),
+                    )
+                    .with_context(|| format!("attaching {program} to {iface} (netlink)"))?,
+            };
+            // The filter stays when the agent exits (as a pinned link does): `st8s uninstall`
+            // removes it.
+            std::mem::forget(prog.take_link(id)?);
+            return Ok(());
+        }
         let replaced = pins::pinned_link(&path)
             .and_then(|l| SchedClassifierLink::try_from(l).ok())
             .map(|l| prog.attach_to_link(l));
@@ -312,10 +396,12 @@ impl BpfDataplane {
                     warn!(%iface, error = %e, "could not update the pinned TC link: attaching anew");
                 }
                 pins::unpin_link(&path);
-                // EEXIST when the qdisc is there already; with tcx it is not even needed.
-                let _ = tc::qdisc_add_clsact(iface);
-                prog.attach(iface, TcAttachType::Ingress)
-                    .with_context(|| format!("attaching {program} to {iface}"))?
+                prog.attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching {program} to {iface} (TCX)"))?
             }
         };
         let link: FdLink = prog
@@ -325,7 +411,14 @@ impl BpfDataplane {
         let _ = std::fs::remove_file(&path);
         link.pin(&path)
             .with_context(|| format!("pinning {}", path.display()))?;
+        // A netlink filter from an agent that ran in the other mode goes now that TCX runs.
+        let _ = tc::qdisc_detach_program(iface, TcAttachType::Ingress, program);
         Ok(())
+    }
+
+    /// The TC attach path: `tcx` or `netlink`.
+    pub fn tc_mode(&self) -> &'static str {
+        if self.tc_netlink { "netlink" } else { "tcx" }
     }
 
     pub fn xdp_forwards(&self) -> bool {
@@ -443,6 +536,9 @@ impl BpfDataplane {
         if self.xdp_forwards {
             flags |= CONFIG_XDP_FORWARDS;
         }
+        if self.tc_netlink {
+            flags |= CONFIG_TC_NETLINK;
+        }
         Config {
             self_addr_be: u32::from(self_addr).to_be(),
             uplink_ifindex: self.uplink_ifindex,
@@ -513,6 +609,10 @@ pub trait Dataplane {
     fn steers_local_clients(&self) -> bool {
         false
     }
+    /// How each hook is attached, `(hook, mode)`, for the log and the metrics.
+    fn attach_modes(&self) -> Vec<(&'static str, &'static str)> {
+        Vec::new()
+    }
 }
 
 impl Dataplane for BpfDataplane {
@@ -524,6 +624,7 @@ impl Dataplane for BpfDataplane {
         BpfDataplane::attach(self)?;
         info!(
             xdp_forwards = self.xdp_forwards,
+            tc = self.tc_mode(),
             local_clients = self.socket_cgroup.is_some(),
             "dataplane attached"
         );
@@ -532,6 +633,21 @@ impl Dataplane for BpfDataplane {
 
     fn steers_local_clients(&self) -> bool {
         self.socket_cgroup.is_some()
+    }
+
+    fn attach_modes(&self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("xdp", if self.xdp_forwards { "native" } else { "off" }),
+            ("tc", self.tc_mode()),
+            (
+                "socket",
+                if self.socket_cgroup.is_some() {
+                    "cgroup"
+                } else {
+                    "off"
+                },
+            ),
+        ]
     }
 }
 
@@ -558,6 +674,7 @@ pub struct KernelHost {
     pub prefer_local: bool,
     pub hash_seed: u32,
     pub cgroup: CgroupChoice,
+    pub tc: TcChoice,
 }
 
 impl Host for KernelHost {
@@ -577,6 +694,7 @@ impl Host for KernelHost {
             prefer_local: self.prefer_local,
             hash_seed: self.hash_seed,
             cgroup: self.cgroup.clone(),
+            tc: self.tc,
         })?;
         let adopted = fates.iter().all(|(_, f)| *f == MapFate::Adopted);
         info!(mac = %dp.self_mac(), adopted, "programs loaded");
@@ -621,4 +739,25 @@ pub fn open_pinned(dir: &Path, name: &str) -> anyhow::Result<aya::maps::Map> {
         )
     })?;
     Ok(aya::maps::Map::from_map_data(data)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::util::KernelVersion;
+
+    use super::*;
+
+    #[test]
+    fn tcx_from_6_6_netlink_before_and_tcx_refused_where_it_is_missing() {
+        let debian12 = KernelVersion::new(6, 1, 0);
+        let ubuntu2204 = KernelVersion::new(5, 15, 0);
+        let here = KernelVersion::new(6, 18, 0);
+        assert!(tc_netlink_on(TcChoice::Auto, debian12).expect("auto"));
+        assert!(tc_netlink_on(TcChoice::Auto, ubuntu2204).expect("auto"));
+        assert!(!tc_netlink_on(TcChoice::Auto, KernelVersion::new(6, 6, 0)).expect("auto"));
+        assert!(!tc_netlink_on(TcChoice::Auto, here).expect("auto"));
+        assert!(tc_netlink_on(TcChoice::Netlink, here).expect("forced"));
+        let refused = tc_netlink_on(TcChoice::Tcx, debian12).expect_err("no TCX on 6.1");
+        assert!(refused.to_string().contains("6.6"), "{refused}");
+    }
 }

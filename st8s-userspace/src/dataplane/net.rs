@@ -150,6 +150,27 @@ pub fn iface_name(index: u32) -> Option<String> {
     )
 }
 
+/// Every interface of this network namespace, by name (if_nameindex: netlink, not /sys, which
+/// may show another namespace).
+pub fn interfaces() -> Vec<String> {
+    // SAFETY: if_nameindex returns a list ending in a zero entry, freed below.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut cur = list;
+    // SAFETY: each entry up to the terminating one is valid, with a C string name.
+    unsafe {
+        while (*cur).if_index != 0 && !(*cur).if_name.is_null() {
+            out.push(CStr::from_ptr((*cur).if_name).to_string_lossy().into_owned());
+            cur = cur.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
 /// The interface's hardware address (SIOCGIFHWADDR).
 pub fn mac_of(iface: &str) -> Result<[u8; 6], NetError> {
     hwaddr(iface).map(|(_, mac)| mac)

@@ -17,7 +17,9 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapInfo},
     programs::links::{FdLink, PinnedLink},
 };
-use st8s_common::{Config, FlowKey, FlowValue, LAYOUT_VERSION, RevNatKey, RevNatValue, map_names};
+use st8s_common::{
+    Config, FlowKey, FlowValue, LAYOUT_VERSION, RevNatKey, RevNatValue, map_names, program_names,
+};
 use tracing::{info, warn};
 
 /// What happened to one map when the agent started.
@@ -240,12 +242,24 @@ pub fn unpin_link(path: &Path) {
     let _ = fs::remove_file(path);
 }
 
-/// `st8s uninstall`: detaches every pinned link and removes every pin under `dir`.
+/// `st8s uninstall`: detaches every pinned link and every st8s netlink TC filter (those of
+/// `--tc-attach netlink`, on any interface of this network namespace), and removes every pin
+/// under `dir`.
 ///
 /// Removing a pin drops the last reference to a link (the agent keeps none open), which detaches
-/// its program; links go first, so traffic is back with the kernel before the maps disappear.
+/// its program; links and filters go first, so traffic is back with the kernel before the maps
+/// disappear.
 pub fn uninstall(dir: &Path) -> anyhow::Result<Vec<String>> {
     let mut removed = Vec::new();
+    for iface in super::net::interfaces() {
+        for name in [program_names::UPLINK_TC, program_names::POD_TC] {
+            if aya::programs::tc::qdisc_detach_program(&iface, aya::programs::TcAttachType::Ingress, name)
+                .is_ok()
+            {
+                removed.push(format!("tc filter {name} on {iface}"));
+            }
+        }
+    }
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),

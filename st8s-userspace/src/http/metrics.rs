@@ -67,6 +67,12 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttachLabels {
+    hook: &'static str,
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabel {
     map: &'static str,
 }
@@ -95,6 +101,7 @@ pub struct Metrics {
     pub initial_list_seconds: FloatGauge,
     pub unreachable_nodes: Gauge,
     pub local_clients: Gauge,
+    attach: Family<AttachLabels, Gauge>,
     /// Where the maps are pinned: the census counts their entries.
     pin_dir: Option<PathBuf>,
     census_started: AtomicBool,
@@ -173,6 +180,12 @@ impl Metrics {
             "1 while clients on this node itself (its processes and pods) are steered by the cgroup socket hooks; 0 without cgroup v2 or with --cgroup off",
             local_clients.clone(),
         );
+        let attach = Family::<AttachLabels, Gauge>::default();
+        r.register(
+            "attach_mode",
+            "1 for the way each hook is attached: xdp native|off, tc tcx|netlink (kernels before 6.6), socket cgroup|off",
+            attach.clone(),
+        );
         r.register_collector(Box::new(PortPackets {
             pin_dir: pin_dir.clone(),
         }));
@@ -190,8 +203,17 @@ impl Metrics {
             initial_list_seconds,
             unreachable_nodes,
             local_clients,
+            attach,
             pin_dir,
             census_started: AtomicBool::new(false),
+        }
+    }
+
+    /// How the hooks are attached, `(hook, mode)`: one series per hook, set to 1.
+    pub fn set_attach_modes(&self, modes: &[(&'static str, &'static str)]) {
+        self.attach.clear();
+        for &(hook, mode) in modes {
+            self.attach.get_or_create(&AttachLabels { hook, mode }).set(1);
         }
     }
 
