@@ -19,6 +19,15 @@ pub struct LabArgs {
     /// XDP mode for the agents (auto, native, off).
     #[arg(long, default_value = "auto")]
     xdp: String,
+    /// Extra arguments for every agent (e.g. `--agent-arg=--tc-attach=netlink`).
+    #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+    /// How long the agents may take to be ready (software-emulated VMs need longer).
+    #[arg(long, value_name = "SECONDS", default_value_t = 20)]
+    wait: u64,
+    /// Run with the binaries already built (inside a test VM): no setup, no build.
+    #[arg(long, hide = true)]
+    pub no_setup: bool,
 }
 
 struct Row {
@@ -46,6 +55,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     };
     progress("creating the lab: switch, 3 nodes with pod bridges, a client");
     let mut lab = Lab::new(cfg)?;
+    lab.set_agent_args(&args.agent_args.iter().map(String::as_str).collect::<Vec<_>>());
     progress("starting pods: web on node1 and node2 (hostPort 80), dns on node3 (hostPort 53 udp+tcp)");
     lab.add_pod(PodSpec::web("web-node1", 1))?;
     lab.add_pod(PodSpec::web("web-node2", 2))?;
@@ -54,7 +64,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     progress(&format!("cluster file: {}", lab.cluster_file().display()));
     progress("starting one st8s agent per node");
     lab.start_agents()?;
-    lab.wait_synced(Duration::from_secs(20))?;
+    lab.wait_synced(Duration::from_secs(args.wait))?;
     // Let the servers bind before the first request.
     std::thread::sleep(Duration::from_millis(200));
 
@@ -138,6 +148,21 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
                 })
                 .collect();
             println!("{} counters  {}", node_name(node), line.join("  |  "));
+            let flags = s.config.flags;
+            println!(
+                "{} attach  xdp {}  tc {}",
+                node_name(node),
+                if flags & st8s_common::CONFIG_XDP_FORWARDS != 0 {
+                    "native"
+                } else {
+                    "off"
+                },
+                if flags & st8s_common::CONFIG_TC_NETLINK != 0 {
+                    "netlink"
+                } else {
+                    "tcx"
+                }
+            );
         }
     }
     println!();

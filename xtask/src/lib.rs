@@ -7,6 +7,7 @@ pub mod deploy;
 pub mod knot;
 pub mod lab;
 pub mod setup;
+pub mod vm;
 
 use std::{
     path::{Path, PathBuf},

@@ -61,12 +61,22 @@ enum Task {
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
     },
+    /// The kernel matrix: boot Debian's kernels (6.1, 6.12) under QEMU and run, inside each, the
+    /// BPF_PROG_TEST_RUN fixtures and the lab on every attach path. Reports per kernel.
+    Kernels {
+        /// `debian-6.1`, `debian-6.12`, or `all`.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+    },
     /// Set up, build, and run every test: unit tests, BPF_PROG_TEST_RUN fixtures through the
-    /// real programs, and network-namespace integration tests (root needed).
+    /// real programs, network-namespace integration tests (root needed), and the kernel matrix.
     Test {
         /// Skip `setup` (when you know the machine is ready).
         #[arg(long)]
         no_setup: bool,
+        /// Skip the kernel matrix (the QEMU VMs).
+        #[arg(long)]
+        no_kernels: bool,
         /// Extra arguments for `cargo test` (after `--`), e.g. a test-name filter.
         #[arg(last = true)]
         cargo_args: Vec<String>,
@@ -115,13 +125,23 @@ fn main() -> anyhow::Result<()> {
         Task::Build { release } => build(release),
         Task::Lint => lint(),
         Task::Fmt => fmt(false),
-        Task::Lab(args) if args.down => lab_cmd::run(args),
+        Task::Lab(args) if args.down || args.no_setup => lab_cmd::run(args),
         Task::Lab(args) => {
             setup::setup()?;
             build(false)?;
             lab_cmd::run(args)
         }
-        Task::Test { no_setup, cargo_args } => {
+        Task::Kernels { kernel } => {
+            setup::setup()?;
+            build(false)?;
+            let fixtures = fixtures_binary()?;
+            xtask::vm::run(&kernel, &fixtures).map(|_| ())
+        }
+        Task::Test {
+            no_setup,
+            no_kernels,
+            cargo_args,
+        } => {
             if !no_setup {
                 setup::setup()?;
             }
@@ -147,6 +167,10 @@ fn main() -> anyhow::Result<()> {
             // The tests that measure something (failover, churn, discovery, dns) print it.
             cmd.arg("--").arg("--show-output").args(&cargo_args);
             run(&mut cmd)?;
+            if !no_kernels && cargo_args.is_empty() {
+                progress("the kernel matrix: Debian's 6.1 and 6.12 under QEMU, one after the other");
+                xtask::vm::run("all", &fixtures_binary()?)?;
+            }
             progress("all tests passed");
             Ok(())
         }
@@ -292,11 +316,37 @@ fn lint() -> anyhow::Result<()> {
     fmt(true)
 }
 
+/// The BPF_PROG_TEST_RUN fixtures as a test binary (built if needed), for the kernel matrix.
+fn fixtures_binary() -> anyhow::Result<PathBuf> {
+    let out = Command::new("cargo")
+        .current_dir(workspace_root())
+        .args([
+            "test",
+            "-p",
+            "st8s-userspace",
+            "--features",
+            "privileged",
+            "--test",
+            "fixtures",
+        ])
+        .args(["--no-run", "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building the fixtures test binary")?;
+    anyhow::ensure!(out.status.success(), "building the fixtures test binary failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"]["name"] == "fixtures")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("cargo named no fixtures executable")
+}
+
 fn stub(iface: &str, pin: &std::path::Path) -> anyhow::Result<()> {
     use aya::programs::{Xdp, XdpMode, links::FdLink};
-    let obj = std::fs::read(setup::ebpf_object())
-        .context("reading the kernel programs (run `cargo xtask build-ebpf`)")?;
-    let mut ebpf = aya::Ebpf::load(&obj).context("loading the kernel programs")?;
+    // The programs the st8s library carries (also inside a test VM, where no build tree is).
+    let obj = st8s::dataplane::ebpf_object()?;
+    let mut ebpf = aya::Ebpf::load(obj).context("loading the kernel programs")?;
     let prog: &mut Xdp = ebpf
         .program_mut(st8s_common::program_names::XDP_PASS)
         .context("XDP_PASS program missing")?

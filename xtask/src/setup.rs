@@ -32,6 +32,9 @@ const PACKAGES: &[(&str, &str)] = &[
     // expect it).
     ("avahi-daemon", "avahi-daemon"),
     ("minidlna", "minidlnad"),
+    // The kernel matrix: Debian's kernels booted under QEMU with a busybox initramfs.
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("busybox-static", "busybox"),
 ];
 /// Needed to build bpf-linker against the LLVM that matches the nightly.
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];

@@ -31,6 +31,7 @@ use tracing::{info, warn};
 pub mod inspect;
 pub mod net;
 pub mod pins;
+pub mod preflight;
 pub mod writer;
 
 pub use pins::MapFate;
@@ -171,6 +172,9 @@ impl BpfDataplane {
     /// [`pins`]) and reads back what the maps hold, so that the first [`apply`](Self::apply)
     /// writes only what differs. Nothing is attached yet: see [`attach`](Self::attach).
     pub fn load(opts: Options) -> anyhow::Result<(Self, Vec<(&'static str, MapFate)>)> {
+        let kernel = aya::util::KernelVersion::current().context("reading the kernel version")?;
+        let needs = preflight::required(opts.cgroup != CgroupChoice::Off);
+        preflight::check(kernel, &needs, preflight::probe)?;
         let uplink_ifindex = net::ifindex(&opts.iface)?;
         let self_mac = net::mac_of(&opts.iface)?;
         let broadcasts = net::broadcasts(&opts.iface)?;

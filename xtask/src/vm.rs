@@ -1,0 +1,621 @@
+//! The kernel matrix: st8s on kernels other than this machine's, each booted under QEMU
+//! (software emulation: KVM does not work on these machines) with Debian's own kernel package.
+//!
+//! Per kernel, an initramfs holds busybox, the st8s and xtask binaries, the fixtures test binary,
+//! the tools the lab drives (ip, nsenter, ethtool, curl, dig) with their libraries, and the
+//! kernel modules the lab needs (veth, bridge, clsact, cls_bpf). Its /init runs, one step after
+//! the other, and reports each as `ST8S-STEP <name> <exit status> <seconds>`:
+//! - the BPF_PROG_TEST_RUN fixtures through the verifier-loaded programs;
+//! - the lab (three nodes, pods, a client; local and forwarded, TCP and UDP) on every attach
+//!   path: XDP native with the kernel's own TC path (`auto`: netlink filters before 6.6, TCX
+//!   after), XDP off (TC forwards), and on kernels with TCX the netlink path as well.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{progress, target_dir};
+
+/// A kernel of the matrix: a name, and the Debian package (a pattern for `apt-cache search
+/// --names-only`; the newest match is taken).
+pub struct Kernel {
+    pub name: &'static str,
+    pub package: &'static str,
+}
+
+pub const KERNELS: [Kernel; 2] = [
+    // Debian 12 (bookworm)'s own kernel.
+    Kernel {
+        name: "debian-6.1",
+        package: r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$",
+    },
+    // Debian's 6.12 (bookworm-backports; Debian 13's kernel line).
+    Kernel {
+        name: "debian-6.12",
+        package: r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64-unsigned$",
+    },
+];
+
+/// Modules the lab needs that Debian builds as modules, in load order (dependencies first;
+/// [`module_deps`] adds any the files name).
+const MODULES: [&str; 4] = ["bridge", "veth", "sch_ingress", "cls_bpf"];
+
+/// Host tools the lab runs inside the VM (busybox provides the rest: sh, sysctl, mount, ...).
+const TOOLS: [&str; 5] = [
+    "/usr/sbin/ip",
+    "/usr/bin/nsenter",
+    "/usr/sbin/ethtool",
+    "/usr/bin/curl",
+    "/usr/bin/dig",
+];
+
+/// One step's outcome inside a VM.
+#[derive(Debug)]
+pub struct Step {
+    pub name: String,
+    pub status: i32,
+    pub seconds: u64,
+    /// How the lab's agents attached (`xdp native, tc netlink`), as the lab printed it.
+    pub attach: String,
+}
+
+/// What one kernel did.
+pub struct Outcome {
+    pub kernel: &'static str,
+    pub release: String,
+    pub steps: Vec<Step>,
+    pub seconds: f64,
+    pub log: PathBuf,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        !self.steps.is_empty() && self.steps.iter().all(|s| s.status == 0)
+    }
+}
+
+/// Boots each selected kernel in turn and runs the steps; `fixtures` is the fixtures test
+/// binary. Fails when any step fails, after reporting every kernel.
+pub fn run(which: &str, fixtures: &Path) -> anyhow::Result<Vec<Outcome>> {
+    let kernels: Vec<&Kernel> = KERNELS
+        .iter()
+        .filter(|k| which == "all" || k.name == which)
+        .collect();
+    if kernels.is_empty() {
+        let names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+        bail!("no kernel {which:?}: {} or all", names.join(", "));
+    }
+    let mut outcomes = Vec::new();
+    for k in kernels {
+        progress(&format!("kernel {}: fetching Debian's package", k.name));
+        let tree = fetch(k)?;
+        let outcome = boot(k, &tree, fixtures)?;
+        let verdict = if outcome.passed() { "passed" } else { "FAILED" };
+        progress(&format!(
+            "kernel {} ({}): {verdict} in {:.0} s",
+            k.name, outcome.release, outcome.seconds
+        ));
+        outcomes.push(outcome);
+    }
+    println!("{}", report(&outcomes));
+    if let Some(bad) = outcomes.iter().find(|o| !o.passed()) {
+        bail!(
+            "kernel {} failed; its console log: {}",
+            bad.kernel,
+            bad.log.display()
+        );
+    }
+    Ok(outcomes)
+}
+
+/// The per-kernel table.
+pub fn report(outcomes: &[Outcome]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<14} {:<28} {:<26} {:<22} {:>7} {:>5}",
+        "KERNEL", "RELEASE", "STEP", "ATTACHED", "RESULT", "SECS"
+    );
+    for out in outcomes {
+        if out.steps.is_empty() {
+            let _ = writeln!(
+                o,
+                "{:<14} {:<28} {:<26} {:<22} {:>7}",
+                out.kernel, out.release, "(no step ran)", "-", "FAILED"
+            );
+        }
+        for s in &out.steps {
+            let result = if s.status == 0 { "ok" } else { "FAILED" };
+            let attach = if s.attach.is_empty() {
+                "-"
+            } else {
+                s.attach.as_str()
+            };
+            let _ = writeln!(
+                o,
+                "{:<14} {:<28} {:<26} {:<22} {:>7} {:>5}",
+                out.kernel, out.release, s.name, attach, result, s.seconds
+            );
+        }
+    }
+    o
+}
+
+/// The newest package matching the kernel's pattern, downloaded and unpacked once under
+/// `target/vm/` (later runs reuse it).
+fn fetch(k: &Kernel) -> anyhow::Result<PathBuf> {
+    let out = Command::new("apt-cache")
+        .args(["search", "--names-only", k.package])
+        .output()
+        .context("apt-cache (Debian's apt)")?;
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    names.sort_by_key(|n| version_key(n));
+    let Some(pkg) = names.pop() else {
+        bail!(
+            "no Debian package matches {} (for kernel {}): run `apt-get update`, or check the apt sources",
+            k.package,
+            k.name
+        );
+    };
+    let dir = target_dir().join("vm").join(&pkg);
+    if dir.join("boot").is_dir() {
+        return Ok(dir);
+    }
+    let debs = target_dir().join("vm/debs");
+    fs::create_dir_all(&debs)?;
+    crate::run(
+        Command::new("apt-get")
+            .current_dir(&debs)
+            .args(["download", &pkg]),
+    )
+    .with_context(|| format!("apt-get download {pkg}"))?;
+    let deb = fs::read_dir(&debs)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")))
+        })
+        .with_context(|| format!("{pkg}: downloaded, but no .deb in {}", debs.display()))?;
+    let tmp = dir.with_extension("partial");
+    let _ = fs::remove_dir_all(&tmp);
+    crate::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp)).context("dpkg-deb -x")?;
+    fs::rename(&tmp, &dir)?;
+    Ok(dir)
+}
+
+/// Sorts package names by the numbers in them (6.1.0-9 before 6.1.0-10).
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// A kernel file in an unpacked package: the kernel image and its modules' directory.
+fn kernel_files(tree: &Path) -> anyhow::Result<(PathBuf, PathBuf, String)> {
+    let vmlinuz = fs::read_dir(tree.join("boot"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .context("no vmlinuz in the package")?;
+    let release = vmlinuz
+        .file_name()
+        .map(|n| n.to_string_lossy().trim_start_matches("vmlinuz-").to_owned())
+        .unwrap_or_default();
+    let modules = tree.join("lib/modules").join(&release);
+    Ok((vmlinuz, modules, release))
+}
+
+fn boot(k: &Kernel, tree: &Path, fixtures: &Path) -> anyhow::Result<Outcome> {
+    let (vmlinuz, modules, release) = kernel_files(tree)?;
+    let work = target_dir().join("vm/run").join(k.name);
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let tcx = release_at_least(&release, 6, 6);
+    let initrd = work.join("initrd.cpio");
+    let mods = module_order(&modules)?;
+    build_initrd(&initrd, &modules, &mods, fixtures, &init_script(&mods, tcx))?;
+    let log = work.join("console.log");
+    progress(&format!(
+        "kernel {}: booting {release} under QEMU (software emulation)",
+        k.name
+    ));
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "2048",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&log)?)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+    // Bounded: the steps take a few minutes under emulation; a hung guest is killed.
+    let limit = Duration::from_secs(900);
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let console = fs::read_to_string(&log).unwrap_or_default();
+    let mut steps = parse_steps(&console);
+    // A lab step passes only on the attach path it is there for.
+    for s in &mut steps {
+        if let Some(want) = expected_attach(&s.name, tcx)
+            && s.status == 0
+            && s.attach != want
+        {
+            s.status = 98;
+            s.attach = format!("{} (wanted {want})", s.attach);
+        }
+    }
+    let _ = fs::remove_file(&initrd);
+    Ok(Outcome {
+        kernel: k.name,
+        release,
+        steps,
+        seconds: started.elapsed().as_secs_f64(),
+        log,
+    })
+}
+
+/// The attach paths a lab step must have run on (`None`: not a lab step).
+fn expected_attach(step: &str, tcx: bool) -> Option<String> {
+    let kernel_tc = if tcx { "tcx" } else { "netlink" };
+    Some(match step {
+        "lab-xdp-auto" => format!("xdp native tc {kernel_tc}"),
+        "lab-xdp-off-tc-forwards" => format!("xdp off tc {kernel_tc}"),
+        "lab-tc-netlink" => "xdp native tc netlink".to_owned(),
+        _ => return None,
+    })
+}
+
+/// The `ST8S-STEP name status seconds` markers, each with the attach line the lab printed
+/// before it (`node1 attach  xdp native  tc netlink`).
+fn parse_steps(console: &str) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut attach = String::new();
+    for l in console.lines().map(str::trim) {
+        if let Some(rest) = l.strip_prefix("node1 attach") {
+            attach = rest.split_whitespace().collect::<Vec<_>>().join(" ");
+        }
+        let Some(marker) = l.strip_prefix("ST8S-STEP ") else {
+            continue;
+        };
+        let mut w = marker.split_whitespace();
+        let (Some(name), Some(status), Some(seconds)) = (w.next(), w.next(), w.next()) else {
+            continue;
+        };
+        steps.push(Step {
+            name: name.to_owned(),
+            status: status.parse().unwrap_or(-1),
+            seconds: seconds.parse().unwrap_or(0),
+            attach: std::mem::take(&mut attach),
+        });
+    }
+    steps
+}
+
+fn release_at_least(release: &str, major: u64, minor: u64) -> bool {
+    let v = version_key(release);
+    (v.first().copied().unwrap_or(0), v.get(1).copied().unwrap_or(0)) >= (major, minor)
+}
+
+/// The steps /init runs: each prints its marker line.
+fn init_script(mods: &[String], tcx: bool) -> String {
+    let mut s = String::from(
+        "#!/bin/busybox sh\n/bin/busybox --install -s\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
+         mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
+         mount -t tmpfs tmpfs /run\nmount -t tmpfs tmpfs /tmp\nmount -t bpf bpf /sys/fs/bpf\n\
+         mount -t cgroup2 cgroup2 /sys/fs/cgroup\nip link set lo up\n",
+    );
+    for m in mods {
+        let _ = writeln!(s, "insmod /m/{m}.ko || echo \"insmod {m} failed\"");
+    }
+    s += "echo \"ST8S-KERNEL $(uname -r)\"\ncd /t\nexport CARGO_TARGET_DIR=/t\n\
+          step() { name=$1; shift; t0=$(date +%s); \"$@\"; rc=$?; echo \"ST8S-STEP $name $rc $(( $(date +%s) - t0 ))\"; }\n";
+    s += "step fixtures /t/fixtures --test-threads 1\n";
+    s += "step lab-xdp-auto /t/debug/xtask lab --no-setup --wait 180\n";
+    s += "step lab-xdp-off-tc-forwards /t/debug/xtask lab --no-setup --wait 180 --xdp off\n";
+    if tcx {
+        s += "step lab-tc-netlink /t/debug/xtask lab --no-setup --wait 180 --agent-arg=--tc-attach=netlink\n";
+    }
+    s += "poweroff -f\n";
+    s
+}
+
+/// The lab's modules and their dependencies, dependencies first (from each file's
+/// `depends=` modinfo field; modules built into the kernel have no file and are skipped).
+fn module_order(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    for m in MODULES {
+        add_module(dir, m, &mut order, &mut seen)?;
+    }
+    Ok(order)
+}
+
+fn add_module(
+    dir: &Path,
+    name: &str,
+    order: &mut Vec<String>,
+    seen: &mut BTreeSet<String>,
+) -> anyhow::Result<()> {
+    if !seen.insert(name.to_owned()) {
+        return Ok(());
+    }
+    let Some(bytes) = module_bytes(dir, name)? else {
+        return Ok(());
+    };
+    for dep in module_deps(&bytes) {
+        add_module(dir, &dep, order, seen)?;
+    }
+    order.push(name.to_owned());
+    Ok(())
+}
+
+/// A module's file, uncompressed (Debian compresses them with xz from 6.x on), if it exists.
+fn module_bytes(dir: &Path, name: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    let mut stack = vec![dir.join("kernel")];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let file = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let stem = file.split(".ko").next().unwrap_or_default().replace('-', "_");
+            if stem != name.replace('-', "_") || !file.contains(".ko") {
+                continue;
+            }
+            return Ok(Some(match file.rsplit('.').next() {
+                Some("ko") => fs::read(&p)?,
+                Some("xz") => {
+                    Command::new("xz")
+                        .arg("-dc")
+                        .arg(&p)
+                        .output()
+                        .context("xz -dc")?
+                        .stdout
+                }
+                Some("zst") => {
+                    Command::new("zstd")
+                        .arg("-dc")
+                        .arg(&p)
+                        .output()
+                        .context("zstd -dc")?
+                        .stdout
+                }
+                _ => continue,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// The `depends=` field of a module's modinfo.
+fn module_deps(ko: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    let Some(at) = ko.windows(key.len()).position(|w| w == key) else {
+        return Vec::new();
+    };
+    let rest = &ko[at + key.len()..];
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Writes the initramfs (an uncompressed newc cpio archive, which the kernel unpacks itself).
+fn build_initrd(
+    path: &Path,
+    modules: &Path,
+    mods: &[String],
+    fixtures: &Path,
+    init: &str,
+) -> anyhow::Result<()> {
+    let mut files: Vec<(String, Vec<u8>, u32)> = Vec::new();
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .context("busybox is missing (Debian package busybox-static)")?;
+    files.push(("bin/busybox".into(), fs::read(busybox)?, 0o755));
+    files.push(("init".into(), init.as_bytes().to_vec(), 0o755));
+    let mut binaries: Vec<(String, PathBuf)> = vec![
+        ("t/debug/st8s".into(), target_dir().join("debug/st8s")),
+        ("t/debug/xtask".into(), target_dir().join("debug/xtask")),
+        ("t/fixtures".into(), fixtures.to_owned()),
+    ];
+    for t in TOOLS {
+        binaries.push((t.trim_start_matches('/').into(), PathBuf::from(t)));
+    }
+    let mut libs = BTreeSet::new();
+    for (at, src) in &binaries {
+        files.push((at.clone(), stripped(src)?, 0o755));
+        libs.extend(shared_libraries(src)?);
+    }
+    for lib in libs {
+        let bytes = fs::read(&lib).with_context(|| format!("reading {lib}"))?;
+        files.push((lib.trim_start_matches('/').to_owned(), bytes, 0o755));
+    }
+    for m in mods {
+        if let Some(bytes) = module_bytes(modules, m)? {
+            files.push((format!("m/{m}.ko"), bytes, 0o644));
+        }
+    }
+    let dirs = [
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "tmp", "m", "t", "t/debug",
+        "etc", "var",
+    ];
+    let mut out = std::io::BufWriter::new(fs::File::create(path)?);
+    let mut ino = 1u32;
+    let mut made: BTreeSet<String> = BTreeSet::new();
+    for d in dirs {
+        cpio_entry(&mut out, ino, d, 0o040755, &[])?;
+        made.insert(d.to_owned());
+        ino += 1;
+    }
+    cpio_entry(&mut out, ino, "var/run", 0o120777, b"/run")?;
+    ino += 1;
+    for (name, bytes, mode) in &files {
+        // Parent directories first (library paths such as lib/x86_64-linux-gnu).
+        let mut parent = String::new();
+        for part in name
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map(|(_, p)| p.to_vec())
+            .unwrap_or_default()
+        {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(part);
+            if made.insert(parent.clone()) {
+                cpio_entry(&mut out, ino, &parent, 0o040755, &[])?;
+                ino += 1;
+            }
+        }
+        cpio_entry(&mut out, ino, name, 0o100000 | mode, bytes)?;
+        ino += 1;
+    }
+    cpio_entry(&mut out, 0, "TRAILER!!!", 0, &[])?;
+    out.flush()?;
+    Ok(())
+}
+
+/// One newc entry: header, name (NUL-terminated, padded to 4), data (padded to 4).
+fn cpio_entry(
+    out: &mut impl std::io::Write,
+    ino: u32,
+    name: &str,
+    mode: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
+    let header = format!(
+        "070701{ino:08x}{mode:08x}{:08x}{:08x}{nlink:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+        0,
+        0,
+        0,
+        data.len(),
+        0,
+        0,
+        0,
+        0,
+        name.len() + 1,
+        0
+    );
+    out.write_all(header.as_bytes())?;
+    out.write_all(name.as_bytes())?;
+    out.write_all(&[0])?;
+    let pad = |n: usize| (4 - n % 4) % 4;
+    out.write_all(&vec![0; pad(110 + name.len() + 1)])?;
+    out.write_all(data)?;
+    out.write_all(&vec![0; pad(data.len())])?;
+    Ok(())
+}
+
+/// A binary without its debug sections (the debug builds are mostly DWARF).
+fn stripped(src: &Path) -> anyhow::Result<Vec<u8>> {
+    let tmp = std::env::temp_dir().join(format!(
+        "st8s-vm-{}-{}",
+        std::process::id(),
+        src.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    crate::run(Command::new("objcopy").arg("--strip-debug").arg(src).arg(&tmp))
+        .with_context(|| format!("objcopy --strip-debug {}", src.display()))?;
+    let bytes = fs::read(&tmp)?;
+    let _ = fs::remove_file(&tmp);
+    Ok(bytes)
+}
+
+/// The shared libraries a binary loads, with the loader, as `ldd` resolves them here.
+fn shared_libraries(bin: &Path) -> anyhow::Result<Vec<String>> {
+    let out = Command::new("ldd").arg(bin).output().context("ldd")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(str::to_owned)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_sort_numerically_and_modinfo_names_dependencies() {
+        let mut names = [
+            "linux-image-6.1.0-10-cloud-amd64-unsigned".to_owned(),
+            "linux-image-6.1.0-9-cloud-amd64-unsigned".to_owned(),
+        ];
+        names.sort_by_key(|n| version_key(n));
+        assert!(names[1].contains("-10-"));
+        assert!(release_at_least("6.12.117+deb12-cloud-amd64", 6, 6));
+        assert!(!release_at_least("6.1.0-56-cloud-amd64", 6, 6));
+        let ko = b"\x7fELF...license=GPL\0depends=stp,llc\0intree=Y\0";
+        assert_eq!(module_deps(ko), ["stp", "llc"]);
+        assert!(module_deps(b"depends=\0").is_empty());
+    }
+
+    #[test]
+    fn steps_carry_the_attach_paths_the_lab_printed() {
+        let console = "ST8S-KERNEL 6.1.0\nST8S-STEP fixtures 0 53\nnode1 attach  xdp native  tc netlink\r\nnode2 attach  xdp native  tc netlink\nST8S-STEP lab-xdp-auto 0 38\nST8S-STEP lab-x 1 2\n";
+        let steps = parse_steps(console);
+        assert_eq!(steps.len(), 3);
+        assert_eq!((steps[0].attach.as_str(), steps[0].status), ("", 0));
+        assert_eq!(steps[1].attach, "xdp native tc netlink");
+        assert_eq!((steps[2].attach.as_str(), steps[2].status), ("", 1));
+    }
+
+    #[test]
+    fn cpio_entries_are_newc_and_four_byte_aligned() {
+        let mut out = Vec::new();
+        cpio_entry(&mut out, 1, "init", 0o100755, b"#!/bin/sh\n").expect("write");
+        assert!(out.starts_with(b"070701"));
+        assert_eq!(out.len() % 4, 0);
+        assert_eq!(&out[110..115], b"init\0");
+    }
+}
