@@ -239,6 +239,8 @@ pub struct Lab {
     agent_cgroup: BTreeMap<usize, String>,
     /// Extra arguments for every agent started from now on.
     agent_args: Vec<String>,
+    /// Pods written with a `deletionTimestamp` (deleted, still Ready, in their grace period).
+    terminating: Vec<String>,
 }
 
 /// The lab's cgroup v2 directory name for a lab id (`<pid>-<n>`).
@@ -380,6 +382,7 @@ impl Lab {
             cgroup_root: None,
             agent_cgroup: BTreeMap::new(),
             agent_args: Vec::new(),
+            terminating: Vec::new(),
         };
         lab.build().context("building the lab network")?;
         Ok(lab)
@@ -718,6 +721,7 @@ impl Lab {
         let _ = pod.server.wait();
         let _ = ip(&["-n", self.node_ns(pod.spec.node), "link", "del", &pod.node_if]);
         self.netns.retain(|n| *n != pod.ns);
+        self.terminating.retain(|n| n != name);
         kill_netns_processes(&pod.ns);
         ip(&["netns", "del", &pod.ns])
     }
@@ -728,6 +732,12 @@ impl Lab {
         if !ready {
             self.unready.push(name.to_owned());
         }
+    }
+
+    /// Marks a running pod as deleted (a `deletionTimestamp`, as a rolling update's delete sets
+    /// it) while it stays Ready, in its grace period.
+    pub fn set_terminating(&mut self, name: &str) {
+        self.terminating.push(name.to_owned());
     }
 
     pub fn pod_ip(&self, name: &str) -> Option<Ipv4Addr> {
@@ -760,9 +770,14 @@ impl Lab {
                     ports.join(",")
                 )
             };
+            let deleted = if self.terminating.contains(&pod.spec.name) {
+                "    deletionTimestamp: \"2026-01-01T00:00:00Z\"\n"
+            } else {
+                ""
+            };
             let _ = write!(
                 y,
-                "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: {}\n    namespace: {NAMESPACE}\n{annotations}  spec:\n    nodeName: {}\n    containers:\n    - name: server\n      ports:\n",
+                "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: {}\n    namespace: {NAMESPACE}\n{deleted}{annotations}  spec:\n    nodeName: {}\n    containers:\n    - name: server\n      ports:\n",
                 pod.spec.name,
                 node_name(pod.spec.node)
             );

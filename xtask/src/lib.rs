@@ -1,6 +1,7 @@
 //! st8s developer tasks, as a library so that the integration tests share the lab.
 
 pub mod apiserver;
+pub mod arm64;
 pub mod backend;
 pub mod bench;
 pub mod deploy;

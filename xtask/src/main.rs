@@ -26,6 +26,10 @@ enum Task {
     Build {
         #[arg(long)]
         release: bool,
+        /// Also build st8s for arm64, and lay both out for deploy/Containerfile:
+        /// target/image/amd64/st8s and target/image/arm64/st8s.
+        #[arg(long)]
+        image: bool,
     },
     /// Clippy in two passes (host crates, then the kernel programs) and rustfmt, all as errors.
     Lint,
@@ -61,6 +65,9 @@ enum Task {
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
     },
+    /// arm64: the core's unit tests for aarch64 under qemu-user, and the agent built for
+    /// aarch64, run under emulation.
+    Arm64,
     /// The kernel matrix: boot Debian's kernels (6.1, 6.12) under QEMU and run, inside each, the
     /// BPF_PROG_TEST_RUN fixtures and the lab on every attach path. Reports per kernel.
     Kernels {
@@ -122,7 +129,13 @@ fn main() -> anyhow::Result<()> {
     match cli.task {
         Task::Setup => setup::setup(),
         Task::BuildEbpf => setup::build_ebpf(),
-        Task::Build { release } => build(release),
+        Task::Build { release, image } => {
+            build(release)?;
+            if image {
+                image_binaries(release)?;
+            }
+            Ok(())
+        }
         Task::Lint => lint(),
         Task::Fmt => fmt(false),
         Task::Lab(args) if args.down || args.no_setup => lab_cmd::run(args),
@@ -130,6 +143,11 @@ fn main() -> anyhow::Result<()> {
             setup::setup()?;
             build(false)?;
             lab_cmd::run(args)
+        }
+        Task::Arm64 => {
+            setup::setup()?;
+            build(false)?;
+            xtask::arm64::check()
         }
         Task::Kernels { kernel } => {
             setup::setup()?;
@@ -167,6 +185,9 @@ fn main() -> anyhow::Result<()> {
             // The tests that measure something (failover, churn, discovery, dns) print it.
             cmd.arg("--").arg("--show-output").args(&cargo_args);
             run(&mut cmd)?;
+            if cargo_args.is_empty() {
+                xtask::arm64::check()?;
+            }
             if !no_kernels && cargo_args.is_empty() {
                 progress("the kernel matrix: Debian's 6.1 and 6.12 under QEMU, one after the other");
                 xtask::vm::run("all", &fixtures_binary()?)?;
@@ -261,6 +282,37 @@ fn build(release: bool) -> anyhow::Result<()> {
         cmd.arg("--release");
     }
     run(&mut cmd).context("building st8s")
+}
+
+/// st8s for both image architectures, where deploy/Containerfile takes them (by TARGETARCH).
+fn image_binaries(release: bool) -> anyhow::Result<()> {
+    let profile = if release { "release" } else { "debug" };
+    progress(&format!("building st8s for {} too", setup::ARM64));
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "-p",
+        "st8s-userspace",
+        "--bin",
+        "st8s",
+        "--target",
+        setup::ARM64,
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd).context("building st8s for arm64")?;
+    let target = xtask::target_dir();
+    for (arch, from) in [
+        ("amd64", target.join(profile).join("st8s")),
+        ("arm64", target.join(setup::ARM64).join(profile).join("st8s")),
+    ] {
+        let dir = target.join("image").join(arch);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(&from, dir.join("st8s")).with_context(|| format!("copying {}", from.display()))?;
+    }
+    progress("target/image/amd64/st8s and target/image/arm64/st8s are ready for deploy/Containerfile");
+    Ok(())
 }
 
 fn fmt(check: bool) -> anyhow::Result<()> {

@@ -35,6 +35,9 @@ const PACKAGES: &[(&str, &str)] = &[
     // The kernel matrix: Debian's kernels booted under QEMU with a busybox initramfs.
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", "busybox"),
+    // arm64: the cross linker (and C compiler, for ring) and user-mode emulation for the tests.
+    ("gcc-aarch64-linux-gnu", "aarch64-linux-gnu-gcc"),
+    ("qemu-user-static", "qemu-aarch64-static"),
 ];
 /// Needed to build bpf-linker against the LLVM that matches the nightly.
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
@@ -137,6 +140,19 @@ fn ensure_rust_src(tc: &str) -> anyhow::Result<()> {
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", tc]))
 }
 
+/// The Rust target of arm64 boards (Raspberry Pi and the like), for the stable toolchain.
+pub const ARM64: &str = "aarch64-unknown-linux-gnu";
+
+fn ensure_arm64_target() -> anyhow::Result<()> {
+    let sysroot = Command::new("rustc").args(["--print", "sysroot"]).output()?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    if sysroot.join("lib/rustlib").join(ARM64).is_dir() {
+        return Ok(());
+    }
+    progress(&format!("adding the Rust target {ARM64}"));
+    run(Command::new("rustup").args(["target", "add", ARM64]))
+}
+
 fn ensure_bpf_linker() -> anyhow::Result<()> {
     if have("bpf-linker") || cargo_bin("bpf-linker").is_file() {
         return Ok(());
@@ -165,6 +181,7 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 pub fn setup() -> anyhow::Result<()> {
     let tc = nightly()?;
     ensure_rust_src(&tc)?;
+    ensure_arm64_target()?;
     ensure_bpf_linker()?;
     let missing: Vec<&str> = PACKAGES
         .iter()

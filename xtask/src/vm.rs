@@ -175,9 +175,10 @@ fn fetch(k: &Kernel) -> anyhow::Result<PathBuf> {
     let debs = target_dir().join("vm/debs");
     fs::create_dir_all(&debs)?;
     crate::run(
+        // As root into target/: apt's `_apt` sandbox user may not write there (it only warns).
         Command::new("apt-get")
             .current_dir(&debs)
-            .args(["download", &pkg]),
+            .args(["-o", "APT::Sandbox::User=root", "download", &pkg]),
     )
     .with_context(|| format!("apt-get download {pkg}"))?;
     let deb = fs::read_dir(&debs)?

@@ -6,7 +6,7 @@
 #![cfg(feature = "privileged")]
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, TcpStream},
     path::PathBuf,
@@ -1556,8 +1556,10 @@ fn dns_query() -> String {
 }
 
 /// Issue 8, backend churn under load: a rolling restart of the web pods while a client keeps
-/// opening connections through node3. A draining pod keeps its established connection until it
-/// is gone, new connections go elsewhere, and no new request fails. Then the DNS pod that a
+/// opening connections through node3, one pod turning NotReady first, the other deleted while
+/// still Ready (issue 15: a `deletionTimestamp`, as a DaemonSet rolling update deletes pods). A
+/// draining pod keeps its established connection until it is gone, new connections go
+/// elsewhere, and no new request fails. Then the DNS pod that a
 /// client's fixed source port is stuck on goes away: the next queries reach the other pod
 /// within one sync, instead of the stale-conntrack blackhole of UDP hostPorts.
 #[test]
@@ -1577,12 +1579,26 @@ fn a_rolling_restart_under_load_fails_no_new_request() {
         ],
     );
     let node3 = node_addr(3);
-    let mut conn = in_netns(lab.client_ns(), move || TcpStream::connect((node3, 80)))
-        .expect("netns")
-        .expect("keep-alive connection");
-    conn.set_read_timeout(Some(Duration::from_secs(2)))
-        .expect("timeout");
-    let kept = keepalive_get(&mut conn).expect("first request on the kept connection");
+    // A kept connection to each web pod (new connections spread by Maglev; bounded tries).
+    let mut kept: BTreeMap<String, TcpStream> = BTreeMap::new();
+    for _ in 0..64 {
+        if kept.len() == 2 {
+            break;
+        }
+        let mut conn = in_netns(lab.client_ns(), move || TcpStream::connect((node3, 80)))
+            .expect("netns")
+            .expect("keep-alive connection");
+        conn.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let pod = keepalive_get(&mut conn).expect("first request on a kept connection");
+        kept.entry(pod).or_insert(conn);
+    }
+    assert_eq!(
+        kept.len(),
+        2,
+        "a kept connection to each web pod: {:?}",
+        kept.keys()
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
@@ -1601,19 +1617,34 @@ fn a_rolling_restart_under_load_fails_no_new_request() {
         })
     };
 
+    // web-a turns NotReady first; web-b is rolled as a DaemonSet update really does it (issue
+    // 15): deleted while still Ready (the API sets its deletionTimestamp; the kubelet sends
+    // SIGTERM and waits out the grace period), gone after it, then its replacement turns Ready.
     for (old, new, node) in [("web-a", "web-a2", 1), ("web-b", "web-b2", 2)] {
-        // Draining: NotReady, still running.
-        lab.set_ready(old, false);
+        // Draining: NotReady, or deleted in its grace period; still running.
+        if old == "web-a" {
+            lab.set_ready(old, false);
+        } else {
+            lab.set_terminating(old);
+        }
         lab.write_cluster().expect("cluster file");
         lab.wait_synced(SYNC).expect("draining programmed");
-        if kept == format!("lab/{old}") {
-            for i in 0..10 {
-                assert_eq!(
-                    keepalive_get(&mut conn).as_deref(),
-                    Some(kept.as_str()),
-                    "request {i} on the connection to draining {old}"
-                );
-            }
+        let pod = format!("lab/{old}");
+        // No new connection goes to the draining pod, though it still serves.
+        for i in 0..10 {
+            let answer = lab.http(3, 80);
+            assert!(
+                answer.ok && answer.pod.as_deref() != Some(pod.as_str()),
+                "new connection {i} while {old} drains: {answer:?}"
+            );
+        }
+        let conn = kept.get_mut(&pod).expect("a kept connection");
+        for i in 0..10 {
+            assert_eq!(
+                keepalive_get(conn).as_deref(),
+                Some(pod.as_str()),
+                "request {i} on the connection to draining {old}"
+            );
         }
         std::thread::sleep(Duration::from_millis(300));
         // Gone, and replaced by a new pod that is Ready once it serves.
@@ -1633,7 +1664,7 @@ fn a_rolling_restart_under_load_fails_no_new_request() {
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.join().expect("load thread");
     println!(
-        "rolling restart of 2 backends under load: {ok} new connections served, {} failed; the kept connection to {kept} served until its pod left",
+        "rolling restart of 2 backends under load (one NotReady first, one deleted while Ready): {ok} new connections served, {} failed; the kept connection to each served until its pod left",
         failed.len()
     );
     assert!(ok > 20, "the load loop ran: {ok}");
