@@ -75,13 +75,15 @@ pub const LAYOUT_VERSION: u16 = 1;
 
 /// Steered (port, protocol) pairs at most. A home cluster exposes a handful.
 pub const MAX_PORTS: u32 = 64;
-/// Backends (nodes owning a backend pod) per steered port at most: a cluster this large running
-/// its ingress as a DaemonSet lists every node. Maglev rows index backends with a `u8`, so at most
-/// 255; 4093 slots still give each of 64 backends about 64 slots.
-pub const MAX_BACKENDS: u32 = 64;
-/// Maglev lookup-table size: prime, and > 100x a typical home cluster's backends per port, which
-/// keeps the share of flows that move when one backend changes near 1/N (Maglev paper, sec. 5.3).
-pub const MAGLEV_SIZE: usize = 4093;
+/// Backends (nodes owning a backend pod) per steered port at most: as many as a cluster has
+/// nodes, so an ingress run as a DaemonSet lists every node. Maglev rows index backends with a
+/// `u8` (0..=255).
+pub const MAX_BACKENDS: u32 = MAX_NODES;
+/// Maglev lookup-table size: prime, and at least 100x the backends a port can have (25,601 >=
+/// 100 x 256), the rule of Maglev (paper, sec. 5.3: M > 100 N keeps each backend's share within
+/// about 1 % of 1/N) and of Katran's default ring (65,537 for its backends). 128 rows of it are
+/// 3.3 MB of map memory.
+pub const MAGLEV_SIZE: usize = 25_601;
 /// Each port has two banks of backends and Maglev rows: the agent fills the idle bank, then flips
 /// `PortInfo::bank` with one map write, so a packet never sees a half-written table.
 pub const BANKS: u32 = 2;
@@ -178,20 +180,22 @@ impl PortKey {
 pub struct PortInfo {
     /// Index of this port in the counters and, with `bank`, in the backend and Maglev tables.
     pub slot: u16,
-    /// Which of the two banks is live.
-    pub bank: u8,
-    /// Number of valid entries in the live backend bank; 0 means "pass to the stack".
-    pub backend_count: u8,
+    /// Number of valid entries in the live backend bank (up to `MAX_BACKENDS`, 256: a `u16`);
+    /// 0 means "pass to the stack".
+    pub backend_count: u16,
     /// The backend pod on this node: address, containerPort and the interface its network hangs
     /// off. Valid when `has_local` is 1.
     pub local_addr_be: u32,
     pub local_ifindex: u32,
     pub local_port_be: u16,
+    /// Which of the two banks is live.
+    pub bank: u8,
     pub has_local: u8,
     /// `PORT_*` bits.
     pub flags: u8,
+    pub _pad: [u8; 3],
 }
-assert_size!(PortInfo, 16);
+assert_size!(PortInfo, 20);
 
 /// `PortInfo::flags`: the local backend pod is draining (NotReady or terminating): its
 /// established flows keep reaching it, new flows go elsewhere.
@@ -225,15 +229,15 @@ assert_size!(Backend, 12);
 #[derive(Clone, Copy, Debug)]
 pub struct MaglevRow {
     pub slots: [u8; MAGLEV_SIZE],
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 7],
 }
-assert_size!(MaglevRow, 4096);
+assert_size!(MaglevRow, 25_608);
 
 impl Default for MaglevRow {
     fn default() -> Self {
         Self {
             slots: [0; MAGLEV_SIZE],
-            _pad: [0; 3],
+            _pad: [0; 7],
         }
     }
 }

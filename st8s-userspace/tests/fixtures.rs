@@ -413,6 +413,36 @@ fn xdp_forwards_a_remote_flow_with_only_the_macs_rewritten() {
     assert_eq!(dp.counters(0).forwarded, 1);
 }
 
+/// Issue 15, scale: a port holds as many backends as a cluster has nodes (256). Every one of
+/// them is reachable through the Maglev row, the last (index 255) included, in XDP and in TC.
+#[test]
+fn a_port_with_a_backend_on_each_of_256_nodes_forwards_to_any_of_them() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    let addrs: Vec<String> = (0..256)
+        .map(|i| format!("10.0.{}.{}", 1 + i / 250, 1 + i % 250))
+        .collect();
+    let mac = |i: usize| [2, 0, 0, 0, (i >> 8) as u8, i as u8];
+    let backends: Vec<(&str, [u8; 6], bool)> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.as_str(), mac(i), false))
+        .collect();
+    for last in [0u8, 255] {
+        dp.port(80, PROTO_TCP, &backends, last, false);
+        // A new flow each time (another client port): it takes the row.
+        let mut f = client_tcp(SELF, 80);
+        f.sport = 41000 + u16::from(last);
+        let (verdict, out) = dp.run_xdp(&f.wire());
+        assert_eq!(verdict, XDP_TX, "backend {last}");
+        assert_eq!(&out[0..6], &mac(usize::from(last)), "to backend {last}");
+    }
+    let mut tc = Dp::new(CONFIG_PREFER_LOCAL);
+    tc.port(80, PROTO_TCP, &backends, 255, false);
+    let (verdict, out) = tc.run_tc(program_names::UPLINK_TC, &client_tcp(SELF, 80).wire());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &mac(255));
+}
+
 /// 4b with XDP off: the TC program forwards instead (TC fallback on NICs without native XDP).
 #[test]
 fn tc_forwards_a_remote_flow_when_xdp_is_off() {

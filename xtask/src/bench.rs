@@ -952,6 +952,10 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
     let local = frame(client, 40000, me, 81, TCP_ACK);
     let local_syn = frame(client, 40000, me, 81, TCP_SYN);
     let other = frame(client, 40000, me, 22, TCP_ACK);
+    let three_syn = frame(client, 40000, me, 82, TCP_SYN);
+    let many_syn = frame(client, 40000, me, 83, TCP_SYN);
+    let three = frame(client, 40000, me, 82, TCP_ACK);
+    let many = frame(client, 40000, me, 83, TCP_ACK);
     let reply = frame("10.244.1.5".parse()?, 8080, "10.0.0.100", 40000, TCP_ACK);
 
     let xdp = |n: &str| -> anyhow::Result<&Xdp> { Ok(ebpf.program(n).context("program")?.try_into()?) };
@@ -985,6 +989,10 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
             7,
         ),
         ("pod TC, reply", verdict(tc(pn::POD_TC)?, &reply)?, 7),
+        ("3 backends, SYN", verdict(xdp(pn::UPLINK_XDP)?, &three_syn)?, 3),
+        ("256 backends, SYN", verdict(xdp(pn::UPLINK_XDP)?, &many_syn)?, 3),
+        ("3 backends", verdict(xdp(pn::UPLINK_XDP)?, &three)?, 3),
+        ("256 backends", verdict(xdp(pn::UPLINK_XDP)?, &many)?, 3),
     ] {
         if got != want {
             bail!("per-packet bench: {what} returned {got}, not {want}: the row would measure another path");
@@ -1018,6 +1026,22 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
         (
             "pod TC, reply (SNAT + redirect)",
             pair(tc(pn::POD_TC)?, tc(pn::PARSE_ONLY_TC)?, &reply)?,
+        ),
+        (
+            "uplink XDP, forwarded SYN, port with 3 backends",
+            pair(xdp(pn::UPLINK_XDP)?, xdp(pn::PARSE_ONLY_XDP)?, &three_syn)?,
+        ),
+        (
+            "uplink XDP, forwarded SYN, port with 256 backends",
+            pair(xdp(pn::UPLINK_XDP)?, xdp(pn::PARSE_ONLY_XDP)?, &many_syn)?,
+        ),
+        (
+            "uplink XDP, forwarded flow, port with 3 backends",
+            pair(xdp(pn::UPLINK_XDP)?, xdp(pn::PARSE_ONLY_XDP)?, &three)?,
+        ),
+        (
+            "uplink XDP, forwarded flow, port with 256 backends",
+            pair(xdp(pn::UPLINK_XDP)?, xdp(pn::PARSE_ONLY_XDP)?, &many)?,
         ),
     ];
     per_packet_report(report, misses, rows);
@@ -1088,6 +1112,35 @@ fn per_packet_table(ebpf: &mut aya::Ebpf, me: &str) -> anyhow::Result<()> {
             flags: 0,
         },
     )?;
+    // Ports 82 and 83: remote, with 3 and with 256 backends (the most a port holds), Maglev rows
+    // built by the agent's own code, every backend with this node's MAC (as port 80).
+    for (port, n) in [(82u16, 3usize), (83, 256)] {
+        let names: Vec<String> = (0..n).map(|i| format!("node{i:03}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        writer.write_port(
+            ebpf,
+            tcp(port),
+            PortContents {
+                backends: (0..n)
+                    .map(|i| Backend {
+                        node_addr_be: u32::from(Ipv4Addr::new(
+                            10,
+                            0,
+                            1 + (i / 250) as u8,
+                            1 + (i % 250) as u8,
+                        ))
+                        .to_be(),
+                        node_mac: self_mac,
+                        flags: 0,
+                        _pad: 0,
+                    })
+                    .collect(),
+                maglev: st8s::core::maglev::table(&refs, 7),
+                local: None,
+                flags: 0,
+            },
+        )?;
+    }
     // Port 81: local, with an identity translation (pod = this node, same port), so that every
     // repetition of the same packet takes the full local path (BPF_PROG_TEST_RUN reuses one
     // packet across repeats).
@@ -1133,7 +1186,7 @@ fn per_packet_table(ebpf: &mut aya::Ebpf, me: &str) -> anyhow::Result<()> {
 }
 
 /// The rows as a report section; rows over 1.5x their baseline (the reference aside) are misses.
-fn per_packet_report(report: &mut String, misses: &mut Vec<String>, rows: [(&str, (f64, f64, f64)); 7]) {
+fn per_packet_report(report: &mut String, misses: &mut Vec<String>, rows: [(&str, (f64, f64, f64)); 11]) {
     let _ = writeln!(report, "## Per-packet cost\n");
     let _ = writeln!(
         report,
@@ -1143,7 +1196,9 @@ fn per_packet_report(report: &mut String, misses: &mut Vec<String>, rows: [(&str
          translation, because test runs reuse one packet: every repeat then takes the full path, \
          less the port-checksum update that an identity port skips. For the same reason the forwarded \
          case's backend node has this node's MAC. Packets are established-flow \
-         TCP segments (ACK) unless the row says SYN.\n"
+         TCP segments (ACK) unless the row says SYN. The rows with 3 and with 256 backends (the most \
+         a port holds) compare a port's size on the same path: a new flow (SYN) picks its backend \
+         from the port's 25,601-entry Maglev row, an established one from the flow table.\n"
     );
     let _ = writeln!(
         report,

@@ -24,10 +24,12 @@ fn hash(name: &str, seed: u32, salt: u64) -> u64 {
 /// An empty backend list gives an all-zero table, which the programs never read (count is 0).
 pub fn table(backends: &[&str], seed: u32) -> Vec<u8> {
     let m = MAGLEV_SIZE as u64;
-    let mut out = vec![u8::MAX; MAGLEV_SIZE];
+    let mut out = vec![0u8; MAGLEV_SIZE];
     if backends.is_empty() {
-        return vec![0; MAGLEV_SIZE];
+        return out;
     }
+    // Which slots are taken (every index 0..=255 is a real backend, so none can mark "free").
+    let mut taken = vec![false; MAGLEV_SIZE];
     let perms: Vec<(u64, u64)> = backends
         .iter()
         .map(|b| (hash(b, seed, 0) % m, hash(b, seed, 0x5bd1_e995) % (m - 1) + 1))
@@ -37,10 +39,11 @@ pub fn table(backends: &[&str], seed: u32) -> Vec<u8> {
     'fill: loop {
         for (i, (offset, skip)) in perms.iter().enumerate() {
             let mut c = (offset + next[i] * skip) % m;
-            while out[c as usize] != u8::MAX {
+            while taken[c as usize] {
                 next[i] += 1;
                 c = (offset + next[i] * skip) % m;
             }
+            taken[c as usize] = true;
             out[c as usize] = i as u8;
             next[i] += 1;
             filled += 1;
@@ -92,6 +95,24 @@ mod tests {
         // Entries of surviving backends that changed owner: Maglev keeps this small.
         let frac = moved as f64 / MAGLEV_SIZE as f64;
         assert!(frac < 0.05, "{frac} of the table moved between survivors");
+    }
+
+    #[test]
+    fn the_largest_port_gives_each_of_256_backends_its_share() {
+        let names: Vec<String> = (0..256).map(|i| format!("node{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let t = table(&refs, 5);
+        let mut counts = [0usize; 256];
+        for &b in &t {
+            counts[b as usize] += 1;
+        }
+        let (min, max) = (
+            counts.iter().min().copied().unwrap_or(0),
+            counts.iter().max().copied().unwrap_or(0),
+        );
+        // Filled one slot per backend per turn: shares differ by one slot at most, and index 255
+        // is a backend like the others.
+        assert!(min >= MAGLEV_SIZE / 256 && max - min <= 1, "{min}..{max}");
     }
 
     #[test]

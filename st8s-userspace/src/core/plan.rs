@@ -654,30 +654,29 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_daemonset_on_twenty_nodes_lists_them_all_and_more_than_the_capacity_is_refused() {
+    fn a_daemonset_on_every_node_of_the_largest_cluster_lists_them_all() {
+        // Addresses for up to 65,535 nodes: 10.0.<i / 256>.<i % 256>.
+        let addr = |i: usize, net: u8| format!("10.{net}.{}.{}", i / 256, i % 256);
         let nodes = |n: usize| -> Vec<Node> {
             (1..=n)
-                .map(|i| node(&format!("node{i}"), &format!("10.0.1.{i}"), true))
+                .map(|i| node(&format!("node{i}"), &addr(i, 0), true))
                 .collect()
         };
         let pods = |n: usize| -> Vec<Pod> {
             (1..=n)
-                .map(|i| {
-                    pod(
-                        &format!("web{i}"),
-                        &format!("node{i}"),
-                        &format!("10.244.{i}.2"),
-                        &web(),
-                    )
-                })
+                .map(|i| pod(&format!("web{i}"), &format!("node{i}"), &addr(i, 244), &web()))
                 .collect()
         };
         let p = plan(&cluster(nodes(20), pods(20)), "node1").expect("plans");
         assert_eq!(p.desired.ports[&WEB_PORT].backends.len(), 20);
-        let max = MAX_BACKENDS as usize;
+        // A port holds as many backends as a cluster has nodes.
+        assert_eq!(MAX_BACKENDS, MAX_NODES);
+        let max = MAX_NODES as usize;
+        let p = plan(&cluster(nodes(max), pods(max)), "node1").expect("plans");
+        assert_eq!(p.desired.ports[&WEB_PORT].backends.len(), max);
         assert!(matches!(
             plan(&cluster(nodes(max + 1), pods(max + 1)), "node1"),
-            Err(PlanError::TooManyBackends { count, .. }) if count == max + 1
+            Err(PlanError::TooManyNodes { count, .. }) if count == max + 1
         ));
     }
 

@@ -244,12 +244,13 @@ impl MapWriter {
         let info = PortInfo {
             slot,
             bank,
-            backend_count: contents.backends.len() as u8,
+            backend_count: contents.backends.len() as u16,
             local_addr_be: local.map_or(0, |l| u32::from(l.addr).to_be()),
             local_ifindex: local.map_or(0, |l| l.ifindex),
             local_port_be: local.map_or(0, |l| l.port.to_be()),
             has_local: u8::from(local.is_some()),
             flags: contents.flags,
+            _pad: [0; 3],
         };
         {
             let mut m: Array<_, Backend> = Array::try_from(map_mut(ebpf, map_names::BACKENDS)?)?;
