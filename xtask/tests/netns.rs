@@ -2151,3 +2151,45 @@ fn a_lan_device_announced_by_mdns_is_answered_under_its_zone() {
     drop(lab);
     let _ = std::fs::remove_file(&kubeconfig);
 }
+
+/// Issue 15, bad input: a local pod the agent finds no path to (a CNI shape it does not know;
+/// here a pod address with no route on its node) is named once in the log, its port is left to
+/// the kernel on that node, and every other port is steered as before; the agent stays ready.
+#[test]
+fn a_pod_without_a_path_is_named_and_the_rest_is_steered() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = lab(true);
+    lab.add_pod(PodSpec::web("web-node1", 1)).expect("pod");
+    let ghost = "- apiVersion: v1\n  kind: Pod\n  metadata:\n    name: ghost\n    namespace: lab\n  spec:\n    nodeName: node1\n    containers:\n    - name: server\n      ports:\n      - containerPort: 8081\n        hostPort: 8081\n        protocol: TCP\n  status:\n    podIP: 10.99.0.9\n    conditions:\n    - type: Ready\n      status: \"True\"\n";
+    lab.write_raw(&(lab.cluster_yaml() + ghost))
+        .expect("cluster file");
+    lab.start_agents().expect("agents");
+    for n in 1..=3 {
+        lab.wait_ready(n, SYNC)
+            .expect("ready despite the unreachable pod");
+    }
+    lab.wait_table(1, SYNC, |s| s.ports.len() == 2)
+        .expect("both ports programmed");
+    assert_eq!(
+        lab.http(1, 80).pod.as_deref(),
+        Some("lab/web-node1"),
+        "local, steered"
+    );
+    let forwarded = lab.http(3, 80);
+    assert_eq!(
+        forwarded.pod.as_deref(),
+        Some("lab/web-node1"),
+        "forwarded: {forwarded:?}"
+    );
+    assert_eq!(forwarded.client_ip(), Some(CLIENT_ADDR));
+    let log = std::fs::read_to_string(lab.agent_log(1)).unwrap_or_default();
+    assert!(
+        log.contains("cannot deliver to this pod here") && log.contains("lab/ghost"),
+        "the pod is named:\n{log}"
+    );
+    assert_eq!(
+        log.matches("cannot deliver to this pod here").count(),
+        1,
+        "said once, not on every retry"
+    );
+}

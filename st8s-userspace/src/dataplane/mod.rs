@@ -165,6 +165,8 @@ pub struct BpfDataplane {
     socket_cgroup: Option<PathBuf>,
     /// Pod-network devices already reported as having no L2 path (said once each).
     no_l2_path: BTreeSet<String>,
+    /// Pods already reported as out of reach (said once each, again after they recover).
+    undeliverable: BTreeSet<String>,
 }
 
 impl BpfDataplane {
@@ -220,6 +222,7 @@ impl BpfDataplane {
             writer,
             socket_cgroup: None,
             no_l2_path: BTreeSet::new(),
+            undeliverable: BTreeSet::new(),
         };
         Ok((dp, fates))
     }
@@ -435,16 +438,37 @@ impl BpfDataplane {
         let mut report = ApplyReport::default();
         // Everything that can fail because of the node's network is resolved before the first
         // write, so that a missing pod route leaves the maps as they were.
+        // A pod whose path the agent cannot find (a CNI shape it does not know, a missing route)
+        // is said once, by name; its port is left to the kernel on this node (the hostPort's own
+        // DNAT, as without st8s) and every other port is steered.
         let mut pod_links = BTreeMap::new();
         for (id, plan) in &desired.ports {
-            if let Some(local) = &plan.local {
-                pod_links.insert(*id, self.pod_link(local.addr)?);
+            let Some(local) = &plan.local else { continue };
+            match self.pod_link(local.addr) {
+                Ok(link) => {
+                    self.undeliverable.remove(&local.pod);
+                    pod_links.insert(*id, link);
+                }
+                Err(e) => {
+                    if self.undeliverable.insert(local.pod.clone()) {
+                        warn!(
+                            pod = %local.pod,
+                            port = %id,
+                            error = %format!("{e:#}"),
+                            "cannot deliver to this pod here: its port is left to the kernel on this node; the other ports are steered"
+                        );
+                    }
+                    report.undeliverable.push(local.pod.clone());
+                    report.retry = true;
+                }
             }
         }
         let mut discovery_links = BTreeMap::new();
         for (id, plan) in &desired.ports {
             if let Some(local) = plan.local.as_ref().filter(|l| l.discovery) {
-                let (dev, ifindex) = &pod_links[id];
+                let Some((dev, ifindex)) = pod_links.get(id) else {
+                    continue;
+                };
                 if !net::is_ethernet(dev) {
                     if self.no_l2_path.insert(dev.clone()) {
                         warn!(
@@ -486,10 +510,13 @@ impl BpfDataplane {
             let contents = PortContents {
                 backends: t.backends,
                 maglev: t.maglev,
-                local: t.local.map(|(addr, port)| LocalPod {
-                    addr,
-                    port,
-                    ifindex: pod_links.get(id).map_or(0, |(_, i)| *i),
+                local: t.local.and_then(|(addr, port)| {
+                    let (_, ifindex) = pod_links.get(id)?;
+                    Some(LocalPod {
+                        addr,
+                        port,
+                        ifindex: *ifindex,
+                    })
                 }),
                 flags: if plan.local.as_ref().is_some_and(|l| l.draining) {
                     PORT_LOCAL_DRAINING
@@ -728,9 +755,11 @@ pub struct ApplyReport {
     pub writes: usize,
     pub ports_changed: usize,
     pub unresolved: BTreeSet<String>,
-    /// Something was programmed provisionally (a discovery pod's link not learned yet): apply
-    /// again on the next tick.
+    /// Something was programmed provisionally (a discovery pod's link not learned yet, a pod
+    /// out of reach): apply again on the next tick.
     pub retry: bool,
+    /// Local pods the agent found no path to (their ports are left to the kernel here).
+    pub undeliverable: Vec<String>,
 }
 
 /// Opens a pinned map read-only for `st8s inspect`.
