@@ -15,6 +15,26 @@ const CLUSTER: &str = "apiVersion: v1\nkind: List\nitems:\n\
 - {apiVersion: v1, kind: Node, metadata: {name: pi2}, status: {addresses: [{type: InternalIP, address: 192.168.1.22}], conditions: [{type: Ready, status: \"True\"}]}}\n\
 - {apiVersion: v1, kind: Pod, metadata: {name: traefik, namespace: ingress}, spec: {nodeName: pi1, containers: [{name: t, ports: [{containerPort: 8443, hostPort: 443}]}]}, status: {podIP: 10.42.0.5, conditions: [{type: Ready, status: \"True\"}]}}\n";
 
+/// Cross-builds st8s for arm64 (debug, or release); where the binary is.
+pub fn build(release: bool) -> anyhow::Result<std::path::PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "-p",
+        "st8s-userspace",
+        "--bin",
+        "st8s",
+        "--target",
+        ARM64,
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd).context("building st8s for arm64")?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(target_dir().join(ARM64).join(profile).join("st8s"))
+}
+
 /// The core's unit tests for aarch64 under emulation, then the agent binary built for it, checked
 /// to be an AArch64 executable that carries its kernel programs, and run: `st8s plan` on a small
 /// cluster, whose answer is compared with the same plan on this machine.
@@ -35,17 +55,7 @@ pub fn check() -> anyhow::Result<()> {
     ]))
     .context("the core's tests on arm64")?;
     progress(&format!("arm64: the st8s binary for {ARM64}"));
-    run(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "-p",
-        "st8s-userspace",
-        "--bin",
-        "st8s",
-        "--target",
-        ARM64,
-    ]))
-    .context("building st8s for arm64")?;
-    let bin = target_dir().join(ARM64).join("debug/st8s");
+    let bin = build(false)?;
     let elf = std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
     // e_machine (offset 18, little-endian): 183 is EM_AARCH64.
     anyhow::ensure!(

@@ -288,25 +288,9 @@ fn build(release: bool) -> anyhow::Result<()> {
 fn image_binaries(release: bool) -> anyhow::Result<()> {
     let profile = if release { "release" } else { "debug" };
     progress(&format!("building st8s for {} too", setup::ARM64));
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(workspace_root()).args([
-        "build",
-        "-p",
-        "st8s-userspace",
-        "--bin",
-        "st8s",
-        "--target",
-        setup::ARM64,
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    run(&mut cmd).context("building st8s for arm64")?;
+    let arm64 = xtask::arm64::build(release)?;
     let target = xtask::target_dir();
-    for (arch, from) in [
-        ("amd64", target.join(profile).join("st8s")),
-        ("arm64", target.join(setup::ARM64).join(profile).join("st8s")),
-    ] {
+    for (arch, from) in [("amd64", target.join(profile).join("st8s")), ("arm64", arm64)] {
         let dir = target.join("image").join(arch);
         std::fs::create_dir_all(&dir)?;
         std::fs::copy(&from, dir.join("st8s")).with_context(|| format!("copying {}", from.display()))?;
