@@ -70,8 +70,7 @@ pub enum XdpChoice {
 
 /// Whether the TC programs go in as netlink filters: chosen once at start, and said in the log.
 /// `tcx` on a kernel without TCX is refused here, before any map or link is touched.
-fn tc_netlink(choice: TcChoice) -> anyhow::Result<bool> {
-    let kernel = aya::util::KernelVersion::current().context("reading the kernel version")?;
+fn tc_netlink(choice: TcChoice, kernel: aya::util::KernelVersion) -> anyhow::Result<bool> {
     let netlink = tc_netlink_on(choice, kernel)?;
     if netlink {
         info!(%kernel, priority = NL_PRIORITY, handle = format!("{NL_HANDLE:#x}"), "TC programs attach as netlink filters (clsact, cls_bpf direct-action)");
@@ -209,7 +208,7 @@ impl BpfDataplane {
         if writer.config().is_some() {
             info!(ports = writer.ports().count(), "adopted the live table");
         }
-        let tc_netlink = tc_netlink(opts.tc)?;
+        let tc_netlink = tc_netlink(opts.tc, kernel)?;
         let dp = BpfDataplane {
             ebpf,
             opts,

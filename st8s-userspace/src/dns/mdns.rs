@@ -296,7 +296,8 @@ impl Hosts {
                 Data::Ptr(t) if r.name == SERVICES && r.ttl > 0 && out.service_types.len() < MAX_TYPES => {
                     out.service_types.push(t.clone());
                 }
-                Data::A(a) => match r.name.strip_suffix(".local").filter(|h| valid_label(h)) {
+                // Names arrive lowercased (`read_name`), as st8s publishes them.
+                Data::A(a) => match r.name.strip_suffix(".local").filter(|h| super::valid_label(h)) {
                     Some(h) if self.on_lan(*a) => by_host
                         .entry(h.to_owned())
                         .or_default()
@@ -464,15 +465,6 @@ impl Hosts {
             .map(|(n, h)| (n.clone(), h.addrs.keys().copied().collect()))
             .collect()
     }
-}
-
-/// A DNS label as a hostname may use it (RFC 1123): letters, digits and inner hyphens.
-pub fn valid_label(l: &str) -> bool {
-    !l.is_empty()
-        && l.len() <= 63
-        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        && !l.starts_with('-')
-        && !l.ends_with('-')
 }
 
 #[cfg(test)]

@@ -229,16 +229,18 @@ pub fn traefik_hosts(rule: &str) -> Vec<String> {
 /// RFC 1123 hostname, with an optional leading `*.` wildcard label.
 pub fn valid_hostname(h: &str) -> bool {
     let h = h.strip_prefix("*.").unwrap_or(h);
-    !h.is_empty()
-        && h.len() <= 253
-        && h.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
+    !h.is_empty() && h.len() <= 253 && h.split('.').all(valid_label)
+}
+
+/// One label of a hostname as st8s writes it (RFC 1123, lowercase): letters, digits and inner
+/// hyphens, at most 63.
+pub fn valid_label(l: &str) -> bool {
+    !l.is_empty()
+        && l.len() <= 63
+        && l.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !l.starts_with('-')
+        && !l.ends_with('-')
 }
 
 /// [`collect`] over YAML documents (`kubectl get ... -o yaml`, lists or several documents).
@@ -378,7 +380,7 @@ fn collect_mdns(objects: &Objects, cfg: &DnsConfig, now: Timestamp, input: &mut 
             }
         };
         for (host, addrs) in heard {
-            if !mdns::valid_label(&host) || host.bytes().any(|b| b.is_ascii_uppercase()) {
+            if !valid_label(&host) {
                 input.warnings.push(DnsWarning::MdnsInvalidHost {
                     node: node.clone(),
                     host,
