@@ -38,6 +38,9 @@ const PACKAGES: &[(&str, &str)] = &[
     // arm64: the cross linker (and C compiler, for ring) and user-mode emulation for the tests.
     ("gcc-aarch64-linux-gnu", "aarch64-linux-gnu-gcc"),
     ("qemu-user-static", "qemu-aarch64-static"),
+    // The kernel matrix's arm64 guest (its tools come from Debian's arm64 packages, which
+    // `ensure_arm64_packages` lets apt download).
+    ("qemu-system-arm", "qemu-system-aarch64"),
 ];
 /// Needed to build bpf-linker against the LLVM that matches the nightly.
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
@@ -153,6 +156,31 @@ fn ensure_arm64_target() -> anyhow::Result<()> {
     run(Command::new("rustup").args(["target", "add", ARM64]))
 }
 
+/// Lets apt download Debian's arm64 packages (the kernel matrix's arm64 guest runs their busybox,
+/// ip, curl and dig; nothing arm64 is installed on this machine).
+fn ensure_arm64_packages() -> anyhow::Result<()> {
+    let foreign = Command::new("dpkg")
+        .arg("--print-foreign-architectures")
+        .output()
+        .context("dpkg")?;
+    if String::from_utf8_lossy(&foreign.stdout)
+        .split_whitespace()
+        .any(|a| a == "arm64")
+    {
+        return Ok(());
+    }
+    progress("adding arm64 to dpkg's architectures, for the arm64 guest's packages");
+    let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
+    let cmd = |args: &[&str]| {
+        let all: Vec<&str> = sudo.iter().chain(args).copied().collect();
+        let mut c = Command::new(all[0]);
+        c.args(&all[1..]);
+        c
+    };
+    run(&mut cmd(&["dpkg", "--add-architecture", "arm64"])).context("dpkg --add-architecture arm64")?;
+    run(&mut cmd(&["apt-get", "update", "-qq"])).context("apt-get update (with arm64)")
+}
+
 fn ensure_bpf_linker() -> anyhow::Result<()> {
     if have("bpf-linker") || cargo_bin("bpf-linker").is_file() {
         return Ok(());
@@ -189,6 +217,7 @@ pub fn setup() -> anyhow::Result<()> {
         .map(|(p, _)| *p)
         .collect();
     apt_install(&missing)?;
+    ensure_arm64_packages()?;
     for (pkg, cmd) in PACKAGES {
         if !have(cmd) {
             bail!("`{cmd}` (Debian package {pkg}) is still missing after installing it");

@@ -1,10 +1,13 @@
 //! The kernel matrix: st8s on kernels other than this machine's, each booted under QEMU
-//! (software emulation: KVM does not work on these machines) with Debian's own kernel package.
+//! (software emulation: KVM does not work on these machines) with Debian's own kernel package,
+//! on x86_64 and on arm64 (QEMU's `virt` board with a Cortex-A72, the Raspberry Pi 4's core).
 //!
 //! Per kernel, an initramfs holds busybox, the st8s and xtask binaries, the fixtures test binary,
 //! the tools the lab drives (ip, nsenter, ethtool, curl, dig) with their libraries, and the
-//! kernel modules the lab needs (veth, bridge, clsact, cls_bpf). Its /init runs, one step after
-//! the other, and reports each as `ST8S-STEP <name> <exit status> <seconds>`:
+//! kernel modules the lab needs (veth, bridge, clsact, cls_bpf). On x86_64 the tools are this
+//! machine's; on arm64 the binaries are cross-built and the tools come from Debian's arm64
+//! packages (downloaded, unpacked under `target/vm/arm64-root`, never installed). Its /init
+//! runs, one step after the other, and reports each as `ST8S-STEP <name> <exit status> <seconds>`:
 //! - the BPF_PROG_TEST_RUN fixtures through the verifier-loaded programs;
 //! - the lab (three nodes, pods, a client; local and forwarded, TCP and UDP) on every attach
 //!   path: XDP native with the kernel's own TC path (`auto`: netlink filters before 6.6, TCX
@@ -22,25 +25,82 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{progress, target_dir};
+use crate::{progress, setup::ARM64, target_dir, workspace_root};
 
-/// A kernel of the matrix: a name, and the Debian package (a pattern for `apt-cache search
-/// --names-only`; the newest match is taken).
+/// The machine a kernel runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    /// The QEMU system emulator and its board: the x86_64 default PC, or arm64's `virt` board
+    /// with a Cortex-A72 (the Raspberry Pi 4's core; `max` would also emulate SVE and pointer
+    /// authentication, which only slows the emulation down).
+    fn qemu(self) -> (&'static str, &'static [&'static str], &'static str) {
+        match self {
+            Arch::Amd64 => ("qemu-system-x86_64", &[], "qemu-system-x86"),
+            Arch::Arm64 => (
+                "qemu-system-aarch64",
+                &["-M", "virt", "-cpu", "cortex-a72"],
+                "qemu-system-arm",
+            ),
+        }
+    }
+
+    /// The serial console: the PC's UART, or the `virt` board's PL011.
+    fn console(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "ttyS0",
+            Arch::Arm64 => "ttyAMA0",
+        }
+    }
+
+    /// An objcopy that reads this architecture's ELF files (Debian's x86_64 binutils does not
+    /// recognise aarch64 ones).
+    fn objcopy(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "objcopy",
+            Arch::Arm64 => "aarch64-linux-gnu-objcopy",
+        }
+    }
+
+    /// How long a guest may run all its steps (emulating another instruction set is slower).
+    fn limit(self) -> Duration {
+        match self {
+            Arch::Amd64 => Duration::from_secs(900),
+            Arch::Arm64 => Duration::from_secs(1800),
+        }
+    }
+}
+
+/// A kernel of the matrix: a name, the Debian package (a pattern for `apt-cache search
+/// --names-only`; the newest match is taken), and its architecture.
 pub struct Kernel {
     pub name: &'static str,
     pub package: &'static str,
+    pub arch: Arch,
 }
 
-pub const KERNELS: [Kernel; 2] = [
+pub const KERNELS: [Kernel; 3] = [
     // Debian 12 (bookworm)'s own kernel.
     Kernel {
         name: "debian-6.1",
         package: r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$",
+        arch: Arch::Amd64,
     },
     // Debian's 6.12 (bookworm-backports; Debian 13's kernel line).
     Kernel {
         name: "debian-6.12",
         package: r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64-unsigned$",
+        arch: Arch::Amd64,
+    },
+    // Debian 12's kernel for arm64 boards and VMs (Raspberry Pi OS bookworm runs 6.1 and 6.6).
+    Kernel {
+        name: "debian-6.1-arm64",
+        package: r"^linux-image-6\.1\.0-[0-9]+-cloud-arm64-unsigned$",
+        arch: Arch::Arm64,
     },
 ];
 
@@ -82,9 +142,80 @@ impl Outcome {
     }
 }
 
-/// Boots each selected kernel in turn and runs the steps; `fixtures` is the fixtures test
-/// binary. Fails when any step fails, after reporting every kernel.
-pub fn run(which: &str, fixtures: &Path) -> anyhow::Result<Vec<Outcome>> {
+/// The binaries a guest runs, built for its architecture.
+struct Binaries {
+    st8s: PathBuf,
+    xtask: PathBuf,
+    fixtures: PathBuf,
+}
+
+impl Binaries {
+    /// This machine's debug builds (`cargo xtask build` made st8s and xtask), or arm64's,
+    /// cross-built here.
+    fn for_arch(arch: Arch) -> anyhow::Result<Self> {
+        let dir = match arch {
+            Arch::Amd64 => target_dir().join("debug"),
+            Arch::Arm64 => {
+                progress("arm64: cross-building st8s, xtask and the fixtures for the arm64 guest");
+                crate::run(Command::new("cargo").current_dir(workspace_root()).args([
+                    "build",
+                    "-p",
+                    "st8s-userspace",
+                    "--bin",
+                    "st8s",
+                    "-p",
+                    "xtask",
+                    "--bin",
+                    "xtask",
+                    "--target",
+                    ARM64,
+                ]))
+                .context("cross-building st8s and xtask for arm64")?;
+                target_dir().join(ARM64).join("debug")
+            }
+        };
+        let target = (arch == Arch::Arm64).then_some(ARM64);
+        Ok(Self {
+            st8s: dir.join("st8s"),
+            xtask: dir.join("xtask"),
+            fixtures: fixtures_binary(target)?,
+        })
+    }
+}
+
+/// The BPF_PROG_TEST_RUN fixtures as a test binary (for another target when one is named).
+pub fn fixtures_binary(target: Option<&str>) -> anyhow::Result<PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root()).args([
+        "test",
+        "-p",
+        "st8s-userspace",
+        "--features",
+        "privileged",
+        "--test",
+        "fixtures",
+        "--no-run",
+        "--message-format=json",
+    ]);
+    if let Some(t) = target {
+        cmd.args(["--target", t]);
+    }
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("building the fixtures test binary")?;
+    anyhow::ensure!(out.status.success(), "building the fixtures test binary failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"]["name"] == "fixtures")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("cargo named no fixtures executable")
+}
+
+/// Boots each selected kernel in turn and runs the steps. Fails when any step fails, after
+/// reporting every kernel.
+pub fn run(which: &str) -> anyhow::Result<Vec<Outcome>> {
     let kernels: Vec<&Kernel> = KERNELS
         .iter()
         .filter(|k| which == "all" || k.name == which)
@@ -94,10 +225,18 @@ pub fn run(which: &str, fixtures: &Path) -> anyhow::Result<Vec<Outcome>> {
         bail!("no kernel {which:?}: {} or all", names.join(", "));
     }
     let mut outcomes = Vec::new();
+    let mut built: Vec<(Arch, Binaries)> = Vec::new();
     for k in kernels {
         progress(&format!("kernel {}: fetching Debian's package", k.name));
         let tree = fetch(k)?;
-        let outcome = boot(k, &tree, fixtures)?;
+        if !built.iter().any(|(a, _)| *a == k.arch) {
+            built.push((k.arch, Binaries::for_arch(k.arch)?));
+        }
+        let bins = built
+            .iter()
+            .find_map(|(a, b)| (*a == k.arch).then_some(b))
+            .context("binaries for the kernel's architecture")?;
+        let outcome = boot(k, &tree, bins)?;
         let verdict = if outcome.passed() { "passed" } else { "FAILED" };
         progress(&format!(
             "kernel {} ({}): {verdict} in {:.0} s",
@@ -121,14 +260,14 @@ pub fn report(outcomes: &[Outcome]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:<14} {:<28} {:<26} {:<22} {:>7} {:>5}",
+        "{:<17} {:<28} {:<26} {:<22} {:>7} {:>5}",
         "KERNEL", "RELEASE", "STEP", "ATTACHED", "RESULT", "SECS"
     );
     for out in outcomes {
         if out.steps.is_empty() {
             let _ = writeln!(
                 o,
-                "{:<14} {:<28} {:<26} {:<22} {:>7}",
+                "{:<17} {:<28} {:<26} {:<22} {:>7}",
                 out.kernel, out.release, "(no step ran)", "-", "FAILED"
             );
         }
@@ -141,7 +280,7 @@ pub fn report(outcomes: &[Outcome]) -> String {
             };
             let _ = writeln!(
                 o,
-                "{:<14} {:<28} {:<26} {:<22} {:>7} {:>5}",
+                "{:<17} {:<28} {:<26} {:<22} {:>7} {:>5}",
                 out.kernel, out.release, s.name, attach, result, s.seconds
             );
         }
@@ -222,7 +361,7 @@ fn kernel_files(tree: &Path) -> anyhow::Result<(PathBuf, PathBuf, String)> {
     Ok((vmlinuz, modules, release))
 }
 
-fn boot(k: &Kernel, tree: &Path, fixtures: &Path) -> anyhow::Result<Outcome> {
+fn boot(k: &Kernel, tree: &Path, bins: &Binaries) -> anyhow::Result<Outcome> {
     let (vmlinuz, modules, release) = kernel_files(tree)?;
     let work = target_dir().join("vm/run").join(k.name);
     let _ = fs::remove_dir_all(&work);
@@ -230,14 +369,16 @@ fn boot(k: &Kernel, tree: &Path, fixtures: &Path) -> anyhow::Result<Outcome> {
     let tcx = release_at_least(&release, 6, 6);
     let initrd = work.join("initrd.cpio");
     let mods = module_order(&modules)?;
-    build_initrd(&initrd, &modules, &mods, fixtures, &init_script(&mods, tcx))?;
+    build_initrd(&initrd, k.arch, &modules, &mods, bins, &init_script(&mods, tcx))?;
     let log = work.join("console.log");
     progress(&format!(
         "kernel {}: booting {release} under QEMU (software emulation)",
         k.name
     ));
     let started = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
+    let (qemu, board, package) = k.arch.qemu();
+    let mut child = Command::new(qemu)
+        .args(board)
         .args([
             "-accel",
             "tcg",
@@ -252,14 +393,15 @@ fn boot(k: &Kernel, tree: &Path, fixtures: &Path) -> anyhow::Result<Outcome> {
         .arg(&vmlinuz)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .arg("-append")
+        .arg(format!("console={} panic=-1 quiet", k.arch.console()))
         .stdin(Stdio::null())
         .stdout(fs::File::create(&log)?)
         .stderr(Stdio::null())
         .spawn()
-        .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
-    // Bounded: the steps take a few minutes under emulation; a hung guest is killed.
-    let limit = Duration::from_secs(900);
+        .with_context(|| format!("starting {qemu} (Debian package {package})"))?;
+    // Bounded: the steps take minutes under emulation; a hung guest is killed.
+    let limit = k.arch.limit();
     loop {
         if child.try_wait()?.is_some() {
             break;
@@ -346,7 +488,7 @@ fn init_script(mods: &[String], tcx: bool) -> String {
     for m in mods {
         let _ = writeln!(s, "insmod /m/{m}.ko || echo \"insmod {m} failed\"");
     }
-    s += "echo \"ST8S-KERNEL $(uname -r)\"\ncd /t\nexport CARGO_TARGET_DIR=/t\n\
+    s += "echo \"ST8S-KERNEL $(uname -r) $(uname -m)\"\ncd /t\nexport CARGO_TARGET_DIR=/t\n\
           step() { name=$1; shift; t0=$(date +%s); \"$@\"; rc=$?; echo \"ST8S-STEP $name $rc $(( $(date +%s) - t0 ))\"; }\n";
     s += "step fixtures /t/fixtures --test-threads 1\n";
     s += "step lab-xdp-auto /t/debug/xtask lab --no-setup --wait 180\n";
@@ -449,34 +591,43 @@ fn module_deps(ko: &[u8]) -> Vec<String> {
 /// Writes the initramfs (an uncompressed newc cpio archive, which the kernel unpacks itself).
 fn build_initrd(
     path: &Path,
+    arch: Arch,
     modules: &Path,
     mods: &[String],
-    fixtures: &Path,
+    bins: &Binaries,
     init: &str,
 ) -> anyhow::Result<()> {
     let mut files: Vec<(String, Vec<u8>, u32)> = Vec::new();
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+    let root = match arch {
+        Arch::Amd64 => PathBuf::from("/"),
+        Arch::Arm64 => arm64_root()?,
+    };
+    let busybox = ["bin/busybox", "usr/bin/busybox"]
         .into_iter()
-        .find(|p| Path::new(p).is_file())
+        .map(|p| root.join(p))
+        .find(|p| p.is_file())
         .context("busybox is missing (Debian package busybox-static)")?;
     files.push(("bin/busybox".into(), fs::read(busybox)?, 0o755));
     files.push(("init".into(), init.as_bytes().to_vec(), 0o755));
     let mut binaries: Vec<(String, PathBuf)> = vec![
-        ("t/debug/st8s".into(), target_dir().join("debug/st8s")),
-        ("t/debug/xtask".into(), target_dir().join("debug/xtask")),
-        ("t/fixtures".into(), fixtures.to_owned()),
+        ("t/debug/st8s".into(), bins.st8s.clone()),
+        ("t/debug/xtask".into(), bins.xtask.clone()),
+        ("t/fixtures".into(), bins.fixtures.clone()),
     ];
     for t in TOOLS {
-        binaries.push((t.trim_start_matches('/').into(), PathBuf::from(t)));
+        binaries.push((t.trim_start_matches('/').into(), tool_in(&root, t)?));
     }
-    let mut libs = BTreeSet::new();
     for (at, src) in &binaries {
-        files.push((at.clone(), stripped(src)?, 0o755));
-        libs.extend(shared_libraries(src)?);
+        files.push((at.clone(), stripped(arch, src)?, 0o755));
     }
-    for lib in libs {
-        let bytes = fs::read(&lib).with_context(|| format!("reading {lib}"))?;
-        files.push((lib.trim_start_matches('/').to_owned(), bytes, 0o755));
+    let srcs: Vec<PathBuf> = binaries.into_iter().map(|(_, src)| src).collect();
+    let libs = match arch {
+        Arch::Amd64 => host_libraries(&srcs)?,
+        Arch::Arm64 => arm64_libraries(&root, &srcs)?,
+    };
+    for (at, src) in libs {
+        let bytes = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+        files.push((at, bytes, 0o755));
     }
     for m in mods {
         if let Some(bytes) = module_bytes(modules, m)? {
@@ -557,7 +708,7 @@ fn cpio_entry(
 }
 
 /// A binary without its debug sections (the debug builds are mostly DWARF).
-fn stripped(src: &Path) -> anyhow::Result<Vec<u8>> {
+fn stripped(arch: Arch, src: &Path) -> anyhow::Result<Vec<u8>> {
     let tmp = std::env::temp_dir().join(format!(
         "st8s-vm-{}-{}",
         std::process::id(),
@@ -565,21 +716,185 @@ fn stripped(src: &Path) -> anyhow::Result<Vec<u8>> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     ));
-    crate::run(Command::new("objcopy").arg("--strip-debug").arg(src).arg(&tmp))
-        .with_context(|| format!("objcopy --strip-debug {}", src.display()))?;
+    crate::run(
+        Command::new(arch.objcopy())
+            .arg("--strip-debug")
+            .arg(src)
+            .arg(&tmp),
+    )
+    .with_context(|| format!("{} --strip-debug {}", arch.objcopy(), src.display()))?;
     let bytes = fs::read(&tmp)?;
     let _ = fs::remove_file(&tmp);
     Ok(bytes)
 }
 
-/// The shared libraries a binary loads, with the loader, as `ldd` resolves them here.
-fn shared_libraries(bin: &Path) -> anyhow::Result<Vec<String>> {
-    let out = Command::new("ldd").arg(bin).output().context("ldd")?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter(|w| w.starts_with('/'))
-        .map(str::to_owned)
+/// Where a tool the lab runs lives in a root: its own path, or, in packages unpacked without
+/// Debian's merged /usr, the same name in another bin directory (`ip` is packaged as /bin/ip).
+fn tool_in(root: &Path, tool: &str) -> anyhow::Result<PathBuf> {
+    let name = Path::new(tool).file_name().unwrap_or_default();
+    std::iter::once(root.join(tool.trim_start_matches('/')))
+        .chain(["bin", "sbin", "usr/bin", "usr/sbin"].map(|d| root.join(d).join(name)))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{tool} is missing under {}", root.display()))
+}
+
+/// The shared libraries the binaries load, with the loader, as `ldd` resolves them here; each
+/// at its own path in the guest.
+fn host_libraries(bins: &[PathBuf]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut libs = BTreeSet::new();
+    for bin in bins {
+        let out = Command::new("ldd").arg(bin).output().context("ldd")?;
+        libs.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter(|w| w.starts_with('/'))
+                .map(str::to_owned),
+        );
+    }
+    Ok(libs
+        .into_iter()
+        .map(|l| (l.trim_start_matches('/').to_owned(), PathBuf::from(l)))
         .collect())
+}
+
+/// The packages whose programs an arm64 guest runs (busybox and the lab's tools); their
+/// dependencies come along.
+const ARM64_PACKAGES: [&str; 6] = [
+    "busybox-static",
+    "iproute2",
+    "util-linux",
+    "ethtool",
+    "curl",
+    "bind9-dnsutils",
+];
+
+/// Debian's arm64 packages for busybox and the lab's tools, with everything they depend on,
+/// downloaded and unpacked once under `target/vm/arm64-root` (a directory tree, not a system:
+/// nothing is installed or run from it here).
+fn arm64_root() -> anyhow::Result<PathBuf> {
+    let root = target_dir().join("vm/arm64-root");
+    if root.join(".complete").is_file() {
+        return Ok(root);
+    }
+    progress("arm64: downloading Debian's arm64 busybox, iproute2, curl, dig and their libraries");
+    let out = Command::new("apt-cache")
+        .args([
+            "depends",
+            "--recurse",
+            "--no-recommends",
+            "--no-suggests",
+            "--no-conflicts",
+            "--no-breaks",
+            "--no-replaces",
+            "--no-enhances",
+        ])
+        .args(ARM64_PACKAGES.map(|p| format!("{p}:arm64")))
+        .output()
+        .context("apt-cache (Debian's apt)")?;
+    let pkgs = arm64_closure(&String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() || pkgs.is_empty() {
+        bail!(
+            "apt knows no arm64 packages: `dpkg --add-architecture arm64 && apt-get update` (cargo xtask setup does both)"
+        );
+    }
+    let debs = target_dir().join("vm/debs-arm64");
+    fs::create_dir_all(&debs)?;
+    crate::run(
+        Command::new("apt-get")
+            .current_dir(&debs)
+            .args(["-o", "APT::Sandbox::User=root", "-qq", "download"])
+            .args(&pkgs),
+    )
+    .context("apt-get download (arm64 packages)")?;
+    let tmp = root.with_extension("partial");
+    let _ = fs::remove_dir_all(&tmp);
+    for deb in fs::read_dir(&debs)?.flatten().map(|e| e.path()) {
+        if deb.extension().is_some_and(|e| e == "deb") {
+            crate::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))
+                .with_context(|| format!("dpkg-deb -x {}", deb.display()))?;
+        }
+    }
+    fs::write(tmp.join(".complete"), pkgs.join("\n"))?;
+    let _ = fs::remove_dir_all(&root);
+    fs::rename(&tmp, &root)?;
+    Ok(root)
+}
+
+/// The arm64 packages in `apt-cache depends --recurse` output: its unindented lines, less
+/// virtual packages (`<debconf-2.0>`) and the architecture-independent ones (no `:arm64`,
+/// which hold no libraries).
+fn arm64_closure(depends: &str) -> Vec<String> {
+    let set: BTreeSet<&str> = depends
+        .lines()
+        .filter(|l| !l.starts_with([' ', '<']))
+        .map(str::trim)
+        .filter(|l| l.ends_with(":arm64"))
+        .collect();
+    set.into_iter().map(str::to_owned).collect()
+}
+
+/// The libraries arm64 binaries load, found as the guest's loader would find them (its
+/// multiarch directories) in the unpacked packages, followed through each library's own
+/// `DT_NEEDED` entries; with the loader at the path the binaries name (`PT_INTERP`).
+fn arm64_libraries(root: &Path, bins: &[PathBuf]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    const DIRS: [&str; 2] = ["lib/aarch64-linux-gnu", "usr/lib/aarch64-linux-gnu"];
+    let mut found: std::collections::BTreeMap<String, PathBuf> = Default::default();
+    let mut queue: Vec<PathBuf> = bins.to_vec();
+    while let Some(file) = queue.pop() {
+        for name in needed(&file)? {
+            if found.contains_key(&name) {
+                continue;
+            }
+            let lib = DIRS
+                .iter()
+                .map(|d| root.join(d).join(&name))
+                .find(|p| p.is_file())
+                .with_context(|| {
+                    format!(
+                        "{name}, which {} loads, is in none of the arm64 packages",
+                        file.display()
+                    )
+                })?;
+            queue.push(lib.clone());
+            found.insert(name, lib);
+        }
+    }
+    let loader = root.join("lib/aarch64-linux-gnu/ld-linux-aarch64.so.1");
+    anyhow::ensure!(loader.is_file(), "no arm64 loader in {}", root.display());
+    let mut libs: Vec<(String, PathBuf)> = found
+        .into_iter()
+        .map(|(name, p)| (format!("lib/aarch64-linux-gnu/{name}"), p))
+        .collect();
+    libs.push(("lib/ld-linux-aarch64.so.1".into(), loader));
+    Ok(libs)
+}
+
+/// An ELF file's `DT_NEEDED` entries, as binutils' readelf prints them.
+fn needed(file: &Path) -> anyhow::Result<Vec<String>> {
+    let out = Command::new("aarch64-linux-gnu-readelf")
+        .arg("-d")
+        .arg(file)
+        .output()
+        .context("aarch64-linux-gnu-readelf (Debian package binutils-aarch64-linux-gnu)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "readelf -d {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(parse_needed(&String::from_utf8_lossy(&out.stdout)))
+}
+
+fn parse_needed(readelf: &str) -> Vec<String> {
+    readelf
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| {
+            let start = l.find('[')? + 1;
+            let end = l[start..].find(']')? + start;
+            Some(l[start..end].to_owned())
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -609,6 +924,14 @@ mod tests {
         assert_eq!((steps[0].attach.as_str(), steps[0].status), ("", 0));
         assert_eq!(steps[1].attach, "xdp native tc netlink");
         assert_eq!((steps[2].attach.as_str(), steps[2].status), ("", 1));
+    }
+
+    #[test]
+    fn arm64_packages_and_libraries_are_read_from_apt_and_readelf() {
+        let depends = "curl:arm64\n  Depends: libcurl4:arm64\n  PreDepends: <debconf-2.0>\nlibcurl4:arm64\n<debconf-2.0>\ndebconf\ncurl:arm64\n";
+        assert_eq!(arm64_closure(depends), ["curl:arm64", "libcurl4:arm64"]);
+        let readelf = "Dynamic section at offset 0x5f2c8 contains 30 entries:\n  Tag        Type                         Name/Value\n 0x0000000000000001 (NEEDED)             Shared library: [libcurl.so.4]\n 0x0000000000000001 (NEEDED)             Shared library: [libc.so.6]\n 0x000000000000000c (INIT)               0x2f50\n";
+        assert_eq!(parse_needed(readelf), ["libcurl.so.4", "libc.so.6"]);
     }
 
     #[test]
