@@ -22,8 +22,9 @@ pub mod map_names {
     pub const DISCOVERY: &str = "ST8S_DISCOVERY";
     pub const DISCOVERY_PODS: &str = "ST8S_DISCOVERY_PODS";
     pub const SOCK_REVNAT: &str = "ST8S_SOCK_REVNAT";
+    pub const FRAGS: &str = "ST8S_FRAGS";
 
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         CONFIG,
         PORTS,
         PORT_INDEX,
@@ -38,6 +39,7 @@ pub mod map_names {
         DISCOVERY,
         DISCOVERY_PODS,
         SOCK_REVNAT,
+        FRAGS,
     ];
 }
 
@@ -364,6 +366,38 @@ pub struct RevNatValue {
 }
 assert_size!(RevNatValue, 24);
 
+/// Datagrams in fragments st8s follows at once (`ST8S_FRAGS`): a train lives for the time its
+/// first fragment's entry stays (LRU), and at most [`FRAG_TIMEOUT_NS`].
+pub const MAX_FRAGS: u32 = 8_192;
+/// How long a first fragment's ports apply to the rest of its datagram: the kernel's own
+/// reassembly timeout (`net.ipv4.ipfrag_time`, 30 s by default).
+pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
+
+/// Key of `ST8S_FRAGS`: one IP datagram in fragments, as the receiver reassembles it (RFC 791:
+/// source, destination, protocol and identification), as it sits in the packet st8s sees.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+assert_size!(FragKey, 12);
+
+/// Value of `ST8S_FRAGS`: the ports the first fragment carried, which the later ones lack, and
+/// when st8s saw it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub _pad: u32,
+    pub stamp_ns: u64,
+}
+assert_size!(FragValue, 16);
+
 /// Key of `ST8S_SOCK_REVNAT`: a socket that socket-level steering sent to a backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -414,8 +448,18 @@ pub struct Counters {
     pub socket_local: u64,
     /// The same, sent to another node that runs a backend.
     pub socket_remote: u64,
+    /// Fragments after the first of a datagram st8s steered, given the verdict and translation
+    /// of their first fragment.
+    pub fragments: u64,
+    /// Not tied to a port (the global slot): a fragment after the first whose first fragment
+    /// st8s did not steer or has not seen (not a steered port, arrived out of order, or never
+    /// came), left to the kernel.
+    pub frag_untracked: u64,
+    /// Not tied to a port: a fragment that reaches past 65,535 bytes (RFC 791's limit; the
+    /// kernel drops the datagram), left to the kernel untranslated.
+    pub frag_invalid: u64,
 }
-assert_size!(Counters, 80);
+assert_size!(Counters, 104);
 
 impl Counters {
     pub fn add(&mut self, other: &Self) {
@@ -429,6 +473,9 @@ impl Counters {
         self.discovered += other.discovered;
         self.socket_local += other.socket_local;
         self.socket_remote += other.socket_remote;
+        self.fragments += other.fragments;
+        self.frag_untracked += other.frag_untracked;
+        self.frag_invalid += other.frag_invalid;
     }
 }
 
@@ -501,6 +548,8 @@ mod user {
     unsafe impl aya::Pod for DiscoveryPodKey {}
     unsafe impl aya::Pod for SockRevNatKey {}
     unsafe impl aya::Pod for SockRevNatValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
 }
 
 #[cfg(test)]

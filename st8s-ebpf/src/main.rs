@@ -27,10 +27,10 @@ use aya_ebpf::{
 };
 use st8s_common::{
     flow_hash, port_index, socket_hash, Backend, Config, Counters, Discovery, DiscoveryPodKey, FlowKey,
-    FlowValue, MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatValue, SockRevNatKey,
-    SockRevNatValue, BACKEND_DRAINING, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL, FLOW_LOCAL, FLOW_REMOTE,
-    GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_DISCOVERY, MAX_FLOWS, MAX_NODES, MAX_PORTS,
-    PORT_INDEX_ENTRIES, PORT_LOCAL_DRAINING, PROTO_TCP, PROTO_UDP,
+    FlowValue, FragKey, FragValue, MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatValue,
+    SockRevNatKey, SockRevNatValue, BACKEND_DRAINING, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL, FLOW_LOCAL,
+    FLOW_REMOTE, FRAG_TIMEOUT_NS, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_DISCOVERY, MAX_FLOWS,
+    MAX_FRAGS, MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES, PORT_LOCAL_DRAINING, PROTO_TCP, PROTO_UDP,
 };
 
 #[map]
@@ -72,6 +72,9 @@ static ST8S_DISCOVERY_PODS: HashMap<DiscoveryPodKey, Discovery> = HashMap::with_
 #[map]
 static ST8S_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
     LruHashMap::with_max_entries(MAX_FLOWS, 0);
+/// Datagrams in fragments whose first fragment st8s steered: the ports the later fragments lack.
+#[map]
+static ST8S_FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -103,16 +106,31 @@ struct Packet {
     sport: u16,
     dport: u16,
     proto: u8,
-    /// TCP flags (0 for UDP).
+    /// TCP flags (0 for UDP, and for a fragment after the first).
     tcp_flags: u8,
+    /// Whole, or which fragment of a datagram (`FRAG_*`).
+    frag: u8,
+    /// The IP identification, as in the packet (what ties fragments together).
+    ip_id: u16,
 }
 
+/// A whole datagram: the L4 header is there.
+const FRAG_NONE: u8 = 0;
+/// The first fragment (offset 0, more to come): it carries the L4 header and its ports.
+const FRAG_FIRST: u8 = 1;
+/// A fragment after the first: no L4 header; its ports are the first fragment's (`ST8S_FRAGS`).
+const FRAG_LATER: u8 = 2;
+/// A fragment that reaches past the 65,535 bytes an IP datagram can have.
+const FRAG_INVALID: u8 = 3;
+
 /// Reads the headers between `start` and `end` (packet data pointers). Anything that is not a
-/// plain IPv4 TCP/UDP packet — other ethertypes (ARP, IPv6, VLAN), IP options, fragments, headers
-/// cut short, lengths that do not add up — yields `None`, and the caller passes it untouched.
+/// plain IPv4 TCP/UDP packet — other ethertypes (ARP, IPv6, VLAN), IP options, headers cut
+/// short, lengths that do not add up — yields `None`, and the caller passes it untouched. A
+/// fragment after the first comes back without ports (`FRAG_LATER`): [`fragment_ports`] fills
+/// them in.
 #[inline(always)]
 fn parse(start: usize, end: usize, wire_len: usize) -> Option<Packet> {
-    if start + PARSE_LEN > end && start + L4_OFF + UDP_HLEN > end {
+    if start + L4_OFF > end {
         return None;
     }
     let eth = read_bytes::<14>(start, end, 0)?;
@@ -125,17 +143,50 @@ fn parse(start: usize, end: usize, wire_len: usize) -> Option<Packet> {
         return None;
     }
     let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    // Any fragment (MF set or non-zero offset) has no reliable L4 header: pass.
-    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
-        return None;
-    }
     let proto = ip[9];
     let l4_min = match proto {
         PROTO_TCP => TCP_HLEN,
         PROTO_UDP => UDP_HLEN,
         _ => return None,
     };
-    if tot_len < IPV4_HLEN + l4_min || ETH_HLEN + tot_len > wire_len {
+    if tot_len <= IPV4_HLEN || ETH_HLEN + tot_len > wire_len {
+        return None;
+    }
+    let frag_field = u16::from_be_bytes([ip[6], ip[7]]);
+    let offset = (frag_field & 0x1fff) as usize * 8;
+    let frag = if offset != 0 {
+        // RFC 791: a datagram is at most 65,535 bytes; a fragment beyond that is malformed.
+        if offset + tot_len - IPV4_HLEN > 0xffff {
+            FRAG_INVALID
+        } else {
+            FRAG_LATER
+        }
+    } else if frag_field & 0x2000 != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
+    let dst_mac = [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]];
+    let src_mac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
+    let saddr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    let daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    let ip_id = u16::from_ne_bytes([ip[4], ip[5]]);
+    if frag >= FRAG_LATER {
+        return Some(Packet {
+            dst_mac,
+            src_mac,
+            saddr,
+            daddr,
+            sport: 0,
+            dport: 0,
+            proto,
+            tcp_flags: 0,
+            frag,
+            ip_id,
+        });
+    }
+    // A first fragment too short for its L4 header (RFC 1858's tiny fragment) is not ours.
+    if tot_len < IPV4_HLEN + l4_min {
         return None;
     }
     let ports = read_bytes::<4>(start, end, L4_OFF)?;
@@ -148,15 +199,84 @@ fn parse(start: usize, end: usize, wire_len: usize) -> Option<Packet> {
         0
     };
     Some(Packet {
-        dst_mac: [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]],
-        src_mac: [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]],
-        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
-        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        dst_mac,
+        src_mac,
+        saddr,
+        daddr,
         sport: u16::from_ne_bytes([ports[0], ports[1]]),
         dport: u16::from_ne_bytes([ports[2], ports[3]]),
         proto,
         tcp_flags,
+        frag,
+        ip_id,
     })
+}
+
+fn frag_key(pkt: &Packet) -> FragKey {
+    FragKey {
+        saddr_be: pkt.saddr,
+        daddr_be: pkt.daddr,
+        id_be: pkt.ip_id,
+        proto: pkt.proto,
+        _pad: 0,
+    }
+}
+
+/// A fragment after the first gets the ports its first fragment carried, if st8s steered that
+/// one less than [`FRAG_TIMEOUT_NS`] ago; then the same decision and translation apply to it as
+/// to the first. Otherwise it is not st8s's (`None`: left to the kernel, which reassembles or
+/// drops it by its own rules). `count_misses`: the program that sees every such packet last
+/// counts the ones it leaves (an XDP program passes them on to TC, which counts).
+#[inline(always)]
+fn fragment_ports(pkt: &mut Packet, count_misses: bool) -> Option<()> {
+    match pkt.frag {
+        FRAG_NONE | FRAG_FIRST => Some(()),
+        FRAG_LATER => {
+            // SAFETY: copied out at once.
+            let found = unsafe { ST8S_FRAGS.get(frag_key(pkt)) }.copied();
+            // SAFETY: plain helper call.
+            let fresh =
+                found.filter(|f| unsafe { bpf_ktime_get_ns() }.wrapping_sub(f.stamp_ns) <= FRAG_TIMEOUT_NS);
+            match fresh {
+                Some(f) => {
+                    pkt.sport = f.sport_be;
+                    pkt.dport = f.dport_be;
+                    Some(())
+                }
+                None => {
+                    if count_misses {
+                        count(GLOBAL_COUNTER_SLOT, |c| c.frag_untracked += 1);
+                    }
+                    None
+                }
+            }
+        }
+        _ => {
+            if count_misses {
+                count(GLOBAL_COUNTER_SLOT, |c| c.frag_invalid += 1);
+            }
+            None
+        }
+    }
+}
+
+/// Where st8s acts on a first fragment, the rest of its datagram will follow it: its ports are
+/// remembered. A later fragment that was acted on is counted on its port.
+#[inline(always)]
+fn follow_fragments(pkt: &Packet, slot: u32) {
+    if pkt.frag == FRAG_FIRST {
+        let v = FragValue {
+            sport_be: pkt.sport,
+            dport_be: pkt.dport,
+            _pad: 0,
+            // SAFETY: plain helper call.
+            stamp_ns: unsafe { bpf_ktime_get_ns() },
+        };
+        // A full LRU evicts the oldest train; an insert failure leaves the rest to the kernel.
+        let _ = ST8S_FRAGS.insert(frag_key(pkt), v, 0);
+    } else if pkt.frag == FRAG_LATER {
+        count(slot, |c| c.fragments += 1);
+    }
 }
 
 /// The one bounds-checked read of packet data.
@@ -435,14 +555,16 @@ pub fn st8s_uplink_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_uplink_xdp(ctx: &XdpContext) -> Option<u32> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let pkt = parse(start, end, end - start)?;
+    let mut pkt = parse(start, end, end - start)?;
     let cfg = config()?;
     // Only the remote path is handled here; everything else is the TC program's job.
     if pkt.daddr != cfg.self_addr_be {
         return None;
     }
+    fragment_ports(&mut pkt, false)?;
     match steer(&pkt, cfg) {
         Steer::Remote { slot, mac } => {
+            follow_fragments(&pkt, slot);
             if start + ETH_HLEN > end {
                 return None;
             }
@@ -473,15 +595,17 @@ pub fn st8s_uplink_tc(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn parse_tc(ctx: &TcContext) -> Option<Packet> {
     let wire_len = ctx.len() as usize;
-    if ctx.data() + PARSE_LEN > ctx.data_end() && wire_len >= PARSE_LEN {
-        let _ = ctx.pull_data(PARSE_LEN as u32);
+    // A short packet (a fragment's tail) may be all header: pull what there is.
+    if ctx.data() + PARSE_LEN > ctx.data_end() && wire_len > L4_OFF {
+        let _ = ctx.pull_data(wire_len.min(PARSE_LEN) as u32);
     }
     parse(ctx.data(), ctx.data_end(), wire_len)
 }
 
 #[inline(always)]
 fn try_uplink_tc(ctx: &TcContext) -> Option<i32> {
-    let pkt = parse_tc(ctx)?;
+    let mut pkt = parse_tc(ctx)?;
+    fragment_ports(&mut pkt, true)?;
     let cfg = config()?;
     if pkt.proto == PROTO_UDP && is_group_or_broadcast(pkt.daddr, cfg) {
         deliver_discovery(ctx, &pkt, cfg);
@@ -506,6 +630,7 @@ fn try_uplink_tc(ctx: &TcContext) -> Option<i32> {
             Some(TC_ACT_SHOT)
         }
         Steer::Remote { slot, mac } => {
+            follow_fragments(&pkt, slot);
             let m = cfg.self_mac;
             let eth = [
                 mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], m[0], m[1], m[2], m[3], m[4], m[5],
@@ -581,6 +706,7 @@ fn deliver_discovery(ctx: &TcContext, pkt: &Packet, cfg: &Config) {
     let to_mac = group_mac(to_addr);
     let to_pod = rewrite(
         ctx,
+        pkt,
         PROTO_UDP,
         IP_DST_OFF,
         pkt.daddr,
@@ -595,6 +721,7 @@ fn deliver_discovery(ctx: &TcContext, pkt: &Packet, cfg: &Config) {
     let restored = ctx.store(0, &dst_mac, 0).and_then(|()| {
         rewrite(
             ctx,
+            pkt,
             PROTO_UDP,
             IP_DST_OFF,
             to_addr,
@@ -605,6 +732,7 @@ fn deliver_discovery(ctx: &TcContext, pkt: &Packet, cfg: &Config) {
         )
     });
     if cloned && restored.is_ok() {
+        follow_fragments(pkt, slot);
         count(slot, |c| c.discovered += 1);
     } else {
         count(slot, |c| c.drop_error += 1);
@@ -636,6 +764,7 @@ fn announce(ctx: &TcContext, pkt: &Packet, cfg: &Config) -> Option<i32> {
     let slot = d.slot as u32;
     let ok = rewrite(
         ctx,
+        pkt,
         PROTO_UDP,
         IP_SRC_OFF,
         pkt.saddr,
@@ -649,6 +778,7 @@ fn announce(ctx: &TcContext, pkt: &Packet, cfg: &Config) -> Option<i32> {
         count(slot, |c| c.drop_error += 1);
         return Some(TC_ACT_SHOT);
     }
+    follow_fragments(pkt, slot);
     count(slot, |c| c.replied += 1);
     // SAFETY: plain helper call.
     Some(unsafe { bpf_redirect(cfg.uplink_ifindex, 0) } as i32)
@@ -719,6 +849,7 @@ fn deliver_local(ctx: &TcContext, pkt: &Packet, port: &PortInfo) -> i32 {
     }
     if rewrite(
         ctx,
+        pkt,
         pkt.proto,
         IP_DST_OFF,
         pkt.daddr,
@@ -732,16 +863,20 @@ fn deliver_local(ctx: &TcContext, pkt: &Packet, port: &PortInfo) -> i32 {
         count(slot, |c| c.drop_error += 1);
         return TC_ACT_SHOT;
     }
+    follow_fragments(pkt, slot);
     count(slot, |c| c.delivered_local += 1);
     // SAFETY: plain helper call; no neighbour parameters, the FIB picks the next hop.
     unsafe { bpf_redirect_neigh(port.local_ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
-/// Rewrites one address and one port, fixing the IPv4 and the L4 checksums.
+/// Rewrites one address and one port, fixing the IPv4 and the L4 checksums. A fragment after
+/// the first (`pkt.frag`) has no L4 header: only its address changes (the first fragment's L4
+/// checksum already accounts for the address, and the ports are in the first fragment only).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn rewrite(
     ctx: &TcContext,
+    pkt: &Packet,
     proto: u8,
     addr_off: usize,
     old_addr: u32,
@@ -755,15 +890,18 @@ fn rewrite(
     } else {
         (UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0)
     };
-    ctx.l4_csum_replace(
-        csum_off,
-        old_addr as u64,
-        new_addr as u64,
-        BPF_F_PSEUDO_HDR | mangled | 4,
-    )?;
+    let l4 = pkt.frag != FRAG_LATER;
+    if l4 {
+        ctx.l4_csum_replace(
+            csum_off,
+            old_addr as u64,
+            new_addr as u64,
+            BPF_F_PSEUDO_HDR | mangled | 4,
+        )?;
+    }
     ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
     ctx.store(addr_off, &new_addr, 0)?;
-    if old_port != new_port {
+    if l4 && old_port != new_port {
         ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)?;
         ctx.store(port_off, &new_port, 0)?;
     }
@@ -794,7 +932,8 @@ pub fn st8s_pod_tc(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
-    let pkt = parse_tc(ctx)?;
+    let mut pkt = parse_tc(ctx)?;
+    fragment_ports(&mut pkt, true)?;
     if pkt.proto == PROTO_UDP {
         let cfg = config()?;
         if is_group_or_broadcast(pkt.daddr, cfg) {
@@ -822,6 +961,7 @@ fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
     let slot = rev.slot as u32;
     if rewrite(
         ctx,
+        &pkt,
         pkt.proto,
         IP_SRC_OFF,
         pkt.saddr,
@@ -835,6 +975,7 @@ fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
         count(slot, |c| c.drop_error += 1);
         return Some(TC_ACT_SHOT);
     }
+    follow_fragments(&pkt, slot);
     count(slot, |c| c.replied += 1);
     // Straight out of the uplink to the client, whichever node the client addressed.
     // SAFETY: plain helper call.

@@ -23,6 +23,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("iputils-ping", "ping"),
     ("bind9-utils", "named-checkzone"),
+    // kdig: sends DNS queries larger than 512 bytes over UDP (dig switches to TCP), for the
+    // fragment tests.
+    ("knot-dnsutils", "kdig"),
     ("knot", "knotd"),
     // The LAN resolver in front of st8s's zones and the public authority (dns tests).
     ("unbound", "unbound"),

@@ -2193,3 +2193,145 @@ fn a_pod_without_a_path_is_named_and_the_rest_is_steered() {
         "said once, not on every retry"
     );
 }
+
+/// Issue 16: DNS answers and queries larger than the MTU cross st8s as IP fragments, in both
+/// directions, through a forwarding node and a local one. The server is Debian's knotd (a real
+/// authoritative server, answering up to its `udp-max-payload` over UDP as RFC 6891 lets it).
+/// The clients are real resolvers' tools, each of which discards a reply from another address
+/// than the one it asked: dig (BIND 9.18; its netmgr connects the UDP socket, so the kernel
+/// never hands it such a reply) for the large answers, and kdig (Knot 3.2's
+/// `net_receive` compares the reply's source with the server's and skips any other) for large
+/// queries too: dig sends a query longer than 512 bytes over TCP (seen here), kdig over UDP.
+/// A datagram whose fragments do not all arrive from one address is never reassembled.
+#[test]
+fn a_dns_answer_in_fragments_reaches_a_connected_client_whole_from_the_node() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab(true);
+    let dir = lab.dir().join("knot-big");
+    std::fs::create_dir_all(&dir).expect("dir");
+    // Three TXT records of four 250-byte strings: an answer of about 3.1 kB.
+    let mut zone = String::from(
+        "$ORIGIN big.lab.\n$TTL 60\n@ SOA ns admin 1 3600 600 86400 60\n@ NS ns\nns A 10.244.3.53\n",
+    );
+    for r in 0..3u8 {
+        let strings: Vec<String> = (0..4u8)
+            .map(|s| format!("\"{}\"", char::from(b'a' + r * 4 + s).to_string().repeat(250)))
+            .collect();
+        zone += &format!("@ TXT {}\n", strings.join(" "));
+    }
+    std::fs::write(dir.join("big.lab.zone"), zone).expect("zone");
+    let conf = dir.join("knot.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  listen: 0.0.0.0@53\n  rundir: {d}\n  udp-max-payload: 4096\n\
+             database:\n  storage: {d}/db\nlog:\n  - target: stderr\n    any: warning\n\
+             zone:\n  - domain: big.lab\n    file: {d}/big.lab.zone\n",
+            d = dir.display()
+        ),
+    )
+    .expect("conf");
+    let mut pod = PodSpec::dns("knot", 3);
+    pod.dns = None;
+    pod.command = Some(
+        ["knotd", "-c", &conf.to_string_lossy()]
+            .map(String::from)
+            .to_vec(),
+    );
+    let lab = running(lab, &[pod]);
+    // A 2,000-byte EDNS option (an unknown code, which servers ignore) makes the query itself
+    // larger than the client's MTU.
+    let pad = format!("+ednsopt=65001:{}", "ab".repeat(2000));
+    // (answer size, whole output); the answer size is what the tool says it received.
+    let ask = |node: usize, big_query: bool| -> (Option<usize>, String) {
+        let server = format!("@{}", node_addr(node));
+        let out = if big_query {
+            // kdig: a 2,000-byte EDNS option (an unknown code, which servers ignore) makes the
+            // query itself larger than the client's MTU.
+            lab.exec(
+                lab.client_ns(),
+                "kdig",
+                &[
+                    &pad,
+                    "+timeout=3",
+                    "+retry=0",
+                    "+ignore",
+                    "+bufsize=4096",
+                    &server,
+                    "big.lab",
+                    "TXT",
+                ],
+            )
+        } else {
+            lab.exec(
+                lab.client_ns(),
+                "dig",
+                &[
+                    "+time=3",
+                    "+tries=1",
+                    "+ignore",
+                    "+bufsize=4096",
+                    &server,
+                    "big.lab",
+                    "TXT",
+                ],
+            )
+        }
+        .expect("dig/kdig");
+        let out = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        let size = out.lines().find_map(|l| {
+            let n = l
+                .split("MSG SIZE  rcvd: ")
+                .nth(1)
+                .or_else(|| l.strip_prefix(";; Received ").and_then(|r| r.strip_suffix(" B")))?;
+            n.trim().parse().ok()
+        });
+        (size, out)
+    };
+    // knotd opens its sockets a moment after start.
+    xtask::poll_until(Duration::from_secs(10), "knotd answers", || {
+        ask(3, false).1.contains("status: NOERROR").then_some(())
+    })
+    .expect("knotd answers on its node");
+    for node in [3, 1, 2] {
+        for big_query in [false, true] {
+            let (size, out) = ask(node, big_query);
+            let size =
+                size.unwrap_or_else(|| panic!("node{node} (large query {big_query}): no answer\n{out}"));
+            assert!(out.contains("status: NOERROR"), "{out}");
+            assert!(
+                !out.contains(" tc;") && !out.contains(" tc ") && !out.contains("unexpected"),
+                "node{node}: not truncated, from the address asked\n{out}"
+            );
+            assert!(size > 3000, "node{node}: the whole answer, {size} bytes\n{out}");
+            assert_eq!(
+                out.matches("\"aaaaaaaaaa").count() + out.matches("\"llllllllll").count(),
+                2,
+                "node{node}: the first and the last string\n{out}"
+            );
+            println!(
+                "node{node}: {size}-byte answer to a {} query, reassembled, from the node's address",
+                if big_query { "2 kB (kdig)" } else { "small (dig)" }
+            );
+        }
+    }
+    let frags = |node: usize| {
+        st8s::dataplane::inspect::counters_by_port(&lab.snapshot(node).expect("snapshot"))
+            .get("53/udp")
+            .map(|c| (c.fragments, c.forwarded, c.delivered_local, c.replied))
+            .unwrap_or_default()
+    };
+    let (node1, node2, node3) = (frags(1), frags(2), frags(3));
+    println!(
+        "53/udp (fragments after the first, forwarded, delivered, replied): node1 {node1:?}, node2 {node2:?}, node3 {node3:?}"
+    );
+    assert!(
+        node1.0 >= 1 && node2.0 >= 1,
+        "node1 and node2 forwarded the large queries' second fragments: {node1:?} {node2:?}"
+    );
+    // Six answers in three fragments each, three large queries in two.
+    assert!(
+        node3.0 >= 6 * 2 + 3,
+        "node3 delivered and answered fragments: {node3:?}"
+    );
+}

@@ -21,9 +21,16 @@ use crate::{
 /// The hosts heard, as the Lease carries them.
 pub type Heard = BTreeMap<String, Vec<Ipv4Addr>>;
 
-/// How often the service types are browsed again (hosts that announced before the agent started,
-/// or whose announcement was lost, are found this way).
+/// How often the service types are browsed again, at the most (hosts that announced before the
+/// agent started, or whose announcement was lost, are found this way).
 const BROWSE_EVERY: Duration = Duration::from_secs(300);
+
+/// The gap before the next browse: RFC 6762 section 5.2's continuous querying, one second after
+/// the first query and doubling from there (a query lost at start, or sent before a responder
+/// was up, is repeated within seconds), up to [`BROWSE_EVERY`].
+fn next_browse_gap(gap: Duration) -> Duration {
+    (gap * 2).min(BROWSE_EVERY)
+}
 
 /// A UDP socket on 0.0.0.0:5353 shared with any other mDNS stack on the host (avahi-daemon sets
 /// SO_REUSEADDR too), joined to 224.0.0.251 on the uplink only (IP_MULTICAST_ALL off), sending
@@ -108,13 +115,15 @@ async fn listen(iface: &str, heard: &watch::Sender<Heard>) -> anyhow::Result<()>
     let mut hosts = Hosts::new(subnets);
     let mut buf = vec![0u8; 9000];
     let mut next_browse = Instant::now();
+    let mut browse_gap = Duration::from_secs(1);
     loop {
         let now = Instant::now();
         if now >= next_browse {
             let _ = sock
                 .send_to(&mdns::browse_query(&[mdns::SERVICES.to_owned()]), group)
                 .await;
-            next_browse = now + BROWSE_EVERY;
+            next_browse = now + browse_gap;
+            browse_gap = next_browse_gap(browse_gap);
         }
         let deadline = hosts.next_deadline().map_or(next_browse, |d| d.min(next_browse));
         let mut events = Vec::new();
@@ -171,5 +180,23 @@ fn log(iface: &str, e: &Event) {
             warn!(iface, host = %host, first = %first, second = %second, addrs = ?addrs, "two devices announce one .local name; the first keeps it")
         }
         Event::Skipped { name, why } => warn!(iface, name = %name, "mDNS name not published: {why}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn browsing_repeats_after_one_second_and_doubles_up_to_five_minutes() {
+        let mut gap = Duration::from_secs(1);
+        let mut gaps = vec![gap];
+        while gap < BROWSE_EVERY {
+            gap = next_browse_gap(gap);
+            gaps.push(gap);
+        }
+        let secs: Vec<u64> = gaps.iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]);
+        assert_eq!(next_browse_gap(BROWSE_EVERY), BROWSE_EVERY);
     }
 }

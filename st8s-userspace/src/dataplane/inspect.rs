@@ -151,7 +151,7 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10} {:>12} {:>13}",
+        "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10} {:>12} {:>13} {:>9}",
         "PORT",
         "BACKENDS",
         "LOCAL",
@@ -164,7 +164,8 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
         "DROP_ERROR",
         "DISCOVERED",
         "SOCKET_LOCAL",
-        "SOCKET_REMOTE"
+        "SOCKET_REMOTE",
+        "FRAGMENTS"
     );
     for (k, v, bs, n) in &s.ports {
         let backends = bs
@@ -186,7 +187,7 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
         };
         let _ = writeln!(
             o,
-            "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10} {:>12} {:>13}",
+            "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10} {:>12} {:>13} {:>9}",
             port_name(k),
             backends,
             local,
@@ -199,7 +200,8 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
             n.drop_error,
             n.discovered,
             n.socket_local,
-            n.socket_remote
+            n.socket_remote,
+            n.fragments
         );
     }
     if !s.discovery.is_empty() {
@@ -254,7 +256,15 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
     }
     let g = &s.global;
     let _ = writeln!(o);
-    let _ = writeln!(o, "not tied to a port: drop_error {}", g.drop_error);
+    let _ = writeln!(
+        o,
+        "not tied to a port: {}",
+        without_port(g)
+            .iter()
+            .map(|(n, v)| format!("{n} {v}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
     o
 }
 
@@ -385,7 +395,10 @@ pub fn to_json(s: &Snapshot, max_flows: usize) -> InspectJson {
             .collect(),
         flow_entries: s.flows.len(),
         revnat_entries: s.revnat_entries,
-        global: counter_map(&s.global),
+        global: without_port(&s.global)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
     }
 }
 
@@ -403,8 +416,24 @@ fn summed(counters: &PerCpuArray<MapData, Counters>, slot: u32) -> anyhow::Resul
     Ok(total)
 }
 
+/// The counters of packets st8s cannot tie to a port (the global slot), by reason.
+pub fn without_port(c: &Counters) -> [(&'static str, u64); 3] {
+    [
+        ("drop_error", c.drop_error),
+        ("frag_untracked", c.frag_untracked),
+        ("frag_invalid", c.frag_invalid),
+    ]
+}
+
+/// The global slot's counters, summed over the CPUs.
+pub fn global_counters(dir: &Path) -> anyhow::Result<Counters> {
+    let counters: PerCpuArray<MapData, Counters> =
+        PerCpuArray::try_from(open_pinned(dir, map_names::COUNTERS)?)?;
+    summed(&counters, GLOBAL_COUNTER_SLOT)
+}
+
 /// The counters a port keeps, by the name `st8s inspect` and the metrics give each.
-pub fn by_result(c: &Counters) -> [(&'static str, u64); 10] {
+pub fn by_result(c: &Counters) -> [(&'static str, u64); 11] {
     [
         ("delivered_local", c.delivered_local),
         ("forwarded", c.forwarded),
@@ -416,6 +445,7 @@ pub fn by_result(c: &Counters) -> [(&'static str, u64); 10] {
         ("discovered", c.discovered),
         ("socket_local", c.socket_local),
         ("socket_remote", c.socket_remote),
+        ("fragments", c.fragments),
     ]
 }
 

@@ -83,6 +83,11 @@ struct PortLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// What the agent records for `/metrics` and `/readyz`.
@@ -336,6 +341,20 @@ impl Collector for PortPackets {
         let m = encoder.encode_descriptor(
             "port_packets",
             "Packets per steered port and outcome (st8s inspect columns)",
+            None,
+            MetricType::Counter,
+        )?;
+        family.encode(m)?;
+        let Ok(global) = inspect::global_counters(Path::new(dir)) else {
+            return Ok(());
+        };
+        let family = Family::<ReasonLabels, Counter>::default();
+        for (reason, n) in inspect::without_port(&global) {
+            family.get_or_create(&ReasonLabels { reason }).inc_by(n);
+        }
+        let m = encoder.encode_descriptor(
+            "packets_without_port",
+            "Packets st8s cannot tie to a steered port, by reason (st8s inspect's last line)",
             None,
             MetricType::Counter,
         )?;
