@@ -451,6 +451,10 @@ pub struct Counters {
     /// Fragments after the first of a datagram st8s steered, given the verdict and translation
     /// of their first fragment.
     pub fragments: u64,
+    /// ICMP errors about this port's flows (unreachable, time exceeded, parameter problem),
+    /// translated like the flow they quote and sent on: a pod's to the client, a client's to
+    /// the pod or to the node that serves the flow.
+    pub icmp_errors: u64,
     /// Not tied to a port (the global slot): a fragment after the first whose first fragment
     /// st8s did not steer or has not seen (not a steered port, arrived out of order, or never
     /// came), left to the kernel.
@@ -459,7 +463,7 @@ pub struct Counters {
     /// kernel drops the datagram), left to the kernel untranslated.
     pub frag_invalid: u64,
 }
-assert_size!(Counters, 104);
+assert_size!(Counters, 112);
 
 impl Counters {
     pub fn add(&mut self, other: &Self) {
@@ -474,6 +478,7 @@ impl Counters {
         self.socket_local += other.socket_local;
         self.socket_remote += other.socket_remote;
         self.fragments += other.fragments;
+        self.icmp_errors += other.icmp_errors;
         self.frag_untracked += other.frag_untracked;
         self.frag_invalid += other.frag_invalid;
     }

@@ -586,6 +586,252 @@ fn try_uplink_xdp(ctx: &XdpContext) -> Option<u32> {
     }
 }
 
+const PROTO_ICMP: u8 = 1;
+const ICMP_CSUM_OFF: usize = L4_OFF + 2;
+/// The packet an ICMP error quotes: its IP header (no options), then its first L4 bytes.
+const INNER_IP_OFF: usize = L4_OFF + 8;
+const INNER_CSUM_OFF: usize = INNER_IP_OFF + 10;
+const INNER_SRC_OFF: usize = INNER_IP_OFF + 12;
+const INNER_DST_OFF: usize = INNER_IP_OFF + 16;
+const INNER_L4_OFF: usize = INNER_IP_OFF + IPV4_HLEN;
+/// Through the quoted packet's ports.
+const ICMP_PARSE_LEN: usize = INNER_L4_OFF + 4;
+
+/// An ICMP error (RFC 792: destination unreachable, time exceeded, parameter problem) that
+/// quotes a TCP or UDP packet: the outer addresses, and the quoted packet's addresses and ports.
+struct IcmpError {
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    saddr: u32,
+    daddr: u32,
+    inner_saddr: u32,
+    inner_daddr: u32,
+    inner_sport: u16,
+    inner_dport: u16,
+    inner_proto: u8,
+}
+
+/// Reads an ICMP error about a TCP or UDP packet (pulling its headers into the linear area);
+/// `None` for anything else, which stays the kernel's: other ICMP, IP options on either header,
+/// a fragment, a quoted packet that is a later fragment (no ports) or is cut short.
+#[inline(always)]
+fn parse_icmp_error(ctx: &TcContext) -> Option<IcmpError> {
+    let wire_len = ctx.len() as usize;
+    if wire_len < ICMP_PARSE_LEN {
+        return None;
+    }
+    if ctx.data() + ICMP_PARSE_LEN > ctx.data_end() {
+        let _ = ctx.pull_data(ICMP_PARSE_LEN as u32);
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let eth = read_bytes::<14>(start, end, 0)?;
+    if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
+        return None;
+    }
+    let ip = read_bytes::<20>(start, end, ETH_HLEN)?;
+    if ip[0] != 0x45 || ip[9] != PROTO_ICMP || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if tot_len < ICMP_PARSE_LEN - ETH_HLEN || ETH_HLEN + tot_len > wire_len {
+        return None;
+    }
+    let icmp = read_bytes::<1>(start, end, L4_OFF)?;
+    // 3 destination unreachable (port unreachable, fragmentation needed, ...), 11 time
+    // exceeded, 12 parameter problem.
+    if !matches!(icmp[0], 3 | 11 | 12) {
+        return None;
+    }
+    let inner = read_bytes::<20>(start, end, INNER_IP_OFF)?;
+    let inner_proto = inner[9];
+    if inner[0] != 0x45
+        || (inner_proto != PROTO_TCP && inner_proto != PROTO_UDP)
+        || u16::from_be_bytes([inner[6], inner[7]]) & 0x1fff != 0
+    {
+        return None;
+    }
+    let ports = read_bytes::<4>(start, end, INNER_L4_OFF)?;
+    Some(IcmpError {
+        dst_mac: [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]],
+        src_mac: [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]],
+        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        inner_saddr: u32::from_ne_bytes([inner[12], inner[13], inner[14], inner[15]]),
+        inner_daddr: u32::from_ne_bytes([inner[16], inner[17], inner[18], inner[19]]),
+        inner_sport: u16::from_ne_bytes([ports[0], ports[1]]),
+        inner_dport: u16::from_ne_bytes([ports[2], ports[3]]),
+        inner_proto,
+    })
+}
+
+/// Translates an ICMP error like the flow it quotes: one outer address (`outer_off`), and the
+/// same address and its port in the quoted packet (`inner_addr_off`, `inner_port_off`). The
+/// outer and the quoted IP checksums follow; the ICMP checksum, which covers the quoted
+/// packet, follows the port (the quoted IP header's own checksum change cancels its address
+/// change in that sum). The quoted L4 checksum is left as it was: it covers a datagram the
+/// error does not carry whole, and receivers do not check it.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn translate_icmp(
+    ctx: &TcContext,
+    outer_off: usize,
+    inner_addr_off: usize,
+    inner_port_off: usize,
+    old_addr: u32,
+    new_addr: u32,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), i64> {
+    ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
+    ctx.store(outer_off, &new_addr, 0)?;
+    ctx.l3_csum_replace(INNER_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
+    ctx.store(inner_addr_off, &new_addr, 0)?;
+    if old_port != new_port {
+        ctx.l4_csum_replace(ICMP_CSUM_OFF, old_port as u64, new_port as u64, 2)?;
+        ctx.store(inner_port_off, &new_port, 0)?;
+    }
+    Ok(())
+}
+
+/// An ICMP error from the LAN about a packet st8s sent as a frontend (a backend's reply: the
+/// quoted packet goes from the frontend address and port to the client): to this node's pod
+/// that sent it, translated back to the pod's own address and port; or, for a flow this node
+/// forwarded, on to the node that serves it, unchanged but for the MACs (that node then
+/// delivers it to its pod). Anything else stays the kernel's.
+#[inline(always)]
+fn icmp_to_backend(ctx: &TcContext) -> Option<i32> {
+    let e = parse_icmp_error(ctx)?;
+    let cfg = config()?;
+    if e.dst_mac != cfg.self_mac || e.inner_saddr != e.daddr {
+        return None;
+    }
+    let port = port_info_of(e.inner_proto, e.inner_sport)?;
+    let slot = port.slot as u32;
+    let to_self = e.daddr == cfg.self_addr_be;
+    if !to_self {
+        // Another node's address: only that node's forward (a cluster node's MAC).
+        let mac = MacKey {
+            mac: e.src_mac,
+            _pad: [0; 2],
+        };
+        // SAFETY: only existence is checked.
+        if unsafe { ST8S_NODES.get(e.daddr) }.is_none() || unsafe { ST8S_PEER_MACS.get(mac) }.is_none() {
+            return None;
+        }
+    }
+    if port.has_local != 0 {
+        let key = RevNatKey {
+            pod_addr_be: port.local_addr_be,
+            client_addr_be: e.inner_daddr,
+            pod_port_be: port.local_port_be,
+            client_port_be: e.inner_dport,
+            proto: e.inner_proto,
+            _pad: 0,
+            _pad2: 0,
+        };
+        // SAFETY: copied out at once.
+        if let Some(rev) = unsafe { ST8S_REVNAT.get(key) }.copied() {
+            if rev.frontend_addr_be == e.daddr && rev.frontend_port_be == e.inner_sport {
+                if translate_icmp(
+                    ctx,
+                    IP_DST_OFF,
+                    INNER_SRC_OFF,
+                    INNER_L4_OFF,
+                    e.daddr,
+                    port.local_addr_be,
+                    e.inner_sport,
+                    port.local_port_be,
+                )
+                .is_err()
+                {
+                    count(slot, |c| c.drop_error += 1);
+                    return Some(TC_ACT_SHOT);
+                }
+                count(slot, |c| c.icmp_errors += 1);
+                // SAFETY: plain helper call.
+                return Some(unsafe {
+                    bpf_redirect_neigh(port.local_ifindex, core::ptr::null_mut(), 0, 0) as i32
+                });
+            }
+        }
+    }
+    if !to_self {
+        return None;
+    }
+    let key = FlowKey {
+        client_addr_be: e.inner_daddr,
+        frontend_addr_be: e.daddr,
+        client_port_be: e.inner_dport,
+        frontend_port_be: e.inner_sport,
+        proto: e.inner_proto,
+        _pad: 0,
+        _pad2: 0,
+    };
+    // SAFETY: copied out at once.
+    let flow = unsafe { ST8S_FLOWS.get(key) }.copied()?;
+    if flow.kind != FLOW_REMOTE {
+        return None;
+    }
+    let Some(Steer::Remote { slot, mac }) = still_valid(&flow, &port, cfg) else {
+        return None;
+    };
+    let m = cfg.self_mac;
+    let eth = [
+        mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], m[0], m[1], m[2], m[3], m[4], m[5],
+    ];
+    if ctx.store(0, &eth, 0).is_err() {
+        count(slot, |c| c.drop_error += 1);
+        return Some(TC_ACT_SHOT);
+    }
+    count(slot, |c| c.icmp_errors += 1);
+    // SAFETY: plain helper call.
+    Some(unsafe { bpf_redirect(cfg.uplink_ifindex, 0) } as i32)
+}
+
+/// A backend pod's ICMP error about a packet st8s delivered to it (port unreachable: nothing
+/// listens on the containerPort; fragmentation needed; ...): it leaves as the frontend the
+/// client sent to, quoting the packet as the client sent it, so the client's stack matches it
+/// to its socket (a connected UDP socket sees ECONNREFUSED at once instead of a timeout).
+#[inline(always)]
+fn icmp_from_backend(ctx: &TcContext) -> Option<i32> {
+    let e = parse_icmp_error(ctx)?;
+    // The pod reports on a packet it received itself.
+    if e.saddr != e.inner_daddr {
+        return None;
+    }
+    let key = RevNatKey {
+        pod_addr_be: e.inner_daddr,
+        client_addr_be: e.inner_saddr,
+        pod_port_be: e.inner_dport,
+        client_port_be: e.inner_sport,
+        proto: e.inner_proto,
+        _pad: 0,
+        _pad2: 0,
+    };
+    // SAFETY: copied out at once.
+    let rev = unsafe { ST8S_REVNAT.get(key) }.copied()?;
+    let cfg = config()?;
+    let slot = rev.slot as u32;
+    if translate_icmp(
+        ctx,
+        IP_SRC_OFF,
+        INNER_DST_OFF,
+        INNER_L4_OFF + 2,
+        e.saddr,
+        rev.frontend_addr_be,
+        e.inner_dport,
+        rev.frontend_port_be,
+    )
+    .is_err()
+    {
+        count(slot, |c| c.drop_error += 1);
+        return Some(TC_ACT_SHOT);
+    }
+    count(slot, |c| c.icmp_errors += 1);
+    // SAFETY: plain helper call.
+    Some(unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) as i32 })
+}
+
 #[classifier]
 pub fn st8s_uplink_tc(ctx: TcContext) -> i32 {
     try_uplink_tc(&ctx).unwrap_or(TC_ACT_OK)
@@ -604,7 +850,9 @@ fn parse_tc(ctx: &TcContext) -> Option<Packet> {
 
 #[inline(always)]
 fn try_uplink_tc(ctx: &TcContext) -> Option<i32> {
-    let mut pkt = parse_tc(ctx)?;
+    let Some(mut pkt) = parse_tc(ctx) else {
+        return icmp_to_backend(ctx);
+    };
     fragment_ports(&mut pkt, true)?;
     let cfg = config()?;
     if pkt.proto == PROTO_UDP && is_group_or_broadcast(pkt.daddr, cfg) {
@@ -932,7 +1180,9 @@ pub fn st8s_pod_tc(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
-    let mut pkt = parse_tc(ctx)?;
+    let Some(mut pkt) = parse_tc(ctx) else {
+        return icmp_from_backend(ctx);
+    };
     fragment_ports(&mut pkt, true)?;
     if pkt.proto == PROTO_UDP {
         let cfg = config()?;

@@ -250,6 +250,65 @@ mod ep {
         out
     }
 
+    /// An ICMP port unreachable (RFC 792) as a host's stack sends it, quoting `quoted` (the IP
+    /// packet it is about, from its IP header on): etherparse computes the ICMP checksum.
+    pub fn port_unreachable(
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        quoted: &[u8],
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(src_mac, dst_mac)
+            .ipv4(src.octets(), dst.octets(), 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ))
+            .write(&mut out, quoted)
+            .expect("etherparse writes the ICMP error");
+        out
+    }
+
+    /// What etherparse reads of an ICMP error: the outer addresses, the quoted packet's
+    /// addresses and ports, and the three checksums (outer IP, ICMP over the whole message,
+    /// the quoted IP header's).
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct IcmpRead {
+        pub src: Ipv4Addr,
+        pub dst: Ipv4Addr,
+        pub inner_src: Ipv4Addr,
+        pub inner_sport: u16,
+        pub inner_dst: Ipv4Addr,
+        pub inner_dport: u16,
+        pub checksums_ok: bool,
+    }
+
+    pub fn read_icmp(pkt: &[u8]) -> IcmpRead {
+        let p = SlicedPacket::from_ethernet(pkt).expect("an Ethernet frame");
+        let Some(NetSlice::Ipv4(ip)) = p.net else {
+            panic!("not IPv4")
+        };
+        let h = ip.header();
+        let Some(TransportSlice::Icmpv4(icmp)) = p.transport else {
+            panic!("not ICMP: {:?}", p.transport)
+        };
+        let icmp_ok = etherparse::Icmpv4Header::with_checksum(icmp.icmp_type(), icmp.payload()).checksum
+            == icmp.checksum();
+        let (inner, rest) = etherparse::Ipv4Header::from_slice(icmp.payload()).expect("a quoted IPv4 header");
+        IcmpRead {
+            src: h.source_addr(),
+            dst: h.destination_addr(),
+            inner_src: Ipv4Addr::from(inner.source),
+            inner_sport: u16::from_be_bytes([rest[0], rest[1]]),
+            inner_dst: Ipv4Addr::from(inner.destination),
+            inner_dport: u16::from_be_bytes([rest[2], rest[3]]),
+            checksums_ok: h.to_header().calc_header_checksum() == h.header_checksum()
+                && icmp_ok
+                && inner.calc_header_checksum() == inner.header_checksum,
+        }
+    }
+
     pub fn src_addr(p: &[u8]) -> Ipv4Addr {
         read(p).src
     }
@@ -890,6 +949,146 @@ fn a_datagram_in_fragments_is_steered_whole_both_ways() {
         assert_eq!(dp.run_tc(program_names::UPLINK_TC, f), (TC_ACT_OK, f.clone()));
     }
     assert_eq!(dp.counters(global).frag_untracked, 2);
+}
+
+/// Issue 16: ICMP errors about steered flows are translated like the flow they quote, both
+/// ways: a pod's port unreachable leaves as the frontend, quoting the packet as the client sent
+/// it; a client's, about a pod's reply, reaches the pod quoting the pod's own packet, from this
+/// node, through the node that forwarded the flow, or at the serving node from its peer. Other
+/// ICMP, and errors about flows st8s did not carry, stay the kernel's.
+#[test]
+fn icmp_errors_about_steered_flows_are_translated_both_ways() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    let dns = dp.port(53, PROTO_UDP, &[(SELF, [0; 6], true)], 0, true);
+    let web = dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
+    const POD_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x05];
+    let quote = |frame: &[u8]| frame[14..14 + 28].to_vec();
+
+    // A query delivered to the pod; nothing listens there: the pod's port unreachable.
+    let query = Frame {
+        src_mac: CLIENT_MAC,
+        dst_mac: SELF_MAC,
+        ..Frame::udp(a(CLIENT), 40000, a(SELF), 53)
+    }
+    .wire();
+    let (v, delivered) = dp.run_tc(program_names::UPLINK_TC, &query);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let from_pod = ep::port_unreachable(POD_MAC, SELF_MAC, a(POD), a(CLIENT), &quote(&delivered));
+    let (v, out) = dp.run_tc(program_names::POD_TC, &from_pod);
+    assert_eq!(v, TC_ACT_REDIRECT, "out of the uplink");
+    assert_eq!(
+        ep::read_icmp(&out),
+        ep::IcmpRead {
+            src: a(SELF),
+            dst: a(CLIENT),
+            inner_src: a(CLIENT),
+            inner_sport: 40000,
+            inner_dst: a(SELF),
+            inner_dport: 53,
+            checksums_ok: true,
+        },
+        "the client sees the error as the node's, about the packet it sent"
+    );
+
+    // The client's port unreachable about the pod's answer (from SELF:53): back to the pod,
+    // about the pod's own packet.
+    let answer = Frame::udp(a(SELF), 53, a(CLIENT), 40000).wire();
+    let from_client = ep::port_unreachable(CLIENT_MAC, SELF_MAC, a(CLIENT), a(SELF), &quote(&answer));
+    assert_eq!(
+        dp.run_xdp(&from_client),
+        (XDP_PASS, from_client.clone()),
+        "XDP leaves ICMP to TC"
+    );
+    let (v, out) = dp.run_tc(program_names::UPLINK_TC, &from_client);
+    assert_eq!(v, TC_ACT_REDIRECT, "to the pod");
+    assert_eq!(
+        ep::read_icmp(&out),
+        ep::IcmpRead {
+            src: a(CLIENT),
+            dst: a(POD),
+            inner_src: a(POD),
+            inner_sport: 8080,
+            inner_dst: a(CLIENT),
+            inner_dport: 40000,
+            checksums_ok: true,
+        }
+    );
+    assert_eq!(dp.counters(dns).icmp_errors, 2);
+
+    // A flow this node forwarded (80/tcp to the peer): the client's error about the reply
+    // (which left the peer as this node) goes to the peer, unchanged but for the MACs.
+    assert_eq!(dp.run_xdp(&client_tcp(SELF, 80).wire()).0, XDP_TX);
+    let reply = Frame::tcp(a(SELF), 80, a(CLIENT), 40000).wire();
+    let err = ep::port_unreachable(CLIENT_MAC, SELF_MAC, a(CLIENT), a(SELF), &quote(&reply));
+    let (v, out) = dp.run_tc(program_names::UPLINK_TC, &err);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!((&out[0..6], &out[6..12]), (&PEER_MAC[..], &SELF_MAC[..]));
+    assert_eq!(&out[12..], &err[12..]);
+    assert_eq!(dp.counters(web).icmp_errors, 1);
+
+    // At the serving node: a flow the peer forwarded here (to the peer's address), and the
+    // client's error about its reply, forwarded by the peer: to the pod.
+    let forwarded = Frame {
+        src_mac: PEER_MAC,
+        dst_mac: SELF_MAC,
+        ..Frame::udp(a(CLIENT), 40001, a(PEER), 53)
+    }
+    .wire();
+    assert_eq!(dp.run_tc(program_names::UPLINK_TC, &forwarded).0, TC_ACT_REDIRECT);
+    let answer = Frame::udp(a(PEER), 53, a(CLIENT), 40001).wire();
+    let err = ep::port_unreachable(PEER_MAC, SELF_MAC, a(CLIENT), a(PEER), &quote(&answer));
+    let (v, out) = dp.run_tc(program_names::UPLINK_TC, &err);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let r = ep::read_icmp(&out);
+    assert_eq!(
+        (r.dst, r.inner_src, r.inner_sport, r.checksums_ok),
+        (a(POD), a(POD), 8080, true)
+    );
+    // The same from a MAC that is not a cluster node's is not trusted.
+    let mut untrusted = err.clone();
+    untrusted[6..12].copy_from_slice(&CLIENT_MAC);
+    assert_eq!(
+        dp.run_tc(program_names::UPLINK_TC, &untrusted),
+        (TC_ACT_OK, untrusted.clone())
+    );
+
+    // Left alone: an error about a flow st8s did not carry, an echo request, and a pod's
+    // error about a packet that did not come through st8s.
+    let stranger = Frame::udp(a(SELF), 53, a(CLIENT), 40999).wire();
+    let about_other = ep::port_unreachable(CLIENT_MAC, SELF_MAC, a(CLIENT), a(SELF), &quote(&stranger));
+    let mut echo = Vec::new();
+    echo_request(&mut echo);
+    let pod_other = ep::port_unreachable(
+        POD_MAC,
+        SELF_MAC,
+        a(POD),
+        a("10.0.0.99"),
+        &quote(&Frame::udp(a("10.0.0.99"), 5000, a(POD), 8080).wire()),
+    );
+    for (what, pkt, prog) in [
+        (
+            "an error about another flow",
+            &about_other,
+            program_names::UPLINK_TC,
+        ),
+        ("an echo request", &echo, program_names::UPLINK_TC),
+        (
+            "a pod's error about a packet st8s did not deliver",
+            &pod_other,
+            program_names::POD_TC,
+        ),
+    ] {
+        assert_eq!(dp.run_tc(prog, pkt), (TC_ACT_OK, pkt.clone()), "{what}");
+    }
+}
+
+/// An ICMP echo request from the client to this node.
+fn echo_request(out: &mut Vec<u8>) {
+    etherparse::PacketBuilder::ethernet2(CLIENT_MAC, SELF_MAC)
+        .ipv4(a(CLIENT).octets(), a(SELF).octets(), 64)
+        .icmpv4_echo_request(1, 1)
+        .write(out, b"ping")
+        .expect("echo");
 }
 
 /// 4e: a packet addressed to another node's IP is served here only when a cluster node sent it.

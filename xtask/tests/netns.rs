@@ -2335,3 +2335,44 @@ fn a_dns_answer_in_fragments_reaches_a_connected_client_whole_from_the_node() {
         "node3 delivered and answered fragments: {node3:?}"
     );
 }
+
+/// Issue 16: a pod's ICMP error about a steered flow reaches the client as the node's, quoting
+/// the packet the client sent. The pod declares 53/udp but nothing listens on it (a DNS server
+/// that has not started yet, or crashed): its kernel answers each query with a port
+/// unreachable. dig's connected UDP socket gets ECONNREFUSED from that error and reports
+/// "connection refused" at once; an error it cannot match to its socket (from the pod's
+/// address, about the pod's address) would leave it waiting for its timeout.
+#[test]
+fn a_pods_port_unreachable_reaches_the_client_as_the_nodes() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab(true);
+    let mut pod = PodSpec::dns("silent", 3);
+    pod.dns = None;
+    pod.command = Some(["sleep", "600"].map(String::from).to_vec());
+    let lab = running(lab, &[pod]);
+    for node in [3, 1] {
+        let server = format!("@{}", node_addr(node));
+        let started = std::time::Instant::now();
+        let out = lab
+            .exec(
+                lab.client_ns(),
+                "dig",
+                &["+time=5", "+tries=1", &server, "whoami.lab", "TXT"],
+            )
+            .expect("dig");
+        let took = started.elapsed();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains("connection refused"),
+            "node{node}: dig hears the refusal\n{text}"
+        );
+        assert!(
+            took < Duration::from_secs(3),
+            "node{node}: at once, not after the timeout: {took:?}"
+        );
+        println!("node{node}: dig saw 'connection refused' after {took:?}");
+    }
+    let c = st8s::dataplane::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
+    let errors = c.get("53/udp").map(|c| c.icmp_errors).unwrap_or_default();
+    assert!(errors >= 2, "node3 translated both errors: {errors}");
+}

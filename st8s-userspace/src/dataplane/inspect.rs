@@ -151,7 +151,7 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10} {:>12} {:>13} {:>9}",
+        "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10} {:>12} {:>13} {:>9} {:>11}",
         "PORT",
         "BACKENDS",
         "LOCAL",
@@ -165,7 +165,8 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
         "DISCOVERED",
         "SOCKET_LOCAL",
         "SOCKET_REMOTE",
-        "FRAGMENTS"
+        "FRAGMENTS",
+        "ICMP_ERRORS"
     );
     for (k, v, bs, n) in &s.ports {
         let backends = bs
@@ -187,7 +188,7 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
         };
         let _ = writeln!(
             o,
-            "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10} {:>12} {:>13} {:>9}",
+            "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10} {:>12} {:>13} {:>9} {:>11}",
             port_name(k),
             backends,
             local,
@@ -201,7 +202,8 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
             n.discovered,
             n.socket_local,
             n.socket_remote,
-            n.fragments
+            n.fragments,
+            n.icmp_errors
         );
     }
     if !s.discovery.is_empty() {
@@ -433,7 +435,7 @@ pub fn global_counters(dir: &Path) -> anyhow::Result<Counters> {
 }
 
 /// The counters a port keeps, by the name `st8s inspect` and the metrics give each.
-pub fn by_result(c: &Counters) -> [(&'static str, u64); 11] {
+pub fn by_result(c: &Counters) -> [(&'static str, u64); 12] {
     [
         ("delivered_local", c.delivered_local),
         ("forwarded", c.forwarded),
@@ -446,6 +448,7 @@ pub fn by_result(c: &Counters) -> [(&'static str, u64); 11] {
         ("socket_local", c.socket_local),
         ("socket_remote", c.socket_remote),
         ("fragments", c.fragments),
+        ("icmp_errors", c.icmp_errors),
     ]
 }
 
