@@ -850,6 +850,12 @@ fn parse_tc(ctx: &TcContext) -> Option<Packet> {
 
 #[inline(always)]
 fn try_uplink_tc(ctx: &TcContext) -> Option<i32> {
+    // A frame of a VLAN whose tag the kernel (or the NIC) already took off into the skb belongs
+    // to that VLAN's subinterface, which gets it after this program: not this interface's LAN.
+    // SAFETY: a read of this program's own __sk_buff.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return None;
+    }
     let Some(mut pkt) = parse_tc(ctx) else {
         return icmp_to_backend(ctx);
     };

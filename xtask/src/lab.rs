@@ -241,6 +241,8 @@ pub struct Lab {
     agent_args: Vec<String>,
     /// Pods written with a `deletionTimestamp` (deleted, still Ready, in their grace period).
     terminating: Vec<String>,
+    /// Nodes whose address sits on a VLAN subinterface of eth0 (see [`Lab::uplink_on_vlan`]).
+    vlan_uplinks: BTreeMap<usize, String>,
 }
 
 /// The lab's cgroup v2 directory name for a lab id (`<pid>-<n>`).
@@ -383,6 +385,7 @@ impl Lab {
             agent_cgroup: BTreeMap::new(),
             agent_args: Vec::new(),
             terminating: Vec::new(),
+            vlan_uplinks: BTreeMap::new(),
         };
         lab.build().context("building the lab network")?;
         Ok(lab)
@@ -842,7 +845,9 @@ impl Lab {
         let child = cmd
             .arg("--pin-dir")
             .arg(self.agent_pin_dir(node))
-            .args(["--iface", "eth0", "--poll-ms", "100", "--xdp", &self.cfg.xdp])
+            .arg("--iface")
+            .arg(self.uplink(node))
+            .args(["--poll-ms", "100", "--xdp", &self.cfg.xdp])
             .args([
                 "--prefer-local",
                 if self.cfg.prefer_local { "true" } else { "false" },
@@ -877,6 +882,58 @@ impl Lab {
     /// looks like a directory that is none).
     pub fn set_agent_cgroup(&mut self, node: usize, cgroup: &str) {
         self.agent_cgroup.insert(node, cgroup.to_owned());
+    }
+
+    /// The interface that holds a node's LAN address: eth0, or its VLAN subinterface.
+    pub fn uplink(&self, node: usize) -> String {
+        self.vlan_uplinks
+            .get(&node)
+            .cloned()
+            .unwrap_or_else(|| "eth0".to_owned())
+    }
+
+    /// Puts a node's address on a VLAN subinterface (`eth0.<vid>`), as on a home network whose
+    /// servers sit on a tagged VLAN: the node's switch port becomes a trunk that carries the
+    /// LAN as VLAN `vid`, tagged (the switch bridges the port's own `.<vid>` subinterface, which
+    /// needs no VLAN-aware bridge); every other port stays an access port (untagged). Needs
+    /// the kernel's 802.1Q support (8021q). Call before starting the agents.
+    pub fn uplink_on_vlan(&mut self, node: usize, vid: u16) -> anyhow::Result<()> {
+        let sw = self.sw.clone();
+        let ns = self.nodes[node - 1].clone();
+        let vid_s = vid.to_string();
+        let vlan_if = format!("eth0.{vid}");
+        let port = format!("n{node}");
+        let trunk = format!("n{node}.{vid}");
+        ip(&["-n", &sw, "link", "set", &port, "nomaster"])?;
+        ip(&[
+            "-n", &sw, "link", "add", "link", &port, "name", &trunk, "type", "vlan", "id", &vid_s,
+        ])
+        .context("a VLAN device (the kernel's 8021q)")?;
+        ip(&["-n", &sw, "link", "set", &trunk, "master", "br0", "up"])?;
+        // The node: its address moves from eth0 to eth0.<vid>, and the routes to the other
+        // nodes' pods with it.
+        let addr = format!("{}/24", node_addr(node));
+        ip(&["-n", &ns, "addr", "del", &addr, "dev", "eth0"])?;
+        ip(&[
+            "-n", &ns, "link", "add", "link", "eth0", "name", &vlan_if, "type", "vlan", "id", &vid_s,
+        ])?;
+        ip(&["-n", &ns, "addr", "add", &addr, "dev", &vlan_if])?;
+        ip(&["-n", &ns, "link", "set", &vlan_if, "up"])?;
+        for other in 1..=self.cfg.nodes {
+            if other != node {
+                ip(&[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    &format!("10.244.{other}.0/24"),
+                    "via",
+                    &node_addr(other).to_string(),
+                ])?;
+            }
+        }
+        self.vlan_uplinks.insert(node, vlan_if);
+        Ok(())
     }
 
     /// Gives every agent started from now on these extra arguments (`--mdns`).

@@ -11,7 +11,9 @@
 //! - the BPF_PROG_TEST_RUN fixtures through the verifier-loaded programs;
 //! - the lab (three nodes, pods, a client; local and forwarded, TCP and UDP) on every attach
 //!   path: XDP native with the kernel's own TC path (`auto`: netlink filters before 6.6, TCX
-//!   after), XDP off (TC forwards), and on kernels with TCX the netlink path as well.
+//!   after), XDP off (TC forwards), and on kernels with TCX the netlink path as well;
+//! - the lab with node1's address on a VLAN subinterface (eth0.20, its switch port a trunk):
+//!   this machine's own kernel has no 802.1Q support, Debian's has it as a module.
 
 use std::{
     collections::BTreeSet,
@@ -106,7 +108,7 @@ pub const KERNELS: [Kernel; 3] = [
 
 /// Modules the lab needs that Debian builds as modules, in load order (dependencies first;
 /// [`module_deps`] adds any the files name).
-const MODULES: [&str; 4] = ["bridge", "veth", "sch_ingress", "cls_bpf"];
+const MODULES: [&str; 5] = ["bridge", "veth", "sch_ingress", "cls_bpf", "8021q"];
 
 /// Host tools the lab runs inside the VM (busybox provides the rest: sh, sysctl, mount, ...).
 const TOOLS: [&str; 5] = [
@@ -369,7 +371,14 @@ fn boot(k: &Kernel, tree: &Path, bins: &Binaries) -> anyhow::Result<Outcome> {
     let tcx = release_at_least(&release, 6, 6);
     let initrd = work.join("initrd.cpio");
     let mods = module_order(&modules)?;
-    build_initrd(&initrd, k.arch, &modules, &mods, bins, &init_script(&mods, tcx))?;
+    build_initrd(
+        &initrd,
+        k.arch,
+        &modules,
+        &mods,
+        bins,
+        &init_script(&mods, tcx, k.arch == Arch::Amd64),
+    )?;
     let log = work.join("console.log");
     progress(&format!(
         "kernel {}: booting {release} under QEMU (software emulation)",
@@ -442,6 +451,8 @@ fn expected_attach(step: &str, tcx: bool) -> Option<String> {
         "lab-xdp-auto" => format!("xdp native tc {kernel_tc}"),
         "lab-xdp-off-tc-forwards" => format!("xdp off tc {kernel_tc}"),
         "lab-tc-netlink" => "xdp native tc netlink".to_owned(),
+        // node1 on a VLAN subinterface: Linux's VLAN driver has no native XDP.
+        "lab-vlan-uplink" => format!("xdp off tc {kernel_tc}"),
         _ => return None,
     })
 }
@@ -477,8 +488,9 @@ fn release_at_least(release: &str, major: u64, minor: u64) -> bool {
     (v.first().copied().unwrap_or(0), v.get(1).copied().unwrap_or(0)) >= (major, minor)
 }
 
-/// The steps /init runs: each prints its marker line.
-fn init_script(mods: &[String], tcx: bool) -> String {
+/// The steps /init runs: each prints its marker line. `vlan`: the VLAN uplink step too (run on
+/// the x86_64 kernels, one per TC attach path; on arm64 it would test nothing of its own).
+fn init_script(mods: &[String], tcx: bool, vlan: bool) -> String {
     let mut s = String::from(
         "#!/bin/busybox sh\n/bin/busybox --install -s\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
@@ -493,6 +505,9 @@ fn init_script(mods: &[String], tcx: bool) -> String {
     s += "step fixtures /t/fixtures --test-threads 1\n";
     s += "step lab-xdp-auto /t/debug/xtask lab --no-setup --wait 180\n";
     s += "step lab-xdp-off-tc-forwards /t/debug/xtask lab --no-setup --wait 180 --xdp off\n";
+    if vlan {
+        s += "step lab-vlan-uplink /t/debug/xtask lab --no-setup --wait 180 --vlan-node 1\n";
+    }
     if tcx {
         s += "step lab-tc-netlink /t/debug/xtask lab --no-setup --wait 180 --agent-arg=--tc-attach=netlink\n";
     }

@@ -232,6 +232,15 @@ impl BpfDataplane {
     pub fn attach(&mut self) -> anyhow::Result<()> {
         let dir = self.opts.pin_dir.clone();
         let iface = self.opts.iface.clone();
+        if let Some(vlan) = net::vlan_of(&iface) {
+            // Linux's VLAN driver has no native XDP: with `--xdp auto`, TC forwards.
+            info!(
+                %iface,
+                parent = %vlan.parent,
+                vlan = vlan.id,
+                "the uplink is a VLAN subinterface: st8s steers the frames of this VLAN on it; tagged frames on the parent are left to the kernel"
+            );
+        }
         let xdp_path = pins::link_path(&dir, "uplink_xdp");
         let xdp_forwards = match self.opts.xdp {
             XdpChoice::Off => {

@@ -176,6 +176,35 @@ pub fn mac_of(iface: &str) -> Result<[u8; 6], NetError> {
     hwaddr(iface).map(|(_, mac)| mac)
 }
 
+/// An 802.1Q VLAN subinterface (`eth0.20`): its parent and its VLAN id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vlan {
+    pub parent: String,
+    pub id: u16,
+}
+
+/// Whether `iface` is a VLAN subinterface, and of what: from `/proc/net/vlan/config`, which
+/// the kernel's 802.1Q module keeps for the network namespace of the reader (sysfs shows the
+/// namespace it was mounted in, which is not always the agent's).
+pub fn vlan_of(iface: &str) -> Option<Vlan> {
+    parse_vlan_config(&std::fs::read_to_string("/proc/net/vlan/config").ok()?, iface)
+}
+
+/// A line of `/proc/net/vlan/config` (after its two header lines): `eth0.20 | 20 | eth0`.
+fn parse_vlan_config(text: &str, iface: &str) -> Option<Vlan> {
+    text.lines().find_map(|l| {
+        let mut f = l.split('|').map(str::trim);
+        let (name, id, parent) = (f.next()?, f.next()?, f.next()?);
+        if name != iface {
+            return None;
+        }
+        Some(Vlan {
+            parent: parent.to_owned(),
+            id: id.parse().ok()?,
+        })
+    })
+}
+
 /// The interface carries Ethernet frames (ARPHRD_ETHER): a bridge or a veth does; an L3-only
 /// device (ipvlan in L3 mode, a tunnel) has no L2 path to what is behind it.
 pub fn is_ethernet(iface: &str) -> bool {
@@ -470,6 +499,21 @@ pub fn is_cgroup2(path: &std::path::Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vlan_subinterface_is_read_from_proc_net_vlan_config() {
+        let text = "VLAN Dev name\t | VLAN ID\nName-Type: VLAN_NAME_TYPE_RAW_PLUS_VID_NO_PAD\neth0.20        | 20  | eth0\nbond0.300      | 300  | bond0\n";
+        assert_eq!(
+            parse_vlan_config(text, "eth0.20"),
+            Some(Vlan {
+                parent: "eth0".into(),
+                id: 20
+            })
+        );
+        assert_eq!(parse_vlan_config(text, "bond0.300").map(|v| v.id), Some(300));
+        assert_eq!(parse_vlan_config(text, "eth0"), None);
+        assert_eq!(parse_vlan_config("garbage", "eth0.20"), None);
+    }
 
     #[test]
     fn picks_the_longest_prefix() {
