@@ -77,6 +77,7 @@ fn plan_json(p: &st8s::core::Plan) -> serde_json::Value {
                     "draining": b.draining,
                 })).collect::<Vec<_>>(),
                 "local": port.local.as_ref().map(|l| format!("{}:{}", l.addr, l.port)),
+                "local6": port.local.as_ref().and_then(|l| l.addr6).map(|a| format!("[{a}]:{}", port.local.as_ref().map_or(0, |l| l.port))),
                 "local_pod": port.local.as_ref().map(|l| l.pod.clone()),
                 "discovery": port.local.as_ref().is_some_and(|l| l.discovery),
             })
@@ -85,6 +86,7 @@ fn plan_json(p: &st8s::core::Plan) -> serde_json::Value {
     serde_json::json!({
         "node": p.desired.self_node.name,
         "node_addr": p.desired.self_node.addr,
+        "node_addr6": p.desired.self_node.addr6,
         "ports": ports,
         "problems": p.problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })

@@ -3,7 +3,10 @@
 //! types here, so the core builds without kube or k8s-openapi, and a test writes a cluster as
 //! plain values.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 /// A node as st8s needs it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -11,6 +14,8 @@ pub struct Node {
     pub name: String,
     /// The node's first IPv4 InternalIP; a node without one is reported and left out.
     pub addr: Option<Ipv4Addr>,
+    /// The node's first IPv6 InternalIP (a dual-stack node has one of each).
+    pub addr6: Option<Ipv6Addr>,
     /// The node's `Ready` condition is `True`.
     pub ready: bool,
 }
@@ -41,8 +46,11 @@ pub struct Pod {
     pub name: String,
     /// `spec.nodeName`: none until the pod is scheduled.
     pub node: Option<String>,
-    /// `status.podIP` as the API gives it; the plan reports one that is not IPv4.
+    /// `status.podIP` as the API gives it (the first of `ips`, in either family).
     pub ip: Option<String>,
+    /// `status.podIPs`: a dual-stack pod has one address of each family, the cluster's primary
+    /// family first (an IPv6-primary cluster lists the IPv6 one first, and in `podIP`).
+    pub ips: Vec<String>,
     /// The pod's `Ready` condition is `True`.
     pub ready: bool,
     /// `metadata.deletionTimestamp` is set: the pod is shutting down (a rolling update deletes

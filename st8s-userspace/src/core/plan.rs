@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use st8s_common::{MAX_BACKENDS, MAX_NODES, MAX_PORTS, PROTO_TCP, PROTO_UDP};
@@ -69,6 +69,8 @@ impl fmt::Display for PortId {
 pub struct NodeEntry {
     pub name: String,
     pub addr: Ipv4Addr,
+    /// The node's IPv6 InternalIP on a dual-stack cluster (not steered yet: IPv6 is passed).
+    pub addr6: Option<Ipv6Addr>,
     pub ready: bool,
 }
 
@@ -88,6 +90,8 @@ pub struct BackendEntry {
 pub struct LocalBackend {
     pub pod: String,
     pub addr: Ipv4Addr,
+    /// The pod's IPv6 address on a dual-stack cluster (not steered yet: IPv6 is passed).
+    pub addr6: Option<Ipv6Addr>,
     pub port: u16,
     /// The pod declares this (UDP) hostPort in `st8s.io/discovery`: broadcast and multicast to
     /// it are delivered to the pod too.
@@ -159,7 +163,9 @@ pub enum Problem {
     NodeWithoutAddress { node: String },
     #[error("pod {pod}: Ready with hostPorts but no podIP")]
     PodWithoutIp { pod: String },
-    #[error("pod {pod}: podIP {ip:?} is not an IPv4 address")]
+    #[error(
+        "pod {pod}: no IPv4 address among its podIPs {ip:?} (st8s steers IPv4; an IPv6-only pod is left to the kernel)"
+    )]
     PodIpNotIpv4 { pod: String, ip: String },
     #[error("pod {pod}: hostPort {port} has unknown protocol {protocol:?} (st8s steers TCP and UDP)")]
     UnknownProtocol {
@@ -289,9 +295,18 @@ fn discovery_ports(pod: &Pod, name: &str, claims: &[Claim], problems: &mut Vec<P
     ports
 }
 
-/// The pod that holds a hostPort on a node: (pod, pod address, containerPort, discovery,
-/// draining).
-type Owner = (String, Ipv4Addr, u16, bool, bool);
+/// The pod that holds a hostPort on a node: (pod, IPv4 address, IPv6 address, containerPort,
+/// discovery, draining).
+type Owner = (String, Ipv4Addr, Option<Ipv6Addr>, u16, bool, bool);
+
+/// A pod's first IPv4 and first IPv6 address, from `podIP` and `podIPs`.
+fn pod_addresses(pod: &Pod) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+    let all = || pod.ip.iter().chain(pod.ips.iter());
+    (
+        all().find_map(|a| a.parse().ok()),
+        all().find_map(|a| a.parse().ok()),
+    )
+}
 
 /// Turns the cluster into the table node `self_name` should run.
 ///
@@ -310,6 +325,7 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
         let entry = NodeEntry {
             name: name.clone(),
             addr,
+            addr6: node.addr6,
             ready: node.ready,
         };
         node_by_name.insert(name.clone(), entry.clone());
@@ -387,10 +403,18 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
             problems.push(Problem::PodWithoutIp { pod: name.clone() });
             continue;
         };
-        let Ok(addr) = ip.parse::<Ipv4Addr>() else {
+        // podIP is the primary family's; on a dual-stack cluster podIPs has both (an
+        // IPv6-primary cluster lists its IPv6 address first).
+        let (v4, v6) = pod_addresses(pod);
+        let Some(addr) = v4 else {
+            let all = std::iter::once(ip.clone()).chain(pod.ips.iter().cloned());
             problems.push(Problem::PodIpNotIpv4 {
                 pod: name.clone(),
-                ip: ip.clone(),
+                ip: all
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .join(","),
             });
             continue;
         };
@@ -409,12 +433,15 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
                 continue;
             }
             let discovers = claim.port.proto == Proto::Udp && discovery.contains(&claim.port.port);
-            owners.insert(key, (name.clone(), addr, claim.container_port, discovers, !ready));
+            owners.insert(
+                key,
+                (name.clone(), addr, v6, claim.container_port, discovers, !ready),
+            );
         }
     }
 
     let mut ports: BTreeMap<PortId, PortPlan> = BTreeMap::new();
-    for ((port, node_name), (pod, addr, container_port, discovery, draining)) in owners {
+    for ((port, node_name), (pod, addr, addr6, container_port, discovery, draining)) in owners {
         let entry = ports.entry(port).or_default();
         let node = &node_by_name[&node_name];
         entry.backends.push(BackendEntry {
@@ -427,6 +454,7 @@ pub fn plan(cluster: &Cluster, self_name: &str) -> Result<Plan, PlanError> {
             entry.local = Some(LocalBackend {
                 pod,
                 addr,
+                addr6,
                 port: container_port,
                 discovery,
                 draining,
@@ -467,6 +495,7 @@ pub(crate) mod tests {
         Node {
             name: name.into(),
             addr: Some(ip.parse().expect("test address")),
+            addr6: None,
             ready,
         }
     }
@@ -615,6 +644,7 @@ pub(crate) mod tests {
             Some(LocalBackend {
                 pod: "ns/web-a".into(),
                 addr: "10.244.1.2".parse().expect("test address"),
+                addr6: None,
                 port: 8080,
                 discovery: false,
                 draining: false,
@@ -767,6 +797,7 @@ pub(crate) mod tests {
         nodes.push(Node {
             name: "noaddr".into(),
             addr: None,
+            addr6: None,
             ready: true,
         });
         let mut weird = pod("weird", "node1", "10.244.1.3", &web());
@@ -794,9 +825,44 @@ pub(crate) mod tests {
             all.contains("pods ns/a and ns/b both claim hostPort 80/tcp on node node2"),
             "{all}"
         );
-        assert!(all.contains("ns/v6") && all.contains("not an IPv4"), "{all}");
+        assert!(all.contains("ns/v6") && all.contains("no IPv4 address"), "{all}");
         assert!(all.contains("ns/huge: port 70000 is out of range"), "{all}");
         assert_eq!(p.problems.len(), 7, "{all}");
+    }
+
+    /// Dual-stack clusters: a pod's podIP is its primary family's (IPv6 first on an
+    /// IPv6-primary cluster), and podIPs lists both. The pod is steered by its IPv4 address,
+    /// whichever comes first, and the plan keeps the IPv6 ones of pods and nodes.
+    #[test]
+    fn dual_stack_pods_are_steered_by_their_ipv4_address_whichever_family_is_primary() {
+        let mut nodes = three_nodes();
+        nodes[0].addr6 = Some("fd00:77::11".parse().expect("a"));
+        let mut v6_primary = pod("v6first", "node1", "fd00:244:1::5", &web());
+        v6_primary.ips = vec!["fd00:244:1::5".into(), "10.244.1.5".into()];
+        let mut v4_primary = pod("v4first", "node2", "10.244.2.5", &web());
+        v4_primary.ips = vec!["10.244.2.5".into(), "fd00:244:2::5".into()];
+        let mut v6_only = pod("v6only", "node3", "fd00:244:3::5", &web());
+        v6_only.ips = vec!["fd00:244:3::5".into()];
+        let p = plan(&cluster(nodes, vec![v6_primary, v4_primary, v6_only]), "node1").expect("plans");
+        let port = &p.desired.ports[&PortId {
+            port: 80,
+            proto: Proto::Tcp,
+        }];
+        let local = port.local.as_ref().expect("node1's pod");
+        assert_eq!(local.addr, "10.244.1.5".parse::<Ipv4Addr>().expect("a"));
+        assert_eq!(local.addr6, Some("fd00:244:1::5".parse().expect("a")));
+        assert_eq!(
+            port.backends.iter().map(|b| b.node.as_str()).collect::<Vec<_>>(),
+            ["node1", "node2"],
+            "the IPv6-only pod is not a backend"
+        );
+        assert_eq!(p.desired.self_node.addr6, Some("fd00:77::11".parse().expect("a")));
+        let all: Vec<String> = p.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(
+            all[0].contains("ns/v6only") && all[0].contains("fd00:244:3::5"),
+            "{all:?}"
+        );
     }
 
     #[test]
@@ -809,6 +875,7 @@ pub(crate) mod tests {
         let bare = Node {
             name: "bare".into(),
             addr: None,
+            addr6: None,
             ready: true,
         };
         assert_eq!(

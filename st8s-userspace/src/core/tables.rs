@@ -91,6 +91,7 @@ mod tests {
             local: local.then(|| LocalBackend {
                 pod: "p".into(),
                 addr: "10.244.1.2".parse().expect("test address"),
+                addr6: None,
                 port: 8080,
                 discovery: false,
                 draining: false,

@@ -43,6 +43,7 @@ pub fn node(node: &Node) -> core::Node {
     core::Node {
         name: node.metadata.name.clone().unwrap_or_default(),
         addr: internal_ip(node),
+        addr6: internal_ip6(node),
         ready: node_ready(node),
     }
 }
@@ -69,6 +70,8 @@ pub struct PodParts<'a, P> {
     pub annotations: Option<&'a BTreeMap<String, String>>,
     pub node: Option<String>,
     pub ip: Option<String>,
+    /// `status.podIPs`.
+    pub ips: Vec<String>,
     pub ready: bool,
     /// `metadata.deletionTimestamp` is set.
     pub terminating: bool,
@@ -98,6 +101,7 @@ where
         name: parts.name.unwrap_or_else(|| UNNAMED.into()),
         node: parts.node,
         ip: parts.ip,
+        ips: parts.ips,
         ready: parts.ready,
         terminating: parts.terminating,
         host_network: parts.host_network,
@@ -117,6 +121,10 @@ pub fn pod(pod: &Pod) -> Option<core::Pod> {
         annotations: pod.metadata.annotations.as_ref(),
         node: spec.node_name.clone(),
         ip: status.and_then(|s| s.pod_ip.clone()),
+        ips: status
+            .and_then(|s| s.pod_ips.as_ref())
+            .map(|ips| ips.iter().map(|p| p.ip.clone()).collect())
+            .unwrap_or_default(),
         ready: status
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),

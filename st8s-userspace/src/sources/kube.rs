@@ -177,8 +177,16 @@ pub struct WatchedPort {
 pub struct WatchedPodStatus {
     #[serde(default, rename = "podIP")]
     pub pod_ip: Option<String>,
+    #[serde(default, rename = "podIPs")]
+    pub pod_ips: Vec<WatchedPodIp>,
     #[serde(default)]
     pub conditions: Vec<WatchedCondition>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct WatchedPodIp {
+    #[serde(default)]
+    pub ip: String,
 }
 
 #[derive(Clone, Debug, Default, serde::Deserialize)]
@@ -207,6 +215,9 @@ impl WatchedPod {
             annotations: self.metadata.annotations.as_ref(),
             node: spec.node_name.clone(),
             ip: status.and_then(|s| s.pod_ip.clone()),
+            ips: status
+                .map(|s| s.pod_ips.iter().map(|p| p.ip.clone()).collect())
+                .unwrap_or_default(),
             ready: status.is_some_and(|s| {
                 s.conditions
                     .iter()
@@ -704,6 +715,32 @@ mod tests {
         assert!(
             d.ready && d.terminating,
             "a rolling update deletes pods that are still Ready"
+        );
+        // Dual stack: podIPs lists both families, the primary first.
+        let dual: WatchedPod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [{"containerPort": 8080, "hostPort": 80}]}]},
+            "status": {"podIP": "fd00:244:1::2", "podIPs": [{"ip": "fd00:244:1::2"}, {"ip": "10.244.1.2"}]}
+        }))
+        .expect("pod");
+        assert_eq!(
+            dual.to_pod().expect("has a hostPort").ips,
+            ["fd00:244:1::2", "10.244.1.2"]
+        );
+        let mut n6 = node("n6", "10.0.0.6");
+        if let Some(a) = n6.status.as_mut().and_then(|s| s.addresses.as_mut()) {
+            a.push(k8s_openapi::api::core::v1::NodeAddress {
+                type_: "InternalIP".into(),
+                address: "fd00:77::6".into(),
+            });
+        }
+        let n6 = k8s::node(&n6);
+        assert_eq!(
+            (n6.addr, n6.addr6),
+            (
+                Some("10.0.0.6".parse().expect("ip")),
+                Some("fd00:77::6".parse().expect("ip"))
+            )
         );
         let mut plain = pod("plain", None);
         name_only_without_host_ports(&mut plain);
