@@ -693,6 +693,19 @@ fn translate_icmp(
     Ok(())
 }
 
+/// A translated ICMP error out of `ifindex` (the pod's link, or the uplink), counted on its port;
+/// dropped and counted when the translation failed.
+#[inline(always)]
+fn send_icmp(translated: Result<(), i64>, slot: u32, ifindex: u32) -> i32 {
+    if translated.is_err() {
+        count(slot, |c| c.drop_error += 1);
+        return TC_ACT_SHOT;
+    }
+    count(slot, |c| c.icmp_errors += 1);
+    // SAFETY: plain helper call; the FIB picks the next hop.
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
 /// An ICMP error from the LAN about a packet st8s sent as a frontend (a backend's reply: the
 /// quoted packet goes from the frontend address and port to the client): to this node's pod
 /// that sent it, translated back to the pod's own address and port; or, for a flow this node
@@ -732,7 +745,7 @@ fn icmp_to_backend(ctx: &TcContext) -> Option<i32> {
         // SAFETY: copied out at once.
         if let Some(rev) = unsafe { ST8S_REVNAT.get(key) }.copied() {
             if rev.frontend_addr_be == e.daddr && rev.frontend_port_be == e.inner_sport {
-                if translate_icmp(
+                let to_pod = translate_icmp(
                     ctx,
                     IP_DST_OFF,
                     INNER_SRC_OFF,
@@ -741,17 +754,8 @@ fn icmp_to_backend(ctx: &TcContext) -> Option<i32> {
                     port.local_addr_be,
                     e.inner_sport,
                     port.local_port_be,
-                )
-                .is_err()
-                {
-                    count(slot, |c| c.drop_error += 1);
-                    return Some(TC_ACT_SHOT);
-                }
-                count(slot, |c| c.icmp_errors += 1);
-                // SAFETY: plain helper call.
-                return Some(unsafe {
-                    bpf_redirect_neigh(port.local_ifindex, core::ptr::null_mut(), 0, 0) as i32
-                });
+                );
+                return Some(send_icmp(to_pod, slot, port.local_ifindex));
             }
         }
     }
@@ -812,7 +816,7 @@ fn icmp_from_backend(ctx: &TcContext) -> Option<i32> {
     let rev = unsafe { ST8S_REVNAT.get(key) }.copied()?;
     let cfg = config()?;
     let slot = rev.slot as u32;
-    if translate_icmp(
+    let to_client = translate_icmp(
         ctx,
         IP_SRC_OFF,
         INNER_DST_OFF,
@@ -821,15 +825,8 @@ fn icmp_from_backend(ctx: &TcContext) -> Option<i32> {
         rev.frontend_addr_be,
         e.inner_dport,
         rev.frontend_port_be,
-    )
-    .is_err()
-    {
-        count(slot, |c| c.drop_error += 1);
-        return Some(TC_ACT_SHOT);
-    }
-    count(slot, |c| c.icmp_errors += 1);
-    // SAFETY: plain helper call.
-    Some(unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) as i32 })
+    );
+    Some(send_icmp(to_client, slot, cfg.uplink_ifindex))
 }
 
 #[classifier]

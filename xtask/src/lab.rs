@@ -457,19 +457,7 @@ impl Lab {
                 "ip",
                 &["netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
             )?;
-            for other in 1..=self.cfg.nodes {
-                if other != node {
-                    ip(&[
-                        "-n",
-                        ns,
-                        "route",
-                        "add",
-                        &format!("10.244.{other}.0/24"),
-                        "via",
-                        &node_addr(other).to_string(),
-                    ])?;
-                }
-            }
+            self.route_other_pods(node, ns)?;
             self.attach_stub(&port)?;
         }
         let client = self.client.clone();
@@ -884,6 +872,23 @@ impl Lab {
         self.agent_cgroup.insert(node, cgroup.to_owned());
     }
 
+    /// A node's routes to the other nodes' pod subnets, through those nodes (as flannel's
+    /// host-gw backend installs them).
+    fn route_other_pods(&self, node: usize, ns: &str) -> anyhow::Result<()> {
+        for other in (1..=self.cfg.nodes).filter(|o| *o != node) {
+            ip(&[
+                "-n",
+                ns,
+                "route",
+                "add",
+                &format!("10.244.{other}.0/24"),
+                "via",
+                &node_addr(other).to_string(),
+            ])?;
+        }
+        Ok(())
+    }
+
     /// The interface that holds a node's LAN address: eth0, or its VLAN subinterface.
     pub fn uplink(&self, node: usize) -> String {
         self.vlan_uplinks
@@ -919,19 +924,7 @@ impl Lab {
         ])?;
         ip(&["-n", &ns, "addr", "add", &addr, "dev", &vlan_if])?;
         ip(&["-n", &ns, "link", "set", &vlan_if, "up"])?;
-        for other in 1..=self.cfg.nodes {
-            if other != node {
-                ip(&[
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    &format!("10.244.{other}.0/24"),
-                    "via",
-                    &node_addr(other).to_string(),
-                ])?;
-            }
-        }
+        self.route_other_pods(node, &ns)?;
         self.vlan_uplinks.insert(node, vlan_if);
         Ok(())
     }
