@@ -502,7 +502,10 @@ fn init_script(mods: &[String], tcx: bool, vlan: bool) -> String {
     }
     s += "echo \"ST8S-KERNEL $(uname -r) $(uname -m)\"\ncd /t\nexport CARGO_TARGET_DIR=/t\n\
           step() { name=$1; shift; t0=$(date +%s); \"$@\"; rc=$?; echo \"ST8S-STEP $name $rc $(( $(date +%s) - t0 ))\"; }\n";
-    s += "step fixtures /t/fixtures --test-threads 1\n";
+    // The bounded fuzz (58,000 program runs, most of the fixtures' time under emulation) runs
+    // on this machine's kernel in the suite; its invariants are the programs' logic, which the
+    // deterministic fixtures pin down here on each kernel's verifier, JIT and helpers.
+    s += "step fixtures /t/fixtures --test-threads 1 --skip fuzzed_packets_keep_the_invariants\n";
     s += "step lab-xdp-auto /t/debug/xtask lab --no-setup --wait 180\n";
     s += "step lab-xdp-off-tc-forwards /t/debug/xtask lab --no-setup --wait 180 --xdp off\n";
     if vlan {
