@@ -23,8 +23,12 @@ pub mod map_names {
     pub const DISCOVERY_PODS: &str = "ST8S_DISCOVERY_PODS";
     pub const SOCK_REVNAT: &str = "ST8S_SOCK_REVNAT";
     pub const FRAGS: &str = "ST8S_FRAGS";
+    pub const NODES6: &str = "ST8S_NODES6";
+    pub const FLOWS6: &str = "ST8S_FLOWS6";
+    pub const REVNAT6: &str = "ST8S_REVNAT6";
+    pub const FRAGS6: &str = "ST8S_FRAGS6";
 
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 19] = [
         CONFIG,
         PORTS,
         PORT_INDEX,
@@ -40,6 +44,10 @@ pub mod map_names {
         DISCOVERY_PODS,
         SOCK_REVNAT,
         FRAGS,
+        NODES6,
+        FLOWS6,
+        REVNAT6,
+        FRAGS6,
     ];
 }
 
@@ -152,8 +160,10 @@ pub struct Config {
     pub layout: u16,
     /// The uplink subnet's broadcast address (0 if none): discovery broadcasts may use it.
     pub broadcast_be: u32,
+    /// This node's IPv6 InternalIP, all zeros when it has none (IPv6 is then not steered).
+    pub self_addr6: Addr6,
 }
-assert_size!(Config, 28);
+assert_size!(Config, 44);
 
 /// Key of `ST8S_PORTS`, the agent's registry of steered hostPorts (the packet path reads
 /// `ST8S_PORT_INDEX` and `ST8S_PORT_INFO` instead).
@@ -196,8 +206,40 @@ pub struct PortInfo {
     /// `PORT_*` bits.
     pub flags: u8,
     pub _pad: [u8; 3],
+    /// The local backend pod's IPv6 address (all zeros if it has none: IPv6 flows are then
+    /// not delivered to it).
+    pub local_addr6: Addr6,
 }
-assert_size!(PortInfo, 20);
+assert_size!(PortInfo, 36);
+
+/// An IPv6 address as it sits in a packet: four 32-bit words in network byte order. All zeros
+/// means "none".
+pub type Addr6 = [u32; 4];
+
+/// `Addr6` from the 16 bytes of an address.
+pub const fn addr6(octets: [u8; 16]) -> Addr6 {
+    let o = octets;
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// The 16 bytes of an `Addr6`.
+pub const fn addr6_octets(a: Addr6) -> [u8; 16] {
+    let (w0, w1, w2, w3) = (
+        a[0].to_ne_bytes(),
+        a[1].to_ne_bytes(),
+        a[2].to_ne_bytes(),
+        a[3].to_ne_bytes(),
+    );
+    [
+        w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3], w3[0], w3[1],
+        w3[2], w3[3],
+    ]
+}
 
 /// `PortInfo::flags`: the local backend pod is draining (NotReady or terminating): its
 /// established flows keep reaching it, new flows go elsewhere.
@@ -284,6 +326,22 @@ pub struct FlowKey {
 }
 assert_size!(FlowKey, 16);
 
+/// Key of `ST8S_FLOWS6`: an IPv6 client's flow, as [`FlowKey`] (its value is the same
+/// [`FlowValue`]: a remote backend is named by its node's IPv4 address, the identity the
+/// backend lists and Maglev rows use for both families).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    pub client_addr: Addr6,
+    pub frontend_addr: Addr6,
+    pub client_port_be: u16,
+    pub frontend_port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub _pad2: u16,
+}
+assert_size!(FlowKey6, 40);
+
 /// Value of `ST8S_FLOWS`: where the flow goes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -366,6 +424,32 @@ pub struct RevNatValue {
 }
 assert_size!(RevNatValue, 24);
 
+/// Key of `ST8S_REVNAT6`: an IPv6 backend reply as it leaves the pod, as [`RevNatKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey6 {
+    pub pod_addr: Addr6,
+    pub client_addr: Addr6,
+    pub pod_port_be: u16,
+    pub client_port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub _pad2: u16,
+}
+assert_size!(RevNatKey6, 40);
+
+/// Value of `ST8S_REVNAT6`, as [`RevNatValue`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNatValue6 {
+    pub frontend_addr: Addr6,
+    pub frontend_port_be: u16,
+    pub slot: u16,
+    pub _pad: u32,
+    pub stamp_ns: u64,
+}
+assert_size!(RevNatValue6, 32);
+
 /// Datagrams in fragments st8s follows at once (`ST8S_FRAGS`): a train lives for the time its
 /// first fragment's entry stays (LRU), and at most [`FRAG_TIMEOUT_NS`].
 pub const MAX_FRAGS: u32 = 8_192;
@@ -385,6 +469,20 @@ pub struct FragKey {
     pub _pad: u8,
 }
 assert_size!(FragKey, 12);
+
+/// Key of `ST8S_FRAGS6`: an IPv6 datagram in fragments (RFC 8200 section 4.5: source,
+/// destination and the fragment header's 32-bit identification). The value is a [`FragValue`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey6 {
+    pub saddr: Addr6,
+    pub daddr: Addr6,
+    pub id_be: u32,
+    pub proto: u8,
+    pub _pad: u8,
+    pub _pad2: u16,
+}
+assert_size!(FragKey6, 40);
 
 /// Value of `ST8S_FRAGS`: the ports the first fragment carried, which the later ones lack, and
 /// when st8s saw it.
@@ -462,8 +560,11 @@ pub struct Counters {
     /// Not tied to a port: a fragment that reaches past 65,535 bytes (RFC 791's limit; the
     /// kernel drops the datagram), left to the kernel untranslated.
     pub frag_invalid: u64,
+    /// Not tied to a port: an IPv6 packet with more extension headers before its TCP or UDP
+    /// header than st8s walks (four, as Cilium), left to the kernel.
+    pub ext_headers: u64,
 }
-assert_size!(Counters, 112);
+assert_size!(Counters, 120);
 
 impl Counters {
     pub fn add(&mut self, other: &Self) {
@@ -481,6 +582,7 @@ impl Counters {
         self.icmp_errors += other.icmp_errors;
         self.frag_untracked += other.frag_untracked;
         self.frag_invalid += other.frag_invalid;
+        self.ext_headers += other.ext_headers;
     }
 }
 
@@ -490,6 +592,23 @@ pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
     let mut h = seed ^ 0x9e37_79b9;
     h = mix(h, key.client_addr_be);
     h = mix(h, key.frontend_addr_be);
+    h = mix(
+        h,
+        ((key.client_port_be as u32) << 16) | key.frontend_port_be as u32,
+    );
+    h = mix(h, key.proto as u32);
+    fmix(h)
+}
+
+/// [`flow_hash`] for an IPv6 flow: every word of both addresses enters it.
+pub const fn flow_hash6(key: &FlowKey6, seed: u32) -> u32 {
+    let mut h = seed ^ 0x9e37_79b9;
+    let mut i = 0;
+    while i < 4 {
+        h = mix(h, key.client_addr[i]);
+        h = mix(h, key.frontend_addr[i]);
+        i += 1;
+    }
     h = mix(
         h,
         ((key.client_port_be as u32) << 16) | key.frontend_port_be as u32,
@@ -555,11 +674,45 @@ mod user {
     unsafe impl aya::Pod for SockRevNatValue {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for FlowKey6 {}
+    unsafe impl aya::Pod for RevNatKey6 {}
+    unsafe impl aya::Pod for RevNatValue6 {}
+    unsafe impl aya::Pod for FragKey6 {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addr6_round_trips_and_keeps_packet_order() {
+        let octets = [0xfd, 0, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
+        let a = addr6(octets);
+        assert_eq!(addr6_octets(a), octets);
+        assert_eq!(a[0].to_ne_bytes(), [0xfd, 0, 0x77, 0]);
+    }
+
+    #[test]
+    fn flow_hash6_depends_on_every_address_word() {
+        let k = FlowKey6 {
+            client_addr: [1, 2, 3, 4],
+            frontend_addr: [5, 6, 7, 8],
+            client_port_be: 9,
+            frontend_port_be: 10,
+            proto: 6,
+            ..Default::default()
+        };
+        let h = flow_hash6(&k, 7);
+        for i in 0..4 {
+            let mut c = k;
+            c.client_addr[i] ^= 0x100;
+            assert_ne!(h, flow_hash6(&c, 7));
+            let mut f = k;
+            f.frontend_addr[i] ^= 0x100;
+            assert_ne!(h, flow_hash6(&f, 7));
+        }
+        assert_ne!(h, flow_hash6(&k, 8));
+    }
 
     #[test]
     fn port_key_is_network_order() {

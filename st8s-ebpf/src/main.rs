@@ -15,10 +15,13 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    bindings::{__sk_buff, xdp_action, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_clone_redirect, bpf_get_socket_cookie, bpf_redirect, bpf_redirect_neigh},
+        generated::{
+            bpf_clone_redirect, bpf_csum_diff, bpf_csum_update, bpf_get_socket_cookie, bpf_redirect,
+            bpf_redirect_neigh,
+        },
     },
     macros::{cgroup_sock_addr, classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -26,11 +29,12 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use st8s_common::{
-    flow_hash, port_index, socket_hash, Backend, Config, Counters, Discovery, DiscoveryPodKey, FlowKey,
-    FlowValue, FragKey, FragValue, MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatValue,
-    SockRevNatKey, SockRevNatValue, BACKEND_DRAINING, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL, FLOW_LOCAL,
-    FLOW_REMOTE, FRAG_TIMEOUT_NS, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_DISCOVERY, MAX_FLOWS,
-    MAX_FRAGS, MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES, PORT_LOCAL_DRAINING, PROTO_TCP, PROTO_UDP,
+    flow_hash, flow_hash6, port_index, socket_hash, Addr6, Backend, Config, Counters, Discovery,
+    DiscoveryPodKey, FlowKey, FlowKey6, FlowValue, FragKey, FragKey6, FragValue, MacKey, MaglevRow, NodeInfo,
+    PortInfo, PortKey, RevNatKey, RevNatKey6, RevNatValue, RevNatValue6, SockRevNatKey, SockRevNatValue,
+    BACKEND_DRAINING, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL, FLOW_LOCAL, FLOW_REMOTE, FRAG_TIMEOUT_NS,
+    GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_DISCOVERY, MAX_FLOWS, MAX_FRAGS, MAX_NODES,
+    MAX_PORTS, PORT_INDEX_ENTRIES, PORT_LOCAL_DRAINING, PROTO_TCP, PROTO_UDP,
 };
 
 #[map]
@@ -75,6 +79,17 @@ static ST8S_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
 /// Datagrams in fragments whose first fragment st8s steered: the ports the later fragments lack.
 #[map]
 static ST8S_FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
+/// The IPv6 counterparts: the nodes' IPv6 addresses, IPv6 flows, reply translations and
+/// fragment trains. A flow's backend is still named by its node's IPv4 address (`FlowValue`),
+/// so both families share the ports, backends and Maglev rows.
+#[map]
+static ST8S_NODES6: HashMap<Addr6, NodeInfo> = HashMap::with_max_entries(MAX_NODES, 0);
+#[map]
+static ST8S_FLOWS6: LruHashMap<FlowKey6, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+#[map]
+static ST8S_REVNAT6: LruHashMap<RevNatKey6, RevNatValue6> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+#[map]
+static ST8S_FRAGS6: LruHashMap<FragKey6, FragValue> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -83,26 +98,33 @@ const L4_OFF: usize = ETH_HLEN + IPV4_HLEN;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
-const TCP_CSUM_OFF: usize = L4_OFF + 16;
-const UDP_CSUM_OFF: usize = L4_OFF + 6;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 /// Enough linear bytes for every header the programs read.
 const PARSE_LEN: usize = L4_OFF + TCP_HLEN;
+
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPV6_HLEN: usize = 40;
+const IP6_SRC_OFF: usize = ETH_HLEN + 8;
+const IP6_DST_OFF: usize = ETH_HLEN + 24;
+/// An IPv6 TCP/UDP packet without extension headers, through the TCP header.
+const PARSE_LEN6: usize = ETH_HLEN + IPV6_HLEN + TCP_HLEN;
+/// Extension headers walked before the TCP or UDP header at most (Cilium's bound).
+const MAX_EXT_HEADERS: usize = 4;
 
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 
-/// The headers of an IPv4 TCP/UDP packet that st8s may steer. Addresses and ports stay in network
-/// byte order, exactly as they sit in the packet.
+/// The headers of a TCP/UDP packet that st8s may steer, of family `F`. Addresses and ports stay
+/// in network byte order, exactly as they sit in the packet.
 #[derive(Clone, Copy)]
-struct Packet {
+struct Packet<F: Family> {
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
-    saddr: u32,
-    daddr: u32,
+    saddr: F::Addr,
+    daddr: F::Addr,
     sport: u16,
     dport: u16,
     proto: u8,
@@ -110,8 +132,311 @@ struct Packet {
     tcp_flags: u8,
     /// Whole, or which fragment of a datagram (`FRAG_*`).
     frag: u8,
-    /// The IP identification, as in the packet (what ties fragments together).
-    ip_id: u16,
+    /// The identification that ties fragments together, as in the packet (IPv4: the 16-bit IP
+    /// id; IPv6: the fragment header's 32 bits).
+    ip_id: u32,
+    /// Where the TCP or UDP header starts (IPv6: after the extension headers).
+    l4_off: usize,
+}
+
+/// A family st8s steers. The decision ([`steer`]), local delivery, the reply path and fragment
+/// following are written once over it; each family says where its addresses sit, which maps
+/// hold its flows, and how an address change enters the checksums.
+trait Family: Copy {
+    type Addr: Copy + PartialEq;
+    type FlowKey: 'static;
+    type RevKey: 'static;
+    type RevValue: Copy + 'static;
+    type FragKey: 'static;
+    /// Where the source and destination addresses sit in the frame.
+    const SRC_OFF: usize;
+    const DST_OFF: usize;
+
+    /// This node's address in the family (IPv6: all zeros when the node has none).
+    fn self_addr(cfg: &Config) -> Self::Addr;
+    /// A cluster node's address (a peer's forward is still addressed to it).
+    fn is_node(addr: Self::Addr) -> bool;
+    /// The local backend pod's address in the family, if it has one.
+    fn pod_addr(port: &PortInfo) -> Option<Self::Addr>;
+    fn flows() -> &'static LruHashMap<Self::FlowKey, FlowValue>;
+    fn flow_key(pkt: &Packet<Self>) -> Self::FlowKey;
+    fn flow_hash(key: &Self::FlowKey, seed: u32) -> u32;
+    fn revnat() -> &'static LruHashMap<Self::RevKey, Self::RevValue>;
+    fn rev_key(
+        pod: Self::Addr,
+        client: Self::Addr,
+        pod_port: u16,
+        client_port: u16,
+        proto: u8,
+    ) -> Self::RevKey;
+    fn rev_value(frontend: Self::Addr, frontend_port: u16, slot: u16, stamp_ns: u64) -> Self::RevValue;
+    fn reply(v: &Self::RevValue) -> Reply<Self::Addr>;
+    fn stamp(v: &mut Self::RevValue) -> &mut u64;
+    fn frags() -> &'static LruHashMap<Self::FragKey, FragValue>;
+    fn frag_key(pkt: &Packet<Self>) -> Self::FragKey;
+    /// Writes `new` over the address `old` at `off`, with the checksums that cover it: the IPv4
+    /// header's, and, where `l4` gives the L4 checksum's offset and flags, the pseudo-header's
+    /// share of that one.
+    fn rewrite_addr(
+        ctx: &TcContext,
+        l4: Option<(usize, u64)>,
+        off: usize,
+        old: Self::Addr,
+        new: Self::Addr,
+    ) -> Result<(), i64>;
+}
+
+/// A reply translation: the frontend the client sent to, the port's counter slot, and when st8s
+/// last delivered on the flow.
+struct Reply<A> {
+    frontend: A,
+    frontend_port: u16,
+    slot: u16,
+    stamp_ns: u64,
+}
+
+#[derive(Clone, Copy)]
+struct V4;
+
+impl Family for V4 {
+    type Addr = u32;
+    type FlowKey = FlowKey;
+    type RevKey = RevNatKey;
+    type RevValue = RevNatValue;
+    type FragKey = FragKey;
+    const SRC_OFF: usize = IP_SRC_OFF;
+    const DST_OFF: usize = IP_DST_OFF;
+
+    #[inline(always)]
+    fn self_addr(cfg: &Config) -> u32 {
+        cfg.self_addr_be
+    }
+    #[inline(always)]
+    fn is_node(addr: u32) -> bool {
+        // SAFETY: only existence is checked.
+        unsafe { ST8S_NODES.get(addr) }.is_some()
+    }
+    #[inline(always)]
+    fn pod_addr(port: &PortInfo) -> Option<u32> {
+        Some(port.local_addr_be)
+    }
+    #[inline(always)]
+    fn flows() -> &'static LruHashMap<FlowKey, FlowValue> {
+        &ST8S_FLOWS
+    }
+    #[inline(always)]
+    fn flow_key(pkt: &Packet<Self>) -> FlowKey {
+        FlowKey {
+            client_addr_be: pkt.saddr,
+            frontend_addr_be: pkt.daddr,
+            client_port_be: pkt.sport,
+            frontend_port_be: pkt.dport,
+            proto: pkt.proto,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+    #[inline(always)]
+    fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+        flow_hash(key, seed)
+    }
+    #[inline(always)]
+    fn revnat() -> &'static LruHashMap<RevNatKey, RevNatValue> {
+        &ST8S_REVNAT
+    }
+    #[inline(always)]
+    fn rev_key(pod: u32, client: u32, pod_port: u16, client_port: u16, proto: u8) -> RevNatKey {
+        RevNatKey {
+            pod_addr_be: pod,
+            client_addr_be: client,
+            pod_port_be: pod_port,
+            client_port_be: client_port,
+            proto,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+    #[inline(always)]
+    fn rev_value(frontend: u32, frontend_port: u16, slot: u16, stamp_ns: u64) -> RevNatValue {
+        RevNatValue {
+            frontend_addr_be: frontend,
+            frontend_port_be: frontend_port,
+            slot,
+            _pad: [0; 8],
+            stamp_ns,
+        }
+    }
+    #[inline(always)]
+    fn reply(v: &RevNatValue) -> Reply<u32> {
+        Reply {
+            frontend: v.frontend_addr_be,
+            frontend_port: v.frontend_port_be,
+            slot: v.slot,
+            stamp_ns: v.stamp_ns,
+        }
+    }
+    #[inline(always)]
+    fn stamp(v: &mut RevNatValue) -> &mut u64 {
+        &mut v.stamp_ns
+    }
+    #[inline(always)]
+    fn frags() -> &'static LruHashMap<FragKey, FragValue> {
+        &ST8S_FRAGS
+    }
+    #[inline(always)]
+    fn frag_key(pkt: &Packet<Self>) -> FragKey {
+        FragKey {
+            saddr_be: pkt.saddr,
+            daddr_be: pkt.daddr,
+            id_be: pkt.ip_id as u16,
+            proto: pkt.proto,
+            _pad: 0,
+        }
+    }
+    #[inline(always)]
+    fn rewrite_addr(
+        ctx: &TcContext,
+        l4: Option<(usize, u64)>,
+        off: usize,
+        old: u32,
+        new: u32,
+    ) -> Result<(), i64> {
+        if let Some((csum_off, flags)) = l4 {
+            ctx.l4_csum_replace(csum_off, old as u64, new as u64, BPF_F_PSEUDO_HDR | flags | 4)?;
+        }
+        ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)?;
+        ctx.store(off, &new, 0)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct V6;
+
+impl Family for V6 {
+    type Addr = Addr6;
+    type FlowKey = FlowKey6;
+    type RevKey = RevNatKey6;
+    type RevValue = RevNatValue6;
+    type FragKey = FragKey6;
+    const SRC_OFF: usize = IP6_SRC_OFF;
+    const DST_OFF: usize = IP6_DST_OFF;
+
+    #[inline(always)]
+    fn self_addr(cfg: &Config) -> Addr6 {
+        cfg.self_addr6
+    }
+    #[inline(always)]
+    fn is_node(addr: Addr6) -> bool {
+        // SAFETY: only existence is checked.
+        unsafe { ST8S_NODES6.get(addr) }.is_some()
+    }
+    #[inline(always)]
+    fn pod_addr(port: &PortInfo) -> Option<Addr6> {
+        let a = port.local_addr6;
+        (a[0] | a[1] | a[2] | a[3] != 0).then_some(a)
+    }
+    #[inline(always)]
+    fn flows() -> &'static LruHashMap<FlowKey6, FlowValue> {
+        &ST8S_FLOWS6
+    }
+    #[inline(always)]
+    fn flow_key(pkt: &Packet<Self>) -> FlowKey6 {
+        FlowKey6 {
+            client_addr: pkt.saddr,
+            frontend_addr: pkt.daddr,
+            client_port_be: pkt.sport,
+            frontend_port_be: pkt.dport,
+            proto: pkt.proto,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+    #[inline(always)]
+    fn flow_hash(key: &FlowKey6, seed: u32) -> u32 {
+        flow_hash6(key, seed)
+    }
+    #[inline(always)]
+    fn revnat() -> &'static LruHashMap<RevNatKey6, RevNatValue6> {
+        &ST8S_REVNAT6
+    }
+    #[inline(always)]
+    fn rev_key(pod: Addr6, client: Addr6, pod_port: u16, client_port: u16, proto: u8) -> RevNatKey6 {
+        RevNatKey6 {
+            pod_addr: pod,
+            client_addr: client,
+            pod_port_be: pod_port,
+            client_port_be: client_port,
+            proto,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+    #[inline(always)]
+    fn rev_value(frontend: Addr6, frontend_port: u16, slot: u16, stamp_ns: u64) -> RevNatValue6 {
+        RevNatValue6 {
+            frontend_addr: frontend,
+            frontend_port_be: frontend_port,
+            slot,
+            _pad: 0,
+            stamp_ns,
+        }
+    }
+    #[inline(always)]
+    fn reply(v: &RevNatValue6) -> Reply<Addr6> {
+        Reply {
+            frontend: v.frontend_addr,
+            frontend_port: v.frontend_port_be,
+            slot: v.slot,
+            stamp_ns: v.stamp_ns,
+        }
+    }
+    #[inline(always)]
+    fn stamp(v: &mut RevNatValue6) -> &mut u64 {
+        &mut v.stamp_ns
+    }
+    #[inline(always)]
+    fn frags() -> &'static LruHashMap<FragKey6, FragValue> {
+        &ST8S_FRAGS6
+    }
+    #[inline(always)]
+    fn frag_key(pkt: &Packet<Self>) -> FragKey6 {
+        FragKey6 {
+            saddr: pkt.saddr,
+            daddr: pkt.daddr,
+            id_be: pkt.ip_id,
+            proto: pkt.proto,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+    /// IPv6 has no header checksum; the address's share of the L4 checksum goes in as a
+    /// difference. On a CHECKSUM_COMPLETE skb (NICs that sum the whole packet on receive),
+    /// `bpf_l4_csum_replace` with a pseudo-header difference also subtracts it from `skb->csum`,
+    /// which is right for IPv4 (the IPv4 header checksum moves too) and wrong for IPv6, where the
+    /// address and the L4 checksum changes cancel (kernel-patches/bpf#8975 added `BPF_F_IPV6`
+    /// for it in 6.16); `bpf_csum_update` adds it back, on every kernel, and does nothing in the
+    /// other checksum states.
+    #[inline(always)]
+    fn rewrite_addr(
+        ctx: &TcContext,
+        l4: Option<(usize, u64)>,
+        off: usize,
+        old: Addr6,
+        new: Addr6,
+    ) -> Result<(), i64> {
+        if let Some((csum_off, flags)) = l4 {
+            let (mut from, mut to) = (old, new);
+            // SAFETY: two 16-byte buffers on this program's stack.
+            let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+            if diff < 0 {
+                return Err(diff);
+            }
+            ctx.l4_csum_replace(csum_off, 0, diff as u64, BPF_F_PSEUDO_HDR | flags)?;
+            // SAFETY: plain helper call on this program's own skb.
+            unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+        }
+        ctx.store(off, &new, 0)
+    }
 }
 
 /// A whole datagram: the L4 header is there.
@@ -129,7 +454,7 @@ const FRAG_INVALID: u8 = 3;
 /// fragment after the first comes back without ports (`FRAG_LATER`): [`fragment_ports`] fills
 /// them in.
 #[inline(always)]
-fn parse(start: usize, end: usize, wire_len: usize) -> Option<Packet> {
+fn parse(start: usize, end: usize, wire_len: usize) -> Option<Packet<V4>> {
     if start + L4_OFF > end {
         return None;
     }
@@ -170,7 +495,7 @@ fn parse(start: usize, end: usize, wire_len: usize) -> Option<Packet> {
     let src_mac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
     let saddr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
     let daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
-    let ip_id = u16::from_ne_bytes([ip[4], ip[5]]);
+    let ip_id = u16::from_ne_bytes([ip[4], ip[5]]) as u32;
     if frag >= FRAG_LATER {
         return Some(Packet {
             dst_mac,
@@ -183,6 +508,7 @@ fn parse(start: usize, end: usize, wire_len: usize) -> Option<Packet> {
             tcp_flags: 0,
             frag,
             ip_id,
+            l4_off: L4_OFF,
         });
     }
     // A first fragment too short for its L4 header (RFC 1858's tiny fragment) is not ours.
@@ -209,17 +535,115 @@ fn parse(start: usize, end: usize, wire_len: usize) -> Option<Packet> {
         tcp_flags,
         frag,
         ip_id,
+        l4_off: L4_OFF,
     })
 }
 
-fn frag_key(pkt: &Packet) -> FragKey {
-    FragKey {
-        saddr_be: pkt.saddr,
-        daddr_be: pkt.daddr,
-        id_be: pkt.ip_id,
-        proto: pkt.proto,
-        _pad: 0,
+/// Why an IPv6 packet is not parsed.
+enum Skip6 {
+    /// Not an IPv6 TCP/UDP packet st8s could steer (ND and other ICMPv6 among them).
+    Other,
+    /// More extension headers before the TCP or UDP header than [`MAX_EXT_HEADERS`].
+    TooManyHeaders,
+}
+
+/// [`parse`] for IPv6 (RFC 8200): the extension headers (hop-by-hop, routing, destination
+/// options, authentication, fragment) are walked, at most [`MAX_EXT_HEADERS`] of them, to
+/// the TCP or UDP header. A fragment header makes the packet a fragment, as in IPv4. Anything
+/// else (ICMPv6, neighbour discovery among it; no next header; a jumbogram; headers cut short or
+/// outside the linear data) is not st8s's.
+#[inline(always)]
+fn parse6(start: usize, end: usize, wire_len: usize) -> Result<Packet<V6>, Skip6> {
+    use Skip6::Other;
+    // Field by field: copies of whole headers cost stack the IPv6 keys need.
+    if start + ETH_HLEN + IPV6_HLEN > end || read::<u16>(start, end, 12) != Some(ETH_P_IPV6.to_be()) {
+        return Err(Other);
     }
+    let fixed = read::<[u8; 8]>(start, end, ETH_HLEN).ok_or(Other)?;
+    let payload_len = u16::from_be_bytes([fixed[4], fixed[5]]) as usize;
+    let ip_end = ETH_HLEN + IPV6_HLEN + payload_len;
+    if fixed[0] >> 4 != 6 || payload_len == 0 || ip_end > wire_len {
+        return Err(Other);
+    }
+    let mut next = fixed[6];
+    let mut off = ETH_HLEN + IPV6_HLEN;
+    let mut frag = FRAG_NONE;
+    let mut ip_id = 0;
+    let mut i = 0;
+    while i < MAX_EXT_HEADERS {
+        match next {
+            // Hop-by-hop, routing, destination options: length in 8-byte units, after the first 8.
+            0 | 43 | 60 => {
+                let h = read_bytes::<2>(start, end, off).ok_or(Other)?;
+                next = h[0];
+                off += (h[1] as usize + 1) * 8;
+            }
+            // Authentication header (RFC 4302): length in 4-byte units, minus 2.
+            51 => {
+                let h = read_bytes::<2>(start, end, off).ok_or(Other)?;
+                next = h[0];
+                off += (h[1] as usize + 2) * 4;
+            }
+            44 => {
+                let h = read_bytes::<8>(start, end, off).ok_or(Other)?;
+                next = h[0];
+                let field = u16::from_be_bytes([h[2], h[3]]);
+                let offset = (field & 0xfff8) as usize;
+                ip_id = u32::from_ne_bytes([h[4], h[5], h[6], h[7]]);
+                off += 8;
+                frag = if offset != 0 {
+                    // The fragmentable part of a datagram is at most 65,535 bytes too.
+                    if offset + ip_end.saturating_sub(off) > 0xffff {
+                        FRAG_INVALID
+                    } else {
+                        FRAG_LATER
+                    }
+                } else if field & 1 != 0 {
+                    FRAG_FIRST
+                } else {
+                    // An atomic fragment (RFC 6946): a whole datagram.
+                    FRAG_NONE
+                };
+            }
+            _ => break,
+        }
+        i += 1;
+    }
+    let l4_min = match next {
+        PROTO_TCP => TCP_HLEN,
+        PROTO_UDP => UDP_HLEN,
+        0 | 43 | 60 | 51 | 44 => return Err(Skip6::TooManyHeaders),
+        _ => return Err(Other),
+    };
+    let mut pkt = Packet {
+        dst_mac: read(start, end, 0).ok_or(Other)?,
+        src_mac: read(start, end, 6).ok_or(Other)?,
+        saddr: read(start, end, IP6_SRC_OFF).ok_or(Other)?,
+        daddr: read(start, end, IP6_DST_OFF).ok_or(Other)?,
+        sport: 0,
+        dport: 0,
+        proto: next,
+        tcp_flags: 0,
+        frag,
+        ip_id,
+        l4_off: off,
+    };
+    if frag >= FRAG_LATER {
+        return Ok(pkt);
+    }
+    if off + l4_min > ip_end {
+        return Err(Other);
+    }
+    let ports = read_bytes::<4>(start, end, off).ok_or(Other)?;
+    if start + off + l4_min > end {
+        return Err(Other);
+    }
+    if next == PROTO_TCP {
+        pkt.tcp_flags = read_bytes::<1>(start, end, off + 13).ok_or(Other)?[0];
+    }
+    pkt.sport = u16::from_ne_bytes([ports[0], ports[1]]);
+    pkt.dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    Ok(pkt)
 }
 
 /// A fragment after the first gets the ports its first fragment carried, if st8s steered that
@@ -228,12 +652,12 @@ fn frag_key(pkt: &Packet) -> FragKey {
 /// drops it by its own rules). `count_misses`: the program that sees every such packet last
 /// counts the ones it leaves (an XDP program passes them on to TC, which counts).
 #[inline(always)]
-fn fragment_ports(pkt: &mut Packet, count_misses: bool) -> Option<()> {
+fn fragment_ports<F: Family>(pkt: &mut Packet<F>, count_misses: bool) -> Option<()> {
     match pkt.frag {
         FRAG_NONE | FRAG_FIRST => Some(()),
         FRAG_LATER => {
             // SAFETY: copied out at once.
-            let found = unsafe { ST8S_FRAGS.get(frag_key(pkt)) }.copied();
+            let found = unsafe { F::frags().get(F::frag_key(pkt)) }.copied();
             // SAFETY: plain helper call.
             let fresh =
                 found.filter(|f| unsafe { bpf_ktime_get_ns() }.wrapping_sub(f.stamp_ns) <= FRAG_TIMEOUT_NS);
@@ -263,7 +687,7 @@ fn fragment_ports(pkt: &mut Packet, count_misses: bool) -> Option<()> {
 /// Where st8s acts on a first fragment, the rest of its datagram will follow it: its ports are
 /// remembered. A later fragment that was acted on is counted on its port.
 #[inline(always)]
-fn follow_fragments(pkt: &Packet, slot: u32) {
+fn follow_fragments<F: Family>(pkt: &Packet<F>, slot: u32) {
     if pkt.frag == FRAG_FIRST {
         let v = FragValue {
             sport_be: pkt.sport,
@@ -273,7 +697,7 @@ fn follow_fragments(pkt: &Packet, slot: u32) {
             stamp_ns: unsafe { bpf_ktime_get_ns() },
         };
         // A full LRU evicts the oldest train; an insert failure leaves the rest to the kernel.
-        let _ = ST8S_FRAGS.insert(frag_key(pkt), v, 0);
+        let _ = F::frags().insert(F::frag_key(pkt), v, 0);
     } else if pkt.frag == FRAG_LATER {
         count(slot, |c| c.fragments += 1);
     }
@@ -282,11 +706,18 @@ fn follow_fragments(pkt: &Packet, slot: u32) {
 /// The one bounds-checked read of packet data.
 #[inline(always)]
 fn read_bytes<const N: usize>(start: usize, end: usize, offset: usize) -> Option<[u8; N]> {
-    if start + offset + N > end {
+    read(start, end, offset)
+}
+
+/// A `T` (plain bytes: an integer or an array of them) read from packet data, bounds-checked.
+#[inline(always)]
+fn read<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
+    if start + offset + core::mem::size_of::<T>() > end {
         return None;
     }
-    // SAFETY: the range was checked against the end of the packet data just above.
-    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const [u8; N]) })
+    // SAFETY: the range was checked against the end of the packet data just above; `T` is plain
+    // bytes, valid for any bit pattern (every caller reads integers or arrays of them).
+    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
 }
 
 /// What to do with a packet.
@@ -305,11 +736,6 @@ enum Steer {
 
 /// The live `PortInfo` of a steered (port, protocol): two array reads, no hashing.
 #[inline(always)]
-fn port_info(pkt: &Packet) -> Option<PortInfo> {
-    port_info_of(pkt.proto, pkt.dport)
-}
-
-#[inline(always)]
 fn port_info_of(proto: u8, port_be: u16) -> Option<PortInfo> {
     let index = port_index(proto, u16::from_be(port_be) as u32);
     let live = *ST8S_PORT_INDEX.get(index)?;
@@ -326,20 +752,24 @@ fn config() -> Option<&'static Config> {
 
 /// The steering decision, shared by the XDP and the TC program so that both agree on every flow.
 #[inline(always)]
-fn steer(pkt: &Packet, cfg: &Config) -> Steer {
+fn steer<F: Family>(pkt: &Packet<F>, cfg: &Config) -> Steer {
     // Only frames addressed to this node's MAC: a switch that floods a frame meant for another
     // node (its port went down, its address aged out) must not make this node serve it too.
     if pkt.dst_mac != cfg.self_mac {
         return Steer::NotOurs;
     }
-    let port = match port_info(pkt) {
+    let mut port = match port_info_of(pkt.proto, pkt.dport) {
         Some(p) => p,
         None => return Steer::NotOurs,
     };
+    // A local pod without an address in this family cannot take the packet: for this family
+    // the node has no local backend.
+    if F::pod_addr(&port).is_none() {
+        port.has_local = 0;
+    }
     let slot = port.slot as u32;
-    if pkt.daddr != cfg.self_addr_be {
-        // SAFETY: only existence is checked.
-        if unsafe { ST8S_NODES.get(pkt.daddr) }.is_none() {
+    if pkt.daddr != F::self_addr(cfg) {
+        if !F::is_node(pkt.daddr) {
             return Steer::NotOurs;
         }
         // Sent to another node's address: only a peer's forward may land here, and it must be
@@ -366,17 +796,9 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
             untrusted: false,
         };
     }
-    let key = FlowKey {
-        client_addr_be: pkt.saddr,
-        frontend_addr_be: pkt.daddr,
-        client_port_be: pkt.sport,
-        frontend_port_be: pkt.dport,
-        proto: pkt.proto,
-        _pad: 0,
-        _pad2: 0,
-    };
+    let key = F::flow_key(pkt);
     // SAFETY: copied out at once; the LRU keeps its own recency, nothing is written per packet.
-    if let Some(f) = unsafe { ST8S_FLOWS.get(key) } {
+    if let Some(f) = unsafe { F::flows().get(&key) } {
         if let Some(s) = still_valid(f, &port, cfg) {
             return s;
         }
@@ -394,7 +816,7 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
         // SAFETY: only existence is checked.
         unsafe { ST8S_PEER_MACS.get(mac) }.is_some()
     };
-    let (flow, verdict) = match choose(&port, flow_hash(&key, cfg.hash_seed), prefer_local) {
+    let (flow, verdict) = match choose(&port, F::flow_hash(&key, cfg.hash_seed), prefer_local) {
         Choice::Remote { backend: b, idx } => (
             FlowValue {
                 backend_addr_be: b.node_addr_be,
@@ -428,7 +850,7 @@ fn steer(pkt: &Packet, cfg: &Config) -> Steer {
         }
     };
     // A full LRU evicts the oldest flow; an insert failure only costs stickiness.
-    let _ = ST8S_FLOWS.insert(key, flow, 0);
+    let _ = F::flows().insert(&key, flow, 0);
     verdict
 }
 
@@ -549,16 +971,38 @@ fn count(slot: u32, f: impl FnOnce(&mut Counters)) {
 
 #[xdp]
 pub fn st8s_uplink_xdp(ctx: XdpContext) -> u32 {
-    try_uplink_xdp(&ctx).unwrap_or(xdp_action::XDP_PASS)
+    // Each family's path is a function of its own (a BPF subprogram with its own stack frame):
+    // inlined together, the IPv6 keys and the IPv4 path's would not fit one 512-byte stack.
+    // They take the packet's bounds, not the context: LLVM would pass the context's fields
+    // instead of the pointer anyway, as values the verifier refuses to treat as packet pointers.
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if is_ipv6_frame(start, end) {
+        uplink_xdp6(start, end)
+    } else {
+        uplink_xdp4(start, end)
+    }
+}
+
+#[inline(never)]
+fn uplink_xdp4(start: usize, end: usize) -> u32 {
+    parse(start, end, end - start)
+        .and_then(|pkt| xdp_forward(start, end, pkt))
+        .unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[inline(never)]
+fn uplink_xdp6(start: usize, end: usize) -> u32 {
+    parse6(start, end, end - start)
+        .ok()
+        .and_then(|pkt| xdp_forward(start, end, pkt))
+        .unwrap_or(xdp_action::XDP_PASS)
 }
 
 #[inline(always)]
-fn try_uplink_xdp(ctx: &XdpContext) -> Option<u32> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let mut pkt = parse(start, end, end - start)?;
+fn xdp_forward<F: Family>(start: usize, end: usize, mut pkt: Packet<F>) -> Option<u32> {
     let cfg = config()?;
     // Only the remote path is handled here; everything else is the TC program's job.
-    if pkt.daddr != cfg.self_addr_be {
+    if pkt.daddr != F::self_addr(cfg) {
         return None;
     }
     fragment_ports(&mut pkt, false)?;
@@ -831,41 +1275,94 @@ fn icmp_from_backend(ctx: &TcContext) -> Option<i32> {
 
 #[classifier]
 pub fn st8s_uplink_tc(ctx: TcContext) -> i32 {
-    try_uplink_tc(&ctx).unwrap_or(TC_ACT_OK)
-}
-
-/// Parses a TC packet, pulling the headers into the linear area once if they are not there yet.
-#[inline(always)]
-fn parse_tc(ctx: &TcContext) -> Option<Packet> {
-    let wire_len = ctx.len() as usize;
-    // A short packet (a fragment's tail) may be all header: pull what there is.
-    if ctx.data() + PARSE_LEN > ctx.data_end() && wire_len > L4_OFF {
-        let _ = ctx.pull_data(wire_len.min(PARSE_LEN) as u32);
-    }
-    parse(ctx.data(), ctx.data_end(), wire_len)
-}
-
-#[inline(always)]
-fn try_uplink_tc(ctx: &TcContext) -> Option<i32> {
     // A frame of a VLAN whose tag the kernel (or the NIC) already took off into the skb belongs
     // to that VLAN's subinterface, which gets it after this program: not this interface's LAN.
     // SAFETY: a read of this program's own __sk_buff.
     if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
-        return None;
+        return TC_ACT_OK;
     }
-    let Some(mut pkt) = parse_tc(ctx) else {
-        return icmp_to_backend(ctx);
+    // One subprogram per family, as in `st8s_uplink_xdp`.
+    if is_ipv6_frame(ctx.data(), ctx.data_end()) {
+        uplink_tc6(ctx.skb.skb)
+    } else {
+        uplink_tc4(ctx.skb.skb)
+    }
+}
+
+/// Pulls the first `len` bytes (or the whole packet, if shorter) into the linear area, if they
+/// are not there yet. A short packet (a fragment's tail) may be all header.
+#[inline(always)]
+fn pull_headers(ctx: &TcContext, len: usize) {
+    let wire_len = ctx.len() as usize;
+    if ctx.data() + len > ctx.data_end() && wire_len > ETH_HLEN {
+        let _ = ctx.pull_data(wire_len.min(len) as u32);
+    }
+}
+
+/// Parses an IPv4 TC packet.
+#[inline(always)]
+fn parse_tc(ctx: &TcContext) -> Option<Packet<V4>> {
+    pull_headers(ctx, PARSE_LEN);
+    parse(ctx.data(), ctx.data_end(), ctx.len() as usize)
+}
+
+/// Parses an IPv6 TC packet; one with more extension headers than st8s walks is counted. (The
+/// XDP program leaves such packets to this one, which counts them once.)
+#[inline(always)]
+fn parse6_tc(ctx: &TcContext) -> Option<Packet<V6>> {
+    pull_headers(ctx, PARSE_LEN6);
+    match parse6(ctx.data(), ctx.data_end(), ctx.len() as usize) {
+        Ok(p) => Some(p),
+        Err(Skip6::TooManyHeaders) => {
+            count(GLOBAL_COUNTER_SLOT, |c| c.ext_headers += 1);
+            None
+        }
+        Err(Skip6::Other) => None,
+    }
+}
+
+/// Whether the frame carries IPv6 (the Ethernet header is always in the linear area).
+#[inline(always)]
+fn is_ipv6_frame(start: usize, end: usize) -> bool {
+    read::<u16>(start, end, 12) == Some(ETH_P_IPV6.to_be())
+}
+
+#[inline(never)]
+fn uplink_tc4(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    let run = || {
+        let Some(mut pkt) = parse_tc(&ctx) else {
+            return icmp_to_backend(&ctx);
+        };
+        fragment_ports(&mut pkt, true)?;
+        let cfg = config()?;
+        if pkt.proto == PROTO_UDP && is_group_or_broadcast(pkt.daddr, cfg) {
+            deliver_discovery(&ctx, &pkt, cfg);
+            // The host stack gets the original either way.
+            return None;
+        }
+        uplink_steer(&ctx, &pkt, cfg)
     };
-    fragment_ports(&mut pkt, true)?;
-    let cfg = config()?;
-    if pkt.proto == PROTO_UDP && is_group_or_broadcast(pkt.daddr, cfg) {
-        deliver_discovery(ctx, &pkt, cfg);
-        // The host stack gets the original either way.
-        return None;
-    }
-    match steer(&pkt, cfg) {
+    run().unwrap_or(TC_ACT_OK)
+}
+
+#[inline(never)]
+fn uplink_tc6(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    let run = || {
+        let mut pkt = parse6_tc(&ctx)?;
+        fragment_ports(&mut pkt, true)?;
+        uplink_steer(&ctx, &pkt, config()?)
+    };
+    run().unwrap_or(TC_ACT_OK)
+}
+
+/// The uplink's verdict on a parsed packet, and the act.
+#[inline(always)]
+fn uplink_steer<F: Family>(ctx: &TcContext, pkt: &Packet<F>, cfg: &Config) -> Option<i32> {
+    match steer(pkt, cfg) {
         Steer::NotOurs => {
-            forget_stale_reply_translation(&pkt);
+            forget_stale_reply_translation(pkt);
             None
         }
         Steer::Pass { slot, untrusted } => {
@@ -881,7 +1378,7 @@ fn try_uplink_tc(ctx: &TcContext) -> Option<i32> {
             Some(TC_ACT_SHOT)
         }
         Steer::Remote { slot, mac } => {
-            follow_fragments(&pkt, slot);
+            follow_fragments(pkt, slot);
             let m = cfg.self_mac;
             let eth = [
                 mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], m[0], m[1], m[2], m[3], m[4], m[5],
@@ -895,7 +1392,7 @@ fn try_uplink_tc(ctx: &TcContext) -> Option<i32> {
             count(slot, |c| c.forwarded += 1);
             Some(rc as i32)
         }
-        Steer::Local { port } => Some(deliver_local(ctx, &pkt, &port)),
+        Steer::Local { port } => Some(deliver_local(ctx, pkt, &port)),
     }
 }
 
@@ -918,7 +1415,7 @@ fn is_group_or_broadcast(daddr_be: u32, cfg: &Config) -> bool {
 /// the asker leaves as this node (REVNAT). The copy is transmitted on the pod's link (the host
 /// side of its veth); the original is put back as it was for the host stack.
 #[inline(always)]
-fn deliver_discovery(ctx: &TcContext, pkt: &Packet, cfg: &Config) {
+fn deliver_discovery(ctx: &TcContext, pkt: &Packet<V4>, cfg: &Config) {
     // SAFETY: copied out at once.
     let Some(d) = (unsafe { ST8S_DISCOVERY.get(u16::from_be(pkt.dport) as u32) }).copied() else {
         return;
@@ -958,7 +1455,6 @@ fn deliver_discovery(ctx: &TcContext, pkt: &Packet, cfg: &Config) {
     let to_pod = rewrite(
         ctx,
         pkt,
-        PROTO_UDP,
         IP_DST_OFF,
         pkt.daddr,
         to_addr,
@@ -973,7 +1469,6 @@ fn deliver_discovery(ctx: &TcContext, pkt: &Packet, cfg: &Config) {
         rewrite(
             ctx,
             pkt,
-            PROTO_UDP,
             IP_DST_OFF,
             to_addr,
             pkt.daddr,
@@ -1004,7 +1499,7 @@ fn group_mac(daddr_be: u32) -> [u8; 6] {
 /// A discovery pod's own broadcast or multicast (an announcement, or a multicast answer): it
 /// leaves by the uplink as this node (address, hostPort and MAC), as a LAN host's would.
 #[inline(always)]
-fn announce(ctx: &TcContext, pkt: &Packet, cfg: &Config) -> Option<i32> {
+fn announce(ctx: &TcContext, pkt: &Packet<V4>, cfg: &Config) -> Option<i32> {
     let key = DiscoveryPodKey {
         pod_addr_be: pkt.saddr,
         pod_port_be: pkt.sport,
@@ -1016,7 +1511,6 @@ fn announce(ctx: &TcContext, pkt: &Packet, cfg: &Config) -> Option<i32> {
     let ok = rewrite(
         ctx,
         pkt,
-        PROTO_UDP,
         IP_SRC_OFF,
         pkt.saddr,
         cfg.self_addr_be,
@@ -1042,57 +1536,44 @@ const TCP_ACK: u8 = 0x10;
 /// (a client talking to the pod's address directly, from a recycled port): its reply must not be
 /// rewritten to the old frontend, so the old reply translation goes.
 #[inline(always)]
-fn forget_stale_reply_translation(pkt: &Packet) {
+fn forget_stale_reply_translation<F: Family>(pkt: &Packet<F>) {
     if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        let key = RevNatKey {
-            pod_addr_be: pkt.daddr,
-            client_addr_be: pkt.saddr,
-            pod_port_be: pkt.dport,
-            client_port_be: pkt.sport,
-            proto: pkt.proto,
-            _pad: 0,
-            _pad2: 0,
-        };
-        let _ = ST8S_REVNAT.remove(key);
+        let key = F::rev_key(pkt.daddr, pkt.saddr, pkt.dport, pkt.sport, pkt.proto);
+        let _ = F::revnat().remove(&key);
     }
 }
 
 /// DNAT to the local backend pod, remember how to translate its replies, and hand the packet to
 /// the pod's interface with `bpf_redirect_neigh` (no routing, no netfilter on the way).
 #[inline(always)]
-fn deliver_local(ctx: &TcContext, pkt: &Packet, port: &PortInfo) -> i32 {
+fn deliver_local<F: Family>(ctx: &TcContext, pkt: &Packet<F>, port: &PortInfo) -> i32 {
     let slot = port.slot as u32;
-    let rev_key = RevNatKey {
-        pod_addr_be: port.local_addr_be,
-        client_addr_be: pkt.saddr,
-        pod_port_be: port.local_port_be,
-        client_port_be: pkt.sport,
-        proto: pkt.proto,
-        _pad: 0,
-        _pad2: 0,
+    // `steer` never delivers to a pod without an address in the family.
+    let Some(pod_addr) = F::pod_addr(port) else {
+        count(slot, |c| c.drop_error += 1);
+        return TC_ACT_SHOT;
     };
+    let rev_key = F::rev_key(pod_addr, pkt.saddr, port.local_port_be, pkt.sport, pkt.proto);
     // The stamp proves that a reply belongs to a flow st8s delivered: a TCP SYN (re)stamps it,
     // and every UDP datagram does; the pod program refuses stale stamps (see `reply_is_ours`).
     let syn = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let stamp = syn || pkt.proto == PROTO_UDP;
-    match ST8S_REVNAT.get_ptr_mut(rev_key) {
+    let same_frontend = |v: *mut F::RevValue| {
         // SAFETY: LRU values stay valid for the duration of the program run.
-        Some(v) if unsafe { (*v).frontend_addr_be == pkt.daddr && (*v).frontend_port_be == pkt.dport } => {
+        let r = F::reply(unsafe { &*v });
+        r.frontend == pkt.daddr && r.frontend_port == pkt.dport
+    };
+    match F::revnat().get_ptr_mut(&rev_key) {
+        Some(v) if same_frontend(v) => {
             if stamp {
                 // SAFETY: as above; a plain store into the value.
-                unsafe { (*v).stamp_ns = bpf_ktime_get_ns() };
+                unsafe { *F::stamp(&mut *v) = bpf_ktime_get_ns() };
             }
         }
         _ => {
-            let rev = RevNatValue {
-                frontend_addr_be: pkt.daddr,
-                frontend_port_be: pkt.dport,
-                slot: port.slot,
-                _pad: [0; 8],
-                // SAFETY: plain helper call.
-                stamp_ns: unsafe { bpf_ktime_get_ns() },
-            };
-            if ST8S_REVNAT.insert(rev_key, rev, 0).is_err() {
+            // SAFETY: plain helper call.
+            let rev = F::rev_value(pkt.daddr, pkt.dport, port.slot, unsafe { bpf_ktime_get_ns() });
+            if F::revnat().insert(&rev_key, rev, 0).is_err() {
                 count(slot, |c| c.drop_error += 1);
                 return TC_ACT_SHOT;
             }
@@ -1101,11 +1582,10 @@ fn deliver_local(ctx: &TcContext, pkt: &Packet, port: &PortInfo) -> i32 {
     if rewrite(
         ctx,
         pkt,
-        pkt.proto,
-        IP_DST_OFF,
+        F::DST_OFF,
         pkt.daddr,
-        port.local_addr_be,
-        L4_OFF + 2,
+        pod_addr,
+        pkt.l4_off + 2,
         pkt.dport,
         port.local_port_be,
     )
@@ -1120,38 +1600,34 @@ fn deliver_local(ctx: &TcContext, pkt: &Packet, port: &PortInfo) -> i32 {
     unsafe { bpf_redirect_neigh(port.local_ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
-/// Rewrites one address and one port, fixing the IPv4 and the L4 checksums. A fragment after
+/// Rewrites one address and one port, fixing the checksums that cover them. A fragment after
 /// the first (`pkt.frag`) has no L4 header: only its address changes (the first fragment's L4
 /// checksum already accounts for the address, and the ports are in the first fragment only).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn rewrite(
+fn rewrite<F: Family>(
     ctx: &TcContext,
-    pkt: &Packet,
-    proto: u8,
+    pkt: &Packet<F>,
     addr_off: usize,
-    old_addr: u32,
-    new_addr: u32,
+    old_addr: F::Addr,
+    new_addr: F::Addr,
     port_off: usize,
     old_port: u16,
     new_port: u16,
 ) -> Result<(), i64> {
-    let (csum_off, mangled) = if proto == PROTO_TCP {
-        (TCP_CSUM_OFF, 0)
+    let (csum_off, mangled) = if pkt.proto == PROTO_TCP {
+        (pkt.l4_off + 16, 0)
     } else {
-        (UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0)
+        (pkt.l4_off + 6, BPF_F_MARK_MANGLED_0)
     };
     let l4 = pkt.frag != FRAG_LATER;
-    if l4 {
-        ctx.l4_csum_replace(
-            csum_off,
-            old_addr as u64,
-            new_addr as u64,
-            BPF_F_PSEUDO_HDR | mangled | 4,
-        )?;
-    }
-    ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
-    ctx.store(addr_off, &new_addr, 0)?;
+    F::rewrite_addr(
+        ctx,
+        l4.then_some((csum_off, mangled)),
+        addr_off,
+        old_addr,
+        new_addr,
+    )?;
     if l4 && old_port != new_port {
         ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)?;
         ctx.store(port_off, &new_port, 0)?;
@@ -1165,7 +1641,7 @@ const SYN_ACK_WINDOW_NS: u64 = 10_000_000_000;
 const UDP_IDLE_NS: u64 = 60_000_000_000;
 
 #[inline(always)]
-fn reply_is_ours(pkt: &Packet, rev: &RevNatValue) -> bool {
+fn reply_is_ours<F: Family>(pkt: &Packet<F>, stamp_ns: u64) -> bool {
     let syn_ack = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
     if !syn_ack && pkt.proto == PROTO_TCP {
         return true;
@@ -1173,7 +1649,7 @@ fn reply_is_ours(pkt: &Packet, rev: &RevNatValue) -> bool {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let window = if syn_ack { SYN_ACK_WINDOW_NS } else { UDP_IDLE_NS };
-    now.wrapping_sub(rev.stamp_ns) <= window
+    now.wrapping_sub(stamp_ns) <= window
 }
 
 #[classifier]
@@ -1183,52 +1659,65 @@ pub fn st8s_pod_tc(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
-    let Some(mut pkt) = parse_tc(ctx) else {
-        return icmp_from_backend(ctx);
-    };
-    fragment_ports(&mut pkt, true)?;
-    if pkt.proto == PROTO_UDP {
-        let cfg = config()?;
-        if is_group_or_broadcast(pkt.daddr, cfg) {
-            return announce(ctx, &pkt, cfg);
+    if let Some(mut pkt) = parse_tc(ctx) {
+        fragment_ports(&mut pkt, true)?;
+        if pkt.proto == PROTO_UDP {
+            let cfg = config()?;
+            if is_group_or_broadcast(pkt.daddr, cfg) {
+                return announce(ctx, &pkt, cfg);
+            }
         }
+        return pod_reply(ctx, &pkt);
     }
-    let key = RevNatKey {
-        pod_addr_be: pkt.saddr,
-        client_addr_be: pkt.daddr,
-        pod_port_be: pkt.sport,
-        client_port_be: pkt.dport,
-        proto: pkt.proto,
-        _pad: 0,
-        _pad2: 0,
+    if is_ipv6_frame(ctx.data(), ctx.data_end()) {
+        return Some(pod_tc6(ctx.skb.skb));
+    }
+    icmp_from_backend(ctx)
+}
+
+/// The pod program's IPv6 path, a subprogram as in `st8s_uplink_xdp`.
+#[inline(never)]
+fn pod_tc6(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    let run = || {
+        let mut pkt = parse6_tc(&ctx)?;
+        fragment_ports(&mut pkt, true)?;
+        pod_reply(&ctx, &pkt)
     };
+    run().unwrap_or(TC_ACT_OK)
+}
+
+/// A backend's reply to a flow st8s delivered: from the frontend the client sent to, straight
+/// out of the uplink.
+#[inline(always)]
+fn pod_reply<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Option<i32> {
+    let key = F::rev_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto);
     // SAFETY: copied out at once.
-    let rev = unsafe { *ST8S_REVNAT.get(key)? };
-    if !reply_is_ours(&pkt, &rev) {
+    let rev = F::reply(unsafe { F::revnat().get(&key)? });
+    if !reply_is_ours(pkt, rev.stamp_ns) {
         // A new connection (or UDP exchange) that reached the pod another way, reusing the
         // 4-tuple of an old steered one: not ours to rewrite, and the old entry is dead.
-        let _ = ST8S_REVNAT.remove(key);
+        let _ = F::revnat().remove(&key);
         return None;
     }
     let cfg = config()?;
     let slot = rev.slot as u32;
     if rewrite(
         ctx,
-        &pkt,
-        pkt.proto,
-        IP_SRC_OFF,
+        pkt,
+        F::SRC_OFF,
         pkt.saddr,
-        rev.frontend_addr_be,
-        L4_OFF,
+        rev.frontend,
+        pkt.l4_off,
         pkt.sport,
-        rev.frontend_port_be,
+        rev.frontend_port,
     )
     .is_err()
     {
         count(slot, |c| c.drop_error += 1);
         return Some(TC_ACT_SHOT);
     }
-    follow_fragments(&pkt, slot);
+    follow_fragments(pkt, slot);
     count(slot, |c| c.replied += 1);
     // Straight out of the uplink to the client, whichever node the client addressed.
     // SAFETY: plain helper call.
@@ -1263,7 +1752,7 @@ pub fn st8s_parse_only_tc(ctx: TcContext) -> i32 {
 /// Never true for a real packet, but it reads every parsed field, so that the compiler cannot
 /// drop the reads a steering program needs (it dropped all but the ports before).
 #[inline(always)]
-fn uses_every_field(p: &Packet) -> bool {
+fn uses_every_field(p: &Packet<V4>) -> bool {
     let mac = u32::from_ne_bytes([p.src_mac[0], p.src_mac[1], p.src_mac[2], p.src_mac[3]])
         ^ u32::from_ne_bytes([p.src_mac[4], p.src_mac[5], p.tcp_flags, p.proto])
         ^ u32::from_ne_bytes([p.dst_mac[0], p.dst_mac[1], p.dst_mac[2], p.dst_mac[3]])

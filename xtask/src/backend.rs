@@ -10,7 +10,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::Arc,
     thread,
 };
@@ -76,8 +76,12 @@ pub fn serve(
             }));
         }
     }
+    // HTTP and DNS listen as CoreDNS and Traefik do (Go's `net.Listen("tcp", ":53")` and
+    // `ListenPacket("udp", ":53")`): one IPv6 socket for both families (IPV6_V6ONLY off, the
+    // kernel's default), IPv4 clients appearing as v4-mapped addresses, shown unmapped here.
     if let Some(port) = http {
-        let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding http :{port}"))?;
+        let l = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+            .with_context(|| format!("binding http :{port}"))?;
         let n = name.clone();
         threads.push(thread::spawn(move || {
             for s in l.incoming().flatten() {
@@ -87,17 +91,19 @@ pub fn serve(
         }));
     }
     if let Some(port) = dns {
-        let u = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("binding dns udp :{port}"))?;
+        let u = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))
+            .with_context(|| format!("binding dns udp :{port}"))?;
         let n = name.clone();
         threads.push(thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while let Ok((len, peer)) = u.recv_from(&mut buf) {
-                if let Some(reply) = dns_answer(&buf[..len], &n, peer, 512) {
+                if let Some(reply) = dns_answer(&buf[..len], &n, unmapped(peer), 512) {
                     let _ = u.send_to(&reply, peer);
                 }
             }
         }));
-        let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding dns tcp :{port}"))?;
+        let l = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+            .with_context(|| format!("binding dns tcp :{port}"))?;
         let n = name.clone();
         threads.push(thread::spawn(move || {
             for s in l.incoming().flatten() {
@@ -113,8 +119,15 @@ pub fn serve(
     Ok(())
 }
 
+/// A peer as the application shows it: an IPv4 client on a dual-stack socket as IPv4.
+fn unmapped(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
 fn http_conn(s: TcpStream, name: &str) {
-    let Ok(peer) = s.peer_addr() else { return };
+    let Ok(peer) = s.peer_addr().map(unmapped) else {
+        return;
+    };
     let Ok(mut w) = s.try_clone() else { return };
     let mut r = BufReader::new(s);
     loop {
@@ -157,7 +170,9 @@ fn http_conn(s: TcpStream, name: &str) {
 }
 
 fn dns_tcp_conn(mut s: TcpStream, name: &str) {
-    let Ok(peer) = s.peer_addr() else { return };
+    let Ok(peer) = s.peer_addr().map(unmapped) else {
+        return;
+    };
     loop {
         let mut len = [0u8; 2];
         if s.read_exact(&mut len).is_err() {

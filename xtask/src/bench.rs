@@ -273,6 +273,7 @@ fn bench_lab() -> anyhow::Result<Lab> {
         kubeconfig: None,
         agent_caps: None,
         routed_cni: false,
+        dual_stack: false,
     })
 }
 
@@ -1074,6 +1075,7 @@ fn per_packet_table(ebpf: &mut aya::Ebpf, me: &str) -> anyhow::Result<()> {
             self_mac,
             layout: LAYOUT_VERSION,
             broadcast_be: be("10.0.0.255"),
+            self_addr6: [0; 4],
         },
     )?;
     let peer: Ipv4Addr = "10.0.0.12".parse()?;
@@ -1157,6 +1159,7 @@ fn per_packet_table(ebpf: &mut aya::Ebpf, me: &str) -> anyhow::Result<()> {
             maglev: vec![0; MAGLEV_SIZE],
             local: Some(LocalPod {
                 addr: me.parse()?,
+                addr6: None,
                 port: 81,
                 ifindex: 7,
             }),
@@ -1306,6 +1309,7 @@ fn control_plane(report: &mut String, misses: &mut Vec<String>) -> anyhow::Resul
             kubeconfig: Some(kubeconfig.clone()),
             agent_caps: None,
             routed_cni: false,
+            dual_stack: false,
         })?;
         let sw = lab.switch_ns().to_owned();
         let listener = in_netns(&sw, || std::net::TcpListener::bind((API_ADDR, 6443)))??;

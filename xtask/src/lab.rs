@@ -22,7 +22,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -41,6 +41,18 @@ pub const NAMESPACE: &str = "lab";
 
 pub fn node_addr(node: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, 10 + node as u8)
+}
+
+/// A node's IPv6 address on a dual-stack lab (a ULA prefix, as home labs number their LANs).
+pub fn node_addr6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x10 + node as u16)
+}
+
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x100);
+
+/// A node's pod subnet on a dual-stack lab, `/64`.
+fn pod_prefix6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, node as u16, 0, 0, 0, 0, 0)
 }
 
 pub fn node_name(node: usize) -> String {
@@ -63,6 +75,9 @@ pub struct LabConfig {
     /// has a /32 route on its node, and the pod reaches the node through a link-local gateway
     /// that the node answers by proxy ARP. Otherwise a `cni0` bridge (flannel's, k3s's).
     pub routed_cni: bool,
+    /// Dual-stack: IPv6 (ULA) on every node, pod and the client besides IPv4, the nodes' IPv6
+    /// InternalIP and the pods' IPv6 podIPs in the cluster file.
+    pub dual_stack: bool,
 }
 
 /// The number of a capability named as in a Pod's securityContext (`NET_ADMIN`), for the ones
@@ -176,6 +191,8 @@ struct Pod {
     spec: PodSpec,
     ns: String,
     ip: Ipv4Addr,
+    /// Its IPv6 address on a dual-stack lab.
+    ip6: Option<Ipv6Addr>,
     node_if: String,
     server: Child,
 }
@@ -193,7 +210,15 @@ pub struct Answer {
 
 impl Answer {
     pub fn client_ip(&self) -> Option<Ipv4Addr> {
-        self.client.as_deref()?.split(':').next()?.parse().ok()
+        match self.client_addr()? {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    /// The client address the pod saw, of either family.
+    pub fn client_addr(&self) -> Option<IpAddr> {
+        self.client.as_deref()?.parse::<SocketAddr>().ok().map(|s| s.ip())
     }
 
     fn parse(out: &Output) -> Self {
@@ -279,6 +304,12 @@ fn remove_cgroup_tree(dir: &Path) {
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// An IPv6 address on a lab interface, usable at once (`nodad`: no duplicate address detection
+/// to wait for on a LAN the lab numbered itself).
+fn add6(ns: &str, addr: &str, dev: &str) -> anyhow::Result<()> {
+    ip(&["-n", ns, "-6", "addr", "add", addr, "dev", dev, "nodad"])
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -414,6 +445,21 @@ impl Lab {
         ip(&["-n", &sw, "link", "set", "br0", "up"])?;
         // The switch's own address: where a test's API-server double listens.
         ip(&["-n", &sw, "addr", "add", &format!("{API_ADDR}/24"), "dev", "br0"])?;
+        if self.cfg.dual_stack {
+            // An unmanaged switch floods multicast (neighbour solicitations among it); the
+            // Linux bridge would otherwise learn groups from MLD, which no querier here asks.
+            ip(&[
+                "-n",
+                &sw,
+                "link",
+                "set",
+                "br0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ])?;
+        }
         for (i, ns) in self.nodes.clone().iter().enumerate() {
             let node = i + 1;
             let port = format!("n{node}");
@@ -432,6 +478,20 @@ impl Lab {
                 "eth0",
             ])?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            if self.cfg.dual_stack {
+                add6(ns, &format!("{}/64", node_addr6(node)), "eth0")?;
+                sh(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        ns,
+                        "sysctl",
+                        "-qw",
+                        "net.ipv6.conf.all.forwarding=1",
+                    ],
+                )?;
+            }
             // Real NICs put full checksums on the wire; so does every uplink here (see the
             // client's below).
             sh("ip", &["netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"])?;
@@ -452,6 +512,9 @@ impl Lab {
                     "cni0",
                 ])?;
                 ip(&["-n", ns, "link", "set", "cni0", "up"])?;
+                if self.cfg.dual_stack {
+                    add6(ns, &format!("{}1/64", pod_prefix6(node)), "cni0")?;
+                }
             }
             sh(
                 "ip",
@@ -476,6 +539,9 @@ impl Lab {
             "eth0",
         ])?;
         ip(&["-n", &client, "link", "set", "eth0", "up"])?;
+        if self.cfg.dual_stack {
+            add6(&client, &format!("{CLIENT_ADDR6}/64"), "eth0")?;
+        }
         // A LAN client's packets arrive with complete checksums, as they would off a wire. veth
         // would otherwise hand on CHECKSUM_PARTIAL packets whose checksum field is only the
         // pseudo-header sum; a frame that goes through XDP_TX loses that mark and the backend's
@@ -581,6 +647,10 @@ impl Lab {
         let ns = format!("s8-{}-p{}", self.id, self.next_if);
         let node_if = format!("v{}", self.next_if);
         let pod_ip = Ipv4Addr::new(10, 244, spec.node as u8, 10 + self.next_if as u8);
+        let pod_ip6 = self.cfg.dual_stack.then(|| {
+            let p = pod_prefix6(spec.node).segments();
+            Ipv6Addr::new(p[0], p[1], p[2], 0, 0, 0, 0, 0x10 + self.next_if as u16)
+        });
         self.add_ns(&ns)?;
         ip(&[
             "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &node_if, "netns", &node_ns,
@@ -646,6 +716,11 @@ impl Lab {
                 "via",
                 &format!("10.244.{}.1", spec.node),
             ])?;
+            if let Some(a6) = pod_ip6 {
+                add6(&ns, &format!("{a6}/64"), "eth0")?;
+                let gw = format!("{}1", pod_prefix6(spec.node));
+                ip(&["-n", &ns, "-6", "route", "add", "default", "via", &gw])?;
+            }
         }
         let mut cmd = self.in_node_cgroup(spec.node);
         cmd.arg("nsenter").arg(format!("--net=/run/netns/{ns}")).arg("--");
@@ -684,6 +759,7 @@ impl Lab {
                 spec,
                 ns,
                 ip: pod_ip,
+                ip6: pod_ip6,
                 node_if,
                 server,
             },
@@ -735,15 +811,25 @@ impl Lab {
         self.pods.get(name).map(|p| p.ip)
     }
 
+    /// A pod's IPv6 address on a dual-stack lab.
+    pub fn pod_ip6(&self, name: &str) -> Option<Ipv6Addr> {
+        self.pods.get(name).and_then(|p| p.ip6)
+    }
+
     /// The cluster as `kubectl get nodes,pods -A -o yaml` would print it (the fields st8s reads).
     pub fn cluster_yaml(&self) -> String {
         let mut y = String::from("apiVersion: v1\nkind: List\nitems:\n");
         for node in 1..=self.cfg.nodes {
             let _ = write!(
                 y,
-                "- apiVersion: v1\n  kind: Node\n  metadata:\n    name: {}\n    labels:\n      st8s.io/zone: lab\n  status:\n    addresses:\n    - type: InternalIP\n      address: {}\n    conditions:\n    - type: Ready\n      status: \"True\"\n",
+                "- apiVersion: v1\n  kind: Node\n  metadata:\n    name: {}\n    labels:\n      st8s.io/zone: lab\n  status:\n    addresses:\n    - type: InternalIP\n      address: {}\n{}    conditions:\n    - type: Ready\n      status: \"True\"\n",
                 node_name(node),
-                node_addr(node)
+                node_addr(node),
+                if self.cfg.dual_stack {
+                    format!("    - type: InternalIP\n      address: {}\n", node_addr6(node))
+                } else {
+                    String::new()
+                }
             );
         }
         for pod in self.pods.values() {
@@ -779,9 +865,15 @@ impl Lab {
                     p.container, p.host, p.proto
                 );
             }
+            // A dual-stack pod lists both families in podIPs, IPv4 first, as the kubelet
+            // does on an IPv4-primary cluster.
+            let pod_ips = match pod.ip6 {
+                Some(a6) => format!("    podIPs:\n    - ip: {}\n    - ip: {a6}\n", pod.ip),
+                None => String::new(),
+            };
             let _ = write!(
                 y,
-                "  status:\n    podIP: {}\n    conditions:\n    - type: Ready\n      status: \"{ready}\"\n",
+                "  status:\n    podIP: {}\n{pod_ips}    conditions:\n    - type: Ready\n      status: \"{ready}\"\n",
                 pod.ip
             );
         }
@@ -885,6 +977,19 @@ impl Lab {
                 "via",
                 &node_addr(other).to_string(),
             ])?;
+            if self.cfg.dual_stack {
+                let prefix = format!("{}/64", pod_prefix6(other));
+                ip(&[
+                    "-n",
+                    ns,
+                    "-6",
+                    "route",
+                    "add",
+                    &prefix,
+                    "via",
+                    &node_addr6(other).to_string(),
+                ])?;
+            }
         }
         Ok(())
     }
@@ -1213,8 +1318,8 @@ impl Lab {
         self.http_to(node_addr(node), port)
     }
 
-    pub fn http_to(&self, addr: Ipv4Addr, port: u16) -> Answer {
-        let url = format!("http://{addr}:{port}/");
+    pub fn http_to(&self, addr: impl Into<IpAddr>, port: u16) -> Answer {
+        let url = format!("http://{}/", SocketAddr::new(addr.into(), port));
         match self.exec(
             &self.client,
             "curl",
@@ -1230,7 +1335,12 @@ impl Lab {
 
     /// `dig TXT whoami.lab @<node>` from the client, over UDP or TCP.
     pub fn dns(&self, node: usize, tcp: bool) -> Answer {
-        let server = format!("@{}", node_addr(node));
+        self.dns_to(node_addr(node).into(), tcp)
+    }
+
+    /// `dig TXT whoami.lab @<addr>` from the client, over UDP or TCP.
+    pub fn dns_to(&self, addr: IpAddr, tcp: bool) -> Answer {
+        let server = format!("@{addr}");
         let mut args = vec![
             "+short",
             "+time=2",

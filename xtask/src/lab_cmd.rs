@@ -56,6 +56,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
         kubeconfig: None,
         agent_caps: None,
         routed_cni: false,
+        dual_stack: false,
     };
     progress("creating the lab: switch, 3 nodes with pod bridges, a client");
     let mut lab = Lab::new(cfg)?;

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use xtask::lab::{CLIENT_ADDR, Lab, LabConfig, PodSpec, in_netns, node_addr};
+use xtask::lab::{CLIENT_ADDR, CLIENT_ADDR6, Lab, LabConfig, PodSpec, in_netns, node_addr, node_addr6};
 
 static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
 const SYNC: Duration = Duration::from_secs(20);
@@ -53,6 +53,7 @@ fn lab_with(prefer_local: bool, xdp: &str) -> Lab {
         kubeconfig: None,
         agent_caps: None,
         routed_cni: false,
+        dual_stack: false,
     })
     .expect("lab builds")
 }
@@ -720,6 +721,7 @@ fn agents_follow_the_kubernetes_api_and_survive_its_outage() {
         kubeconfig: Some(kubeconfig.clone()),
         agent_caps: Some(caps.clone()),
         routed_cni: false,
+        dual_stack: false,
     })
     .expect("lab builds");
     let sw = lab.switch_ns().to_owned();
@@ -1075,6 +1077,7 @@ fn a_routed_cni_without_a_bridge_is_steered_the_same() {
         kubeconfig: None,
         agent_caps: None,
         routed_cni: true,
+        dual_stack: false,
     })
     .expect("lab");
     let lab = running(
@@ -1990,6 +1993,7 @@ fn a_lan_device_announced_by_mdns_is_answered_under_its_zone() {
         kubeconfig: Some(kubeconfig.clone()),
         agent_caps: None,
         routed_cni: false,
+        dual_stack: false,
     })
     .expect("lab builds");
     let sw = lab.switch_ns().to_owned();
@@ -2375,4 +2379,68 @@ fn a_pods_port_unreachable_reaches_the_client_as_the_nodes() {
     let c = st8s::dataplane::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
     let errors = c.get("53/udp").map(|c| c.icmp_errors).unwrap_or_default();
     assert!(errors >= 2, "node3 translated both errors: {errors}");
+}
+
+/// Issue 16, IPv6: a dual-stack LAN (ULA addresses on every node, pod and the client, the nodes'
+/// IPv6 InternalIP and the pods' podIPs in the cluster). HTTP and DNS over UDP and TCP to each
+/// node's IPv6 address reach the pods on node3: delivered there, forwarded by node1 and node2
+/// (nothing listens on those, so an answer from them is st8s's), with the client's IPv6
+/// address kept. IPv4 on the same LAN is steered as before, and `st8s inspect` lists the IPv6
+/// flows.
+#[test]
+fn a_dual_stack_lan_is_steered_over_ipv6_through_every_node() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (st8s_bin, xtask_bin) = bins();
+    let lab = Lab::new(LabConfig {
+        nodes: 3,
+        st8s_bin,
+        xtask_bin,
+        prefer_local: true,
+        xdp: "auto".into(),
+        kubeconfig: None,
+        agent_caps: None,
+        routed_cni: false,
+        dual_stack: true,
+    })
+    .expect("lab builds");
+    let lab = running(lab, &[PodSpec::web("web", 3), PodSpec::dns("dns", 3)]);
+    let client6 = std::net::IpAddr::from(CLIENT_ADDR6);
+    for node in 1..=3 {
+        let web = lab.http_to(node_addr6(node), 80);
+        assert_eq!(
+            web.pod.as_deref(),
+            Some("lab/web"),
+            "HTTP over IPv6 via node{node}: {web:?}"
+        );
+        assert_eq!(
+            web.client_addr(),
+            Some(client6),
+            "node{node}: the pod sees the client"
+        );
+        for tcp in [false, true] {
+            let dns = lab.dns_to(node_addr6(node).into(), tcp);
+            assert_eq!(
+                dns.pod.as_deref(),
+                Some("lab/dns"),
+                "DNS tcp={tcp} over IPv6 via node{node}: {dns:?}"
+            );
+            assert_eq!(dns.client_addr(), Some(client6), "node{node} tcp={tcp}");
+        }
+        let v4 = lab.http(node, 80);
+        assert_eq!(
+            (v4.pod.as_deref(), v4.client_ip()),
+            (Some("lab/web"), Some(CLIENT_ADDR)),
+            "IPv4 via node{node}"
+        );
+    }
+    let v6_flows = |node: usize, kind: &str| {
+        let s = lab.snapshot(node).expect("snapshot");
+        s.flows
+            .iter()
+            .filter(|f| f.client.ip() == client6 && f.kind() == kind)
+            .count()
+    };
+    // HTTP, DNS over UDP and over TCP: three IPv6 flows each.
+    assert_eq!(v6_flows(1, "remote"), 3, "node1 forwarded the IPv6 flows");
+    assert_eq!(v6_flows(3, "local"), 3, "node3 delivered its own IPv6 flows");
 }

@@ -1,12 +1,18 @@
 //! `st8s inspect`: the live steering table and counters, decoded from the pinned maps.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+};
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use st8s_common::{
     BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_TC_NETLINK, CONFIG_XDP_FORWARDS, Config, Counters,
-    FLOW_LOCAL, FlowKey, FlowValue, GLOBAL_COUNTER_SLOT, PortInfo, PortKey, map_names, program_names,
+    FLOW_LOCAL, FlowKey, FlowKey6, FlowValue, GLOBAL_COUNTER_SLOT, PortInfo, PortKey, addr6_octets,
+    map_names, program_names,
 };
 
 use super::{net::format_mac, open_pinned};
@@ -16,13 +22,90 @@ fn addr(be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(be))
 }
 
+/// An IPv6 address from a map, `None` when all zeros ("none").
+fn addr6(a: [u32; 4]) -> Option<Ipv6Addr> {
+    (a != [0; 4]).then(|| Ipv6Addr::from(addr6_octets(a)))
+}
+
+/// A tracked flow of either family (`ST8S_FLOWS`, `ST8S_FLOWS6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub client: SocketAddr,
+    pub frontend: SocketAddr,
+    pub proto: u8,
+    pub value: FlowValue,
+}
+
+impl Flow {
+    fn new(client: IpAddr, frontend: IpAddr, ports_be: (u16, u16), proto: u8, value: FlowValue) -> Self {
+        Flow {
+            client: SocketAddr::new(client, u16::from_be(ports_be.0)),
+            frontend: SocketAddr::new(frontend, u16::from_be(ports_be.1)),
+            proto,
+            value,
+        }
+    }
+
+    fn from_v4(k: FlowKey, value: FlowValue) -> Self {
+        let (c, f) = (addr(k.client_addr_be), addr(k.frontend_addr_be));
+        Flow::new(
+            c.into(),
+            f.into(),
+            (k.client_port_be, k.frontend_port_be),
+            k.proto,
+            value,
+        )
+    }
+
+    fn from_v6(k: FlowKey6, value: FlowValue) -> Self {
+        let c = Ipv6Addr::from(addr6_octets(k.client_addr));
+        let f = Ipv6Addr::from(addr6_octets(k.frontend_addr));
+        Flow::new(
+            c.into(),
+            f.into(),
+            (k.client_port_be, k.frontend_port_be),
+            k.proto,
+            value,
+        )
+    }
+
+    /// `local` or `remote`, as `st8s inspect` shows it.
+    pub fn kind(&self) -> &'static str {
+        if self.value.kind == FLOW_LOCAL {
+            "local"
+        } else {
+            "remote"
+        }
+    }
+
+    /// The local pod (its IPv4 address, which names it for both families, and containerPort),
+    /// or the node the flow is forwarded to.
+    fn backend(&self) -> String {
+        let v = &self.value;
+        if v.kind == FLOW_LOCAL {
+            format!("{}:{}", addr(v.backend_addr_be), u16::from_be(v.backend_port_be))
+        } else {
+            addr(v.backend_addr_be).to_string()
+        }
+    }
+
+    fn frontend_with_proto(&self) -> String {
+        let proto = Proto::from_number(self.proto)
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        format!("{}/{proto}", self.frontend)
+    }
+}
+
 /// Everything `st8s inspect` shows, read once.
 pub struct Snapshot {
     pub config: Config,
     pub ports: Vec<(PortKey, PortInfo, Vec<Backend>, Counters)>,
     pub global: Counters,
-    pub flows: Vec<(FlowKey, FlowValue)>,
+    /// Both families' flows, newest first.
+    pub flows: Vec<Flow>,
     pub nodes: Vec<Ipv4Addr>,
+    /// Reply translations of both families.
     pub revnat_entries: usize,
     /// Discovery ports of this node's pods: (hostPort, entry), by port.
     pub discovery: Vec<(u16, st8s_common::Discovery)>,
@@ -57,11 +140,18 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
         out.push((k, v, bs, sum(u32::from(v.slot))?));
     }
     out.sort_by_key(|(k, ..)| (u16::from_be(k.port_be), k.proto));
+    let flows6: HashMap<MapData, FlowKey6, FlowValue> =
+        HashMap::try_from(open_pinned(dir, map_names::FLOWS6)?)?;
     let mut fl = Vec::new();
     for entry in flows.iter() {
-        fl.push(entry.context("reading ST8S_FLOWS")?);
+        let (k, v) = entry.context("reading ST8S_FLOWS")?;
+        fl.push(Flow::from_v4(k, v));
     }
-    fl.sort_by_key(|(_, v)| std::cmp::Reverse(v.created_ns));
+    for entry in flows6.iter() {
+        let (k, v) = entry.context("reading ST8S_FLOWS6")?;
+        fl.push(Flow::from_v6(k, v));
+    }
+    fl.sort_by_key(|f| std::cmp::Reverse(f.value.created_ns));
     let mut ns = Vec::new();
     for k in nodes.keys() {
         ns.push(addr(k.context("reading ST8S_NODES")?));
@@ -69,7 +159,10 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
     ns.sort();
     let revnat: HashMap<MapData, st8s_common::RevNatKey, st8s_common::RevNatValue> =
         HashMap::try_from(open_pinned(dir, map_names::REVNAT)?)?;
-    let revnat_entries = revnat.keys().filter(Result::is_ok).count();
+    let revnat6: HashMap<MapData, st8s_common::RevNatKey6, st8s_common::RevNatValue6> =
+        HashMap::try_from(open_pinned(dir, map_names::REVNAT6)?)?;
+    let revnat_entries =
+        revnat.keys().filter(Result::is_ok).count() + revnat6.keys().filter(Result::is_ok).count();
     let discovery: HashMap<MapData, u32, st8s_common::Discovery> =
         HashMap::try_from(open_pinned(dir, map_names::DISCOVERY)?)?;
     let mut disc = Vec::new();
@@ -114,8 +207,9 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
     let c = &s.config;
     let _ = writeln!(
         o,
-        "node {}  uplink ifindex {}  mac {}  xdp forwards: {}  tc: {}  prefer local: {}",
+        "node {}{}  uplink ifindex {}  mac {}  xdp forwards: {}  tc: {}  prefer local: {}",
         addr(c.self_addr_be),
+        addr6(c.self_addr6).map_or(String::new(), |a| format!(" {a}")),
         c.uplink_ifindex,
         format_mac(&c.self_mac),
         if c.flags & CONFIG_XDP_FORWARDS != 0 {
@@ -186,6 +280,11 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
         } else {
             "-".into()
         };
+        // A dual-stack pod: its IPv6 address takes the port's IPv6 flows.
+        let local = match addr6(v.local_addr6).filter(|_| v.has_local != 0) {
+            Some(a6) => format!("{local},[{a6}]"),
+            None => local,
+        };
         let _ = writeln!(
             o,
             "{:<9} {:<34} {:<22} {:>15} {:>9} {:>7} {:>6} {:>14} {:>21} {:>10} {:>10} {:>12} {:>13} {:>9} {:>11}",
@@ -234,26 +333,14 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
         "{:<22} {:<22} {:<6} {:<22}",
         "CLIENT", "FRONTEND", "KIND", "BACKEND"
     );
-    for (k, v) in s.flows.iter().take(max_flows) {
-        let proto = Proto::from_number(k.proto)
-            .map(|p| p.to_string())
-            .unwrap_or_default();
-        let backend = if v.kind == FLOW_LOCAL {
-            format!("{}:{}", addr(v.backend_addr_be), u16::from_be(v.backend_port_be))
-        } else {
-            addr(v.backend_addr_be).to_string()
-        };
+    for f in s.flows.iter().take(max_flows) {
         let _ = writeln!(
             o,
             "{:<22} {:<22} {:<6} {:<22}",
-            format!("{}:{}", addr(k.client_addr_be), u16::from_be(k.client_port_be)),
-            format!(
-                "{}:{}/{proto}",
-                addr(k.frontend_addr_be),
-                u16::from_be(k.frontend_port_be)
-            ),
-            if v.kind == FLOW_LOCAL { "local" } else { "remote" },
-            backend
+            f.client.to_string(),
+            f.frontend_with_proto(),
+            f.kind(),
+            f.backend()
         );
     }
     let g = &s.global;
@@ -276,6 +363,9 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InspectJson {
     pub node_addr: Ipv4Addr,
+    /// The node's IPv6 address, when IPv6 is steered.
+    #[serde(default)]
+    pub node_addr6: Option<Ipv6Addr>,
     pub uplink_ifindex: u32,
     pub mac: String,
     pub xdp_forwards: bool,
@@ -300,6 +390,9 @@ pub struct PortJson {
     pub backends: Vec<BackendJson>,
     /// The backend pod on this node, `address:containerPort`.
     pub local: Option<String>,
+    /// Its IPv6 address on a dual-stack cluster, `[address]:containerPort`.
+    #[serde(default)]
+    pub local6: Option<String>,
     pub counters: BTreeMap<String, u64>,
 }
 
@@ -337,6 +430,7 @@ pub fn to_json(s: &Snapshot, max_flows: usize) -> InspectJson {
     let c = &s.config;
     InspectJson {
         node_addr: addr(c.self_addr_be),
+        node_addr6: addr6(c.self_addr6),
         uplink_ifindex: c.uplink_ifindex,
         mac: format_mac(&c.self_mac),
         xdp_forwards: c.flags & CONFIG_XDP_FORWARDS != 0,
@@ -359,6 +453,9 @@ pub fn to_json(s: &Snapshot, max_flows: usize) -> InspectJson {
                     .collect(),
                 local: (v.has_local != 0)
                     .then(|| format!("{}:{}", addr(v.local_addr_be), u16::from_be(v.local_port_be))),
+                local6: addr6(v.local_addr6)
+                    .filter(|_| v.has_local != 0)
+                    .map(|a| SocketAddr::new(a.into(), u16::from_be(v.local_port_be)).to_string()),
                 counters: counter_map(n),
             })
             .collect(),
@@ -375,24 +472,11 @@ pub fn to_json(s: &Snapshot, max_flows: usize) -> InspectJson {
             .flows
             .iter()
             .take(max_flows)
-            .map(|(k, v)| {
-                let proto = Proto::from_number(k.proto)
-                    .map(|p| p.to_string())
-                    .unwrap_or_default();
-                FlowJson {
-                    client: format!("{}:{}", addr(k.client_addr_be), u16::from_be(k.client_port_be)),
-                    frontend: format!(
-                        "{}:{}/{proto}",
-                        addr(k.frontend_addr_be),
-                        u16::from_be(k.frontend_port_be)
-                    ),
-                    kind: if v.kind == FLOW_LOCAL { "local" } else { "remote" }.to_owned(),
-                    backend: if v.kind == FLOW_LOCAL {
-                        format!("{}:{}", addr(v.backend_addr_be), u16::from_be(v.backend_port_be))
-                    } else {
-                        addr(v.backend_addr_be).to_string()
-                    },
-                }
+            .map(|f| FlowJson {
+                client: f.client.to_string(),
+                frontend: f.frontend_with_proto(),
+                kind: f.kind().to_owned(),
+                backend: f.backend(),
             })
             .collect(),
         flow_entries: s.flows.len(),
@@ -419,11 +503,12 @@ fn summed(counters: &PerCpuArray<MapData, Counters>, slot: u32) -> anyhow::Resul
 }
 
 /// The counters of packets st8s cannot tie to a port (the global slot), by reason.
-pub fn without_port(c: &Counters) -> [(&'static str, u64); 3] {
+pub fn without_port(c: &Counters) -> [(&'static str, u64); 4] {
     [
         ("drop_error", c.drop_error),
         ("frag_untracked", c.frag_untracked),
         ("frag_invalid", c.frag_invalid),
+        ("ext_headers", c.ext_headers),
     ]
 }
 
@@ -476,11 +561,17 @@ pub fn map_entries(dir: &Path) -> anyhow::Result<Vec<(&'static str, usize)>> {
     let flows: HashMap<MapData, FlowKey, FlowValue> = HashMap::try_from(open_pinned(dir, map_names::FLOWS)?)?;
     let revnat: HashMap<MapData, st8s_common::RevNatKey, st8s_common::RevNatValue> =
         HashMap::try_from(open_pinned(dir, map_names::REVNAT)?)?;
+    let flows6: HashMap<MapData, FlowKey6, FlowValue> =
+        HashMap::try_from(open_pinned(dir, map_names::FLOWS6)?)?;
+    let revnat6: HashMap<MapData, st8s_common::RevNatKey6, st8s_common::RevNatValue6> =
+        HashMap::try_from(open_pinned(dir, map_names::REVNAT6)?)?;
     Ok(vec![
         (map_names::PORTS, ports.keys().filter(Result::is_ok).count()),
         (map_names::NODES, nodes.keys().filter(Result::is_ok).count()),
         (map_names::FLOWS, flows.keys().filter(Result::is_ok).count()),
         (map_names::REVNAT, revnat.keys().filter(Result::is_ok).count()),
+        (map_names::FLOWS6, flows6.keys().filter(Result::is_ok).count()),
+        (map_names::REVNAT6, revnat6.keys().filter(Result::is_ok).count()),
     ])
 }
 

@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -288,7 +288,10 @@ impl BpfDataplane {
             self.xdp_forwards = xdp_forwards;
             // The programs read the mode from the config.
             if let Some(c) = self.writer.config() {
-                let config = self.config_for(Ipv4Addr::from(u32::from_be(c.self_addr_be)));
+                let config = Config {
+                    flags: self.config_flags(),
+                    ..c
+                };
                 self.writer.write_config(&mut self.ebpf, config)?;
             }
         }
@@ -493,7 +496,7 @@ impl BpfDataplane {
             }
         }
         self.writer.count = WriteCount::default();
-        let config = self.config_for(desired.self_node.addr);
+        let config = self.config_for(desired.self_node.addr, desired.self_node.addr6);
         let (ebpf, w) = (&mut self.ebpf, &mut self.writer);
         w.write_config(ebpf, config)?;
         // Nodes and the MACs of peers, for recognising forwarded packets.
@@ -506,6 +509,16 @@ impl BpfDataplane {
             })
             .collect();
         w.write_nodes(ebpf, nodes)?;
+        // The nodes' IPv6 addresses: a peer's IPv6 forward is addressed to one of them.
+        let nodes6 = desired
+            .nodes
+            .values()
+            .filter_map(|n| {
+                let mac = macs.get(&n.addr).copied().unwrap_or_default();
+                Some((n.addr6?, NodeInfo { mac, _pad: [0; 2] }))
+            })
+            .collect();
+        w.write_nodes6(ebpf, nodes6)?;
         let peer_macs = desired.peers().filter_map(|a| macs.get(&a).copied()).collect();
         w.write_peer_macs(ebpf, peer_macs)?;
         let gone: Vec<PortId> = w.ports().filter(|p| !desired.ports.contains_key(p)).collect();
@@ -522,6 +535,7 @@ impl BpfDataplane {
                     let (_, ifindex) = pod_links.get(id)?;
                     Some(LocalPod {
                         addr,
+                        addr6: plan.local.as_ref().and_then(|l| l.addr6),
                         port,
                         ifindex: *ifindex,
                     })
@@ -567,7 +581,25 @@ impl BpfDataplane {
         Ok(report)
     }
 
-    fn config_for(&self, self_addr: Ipv4Addr) -> Config {
+    fn config_for(&self, self_addr: Ipv4Addr, self_addr6: Option<Ipv6Addr>) -> Config {
+        Config {
+            self_addr_be: u32::from(self_addr).to_be(),
+            uplink_ifindex: self.uplink_ifindex,
+            hash_seed: self.opts.hash_seed,
+            flags: self.config_flags(),
+            self_mac: self.self_mac,
+            layout: LAYOUT_VERSION,
+            broadcast_be: self
+                .broadcasts
+                .get(&self_addr)
+                .map(|b| u32::from(*b).to_be())
+                .unwrap_or_default(),
+            self_addr6: self_addr6.map_or([0; 4], |a| st8s_common::addr6(a.octets())),
+        }
+    }
+
+    /// `Config::flags` as the options and the attach mode make them.
+    fn config_flags(&self) -> u32 {
         let mut flags = 0;
         if self.opts.prefer_local {
             flags |= CONFIG_PREFER_LOCAL;
@@ -578,19 +610,7 @@ impl BpfDataplane {
         if self.tc_netlink {
             flags |= CONFIG_TC_NETLINK;
         }
-        Config {
-            self_addr_be: u32::from(self_addr).to_be(),
-            uplink_ifindex: self.uplink_ifindex,
-            hash_seed: self.opts.hash_seed,
-            flags,
-            self_mac: self.self_mac,
-            layout: LAYOUT_VERSION,
-            broadcast_be: self
-                .broadcasts
-                .get(&self_addr)
-                .map(|b| u32::from(*b).to_be())
-                .unwrap_or_default(),
-        }
+        flags
     }
 
     /// The interface behind which a local pod lives; the pod program is attached there once.

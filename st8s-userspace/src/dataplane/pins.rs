@@ -18,7 +18,8 @@ use aya::{
     programs::links::{FdLink, PinnedLink},
 };
 use st8s_common::{
-    Config, FlowKey, FlowValue, LAYOUT_VERSION, RevNatKey, RevNatValue, map_names, program_names,
+    Config, FlowKey, FlowKey6, FlowValue, LAYOUT_VERSION, RevNatKey, RevNatKey6, RevNatValue, RevNatValue6,
+    map_names, program_names,
 };
 use tracing::{info, warn};
 
@@ -76,7 +77,12 @@ impl fmt::Display for Shape {
 }
 
 /// Maps whose contents cannot be rebuilt from the cluster: worth copying across a capacity change.
-const MIGRATABLE: [&str; 2] = [map_names::FLOWS, map_names::REVNAT];
+const MIGRATABLE: [&str; 4] = [
+    map_names::FLOWS,
+    map_names::REVNAT,
+    map_names::FLOWS6,
+    map_names::REVNAT6,
+];
 
 /// The maps, loaded onto the pins, with a report of what happened to each.
 pub struct Loaded {
@@ -155,6 +161,8 @@ pub fn load_pinned(dir: &Path, obj: &[u8]) -> anyhow::Result<Loaded> {
         let copied = match name {
             map_names::FLOWS => copy_entries::<FlowKey, FlowValue>(old, &mut ebpf, name)?,
             map_names::REVNAT => copy_entries::<RevNatKey, RevNatValue>(old, &mut ebpf, name)?,
+            map_names::FLOWS6 => copy_entries::<FlowKey6, FlowValue>(old, &mut ebpf, name)?,
+            map_names::REVNAT6 => copy_entries::<RevNatKey6, RevNatValue6>(old, &mut ebpf, name)?,
             _ => 0,
         };
         if let Some((_, MapFate::Migrated { entries, .. })) = fates.iter_mut().find(|(n, _)| *n == name) {

@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::Context as _;
@@ -18,7 +18,7 @@ use aya::{
 };
 use st8s_common::{
     Backend, Config, Counters, Discovery, DiscoveryPodKey, LAYOUT_VERSION, MAX_PORTS, MacKey, MaglevRow,
-    NodeInfo, PortInfo, PortKey, map_names, port_index,
+    NodeInfo, PortInfo, PortKey, addr6, addr6_octets, map_names, port_index,
 };
 use tracing::info;
 
@@ -40,6 +40,8 @@ pub struct PortContents {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalPod {
     pub addr: Ipv4Addr,
+    /// Its IPv6 address on a dual-stack cluster: IPv6 flows are delivered there.
+    pub addr6: Option<Ipv6Addr>,
     pub port: u16,
     /// The interface behind which the pod lives.
     pub ifindex: u32,
@@ -59,6 +61,33 @@ pub struct WriteCount {
     pub ports_changed: usize,
 }
 
+/// Makes a node map (`ST8S_NODES`, `ST8S_NODES6`) hold `nodes`, writing only what changed
+/// since `current`, which it then becomes.
+fn sync_nodes<A: Ord + Copy, K: aya::Pod>(
+    map: &mut aya::maps::Map,
+    current: &mut BTreeMap<A, NodeInfo>,
+    nodes: BTreeMap<A, NodeInfo>,
+    key: impl Fn(A) -> K,
+    count: &mut WriteCount,
+) -> anyhow::Result<()> {
+    if nodes == *current {
+        return Ok(());
+    }
+    let mut m: HashMap<_, K, NodeInfo> = HashMap::try_from(map)?;
+    for (addr, info) in &nodes {
+        if current.get(addr) != Some(info) {
+            m.insert(key(*addr), info, 0).context("writing a node map")?;
+            count.writes += 1;
+        }
+    }
+    for addr in current.keys().filter(|a| !nodes.contains_key(a)) {
+        let _ = m.remove(&key(*addr));
+        count.writes += 1;
+    }
+    *current = nodes;
+    Ok(())
+}
+
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
     ebpf.map_mut(name)
         .with_context(|| format!("map {name} missing from the object"))
@@ -69,6 +98,7 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::ma
 pub struct MapWriter {
     ports: BTreeMap<PortId, PortState>,
     nodes: BTreeMap<Ipv4Addr, NodeInfo>,
+    nodes6: BTreeMap<Ipv6Addr, NodeInfo>,
     peer_macs: BTreeSet<[u8; 6]>,
     config: Option<Config>,
     /// `ST8S_DISCOVERY` as last written, by hostPort.
@@ -95,6 +125,12 @@ impl MapWriter {
             .iter()
             .filter_map(Result::ok)
             .map(|(k, v)| (Ipv4Addr::from(u32::from_be(k)), v))
+            .collect();
+        let nodes6: HashMap<_, [u32; 4], NodeInfo> = HashMap::try_from(map_mut(ebpf, map_names::NODES6)?)?;
+        w.nodes6 = nodes6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Ipv6Addr::from(addr6_octets(k)), v))
             .collect();
         let macs: HashMap<_, MacKey, u32> = HashMap::try_from(map_mut(ebpf, map_names::PEER_MACS)?)?;
         w.peer_macs = macs.keys().filter_map(Result::ok).map(|k| k.mac).collect();
@@ -128,6 +164,7 @@ impl MapWriter {
             };
             let local = (info.has_local != 0).then(|| LocalPod {
                 addr: Ipv4Addr::from(u32::from_be(info.local_addr_be)),
+                addr6: (info.local_addr6 != [0; 4]).then(|| Ipv6Addr::from(addr6_octets(info.local_addr6))),
                 port: u16::from_be(info.local_port_be),
                 ifindex: info.local_ifindex,
             });
@@ -173,23 +210,24 @@ impl MapWriter {
         ebpf: &mut Ebpf,
         nodes: BTreeMap<Ipv4Addr, NodeInfo>,
     ) -> anyhow::Result<()> {
-        if nodes == self.nodes {
-            return Ok(());
-        }
-        let mut m: HashMap<_, u32, NodeInfo> = HashMap::try_from(map_mut(ebpf, map_names::NODES)?)?;
-        for (addr, info) in &nodes {
-            if self.nodes.get(addr) != Some(info) {
-                m.insert(u32::from(*addr).to_be(), info, 0)
-                    .context("writing ST8S_NODES")?;
-                self.count.writes += 1;
-            }
-        }
-        for addr in self.nodes.keys().filter(|a| !nodes.contains_key(a)) {
-            let _ = m.remove(&u32::from(*addr).to_be());
-            self.count.writes += 1;
-        }
-        self.nodes = nodes;
-        Ok(())
+        let m = map_mut(ebpf, map_names::NODES)?;
+        sync_nodes(
+            m,
+            &mut self.nodes,
+            nodes,
+            |a| u32::from(a).to_be(),
+            &mut self.count,
+        )
+    }
+
+    /// Every node with an IPv6 address, by that address (`ST8S_NODES6`).
+    pub fn write_nodes6(
+        &mut self,
+        ebpf: &mut Ebpf,
+        nodes: BTreeMap<Ipv6Addr, NodeInfo>,
+    ) -> anyhow::Result<()> {
+        let m = map_mut(ebpf, map_names::NODES6)?;
+        sync_nodes(m, &mut self.nodes6, nodes, |a| addr6(a.octets()), &mut self.count)
     }
 
     /// The MACs of the other nodes: a frame from one of them may be a forwarded one.
@@ -251,6 +289,7 @@ impl MapWriter {
             has_local: u8::from(local.is_some()),
             flags: contents.flags,
             _pad: [0; 3],
+            local_addr6: local.and_then(|l| l.addr6).map_or([0; 4], |a| addr6(a.octets())),
         };
         {
             let mut m: Array<_, Backend> = Array::try_from(map_mut(ebpf, map_names::BACKENDS)?)?;
