@@ -27,8 +27,9 @@ pub mod map_names {
     pub const FLOWS6: &str = "ST8S_FLOWS6";
     pub const REVNAT6: &str = "ST8S_REVNAT6";
     pub const FRAGS6: &str = "ST8S_FRAGS6";
+    pub const SOCK_REVNAT6: &str = "ST8S_SOCK_REVNAT6";
 
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         CONFIG,
         PORTS,
         PORT_INDEX,
@@ -48,6 +49,7 @@ pub mod map_names {
         FLOWS6,
         REVNAT6,
         FRAGS6,
+        SOCK_REVNAT6,
     ];
 }
 
@@ -69,8 +71,22 @@ pub mod program_names {
     pub const SOCK_SENDMSG4: &str = "st8s_sock_sendmsg4";
     pub const SOCK_RECVMSG4: &str = "st8s_sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "st8s_sock_getpeername4";
+    /// The same for IPv6 sockets (and for dual-stack sockets naming an IPv6 address).
+    pub const SOCK_CONNECT6: &str = "st8s_sock_connect6";
+    pub const SOCK_SENDMSG6: &str = "st8s_sock_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "st8s_sock_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "st8s_sock_getpeername6";
     /// The socket programs, with the hook each attaches to.
-    pub const SOCKET: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_GETPEERNAME4];
+    pub const SOCKET: [&str; 8] = [
+        SOCK_CONNECT4,
+        SOCK_SENDMSG4,
+        SOCK_RECVMSG4,
+        SOCK_GETPEERNAME4,
+        SOCK_CONNECT6,
+        SOCK_SENDMSG6,
+        SOCK_RECVMSG6,
+        SOCK_GETPEERNAME6,
+    ];
     /// Benchmark baselines: header parsing only.
     pub const PARSE_ONLY_XDP: &str = "st8s_parse_only_xdp";
     pub const PARSE_ONLY_TC: &str = "st8s_parse_only_tc";
@@ -286,14 +302,18 @@ impl Default for MaglevRow {
     }
 }
 
-/// Value of `ST8S_NODES` (keyed by the node's address, `u32` in network byte order).
+/// Value of `ST8S_NODES` (keyed by the node's address, `u32` in network byte order) and of
+/// `ST8S_NODES6` (keyed by its IPv6 address).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// The node's IPv6 InternalIP (all zeros if none): where the socket hooks send an IPv6
+    /// client's connection that this node is chosen for.
+    pub addr6: Addr6,
 }
-assert_size!(NodeInfo, 8);
+assert_size!(NodeInfo, 24);
 
 /// Key of `ST8S_PEER_MACS`: the MAC address of a cluster node's uplink. A packet forwarded by a
 /// peer is accepted only when its Ethernet source is one of these.
@@ -519,6 +539,28 @@ pub struct SockRevNatValue {
 }
 assert_size!(SockRevNatValue, 8);
 
+/// Key of `ST8S_SOCK_REVNAT6`: an IPv6 socket that socket-level steering sent to a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey6 {
+    pub cookie: u64,
+    pub backend_addr: Addr6,
+    pub backend_port_be: u16,
+    pub _pad: u16,
+    pub _pad2: u32,
+}
+assert_size!(SockRevNatKey6, 32);
+
+/// Value of `ST8S_SOCK_REVNAT6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNatValue6 {
+    pub frontend_addr: Addr6,
+    pub frontend_port_be: u16,
+    pub _pad: u16,
+}
+assert_size!(SockRevNatValue6, 20);
+
 /// Value of `ST8S_COUNTERS` (a per-CPU array indexed by port slot; `GLOBAL_COUNTER_SLOT` for the
 /// rest). The names are the ones `st8s inspect` prints.
 #[repr(C)]
@@ -678,6 +720,8 @@ mod user {
     unsafe impl aya::Pod for RevNatKey6 {}
     unsafe impl aya::Pod for RevNatValue6 {}
     unsafe impl aya::Pod for FragKey6 {}
+    unsafe impl aya::Pod for SockRevNatKey6 {}
+    unsafe impl aya::Pod for SockRevNatValue6 {}
 }
 
 #[cfg(test)]

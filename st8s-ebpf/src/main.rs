@@ -15,7 +15,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{__sk_buff, xdp_action, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    bindings::{__sk_buff, bpf_sock_addr, xdp_action, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::{
         bpf_ktime_get_ns,
         generated::{
@@ -31,10 +31,11 @@ use aya_ebpf::{
 use st8s_common::{
     flow_hash, flow_hash6, port_index, socket_hash, Addr6, Backend, Config, Counters, Discovery,
     DiscoveryPodKey, FlowKey, FlowKey6, FlowValue, FragKey, FragKey6, FragValue, MacKey, MaglevRow, NodeInfo,
-    PortInfo, PortKey, RevNatKey, RevNatKey6, RevNatValue, RevNatValue6, SockRevNatKey, SockRevNatValue,
-    BACKEND_DRAINING, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL, FLOW_LOCAL, FLOW_REMOTE, FRAG_TIMEOUT_NS,
-    GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_DISCOVERY, MAX_FLOWS, MAX_FRAGS, MAX_NODES,
-    MAX_PORTS, PORT_INDEX_ENTRIES, PORT_LOCAL_DRAINING, PROTO_TCP, PROTO_UDP,
+    PortInfo, PortKey, RevNatKey, RevNatKey6, RevNatValue, RevNatValue6, SockRevNatKey, SockRevNatKey6,
+    SockRevNatValue, SockRevNatValue6, BACKEND_DRAINING, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL,
+    FLOW_LOCAL, FLOW_REMOTE, FRAG_TIMEOUT_NS, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_DISCOVERY,
+    MAX_FLOWS, MAX_FRAGS, MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES, PORT_LOCAL_DRAINING, PROTO_TCP,
+    PROTO_UDP,
 };
 
 #[map]
@@ -90,6 +91,9 @@ static ST8S_FLOWS6: LruHashMap<FlowKey6, FlowValue> = LruHashMap::with_max_entri
 static ST8S_REVNAT6: LruHashMap<RevNatKey6, RevNatValue6> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 #[map]
 static ST8S_FRAGS6: LruHashMap<FragKey6, FragValue> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
+#[map]
+static ST8S_SOCK_REVNAT6: LruHashMap<SockRevNatKey6, SockRevNatValue6> =
+    LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -1793,74 +1797,232 @@ pub fn st8s_parse_lookup_xdp(ctx: XdpContext) -> u32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn st8s_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock_steer(&ctx);
+    sock_steer::<V4>(&ctx);
     1
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn st8s_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock_steer(&ctx);
+    sock_steer::<V4>(&ctx);
     1
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn st8s_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock_unsteer(&ctx);
+    sock_unsteer::<V4>(&ctx);
     1
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn st8s_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock_unsteer(&ctx);
+    sock_unsteer::<V4>(&ctx);
     1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn st8s_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock_steer::<V6>(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn st8s_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock_steer::<V6>(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn st8s_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock_unsteer::<V6>(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn st8s_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock_unsteer::<V6>(&ctx);
+    1
+}
+
+/// The socket side of a family: where the hooks read and write the address the application
+/// named, how they remember it, and where a remote backend node takes connections.
+trait SockFamily: Family {
+    type SockKey: 'static;
+    type SockValue: Copy + 'static;
+    fn sock_revnat() -> &'static LruHashMap<Self::SockKey, Self::SockValue>;
+    fn sock_key(cookie: u64, backend: Self::Addr, backend_port: u16) -> Self::SockKey;
+    fn sock_value(frontend: Self::Addr, frontend_port: u16) -> Self::SockValue;
+    fn sock_frontend(v: &Self::SockValue) -> (Self::Addr, u16);
+    /// # Safety
+    /// `sa` is the hook's own `bpf_sock_addr`.
+    unsafe fn user_addr(sa: *const bpf_sock_addr) -> Self::Addr;
+    /// # Safety
+    /// As [`SockFamily::user_addr`].
+    unsafe fn set_user_addr(sa: *mut bpf_sock_addr, addr: Self::Addr);
+    /// A backend node's address in the family, if it has one.
+    fn node_addr(b: &Backend) -> Option<Self::Addr>;
+    /// The address as one word for the socket hash.
+    fn hash_word(addr: Self::Addr) -> u32;
+}
+
+impl SockFamily for V4 {
+    type SockKey = SockRevNatKey;
+    type SockValue = SockRevNatValue;
+    #[inline(always)]
+    fn sock_revnat() -> &'static LruHashMap<SockRevNatKey, SockRevNatValue> {
+        &ST8S_SOCK_REVNAT
+    }
+    #[inline(always)]
+    fn sock_key(cookie: u64, backend: u32, backend_port: u16) -> SockRevNatKey {
+        SockRevNatKey {
+            cookie,
+            backend_addr_be: backend,
+            backend_port_be: backend_port,
+            _pad: 0,
+        }
+    }
+    #[inline(always)]
+    fn sock_value(frontend: u32, frontend_port: u16) -> SockRevNatValue {
+        SockRevNatValue {
+            frontend_addr_be: frontend,
+            frontend_port_be: frontend_port,
+            _pad: 0,
+        }
+    }
+    #[inline(always)]
+    fn sock_frontend(v: &SockRevNatValue) -> (u32, u16) {
+        (v.frontend_addr_be, v.frontend_port_be)
+    }
+    #[inline(always)]
+    unsafe fn user_addr(sa: *const bpf_sock_addr) -> u32 {
+        // SAFETY: the caller's.
+        unsafe { (*sa).user_ip4 }
+    }
+    #[inline(always)]
+    unsafe fn set_user_addr(sa: *mut bpf_sock_addr, addr: u32) {
+        // SAFETY: the caller's.
+        unsafe { (*sa).user_ip4 = addr };
+    }
+    #[inline(always)]
+    fn node_addr(b: &Backend) -> Option<u32> {
+        Some(b.node_addr_be)
+    }
+    #[inline(always)]
+    fn hash_word(addr: u32) -> u32 {
+        addr
+    }
+}
+
+impl SockFamily for V6 {
+    type SockKey = SockRevNatKey6;
+    type SockValue = SockRevNatValue6;
+    #[inline(always)]
+    fn sock_revnat() -> &'static LruHashMap<SockRevNatKey6, SockRevNatValue6> {
+        &ST8S_SOCK_REVNAT6
+    }
+    #[inline(always)]
+    fn sock_key(cookie: u64, backend: Addr6, backend_port: u16) -> SockRevNatKey6 {
+        SockRevNatKey6 {
+            cookie,
+            backend_addr: backend,
+            backend_port_be: backend_port,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+    #[inline(always)]
+    fn sock_value(frontend: Addr6, frontend_port: u16) -> SockRevNatValue6 {
+        SockRevNatValue6 {
+            frontend_addr: frontend,
+            frontend_port_be: frontend_port,
+            _pad: 0,
+        }
+    }
+    #[inline(always)]
+    fn sock_frontend(v: &SockRevNatValue6) -> (Addr6, u16) {
+        (v.frontend_addr, v.frontend_port_be)
+    }
+    /// Word by word: the kernel takes `user_ip6` in 4-byte accesses (wider ones only aligned,
+    /// and only on newer kernels), which volatile reads and writes keep LLVM from merging.
+    #[inline(always)]
+    unsafe fn user_addr(sa: *const bpf_sock_addr) -> Addr6 {
+        // SAFETY: the caller's; four aligned words inside the struct.
+        unsafe {
+            let w = core::ptr::addr_of!((*sa).user_ip6) as *const u32;
+            [
+                core::ptr::read_volatile(w),
+                core::ptr::read_volatile(w.add(1)),
+                core::ptr::read_volatile(w.add(2)),
+                core::ptr::read_volatile(w.add(3)),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn set_user_addr(sa: *mut bpf_sock_addr, addr: Addr6) {
+        // SAFETY: as in `user_addr`.
+        unsafe {
+            let w = core::ptr::addr_of_mut!((*sa).user_ip6) as *mut u32;
+            core::ptr::write_volatile(w, addr[0]);
+            core::ptr::write_volatile(w.add(1), addr[1]);
+            core::ptr::write_volatile(w.add(2), addr[2]);
+            core::ptr::write_volatile(w.add(3), addr[3]);
+        }
+    }
+    /// The node's IPv6 InternalIP, from its `ST8S_NODES` entry.
+    #[inline(always)]
+    fn node_addr(b: &Backend) -> Option<Addr6> {
+        // SAFETY: copied out at once.
+        let a = unsafe { ST8S_NODES.get(b.node_addr_be) }?.addr6;
+        (a[0] | a[1] | a[2] | a[3] != 0).then_some(a)
+    }
+    #[inline(always)]
+    fn hash_word(addr: Addr6) -> u32 {
+        addr[0] ^ addr[1] ^ addr[2] ^ addr[3]
+    }
 }
 
 /// A connect or send to a node's address on a steered port goes to the backend `choose` picks,
 /// placed by the socket's cookie: this node's pod (its address and containerPort), or a node that
 /// runs one (its address and the hostPort; that node serves a connection from a peer itself).
-/// A port without backends is left alone, so the kernel refuses it at once as it would anyway.
+/// A port without backends is left alone, so the kernel refuses it at once as it would anyway;
+/// so is an IPv6 socket whose chosen backend has no IPv6 address.
 #[inline(always)]
-fn sock_steer(ctx: &SockAddrContext) -> Option<()> {
+fn sock_steer<F: SockFamily>(ctx: &SockAddrContext) -> Option<()> {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands every program a valid bpf_sock_addr.
-    let (proto, daddr, dport) = unsafe { ((*sa).protocol as u8, (*sa).user_ip4, (*sa).user_port as u16) };
+    let (proto, daddr, dport) = unsafe { ((*sa).protocol as u8, F::user_addr(sa), (*sa).user_port as u16) };
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
     let cfg = config()?;
-    // SAFETY: only existence is checked.
-    if daddr != cfg.self_addr_be && unsafe { ST8S_NODES.get(daddr) }.is_none() {
+    if daddr != F::self_addr(cfg) && !F::is_node(daddr) {
         return None;
     }
-    let port = port_info_of(proto, dport)?;
+    let mut port = port_info_of(proto, dport)?;
     if port.backend_count == 0 {
         return None;
+    }
+    let pod_addr = F::pod_addr(&port);
+    if pod_addr.is_none() {
+        port.has_local = 0;
     }
     let slot = port.slot as u32;
     // SAFETY: plain helper call on this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let h = socket_hash(cookie, daddr, dport, proto, cfg.hash_seed);
+    let h = socket_hash(cookie, F::hash_word(daddr), dport, proto, cfg.hash_seed);
     let (to_addr, to_port, local) = match choose(&port, h, cfg.flags & CONFIG_PREFER_LOCAL != 0) {
-        Choice::Local => (port.local_addr_be, port.local_port_be, true),
-        Choice::Remote { backend, .. } => (backend.node_addr_be, dport, false),
+        Choice::Local => (pod_addr?, port.local_port_be, true),
+        Choice::Remote { backend, .. } => (F::node_addr(&backend)?, dport, false),
         Choice::None => return None,
-    };
-    let key = SockRevNatKey {
-        cookie,
-        backend_addr_be: to_addr,
-        backend_port_be: to_port,
-        _pad: 0,
-    };
-    let value = SockRevNatValue {
-        frontend_addr_be: daddr,
-        frontend_port_be: dport,
-        _pad: 0,
     };
     // An entry that is there already wins: while a restarted agent's programs run next to the
     // old ones, the second program sees the first one's choice (a node address too) and must
     // not record it as what the application asked for. Without a way back at all, the
     // application would see the backend: leave the call as it was.
-    match ST8S_SOCK_REVNAT.insert(key, value, BPF_NOEXIST) {
+    match F::sock_revnat().insert(
+        F::sock_key(cookie, to_addr, to_port),
+        F::sock_value(daddr, dport),
+        BPF_NOEXIST,
+    ) {
         Ok(()) => {}
         Err(e) if e == -EEXIST => {}
         Err(_) => {
@@ -1868,9 +2030,9 @@ fn sock_steer(ctx: &SockAddrContext) -> Option<()> {
             return None;
         }
     }
-    // SAFETY: as above; user_ip4 and user_port are writable in these hooks.
+    // SAFETY: as above; the address and user_port are writable in these hooks.
     unsafe {
-        (*sa).user_ip4 = to_addr;
+        F::set_user_addr(sa, to_addr);
         (*sa).user_port = to_port as u32;
     }
     if local {
@@ -1884,24 +2046,19 @@ fn sock_steer(ctx: &SockAddrContext) -> Option<()> {
 /// The backend's address in a received datagram or a socket's peer, back to the node address the
 /// application used.
 #[inline(always)]
-fn sock_unsteer(ctx: &SockAddrContext) -> Option<()> {
+fn sock_unsteer<F: SockFamily>(ctx: &SockAddrContext) -> Option<()> {
     let sa = ctx.sock_addr;
     // SAFETY: plain helper call on this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevNatKey {
-        cookie,
-        // SAFETY: the kernel hands every program a valid bpf_sock_addr.
-        backend_addr_be: unsafe { (*sa).user_ip4 },
-        // SAFETY: as above.
-        backend_port_be: unsafe { (*sa).user_port } as u16,
-        _pad: 0,
-    };
+    // SAFETY: the kernel hands every program a valid bpf_sock_addr.
+    let key = unsafe { F::sock_key(cookie, F::user_addr(sa), (*sa).user_port as u16) };
     // SAFETY: copied out at once.
-    let v = unsafe { ST8S_SOCK_REVNAT.get(key) }.copied()?;
+    let v = unsafe { F::sock_revnat().get(&key) }.copied()?;
+    let (frontend, frontend_port) = F::sock_frontend(&v);
     // SAFETY: as above; both fields are writable in these hooks.
     unsafe {
-        (*sa).user_ip4 = v.frontend_addr_be;
-        (*sa).user_port = v.frontend_port_be as u32;
+        F::set_user_addr(sa, frontend);
+        (*sa).user_port = frontend_port as u32;
     }
     Some(())
 }

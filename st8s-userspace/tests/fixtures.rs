@@ -555,6 +555,13 @@ const PEER6: &str = "fd00:77::12";
 const CLIENT6: &str = "fd00:77::100";
 const POD6: &str = "fd00:244:1::5";
 
+fn node_info(mac: [u8; 6]) -> NodeInfo {
+    NodeInfo {
+        mac,
+        ..NodeInfo::default()
+    }
+}
+
 fn a6(s: &str) -> Ipv6Addr {
     s.parse().expect("address")
 }
@@ -590,12 +597,12 @@ impl Dp {
         dp.config(flags);
         let nodes = [(SELF, SELF_MAC), (PEER, PEER_MAC), (PEER3, PEER3_MAC)]
             .into_iter()
-            .map(|(addr, mac)| (a(addr), NodeInfo { mac, _pad: [0; 2] }))
+            .map(|(addr, mac)| (a(addr), node_info(mac)))
             .collect();
         dp.writer.write_nodes(&mut dp.ebpf, nodes).expect("nodes");
         let nodes6 = [(SELF6, SELF_MAC), (PEER6, PEER_MAC)]
             .into_iter()
-            .map(|(addr, mac)| (a6(addr), NodeInfo { mac, _pad: [0; 2] }))
+            .map(|(addr, mac)| (a6(addr), node_info(mac)))
             .collect();
         dp.writer.write_nodes6(&mut dp.ebpf, nodes6).expect("nodes6");
         dp.writer

@@ -1086,6 +1086,7 @@ fn per_packet_table(ebpf: &mut aya::Ebpf, me: &str) -> anyhow::Result<()> {
             NodeInfo {
                 mac: peer_mac,
                 _pad: [0; 2],
+                addr6: [0; 4],
             },
         )]
         .into(),

@@ -1259,13 +1259,14 @@ fn local_clients_reach_steered_ports_through_node_addresses() {
             .map(str::to_owned)
             .collect()
     };
-    assert_eq!(hooks(&lab).len(), 4, "{:?}", hooks(&lab));
+    // connect, sendmsg, recvmsg and getpeername, for IPv4 and IPv6.
+    assert_eq!(hooks(&lab).len(), 8, "{:?}", hooks(&lab));
     lab.kill_agent(1);
     lab.start_agent(1).expect("agent");
     lab.wait_ready(1, SYNC).expect("ready again");
     assert_eq!(
         hooks(&lab).len(),
-        4,
+        8,
         "the old links went with their pins: {:?}",
         hooks(&lab)
     );
@@ -2403,7 +2404,14 @@ fn a_dual_stack_lan_is_steered_over_ipv6_through_every_node() {
         dual_stack: true,
     })
     .expect("lab builds");
-    let lab = running(lab, &[PodSpec::web("web", 3), PodSpec::dns("dns", 3)]);
+    let lab = running(
+        lab,
+        &[
+            PodSpec::web("web", 3),
+            PodSpec::dns("dns", 3),
+            client_pod("c1", 1),
+        ],
+    );
     let client6 = std::net::IpAddr::from(CLIENT_ADDR6);
     for node in 1..=3 {
         let web = lab.http_to(node_addr6(node), 80);
@@ -2443,4 +2451,53 @@ fn a_dual_stack_lan_is_steered_over_ipv6_through_every_node() {
     // HTTP, DNS over UDP and over TCP: three IPv6 flows each.
     assert_eq!(v6_flows(1, "remote"), 3, "node1 forwarded the IPv6 flows");
     assert_eq!(v6_flows(3, "local"), 3, "node3 delivered its own IPv6 flows");
+
+    // The node's own IPv6 clients, through the connect6/sendmsg6/recvmsg6/getpeername6 hooks:
+    // node1 to its own IPv6 address and a pod on node1 to node2's, both served by node3's pod;
+    // each sees the address it used as its peer, the backend sees the client's own address.
+    lab.wait_table(1, SYNC, |s| s.local_clients)
+        .expect("node1 steers local clients");
+    let url6 = |node: usize| format!("http://[{}]/", node_addr6(node));
+    let (body, peer) = local_get(
+        lab.run_on_node(1, &[&CURL[..], &[&url6(1)]].concat())
+            .expect("curl"),
+    );
+    assert!(body.contains("pod=lab/web"), "{body}");
+    assert!(body.contains(&format!("client=[{}]:", node_addr6(1))), "{body}");
+    assert_eq!(
+        peer,
+        format!("{}:80", node_addr6(1)),
+        "getpeername shows the address used"
+    );
+    let pod6 = lab.pod_ip6("c1").expect("c1 has IPv6");
+    let (body, peer) = local_get(
+        lab.run_in_pod("c1", &[&CURL[..], &[&url6(2)]].concat())
+            .expect("curl"),
+    );
+    assert!(body.contains("pod=lab/web"), "{body}");
+    assert!(body.contains(&format!("client=[{pod6}]:")), "{body}");
+    assert_eq!(peer, format!("{}:80", node_addr6(2)));
+    // DNS over UDP from the pod: dig drops an answer from any address but the one it asked.
+    let server = format!("@{}", node_addr6(1));
+    let out = lab
+        .run_in_pod(
+            "c1",
+            &[
+                "dig",
+                "+short",
+                "+tries=1",
+                "+time=2",
+                &server,
+                "TXT",
+                "whoami.lab",
+            ],
+        )
+        .expect("dig");
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answer.contains("pod=lab/dns"),
+        "{answer}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(answer.contains(&format!("client=[{pod6}]:")), "{answer}");
 }

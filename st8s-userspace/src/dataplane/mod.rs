@@ -499,24 +499,19 @@ impl BpfDataplane {
         let config = self.config_for(desired.self_node.addr, desired.self_node.addr6);
         let (ebpf, w) = (&mut self.ebpf, &mut self.writer);
         w.write_config(ebpf, config)?;
-        // Nodes and the MACs of peers, for recognising forwarded packets.
-        let nodes = desired
-            .nodes
-            .keys()
-            .map(|a| {
-                let mac = macs.get(a).copied().unwrap_or_default();
-                (*a, NodeInfo { mac, _pad: [0; 2] })
-            })
-            .collect();
+        // Nodes and the MACs of peers, for recognising forwarded packets; by IPv4 and by IPv6
+        // address (a peer's IPv6 forward is addressed to one of the latter).
+        let info = |n: &NodeEntry| NodeInfo {
+            mac: macs.get(&n.addr).copied().unwrap_or_default(),
+            _pad: [0; 2],
+            addr6: n.addr6.map_or([0; 4], |a| st8s_common::addr6(a.octets())),
+        };
+        let nodes = desired.nodes.values().map(|n| (n.addr, info(n))).collect();
         w.write_nodes(ebpf, nodes)?;
-        // The nodes' IPv6 addresses: a peer's IPv6 forward is addressed to one of them.
         let nodes6 = desired
             .nodes
             .values()
-            .filter_map(|n| {
-                let mac = macs.get(&n.addr).copied().unwrap_or_default();
-                Some((n.addr6?, NodeInfo { mac, _pad: [0; 2] }))
-            })
+            .filter_map(|n| Some((n.addr6?, info(n))))
             .collect();
         w.write_nodes6(ebpf, nodes6)?;
         let peer_macs = desired.peers().filter_map(|a| macs.get(&a).copied()).collect();

@@ -1177,7 +1177,10 @@ items:
         let (zone, _) = render_zone(&input, "home.example.org", &offline, None);
         assert!(zone.contains("node1.attic IN AAAA fd00::11"), "{zone}");
         assert!(!zone.contains("2001:db8::11"), "InternalIP only: {zone}");
-        assert!(!zone.contains("jellyfin IN AAAA"), "off by default: {zone}");
+        assert!(
+            !zone.contains("jellyfin IN AAAA"),
+            "off with --no-service-aaaa: {zone}"
+        );
         let aaaa = DnsConfig {
             service_aaaa: true,
             ..offline

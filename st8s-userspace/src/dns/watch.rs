@@ -73,10 +73,13 @@ pub struct DnsArgs {
     /// probe on it keeps a CoreDNS replica whose zones are not current out of the steered :53.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<std::net::SocketAddr>,
-    /// Give service names AAAA records too (the serving nodes' IPv6 InternalIPs). st8s steers
-    /// IPv4 only: a dual-stack client that prefers IPv6 then bypasses it (see the README). Node
-    /// names always get their node's AAAA.
+    /// Give service names A records only, no AAAA (by default a serving node with an IPv6
+    /// InternalIP gets an AAAA too: st8s steers IPv6 as it steers IPv4). For a cluster whose
+    /// nodes run agents from before IPv6 steering. Node names always get their node's AAAA.
     #[arg(long)]
+    pub no_service_aaaa: bool,
+    /// Accepted for older manifests: service AAAA records are the default now.
+    #[arg(long, hide = true)]
     pub service_aaaa: bool,
     /// Answer the `.local` hosts that the agents of this zone hear (`st8s agent --mdns`) as
     /// `<host>.<zone>.<domain>` (repeat for several zones). A node's own name and the names st8s
@@ -121,7 +124,7 @@ impl DnsArgs {
             ttl: self.ttl,
             ns: self.ns.clone(),
             agent_leases,
-            service_aaaa: self.service_aaaa,
+            service_aaaa: !self.no_service_aaaa,
             mdns_zones: self.mdns_zones.clone(),
         }
     }
@@ -589,6 +592,30 @@ async fn apply_configmap(
 mod tests {
     use super::*;
     use crate::dns::{DnsInput, ZoneNode};
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        dns: DnsArgs,
+    }
+
+    /// Service names get AAAA records unless told not to; the old opt-in flag still parses.
+    #[test]
+    fn service_aaaa_is_on_by_default_and_can_be_turned_off() {
+        use clap::Parser as _;
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["st8s-dns", "--domain", "home.example.org"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+                .expect("parses")
+                .dns
+                .config(true)
+                .service_aaaa
+        };
+        assert!(parse(&[]));
+        assert!(parse(&["--service-aaaa"]));
+        assert!(!parse(&["--no-service-aaaa"]));
+    }
 
     fn input() -> DnsInput {
         let node = |name: &str, addr: &str, serving| ZoneNode {
