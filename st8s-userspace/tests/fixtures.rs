@@ -5,11 +5,15 @@
 //! [`MapWriter`], so the bank flip and the slot handling under test are the ones the agent uses.
 #![cfg(feature = "privileged")]
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    mem::ManuallyDrop,
+    net::{Ipv4Addr, Ipv6Addr},
+    sync::Mutex,
+};
 
 use aya::{
     Ebpf,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use st8s::{
@@ -567,10 +571,106 @@ fn a6(s: &str) -> Ipv6Addr {
 }
 
 struct Dp {
-    ebpf: Ebpf,
+    ebpf: ManuallyDrop<Ebpf>,
     writer: MapWriter,
     /// The local pod's IPv6 address, if it has one.
     pod6: Option<&'static str>,
+}
+
+/// Loaded objects that tests have given back. The verifier's pass over the programs is most of
+/// a fixture's time (seconds per test under QEMU's software emulation in the kernel matrix), so
+/// each object is loaded once and reused, its maps emptied in between ([`empty_maps`]); there
+/// are as many as tests ran at once.
+static LOADED: Mutex<Vec<Ebpf>> = Mutex::new(Vec::new());
+
+fn load() -> Ebpf {
+    let obj = st8s::dataplane::ebpf_object().expect("kernel programs embedded (cargo xtask build-ebpf)");
+    let mut ebpf = Ebpf::load(obj).expect("object loads");
+    for name in [program_names::UPLINK_XDP, program_names::XDP_PASS] {
+        let p: &mut Xdp = ebpf.program_mut(name).expect("program").try_into().expect("xdp");
+        p.load().expect("XDP program passes the verifier");
+    }
+    for name in [program_names::UPLINK_TC, program_names::POD_TC] {
+        let p: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().expect("tc");
+        p.load().expect("TC program passes the verifier");
+    }
+    ebpf
+}
+
+/// Every entry a test may have left, gone: what a fresh object holds, as far as the programs and
+/// a new [`MapWriter`] can tell. Hash maps lose every key; the port index every live port (the
+/// backends, Maglev rows and `PortInfo` it pointed at are then unreachable, and a writer fills a
+/// bank before it makes it live); the counters are zeroed; the config is written by `Dp::new`.
+fn empty_maps(ebpf: &mut Ebpf) {
+    let mut cleared = vec![
+        map_names::CONFIG,
+        map_names::PORT_INDEX,
+        map_names::PORT_INFO,
+        map_names::BACKENDS,
+        map_names::MAGLEV,
+        map_names::COUNTERS,
+    ];
+    fn take<'a>(
+        ebpf: &'a mut Ebpf,
+        cleared: &mut Vec<&'static str>,
+        name: &'static str,
+    ) -> &'a mut aya::maps::Map {
+        cleared.push(name);
+        ebpf.map_mut(name).expect("map")
+    }
+    fn clear<K: aya::Pod + Clone, V: aya::Pod>(map: &mut aya::maps::Map) -> Vec<K> {
+        let mut m: HashMap<_, K, V> = HashMap::try_from(map).expect("type");
+        let keys: Vec<K> = m.keys().map(|k| k.expect("key")).collect();
+        for k in &keys {
+            m.remove(k).expect("remove");
+        }
+        keys
+    }
+    use st8s_common::{
+        DiscoveryPodKey, FragKey, FragKey6, FragValue, MacKey, PortInfo, PortKey, SockRevNatKey,
+        SockRevNatKey6, SockRevNatValue, SockRevNatValue6, port_index,
+    };
+    let ports = clear::<PortKey, PortInfo>(take(ebpf, &mut cleared, map_names::PORTS));
+    let mut index: Array<_, u32> =
+        Array::try_from(ebpf.map_mut(map_names::PORT_INDEX).expect("map")).expect("type");
+    for k in ports {
+        index
+            .set(port_index(k.proto, u32::from(u16::from_be(k.port_be))), 0, 0)
+            .expect("index");
+    }
+    clear::<u32, NodeInfo>(take(ebpf, &mut cleared, map_names::NODES));
+    clear::<[u32; 4], NodeInfo>(take(ebpf, &mut cleared, map_names::NODES6));
+    clear::<MacKey, u32>(take(ebpf, &mut cleared, map_names::PEER_MACS));
+    clear::<FlowKey, FlowValue>(take(ebpf, &mut cleared, map_names::FLOWS));
+    clear::<FlowKey6, FlowValue>(take(ebpf, &mut cleared, map_names::FLOWS6));
+    clear::<RevNatKey, RevNatValue>(take(ebpf, &mut cleared, map_names::REVNAT));
+    clear::<RevNatKey6, RevNatValue6>(take(ebpf, &mut cleared, map_names::REVNAT6));
+    clear::<u32, Discovery>(take(ebpf, &mut cleared, map_names::DISCOVERY));
+    clear::<DiscoveryPodKey, Discovery>(take(ebpf, &mut cleared, map_names::DISCOVERY_PODS));
+    clear::<FragKey, FragValue>(take(ebpf, &mut cleared, map_names::FRAGS));
+    clear::<FragKey6, FragValue>(take(ebpf, &mut cleared, map_names::FRAGS6));
+    clear::<SockRevNatKey, SockRevNatValue>(take(ebpf, &mut cleared, map_names::SOCK_REVNAT));
+    clear::<SockRevNatKey6, SockRevNatValue6>(take(ebpf, &mut cleared, map_names::SOCK_REVNAT6));
+    // A map added to the programs is emptied here too, or this fails.
+    cleared.sort_unstable();
+    let mut all = map_names::ALL.to_vec();
+    all.sort_unstable();
+    assert_eq!(cleared, all, "empty_maps covers every map");
+    let cpus = aya::util::nr_cpus().expect("cpus");
+    let mut counters: PerCpuArray<_, Counters> =
+        PerCpuArray::try_from(ebpf.map_mut(map_names::COUNTERS).expect("map")).expect("type");
+    for slot in 0..=GLOBAL_COUNTER_SLOT {
+        let zero = aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus]).expect("values");
+        counters.set(slot, zero, 0).expect("zero");
+    }
+}
+
+impl Drop for Dp {
+    fn drop(&mut self) {
+        // SAFETY: `ebpf` is not used again: this is the end of the `Dp`.
+        let ebpf = unsafe { ManuallyDrop::take(&mut self.ebpf) };
+        LOADED.lock().unwrap_or_else(|e| e.into_inner()).push(ebpf);
+    }
 }
 
 impl Dp {
@@ -579,18 +679,16 @@ impl Dp {
             unsafe_geteuid() == 0,
             "the BPF fixtures need root (CAP_BPF): run them through `cargo xtask test` as root"
         );
-        let obj = st8s::dataplane::ebpf_object().expect("kernel programs embedded (cargo xtask build-ebpf)");
-        let mut ebpf = Ebpf::load(obj).expect("object loads");
-        for name in [program_names::UPLINK_XDP, program_names::XDP_PASS] {
-            let p: &mut Xdp = ebpf.program_mut(name).expect("program").try_into().expect("xdp");
-            p.load().expect("XDP program passes the verifier");
-        }
-        for name in [program_names::UPLINK_TC, program_names::POD_TC] {
-            let p: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().expect("tc");
-            p.load().expect("TC program passes the verifier");
-        }
+        let reused = LOADED.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let ebpf = match reused {
+            Some(mut ebpf) => {
+                empty_maps(&mut ebpf);
+                ebpf
+            }
+            None => load(),
+        };
         let mut dp = Dp {
-            ebpf,
+            ebpf: ManuallyDrop::new(ebpf),
             writer: MapWriter::new(),
             pod6: Some(POD6),
         };
