@@ -163,7 +163,18 @@ trait Family: Copy {
     /// The local backend pod's address in the family, if it has one.
     fn pod_addr(port: &PortInfo) -> Option<Self::Addr>;
     fn flows() -> &'static LruHashMap<Self::FlowKey, FlowValue>;
-    fn flow_key(pkt: &Packet<Self>) -> Self::FlowKey;
+    fn flow_key_of(
+        client: Self::Addr,
+        frontend: Self::Addr,
+        client_port: u16,
+        frontend_port: u16,
+        proto: u8,
+    ) -> Self::FlowKey;
+    /// A packet's flow, as the client sent it.
+    #[inline(always)]
+    fn flow_key(pkt: &Packet<Self>) -> Self::FlowKey {
+        Self::flow_key_of(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto)
+    }
     fn flow_hash(key: &Self::FlowKey, seed: u32) -> u32;
     fn revnat() -> &'static LruHashMap<Self::RevKey, Self::RevValue>;
     fn rev_key(
@@ -229,13 +240,13 @@ impl Family for V4 {
         &ST8S_FLOWS
     }
     #[inline(always)]
-    fn flow_key(pkt: &Packet<Self>) -> FlowKey {
+    fn flow_key_of(client: u32, frontend: u32, client_port: u16, frontend_port: u16, proto: u8) -> FlowKey {
         FlowKey {
-            client_addr_be: pkt.saddr,
-            frontend_addr_be: pkt.daddr,
-            client_port_be: pkt.sport,
-            frontend_port_be: pkt.dport,
-            proto: pkt.proto,
+            client_addr_be: client,
+            frontend_addr_be: frontend,
+            client_port_be: client_port,
+            frontend_port_be: frontend_port,
+            proto,
             _pad: 0,
             _pad2: 0,
         }
@@ -344,13 +355,19 @@ impl Family for V6 {
         &ST8S_FLOWS6
     }
     #[inline(always)]
-    fn flow_key(pkt: &Packet<Self>) -> FlowKey6 {
+    fn flow_key_of(
+        client: Addr6,
+        frontend: Addr6,
+        client_port: u16,
+        frontend_port: u16,
+        proto: u8,
+    ) -> FlowKey6 {
         FlowKey6 {
-            client_addr: pkt.saddr,
-            frontend_addr: pkt.daddr,
-            client_port_be: pkt.sport,
-            frontend_port_be: pkt.dport,
-            proto: pkt.proto,
+            client_addr: client,
+            frontend_addr: frontend,
+            client_port_be: client_port,
+            frontend_port_be: frontend_port,
+            proto,
             _pad: 0,
             _pad2: 0,
         }
@@ -429,18 +446,25 @@ impl Family for V6 {
         new: Addr6,
     ) -> Result<(), i64> {
         if let Some((csum_off, flags)) = l4 {
-            let (mut from, mut to) = (old, new);
-            // SAFETY: two 16-byte buffers on this program's stack.
-            let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
-            if diff < 0 {
-                return Err(diff);
-            }
-            ctx.l4_csum_replace(csum_off, 0, diff as u64, BPF_F_PSEUDO_HDR | flags)?;
+            let diff = addr6_diff(&old, &new)?;
+            ctx.l4_csum_replace(csum_off, 0, diff, BPF_F_PSEUDO_HDR | flags)?;
             // SAFETY: plain helper call on this program's own skb.
             unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
         }
         ctx.store(off, &new, 0)
     }
+}
+
+/// What replacing the IPv6 address `old` by `new` adds to a checksum, for `l4_csum_replace`
+/// with a zero size (a difference, not a field).
+#[inline(always)]
+fn addr6_diff(old: &Addr6, new: &Addr6) -> Result<u64, i64> {
+    // SAFETY: two 16-byte buffers on this program's stack, which the helper only reads.
+    let diff = unsafe { bpf_csum_diff(old.as_ptr().cast_mut(), 16, new.as_ptr().cast_mut(), 16, 0) };
+    if diff < 0 {
+        return Err(diff);
+    }
+    Ok(diff as u64)
 }
 
 /// A whole datagram: the L4 header is there.
@@ -1039,106 +1063,225 @@ const ICMP_CSUM_OFF: usize = L4_OFF + 2;
 /// The packet an ICMP error quotes: its IP header (no options), then its first L4 bytes.
 const INNER_IP_OFF: usize = L4_OFF + 8;
 const INNER_CSUM_OFF: usize = INNER_IP_OFF + 10;
-const INNER_SRC_OFF: usize = INNER_IP_OFF + 12;
-const INNER_DST_OFF: usize = INNER_IP_OFF + 16;
-const INNER_L4_OFF: usize = INNER_IP_OFF + IPV4_HLEN;
 /// Through the quoted packet's ports.
-const ICMP_PARSE_LEN: usize = INNER_L4_OFF + 4;
+const ICMP_PARSE_LEN: usize = INNER_IP_OFF + IPV4_HLEN + 4;
 
-/// An ICMP error (RFC 792: destination unreachable, time exceeded, parameter problem) that
-/// quotes a TCP or UDP packet: the outer addresses, and the quoted packet's addresses and ports.
-struct IcmpError {
+const PROTO_ICMPV6: u8 = 58;
+/// An ICMPv6 error right after the IPv6 header (an outer extension header: not st8s's).
+const ICMP6_OFF: usize = ETH_HLEN + IPV6_HLEN;
+const ICMP6_CSUM_OFF: usize = ICMP6_OFF + 2;
+/// The quoted IPv6 packet (no extension headers), then its first L4 bytes.
+const INNER6_IP_OFF: usize = ICMP6_OFF + 8;
+const ICMP6_PARSE_LEN: usize = INNER6_IP_OFF + IPV6_HLEN + 4;
+
+/// An ICMP error (RFC 792, RFC 4443) that quotes a TCP or UDP packet: the outer addresses, and
+/// the quoted packet's addresses and ports.
+struct IcmpError<F: Family> {
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
-    saddr: u32,
-    daddr: u32,
-    inner_saddr: u32,
-    inner_daddr: u32,
+    saddr: F::Addr,
+    daddr: F::Addr,
+    inner_saddr: F::Addr,
+    inner_daddr: F::Addr,
     inner_sport: u16,
     inner_dport: u16,
     inner_proto: u8,
 }
 
-/// Reads an ICMP error about a TCP or UDP packet (pulling its headers into the linear area);
-/// `None` for anything else, which stays the kernel's: other ICMP, IP options on either header,
-/// a fragment, a quoted packet that is a later fragment (no ports) or is cut short.
-#[inline(always)]
-fn parse_icmp_error(ctx: &TcContext) -> Option<IcmpError> {
-    let wire_len = ctx.len() as usize;
-    if wire_len < ICMP_PARSE_LEN {
-        return None;
-    }
-    if ctx.data() + ICMP_PARSE_LEN > ctx.data_end() {
-        let _ = ctx.pull_data(ICMP_PARSE_LEN as u32);
-    }
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let eth = read_bytes::<14>(start, end, 0)?;
-    if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
-        return None;
-    }
-    let ip = read_bytes::<20>(start, end, ETH_HLEN)?;
-    if ip[0] != 0x45 || ip[9] != PROTO_ICMP || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
-        return None;
-    }
-    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    if tot_len < ICMP_PARSE_LEN - ETH_HLEN || ETH_HLEN + tot_len > wire_len {
-        return None;
-    }
-    let icmp = read_bytes::<1>(start, end, L4_OFF)?;
-    // 3 destination unreachable (port unreachable, fragmentation needed, ...), 11 time
-    // exceeded, 12 parameter problem.
-    if !matches!(icmp[0], 3 | 11 | 12) {
-        return None;
-    }
-    let inner = read_bytes::<20>(start, end, INNER_IP_OFF)?;
-    let inner_proto = inner[9];
-    if inner[0] != 0x45
-        || (inner_proto != PROTO_TCP && inner_proto != PROTO_UDP)
-        || u16::from_be_bytes([inner[6], inner[7]]) & 0x1fff != 0
-    {
-        return None;
-    }
-    let ports = read_bytes::<4>(start, end, INNER_L4_OFF)?;
-    Some(IcmpError {
-        dst_mac: [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]],
-        src_mac: [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]],
-        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
-        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
-        inner_saddr: u32::from_ne_bytes([inner[12], inner[13], inner[14], inner[15]]),
-        inner_daddr: u32::from_ne_bytes([inner[16], inner[17], inner[18], inner[19]]),
-        inner_sport: u16::from_ne_bytes([ports[0], ports[1]]),
-        inner_dport: u16::from_ne_bytes([ports[2], ports[3]]),
-        inner_proto,
-    })
+/// Where a family's ICMP errors keep the quoted packet, and how a translation enters their
+/// checksums.
+trait IcmpFamily: Family {
+    /// The quoted packet's source and destination addresses and its L4 header.
+    const INNER_SRC_OFF: usize;
+    const INNER_DST_OFF: usize;
+    const INNER_L4_OFF: usize;
+
+    /// Reads an ICMP error about a TCP or UDP packet (pulling its headers into the linear
+    /// area); `None` for anything else, which stays the kernel's: other ICMP, options or
+    /// extension headers on either header, a fragment, a quoted packet that is a later fragment
+    /// (no ports) or is cut short.
+    fn parse_icmp_error(ctx: &TcContext) -> Option<IcmpError<Self>>;
+
+    /// Translates an ICMP error like the flow it quotes: one outer address (`outer_off`), and the
+    /// same address and its port in the quoted packet (`inner_addr_off`, `inner_port_off`), with
+    /// every checksum that covers them. The quoted L4 checksum is left as it was: it covers a
+    /// datagram the error does not carry whole, and receivers do not check it.
+    #[allow(clippy::too_many_arguments)]
+    fn translate_icmp(
+        ctx: &TcContext,
+        outer_off: usize,
+        inner_addr_off: usize,
+        inner_port_off: usize,
+        old_addr: Self::Addr,
+        new_addr: Self::Addr,
+        old_port: u16,
+        new_port: u16,
+    ) -> Result<(), i64>;
 }
 
-/// Translates an ICMP error like the flow it quotes: one outer address (`outer_off`), and the
-/// same address and its port in the quoted packet (`inner_addr_off`, `inner_port_off`). The
-/// outer and the quoted IP checksums follow; the ICMP checksum, which covers the quoted
-/// packet, follows the port (the quoted IP header's own checksum change cancels its address
-/// change in that sum). The quoted L4 checksum is left as it was: it covers a datagram the
-/// error does not carry whole, and receivers do not check it.
-#[allow(clippy::too_many_arguments)]
+/// Pulls an ICMP error's headers through the quoted ports into the linear area; `None` when the
+/// packet is shorter than that.
 #[inline(always)]
-fn translate_icmp(
-    ctx: &TcContext,
-    outer_off: usize,
-    inner_addr_off: usize,
-    inner_port_off: usize,
-    old_addr: u32,
-    new_addr: u32,
-    old_port: u16,
-    new_port: u16,
-) -> Result<(), i64> {
-    ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
-    ctx.store(outer_off, &new_addr, 0)?;
-    ctx.l3_csum_replace(INNER_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
-    ctx.store(inner_addr_off, &new_addr, 0)?;
-    if old_port != new_port {
-        ctx.l4_csum_replace(ICMP_CSUM_OFF, old_port as u64, new_port as u64, 2)?;
-        ctx.store(inner_port_off, &new_port, 0)?;
+fn pull_icmp(ctx: &TcContext, len: usize) -> Option<(usize, usize, usize)> {
+    let wire_len = ctx.len() as usize;
+    if wire_len < len {
+        return None;
     }
-    Ok(())
+    if ctx.data() + len > ctx.data_end() {
+        let _ = ctx.pull_data(len as u32);
+    }
+    Some((ctx.data(), ctx.data_end(), wire_len))
+}
+
+impl IcmpFamily for V4 {
+    const INNER_SRC_OFF: usize = INNER_IP_OFF + 12;
+    const INNER_DST_OFF: usize = INNER_IP_OFF + 16;
+    const INNER_L4_OFF: usize = INNER_IP_OFF + IPV4_HLEN;
+
+    #[inline(always)]
+    fn parse_icmp_error(ctx: &TcContext) -> Option<IcmpError<V4>> {
+        let (start, end, wire_len) = pull_icmp(ctx, ICMP_PARSE_LEN)?;
+        let eth = read_bytes::<14>(start, end, 0)?;
+        if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
+            return None;
+        }
+        let ip = read_bytes::<20>(start, end, ETH_HLEN)?;
+        if ip[0] != 0x45 || ip[9] != PROTO_ICMP || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+            return None;
+        }
+        let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        if tot_len < ICMP_PARSE_LEN - ETH_HLEN || ETH_HLEN + tot_len > wire_len {
+            return None;
+        }
+        let icmp = read_bytes::<1>(start, end, L4_OFF)?;
+        // 3 destination unreachable (port unreachable, fragmentation needed, ...), 11 time
+        // exceeded, 12 parameter problem.
+        if !matches!(icmp[0], 3 | 11 | 12) {
+            return None;
+        }
+        let inner = read_bytes::<20>(start, end, INNER_IP_OFF)?;
+        let inner_proto = inner[9];
+        if inner[0] != 0x45
+            || (inner_proto != PROTO_TCP && inner_proto != PROTO_UDP)
+            || u16::from_be_bytes([inner[6], inner[7]]) & 0x1fff != 0
+        {
+            return None;
+        }
+        let ports = read_bytes::<4>(start, end, Self::INNER_L4_OFF)?;
+        Some(IcmpError {
+            dst_mac: [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]],
+            src_mac: [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]],
+            saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+            daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+            inner_saddr: u32::from_ne_bytes([inner[12], inner[13], inner[14], inner[15]]),
+            inner_daddr: u32::from_ne_bytes([inner[16], inner[17], inner[18], inner[19]]),
+            inner_sport: u16::from_ne_bytes([ports[0], ports[1]]),
+            inner_dport: u16::from_ne_bytes([ports[2], ports[3]]),
+            inner_proto,
+        })
+    }
+
+    /// The outer and the quoted IP checksums follow the address; the ICMP checksum, which
+    /// covers the quoted packet, follows the port (the quoted IP header's own checksum change
+    /// cancels its address change in that sum).
+    #[inline(always)]
+    fn translate_icmp(
+        ctx: &TcContext,
+        outer_off: usize,
+        inner_addr_off: usize,
+        inner_port_off: usize,
+        old_addr: u32,
+        new_addr: u32,
+        old_port: u16,
+        new_port: u16,
+    ) -> Result<(), i64> {
+        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
+        ctx.store(outer_off, &new_addr, 0)?;
+        ctx.l3_csum_replace(INNER_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
+        ctx.store(inner_addr_off, &new_addr, 0)?;
+        if old_port != new_port {
+            ctx.l4_csum_replace(ICMP_CSUM_OFF, old_port as u64, new_port as u64, 2)?;
+            ctx.store(inner_port_off, &new_port, 0)?;
+        }
+        Ok(())
+    }
+}
+
+impl IcmpFamily for V6 {
+    const INNER_SRC_OFF: usize = INNER6_IP_OFF + 8;
+    const INNER_DST_OFF: usize = INNER6_IP_OFF + 24;
+    const INNER_L4_OFF: usize = INNER6_IP_OFF + IPV6_HLEN;
+
+    #[inline(always)]
+    fn parse_icmp_error(ctx: &TcContext) -> Option<IcmpError<V6>> {
+        let (start, end, wire_len) = pull_icmp(ctx, ICMP6_PARSE_LEN)?;
+        if read::<u16>(start, end, 12)? != ETH_P_IPV6.to_be() {
+            return None;
+        }
+        let fixed = read::<[u8; 8]>(start, end, ETH_HLEN)?;
+        let payload_len = u16::from_be_bytes([fixed[4], fixed[5]]) as usize;
+        if fixed[0] >> 4 != 6
+            || fixed[6] != PROTO_ICMPV6
+            || payload_len < ICMP6_PARSE_LEN - ICMP6_OFF
+            || ICMP6_OFF + payload_len > wire_len
+        {
+            return None;
+        }
+        // RFC 4443: 1 destination unreachable (port unreachable among them), 2 packet too big,
+        // 3 time exceeded, 4 parameter problem. Informational messages (128 and up: echo,
+        // neighbour discovery) are never touched.
+        if !matches!(read::<u8>(start, end, ICMP6_OFF)?, 1..=4) {
+            return None;
+        }
+        let inner = read::<[u8; 8]>(start, end, INNER6_IP_OFF)?;
+        let inner_proto = inner[6];
+        if inner[0] >> 4 != 6 || (inner_proto != PROTO_TCP && inner_proto != PROTO_UDP) {
+            return None;
+        }
+        let ports = read::<[u8; 4]>(start, end, Self::INNER_L4_OFF)?;
+        Some(IcmpError {
+            dst_mac: read(start, end, 0)?,
+            src_mac: read(start, end, 6)?,
+            saddr: read(start, end, IP6_SRC_OFF)?,
+            daddr: read(start, end, IP6_DST_OFF)?,
+            inner_saddr: read(start, end, Self::INNER_SRC_OFF)?,
+            inner_daddr: read(start, end, Self::INNER_DST_OFF)?,
+            inner_sport: u16::from_ne_bytes([ports[0], ports[1]]),
+            inner_dport: u16::from_ne_bytes([ports[2], ports[3]]),
+            inner_proto,
+        })
+    }
+
+    /// The ICMPv6 checksum covers a pseudo-header with the outer addresses (RFC 4443 section
+    /// 2.3) and, as its payload, the quoted packet, which has no header checksum of its own to
+    /// cancel the change: it takes the outer address (as an L4 checksum does), the quoted
+    /// address and the quoted port.
+    #[inline(always)]
+    fn translate_icmp(
+        ctx: &TcContext,
+        outer_off: usize,
+        inner_addr_off: usize,
+        inner_port_off: usize,
+        old_addr: Addr6,
+        new_addr: Addr6,
+        old_port: u16,
+        new_port: u16,
+    ) -> Result<(), i64> {
+        let diff = addr6_diff(&old_addr, &new_addr)?;
+        // The outer address, through the pseudo-header (and `skb->csum` kept, as in
+        // `V6::rewrite_addr`); then the quoted one, as payload.
+        ctx.l4_csum_replace(ICMP6_CSUM_OFF, 0, diff, BPF_F_PSEUDO_HDR)?;
+        // SAFETY: plain helper call on this program's own skb.
+        unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+        ctx.store(outer_off, &new_addr, 0)?;
+        ctx.l4_csum_replace(ICMP6_CSUM_OFF, 0, diff, 0)?;
+        ctx.store(inner_addr_off, &new_addr, 0)?;
+        if old_port != new_port {
+            ctx.l4_csum_replace(ICMP6_CSUM_OFF, old_port as u64, new_port as u64, 2)?;
+            ctx.store(inner_port_off, &new_port, 0)?;
+        }
+        Ok(())
+    }
 }
 
 /// A translated ICMP error out of `ifindex` (the pod's link, or the uplink), counted on its port;
@@ -1160,15 +1303,15 @@ fn send_icmp(translated: Result<(), i64>, slot: u32, ifindex: u32) -> i32 {
 /// forwarded, on to the node that serves it, unchanged but for the MACs (that node then
 /// delivers it to its pod). Anything else stays the kernel's.
 #[inline(always)]
-fn icmp_to_backend(ctx: &TcContext) -> Option<i32> {
-    let e = parse_icmp_error(ctx)?;
+fn icmp_to_backend<F: IcmpFamily>(ctx: &TcContext) -> Option<i32> {
+    let e = F::parse_icmp_error(ctx)?;
     let cfg = config()?;
     if e.dst_mac != cfg.self_mac || e.inner_saddr != e.daddr {
         return None;
     }
     let port = port_info_of(e.inner_proto, e.inner_sport)?;
     let slot = port.slot as u32;
-    let to_self = e.daddr == cfg.self_addr_be;
+    let to_self = e.daddr == F::self_addr(cfg);
     if !to_self {
         // Another node's address: only that node's forward (a cluster node's MAC).
         let mac = MacKey {
@@ -1176,30 +1319,28 @@ fn icmp_to_backend(ctx: &TcContext) -> Option<i32> {
             _pad: [0; 2],
         };
         // SAFETY: only existence is checked.
-        if unsafe { ST8S_NODES.get(e.daddr) }.is_none() || unsafe { ST8S_PEER_MACS.get(mac) }.is_none() {
+        if !F::is_node(e.daddr) || unsafe { ST8S_PEER_MACS.get(mac) }.is_none() {
             return None;
         }
     }
-    if port.has_local != 0 {
-        let key = RevNatKey {
-            pod_addr_be: port.local_addr_be,
-            client_addr_be: e.inner_daddr,
-            pod_port_be: port.local_port_be,
-            client_port_be: e.inner_dport,
-            proto: e.inner_proto,
-            _pad: 0,
-            _pad2: 0,
-        };
+    if let Some(pod_addr) = F::pod_addr(&port).filter(|_| port.has_local != 0) {
+        let key = F::rev_key(
+            pod_addr,
+            e.inner_daddr,
+            port.local_port_be,
+            e.inner_dport,
+            e.inner_proto,
+        );
         // SAFETY: copied out at once.
-        if let Some(rev) = unsafe { ST8S_REVNAT.get(key) }.copied() {
-            if rev.frontend_addr_be == e.daddr && rev.frontend_port_be == e.inner_sport {
-                let to_pod = translate_icmp(
+        if let Some(rev) = unsafe { F::revnat().get(&key) }.map(F::reply) {
+            if rev.frontend == e.daddr && rev.frontend_port == e.inner_sport {
+                let to_pod = F::translate_icmp(
                     ctx,
-                    IP_DST_OFF,
-                    INNER_SRC_OFF,
-                    INNER_L4_OFF,
+                    F::DST_OFF,
+                    F::INNER_SRC_OFF,
+                    F::INNER_L4_OFF,
                     e.daddr,
-                    port.local_addr_be,
+                    pod_addr,
                     e.inner_sport,
                     port.local_port_be,
                 );
@@ -1210,17 +1351,15 @@ fn icmp_to_backend(ctx: &TcContext) -> Option<i32> {
     if !to_self {
         return None;
     }
-    let key = FlowKey {
-        client_addr_be: e.inner_daddr,
-        frontend_addr_be: e.daddr,
-        client_port_be: e.inner_dport,
-        frontend_port_be: e.inner_sport,
-        proto: e.inner_proto,
-        _pad: 0,
-        _pad2: 0,
-    };
+    let key = F::flow_key_of(
+        e.inner_daddr,
+        e.daddr,
+        e.inner_dport,
+        e.inner_sport,
+        e.inner_proto,
+    );
     // SAFETY: copied out at once.
-    let flow = unsafe { ST8S_FLOWS.get(key) }.copied()?;
+    let flow = unsafe { F::flows().get(&key) }.copied()?;
     if flow.kind != FLOW_REMOTE {
         return None;
     }
@@ -1241,40 +1380,53 @@ fn icmp_to_backend(ctx: &TcContext) -> Option<i32> {
 }
 
 /// A backend pod's ICMP error about a packet st8s delivered to it (port unreachable: nothing
-/// listens on the containerPort; fragmentation needed; ...): it leaves as the frontend the
-/// client sent to, quoting the packet as the client sent it, so the client's stack matches it
-/// to its socket (a connected UDP socket sees ECONNREFUSED at once instead of a timeout).
+/// listens on the containerPort; fragmentation needed or packet too big; ...): it leaves as the
+/// frontend the client sent to, quoting the packet as the client sent it, so the client's stack
+/// matches it to its socket (a connected UDP socket sees ECONNREFUSED at once instead of a
+/// timeout).
 #[inline(always)]
-fn icmp_from_backend(ctx: &TcContext) -> Option<i32> {
-    let e = parse_icmp_error(ctx)?;
+fn icmp_from_backend<F: IcmpFamily>(ctx: &TcContext) -> Option<i32> {
+    let e = F::parse_icmp_error(ctx)?;
     // The pod reports on a packet it received itself.
     if e.saddr != e.inner_daddr {
         return None;
     }
-    let key = RevNatKey {
-        pod_addr_be: e.inner_daddr,
-        client_addr_be: e.inner_saddr,
-        pod_port_be: e.inner_dport,
-        client_port_be: e.inner_sport,
-        proto: e.inner_proto,
-        _pad: 0,
-        _pad2: 0,
-    };
-    // SAFETY: copied out at once.
-    let rev = unsafe { ST8S_REVNAT.get(key) }.copied()?;
-    let cfg = config()?;
-    let slot = rev.slot as u32;
-    let to_client = translate_icmp(
-        ctx,
-        IP_SRC_OFF,
-        INNER_DST_OFF,
-        INNER_L4_OFF + 2,
-        e.saddr,
-        rev.frontend_addr_be,
+    let key = F::rev_key(
+        e.inner_daddr,
+        e.inner_saddr,
         e.inner_dport,
-        rev.frontend_port_be,
+        e.inner_sport,
+        e.inner_proto,
     );
-    Some(send_icmp(to_client, slot, cfg.uplink_ifindex))
+    // SAFETY: copied out at once.
+    let rev = unsafe { F::revnat().get(&key) }.map(F::reply)?;
+    let cfg = config()?;
+    let to_client = F::translate_icmp(
+        ctx,
+        F::SRC_OFF,
+        F::INNER_DST_OFF,
+        F::INNER_L4_OFF + 2,
+        e.saddr,
+        rev.frontend,
+        e.inner_dport,
+        rev.frontend_port,
+    );
+    Some(send_icmp(to_client, rev.slot as u32, cfg.uplink_ifindex))
+}
+
+/// What a family's TC path returns when the packet was no TCP/UDP packet it could parse: the
+/// entry point then tries it as an ICMP error, in a subprogram of its own (its stack frame does
+/// not add to the TCP/UDP path's).
+const TRY_ICMP: i32 = i32::MIN;
+
+#[inline(never)]
+fn icmp6_to_backend(skb: *mut __sk_buff) -> i32 {
+    icmp_to_backend::<V6>(&TcContext::new(skb)).unwrap_or(TC_ACT_OK)
+}
+
+#[inline(never)]
+fn icmp6_from_backend(skb: *mut __sk_buff) -> i32 {
+    icmp_from_backend::<V6>(&TcContext::new(skb)).unwrap_or(TC_ACT_OK)
 }
 
 #[classifier]
@@ -1287,7 +1439,10 @@ pub fn st8s_uplink_tc(ctx: TcContext) -> i32 {
     }
     // One subprogram per family, as in `st8s_uplink_xdp`.
     if is_ipv6_frame(ctx.data(), ctx.data_end()) {
-        uplink_tc6(ctx.skb.skb)
+        match uplink_tc6(ctx.skb.skb) {
+            TRY_ICMP => icmp6_to_backend(ctx.skb.skb),
+            verdict => verdict,
+        }
     } else {
         uplink_tc4(ctx.skb.skb)
     }
@@ -1336,7 +1491,7 @@ fn uplink_tc4(skb: *mut __sk_buff) -> i32 {
     let ctx = TcContext::new(skb);
     let run = || {
         let Some(mut pkt) = parse_tc(&ctx) else {
-            return icmp_to_backend(&ctx);
+            return icmp_to_backend::<V4>(&ctx);
         };
         fragment_ports(&mut pkt, true)?;
         let cfg = config()?;
@@ -1353,8 +1508,10 @@ fn uplink_tc4(skb: *mut __sk_buff) -> i32 {
 #[inline(never)]
 fn uplink_tc6(skb: *mut __sk_buff) -> i32 {
     let ctx = TcContext::new(skb);
-    let run = || {
-        let mut pkt = parse6_tc(&ctx)?;
+    let Some(mut pkt) = parse6_tc(&ctx) else {
+        return TRY_ICMP;
+    };
+    let mut run = || {
         fragment_ports(&mut pkt, true)?;
         uplink_steer(&ctx, &pkt, config()?)
     };
@@ -1674,17 +1831,22 @@ fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
         return pod_reply(ctx, &pkt);
     }
     if is_ipv6_frame(ctx.data(), ctx.data_end()) {
-        return Some(pod_tc6(ctx.skb.skb));
+        return Some(match pod_tc6(ctx.skb.skb) {
+            TRY_ICMP => icmp6_from_backend(ctx.skb.skb),
+            verdict => verdict,
+        });
     }
-    icmp_from_backend(ctx)
+    icmp_from_backend::<V4>(ctx)
 }
 
 /// The pod program's IPv6 path, a subprogram as in `st8s_uplink_xdp`.
 #[inline(never)]
 fn pod_tc6(skb: *mut __sk_buff) -> i32 {
     let ctx = TcContext::new(skb);
-    let run = || {
-        let mut pkt = parse6_tc(&ctx)?;
+    let Some(mut pkt) = parse6_tc(&ctx) else {
+        return TRY_ICMP;
+    };
+    let mut run = || {
         fragment_ports(&mut pkt, true)?;
         pod_reply(&ctx, &pkt)
     };

@@ -493,6 +493,69 @@ mod ep6 {
         out
     }
 
+    /// An ICMPv6 error (RFC 4443) as a host's stack sends it, quoting `quoted` (the IPv6 packet
+    /// it is about, from its IPv6 header on): port unreachable, or packet too big with an MTU.
+    pub fn icmp_error(
+        macs: ([u8; 6], [u8; 6]),
+        src: &str,
+        dst: &str,
+        too_big: Option<u32>,
+        quoted: &[u8],
+    ) -> Vec<u8> {
+        let (src, dst): (Ipv6Addr, Ipv6Addr) = (src.parse().expect("src"), dst.parse().expect("dst"));
+        let kind = match too_big {
+            Some(mtu) => etherparse::Icmpv6Type::PacketTooBig { mtu },
+            None => {
+                etherparse::Icmpv6Type::DestinationUnreachable(etherparse::icmpv6::DestUnreachableCode::Port)
+            }
+        };
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(macs.0, macs.1)
+            .ipv6(src.octets(), dst.octets(), 64)
+            .icmpv6(kind)
+            .write(&mut out, quoted)
+            .expect("etherparse writes the ICMPv6 error");
+        out
+    }
+
+    /// What etherparse reads of an ICMPv6 error: the outer addresses, the quoted packet's
+    /// addresses and ports, and whether the ICMPv6 checksum (pseudo-header and the whole
+    /// message) is right.
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct IcmpRead {
+        pub src: Ipv6Addr,
+        pub dst: Ipv6Addr,
+        pub inner: (Ipv6Addr, u16, Ipv6Addr, u16),
+        pub checksum_ok: bool,
+    }
+
+    pub fn read_icmp(pkt: &[u8]) -> IcmpRead {
+        let p = SlicedPacket::from_ethernet(pkt).expect("an Ethernet frame");
+        let Some(NetSlice::Ipv6(ip)) = p.net else {
+            panic!("not IPv6")
+        };
+        let h = ip.header();
+        let Some(TransportSlice::Icmpv6(icmp)) = p.transport else {
+            panic!("not ICMPv6: {:?}", p.transport)
+        };
+        let want = icmp
+            .icmp_type()
+            .calc_checksum(h.source(), h.destination(), icmp.payload())
+            .expect("checksum");
+        let (inner, rest) = etherparse::Ipv6Header::from_slice(icmp.payload()).expect("a quoted IPv6 header");
+        IcmpRead {
+            src: h.source_addr(),
+            dst: h.destination_addr(),
+            inner: (
+                Ipv6Addr::from(inner.source),
+                u16::from_be_bytes([rest[0], rest[1]]),
+                Ipv6Addr::from(inner.destination),
+                u16::from_be_bytes([rest[2], rest[3]]),
+            ),
+            checksum_ok: want == icmp.checksum(),
+        }
+    }
+
     /// A neighbour solicitation (RFC 4861 section 4.3) for `target`, to its solicited-node
     /// group (RFC 4291 section 2.7.1), as a host resolving a neighbour sends it.
     pub fn neighbour_solicitation(src_mac: [u8; 6], src: &str, target: &str) -> Vec<u8> {
@@ -2316,4 +2379,116 @@ fn an_ipv6_datagram_in_fragments_is_steered_whole_both_ways() {
     );
     let c = dp.counters(slot);
     assert_eq!((c.delivered_local, c.replied, c.fragments), (3, 3, 4));
+}
+
+/// Issue 16, ICMPv6 errors (RFC 4443) about steered IPv6 flows, translated like their flow: a
+/// pod's port unreachable leaves as the node, quoting the client's packet as the client sent
+/// it; a client's packet too big about a pod's answer reaches the pod, about the pod's own
+/// packet; about a flow this node forwarded, it goes on to the serving node. etherparse checks
+/// the ICMPv6 checksum, which covers the outer addresses and the quoted packet.
+#[test]
+fn icmpv6_errors_about_steered_flows_are_translated_both_ways() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    let dns = dp.port(53, PROTO_UDP, &[(SELF, [0; 6], true)], 0, true);
+    let web = dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
+    const POD_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x05];
+    // As Linux quotes: the offending packet from its IPv6 header on (here its first 48 bytes).
+    let quote = |frame: &[u8]| frame[14..14 + 48].to_vec();
+    let inner = |src: &str, sport, dst: &str, dport| (a6(src), sport, a6(dst), dport);
+
+    let query = ep6::frame(
+        PROTO_UDP,
+        (CLIENT_MAC, SELF_MAC),
+        (CLIENT6, 40000),
+        (SELF6, 53),
+        20,
+        false,
+    );
+    let (v, delivered) = dp.run_tc(program_names::UPLINK_TC, &query);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let from_pod = ep6::icmp_error((POD_MAC, SELF_MAC), POD6, CLIENT6, None, &quote(&delivered));
+    let (v, out) = dp.run_tc(program_names::POD_TC, &from_pod);
+    assert_eq!(v, TC_ACT_REDIRECT, "out of the uplink");
+    assert_eq!(
+        ep6::read_icmp(&out),
+        ep6::IcmpRead {
+            src: a6(SELF6),
+            dst: a6(CLIENT6),
+            inner: inner(CLIENT6, 40000, SELF6, 53),
+            checksum_ok: true,
+        },
+        "the client sees the node's error about the packet it sent"
+    );
+
+    let answer = ep6::frame(
+        PROTO_UDP,
+        (SELF_MAC, CLIENT_MAC),
+        (SELF6, 53),
+        (CLIENT6, 40000),
+        1400,
+        true,
+    );
+    let from_client = ep6::icmp_error(
+        (CLIENT_MAC, SELF_MAC),
+        CLIENT6,
+        SELF6,
+        Some(1280),
+        &quote(&answer),
+    );
+    assert_eq!(
+        dp.run_xdp(&from_client),
+        (XDP_PASS, from_client.clone()),
+        "XDP leaves ICMPv6 to TC"
+    );
+    let (v, out) = dp.run_tc(program_names::UPLINK_TC, &from_client);
+    assert_eq!(v, TC_ACT_REDIRECT, "to the pod");
+    assert_eq!(
+        ep6::read_icmp(&out),
+        ep6::IcmpRead {
+            src: a6(CLIENT6),
+            dst: a6(POD6),
+            inner: inner(POD6, 8080, CLIENT6, 40000),
+            checksum_ok: true,
+        }
+    );
+    assert_eq!(dp.counters(dns).icmp_errors, 2);
+
+    let request = ep6::frame(
+        PROTO_TCP,
+        (CLIENT_MAC, SELF_MAC),
+        (CLIENT6, 40000),
+        (SELF6, 80),
+        0,
+        false,
+    );
+    assert_eq!(dp.run_xdp(&request).0, XDP_TX);
+    let reply = ep6::frame(
+        PROTO_TCP,
+        (SELF_MAC, CLIENT_MAC),
+        (SELF6, 80),
+        (CLIENT6, 40000),
+        0,
+        true,
+    );
+    let err = ep6::icmp_error((CLIENT_MAC, SELF_MAC), CLIENT6, SELF6, None, &quote(&reply));
+    let (v, out) = dp.run_tc(program_names::UPLINK_TC, &err);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!((&out[0..6], &out[6..12]), (&PEER_MAC[..], &SELF_MAC[..]));
+    assert_eq!(&out[12..], &err[12..], "unchanged but for the MACs");
+    assert_eq!(dp.counters(web).icmp_errors, 1);
+
+    // Not st8s's: an error about a flow it did not carry.
+    let stranger = ep6::frame(
+        PROTO_UDP,
+        (SELF_MAC, CLIENT_MAC),
+        (SELF6, 53),
+        (CLIENT6, 40999),
+        20,
+        true,
+    );
+    let about_other = ep6::icmp_error((CLIENT_MAC, SELF_MAC), CLIENT6, SELF6, None, &quote(&stranger));
+    assert_eq!(
+        dp.run_tc(program_names::UPLINK_TC, &about_other),
+        (TC_ACT_OK, about_other.clone())
+    );
 }

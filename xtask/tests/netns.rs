@@ -58,6 +58,23 @@ fn lab_with(prefer_local: bool, xdp: &str) -> Lab {
     .expect("lab builds")
 }
 
+/// Three nodes on a dual-stack LAN (see `LabConfig::dual_stack`), preferring local backends.
+fn dual_stack_lab() -> Lab {
+    let (st8s_bin, xtask_bin) = bins();
+    Lab::new(LabConfig {
+        nodes: 3,
+        st8s_bin,
+        xtask_bin,
+        prefer_local: true,
+        xdp: "auto".into(),
+        kubeconfig: None,
+        agent_caps: None,
+        routed_cni: false,
+        dual_stack: true,
+    })
+    .expect("lab builds")
+}
+
 /// A lab with these pods, its cluster file written and every agent's table programmed.
 fn running(mut lab: Lab, pods: &[PodSpec]) -> Lab {
     for p in pods {
@@ -2342,21 +2359,26 @@ fn a_dns_answer_in_fragments_reaches_a_connected_client_whole_from_the_node() {
 }
 
 /// Issue 16: a pod's ICMP error about a steered flow reaches the client as the node's, quoting
-/// the packet the client sent. The pod declares 53/udp but nothing listens on it (a DNS server
-/// that has not started yet, or crashed): its kernel answers each query with a port
-/// unreachable. dig's connected UDP socket gets ECONNREFUSED from that error and reports
-/// "connection refused" at once; an error it cannot match to its socket (from the pod's
-/// address, about the pod's address) would leave it waiting for its timeout.
+/// the packet the client sent, over IPv4 and IPv6 (ICMPv6, RFC 4443). The pod declares 53/udp
+/// but nothing listens on it (a DNS server that has not started yet, or crashed): its kernel
+/// answers each query with a port unreachable. dig's connected UDP socket gets ECONNREFUSED from
+/// that error and reports "connection refused" at once; an error it cannot match to its socket
+/// (from the pod's address, about the pod's address) would leave it waiting for its timeout.
 #[test]
 fn a_pods_port_unreachable_reaches_the_client_as_the_nodes() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = lab(true);
     let mut pod = PodSpec::dns("silent", 3);
     pod.dns = None;
     pod.command = Some(["sleep", "600"].map(String::from).to_vec());
-    let lab = running(lab, &[pod]);
-    for node in [3, 1] {
-        let server = format!("@{}", node_addr(node));
+    let lab = running(dual_stack_lab(), &[pod]);
+    let servers: [std::net::IpAddr; 4] = [
+        node_addr(3).into(),
+        node_addr(1).into(),
+        node_addr6(3).into(),
+        node_addr6(1).into(),
+    ];
+    for node in servers {
+        let server = format!("@{node}");
         let started = std::time::Instant::now();
         let out = lab
             .exec(
@@ -2369,17 +2391,17 @@ fn a_pods_port_unreachable_reaches_the_client_as_the_nodes() {
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         assert!(
             text.contains("connection refused"),
-            "node{node}: dig hears the refusal\n{text}"
+            "{node}: dig hears the refusal\n{text}"
         );
         assert!(
             took < Duration::from_secs(3),
-            "node{node}: at once, not after the timeout: {took:?}"
+            "{node}: at once, not after the timeout: {took:?}"
         );
-        println!("node{node}: dig saw 'connection refused' after {took:?}");
+        println!("{node}: dig saw 'connection refused' after {took:?}");
     }
     let c = st8s::dataplane::inspect::counters_by_port(&lab.snapshot(3).expect("snapshot"));
     let errors = c.get("53/udp").map(|c| c.icmp_errors).unwrap_or_default();
-    assert!(errors >= 2, "node3 translated both errors: {errors}");
+    assert!(errors >= 4, "node3 translated all four errors: {errors}");
 }
 
 /// Issue 16, IPv6: a dual-stack LAN (ULA addresses on every node, pod and the client, the nodes'
@@ -2391,21 +2413,8 @@ fn a_pods_port_unreachable_reaches_the_client_as_the_nodes() {
 #[test]
 fn a_dual_stack_lan_is_steered_over_ipv6_through_every_node() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (st8s_bin, xtask_bin) = bins();
-    let lab = Lab::new(LabConfig {
-        nodes: 3,
-        st8s_bin,
-        xtask_bin,
-        prefer_local: true,
-        xdp: "auto".into(),
-        kubeconfig: None,
-        agent_caps: None,
-        routed_cni: false,
-        dual_stack: true,
-    })
-    .expect("lab builds");
     let lab = running(
-        lab,
+        dual_stack_lab(),
         &[
             PodSpec::web("web", 3),
             PodSpec::dns("dns", 3),
