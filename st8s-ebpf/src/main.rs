@@ -19,8 +19,7 @@ use aya_ebpf::{
     helpers::{
         bpf_ktime_get_ns,
         generated::{
-            bpf_clone_redirect, bpf_csum_diff, bpf_csum_update, bpf_get_socket_cookie, bpf_redirect,
-            bpf_redirect_neigh,
+            bpf_clone_redirect, bpf_csum_update, bpf_get_socket_cookie, bpf_redirect, bpf_redirect_neigh,
         },
     },
     macros::{cgroup_sock_addr, classifier, map, xdp},
@@ -446,7 +445,7 @@ impl Family for V6 {
         new: Addr6,
     ) -> Result<(), i64> {
         if let Some((csum_off, flags)) = l4 {
-            let diff = addr6_diff(&old, &new)?;
+            let diff = addr6_diff(&old, &new);
             ctx.l4_csum_replace(csum_off, 0, diff, BPF_F_PSEUDO_HDR | flags)?;
             // SAFETY: plain helper call on this program's own skb.
             unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
@@ -456,15 +455,19 @@ impl Family for V6 {
 }
 
 /// What replacing the IPv6 address `old` by `new` adds to a checksum, for `l4_csum_replace`
-/// with a zero size (a difference, not a field).
+/// with a zero size (a difference, not a field): the one's complement sum of `new` and of `old`
+/// complemented, 32-bit words as they sit in the packet, folded to 32 bits. That is what
+/// `bpf_csum_diff` returns (its `csum_partial`), without the helper call.
 #[inline(always)]
-fn addr6_diff(old: &Addr6, new: &Addr6) -> Result<u64, i64> {
-    // SAFETY: two 16-byte buffers on this program's stack, which the helper only reads.
-    let diff = unsafe { bpf_csum_diff(old.as_ptr().cast_mut(), 16, new.as_ptr().cast_mut(), 16, 0) };
-    if diff < 0 {
-        return Err(diff);
+fn addr6_diff(old: &Addr6, new: &Addr6) -> u64 {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < 4 {
+        sum += (!old[i]) as u64 + new[i] as u64;
+        i += 1;
     }
-    Ok(diff as u64)
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    (sum & 0xffff_ffff) + (sum >> 32)
 }
 
 /// A whole datagram: the L4 header is there.
@@ -1267,7 +1270,7 @@ impl IcmpFamily for V6 {
         old_port: u16,
         new_port: u16,
     ) -> Result<(), i64> {
-        let diff = addr6_diff(&old_addr, &new_addr)?;
+        let diff = addr6_diff(&old_addr, &new_addr);
         // The outer address, through the pseudo-header (and `skb->csum` kept, as in
         // `V6::rewrite_addr`); then the quoted one, as payload.
         ctx.l4_csum_replace(ICMP6_CSUM_OFF, 0, diff, BPF_F_PSEUDO_HDR)?;
@@ -1820,6 +1823,12 @@ pub fn st8s_pod_tc(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
+    if is_ipv6_frame(ctx.data(), ctx.data_end()) {
+        return Some(match pod_tc6(ctx.skb.skb) {
+            TRY_ICMP => icmp6_from_backend(ctx.skb.skb),
+            verdict => verdict,
+        });
+    }
     if let Some(mut pkt) = parse_tc(ctx) {
         fragment_ports(&mut pkt, true)?;
         if pkt.proto == PROTO_UDP {
@@ -1829,12 +1838,6 @@ fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
             }
         }
         return pod_reply(ctx, &pkt);
-    }
-    if is_ipv6_frame(ctx.data(), ctx.data_end()) {
-        return Some(match pod_tc6(ctx.skb.skb) {
-            TRY_ICMP => icmp6_from_backend(ctx.skb.skb),
-            verdict => verdict,
-        });
     }
     icmp_from_backend::<V4>(ctx)
 }

@@ -958,6 +958,20 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
     let three = frame(client, 40000, me, 82, TCP_ACK);
     let many = frame(client, 40000, me, 83, TCP_ACK);
     let reply = frame("10.244.1.5".parse()?, 8080, "10.0.0.100", 40000, TCP_ACK);
+    // The IPv6 twins: the same segments between the IPv6 addresses of the same hosts.
+    let six = |v4: &[u8], src, dst| {
+        let mut f = Frame::tcp(
+            st8s::packet::src_addr(v4),
+            st8s::packet::src_port(v4),
+            st8s::packet::dst_addr(v4),
+            st8s::packet::dst_port(v4),
+        );
+        f.tcp_flags = TCP_ACK;
+        st8s::packet::Frame6::like(&f, src, dst).build()
+    };
+    let forwarded6 = six(&forwarded, PER_PACKET_CLIENT6, PER_PACKET_ME6);
+    let local6 = six(&local, PER_PACKET_CLIENT6, PER_PACKET_ME6);
+    let reply6 = six(&reply, PER_PACKET_POD6, PER_PACKET_CLIENT6);
 
     let xdp = |n: &str| -> anyhow::Result<&Xdp> { Ok(ebpf.program(n).context("program")?.try_into()?) };
     let tc =
@@ -990,6 +1004,17 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
             7,
         ),
         ("pod TC, reply", verdict(tc(pn::POD_TC)?, &reply)?, 7),
+        (
+            "IPv6 uplink XDP, forwarded",
+            verdict(xdp(pn::UPLINK_XDP)?, &forwarded6)?,
+            3,
+        ),
+        (
+            "IPv6 uplink TC, local delivery",
+            verdict(tc(pn::UPLINK_TC)?, &local6)?,
+            7,
+        ),
+        ("IPv6 pod TC, reply", verdict(tc(pn::POD_TC)?, &reply6)?, 7),
         ("3 backends, SYN", verdict(xdp(pn::UPLINK_XDP)?, &three_syn)?, 3),
         ("256 backends, SYN", verdict(xdp(pn::UPLINK_XDP)?, &many_syn)?, 3),
         ("3 backends", verdict(xdp(pn::UPLINK_XDP)?, &three)?, 3),
@@ -1046,7 +1071,46 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
         ),
     ];
     per_packet_report(report, misses, rows);
+    let rows6 = [
+        (
+            "uplink XDP, forwarded flow (XDP_TX)",
+            pair_packets(xdp(pn::UPLINK_XDP)?, &forwarded6, &forwarded)?,
+        ),
+        (
+            "uplink TC, local delivery (DNAT + redirect)",
+            pair_packets(tc(pn::UPLINK_TC)?, &local6, &local)?,
+        ),
+        (
+            "pod TC, reply (SNAT + redirect)",
+            pair_packets(tc(pn::POD_TC)?, &reply6, &reply)?,
+        ),
+    ];
+    per_packet_ipv6_report(report, misses, rows6);
     Ok(())
+}
+
+/// IPv6 against IPv4 on the same program and path (issue 16's target: within 5 %).
+fn per_packet_ipv6_report(report: &mut String, misses: &mut Vec<String>, rows: [(&str, (f64, f64, f64)); 3]) {
+    let _ = writeln!(
+        report,
+        "### IPv6 against IPv4
+"
+    );
+    let _ = writeln!(
+        report,
+        "The same program on the IPv6 twin of the IPv4 segment (same hosts, ports and flags;          40-byte keys, the address's checksum share as a difference), alternated 9 times with the          IPv4 one; medians and the median of the pairwise ratios. Target: IPv6 within 5 % of IPv4.\n"
+    );
+    let _ = writeln!(report, "| program, case | IPv6 ns/pkt | IPv4 ns/pkt | ratio |");
+    let _ = writeln!(report, "|---|---:|---:|---:|");
+    for (what, (v6, v4, ratio)) in rows {
+        let _ = writeln!(report, "| {what} | {v6:.1} | {v4:.1} | {ratio:.2}x |");
+        if ratio > 1.05 {
+            misses.push(format!(
+                "per-packet cost, IPv6 {what}: {ratio:.2}x IPv4 (target <= 1.05x)"
+            ));
+        }
+    }
+    let _ = writeln!(report);
 }
 
 /// The table the per-packet rows run against, written through the agent's own `MapWriter`.
@@ -1075,7 +1139,7 @@ fn per_packet_table(ebpf: &mut aya::Ebpf, me: &str) -> anyhow::Result<()> {
             self_mac,
             layout: LAYOUT_VERSION,
             broadcast_be: be("10.0.0.255"),
-            self_addr6: [0; 4],
+            self_addr6: st8s_common::addr6(PER_PACKET_ME6.octets()),
         },
     )?;
     let peer: Ipv4Addr = "10.0.0.12".parse()?;
@@ -1160,7 +1224,7 @@ fn per_packet_table(ebpf: &mut aya::Ebpf, me: &str) -> anyhow::Result<()> {
             maglev: vec![0; MAGLEV_SIZE],
             local: Some(LocalPod {
                 addr: me.parse()?,
-                addr6: None,
+                addr6: Some(PER_PACKET_ME6),
                 port: 81,
                 ifindex: 7,
             }),
@@ -1186,8 +1250,35 @@ fn per_packet_table(ebpf: &mut aya::Ebpf, me: &str) -> anyhow::Result<()> {
         },
         0,
     )?;
+    // The IPv6 twin of the reply translation: identity too.
+    let pod6 = st8s_common::addr6(PER_PACKET_POD6.octets());
+    HashMap::<_, st8s_common::RevNatKey6, st8s_common::RevNatValue6>::try_from(
+        ebpf.map_mut(map_names::REVNAT6).context("map")?,
+    )?
+    .insert(
+        st8s_common::RevNatKey6 {
+            pod_addr: pod6,
+            client_addr: st8s_common::addr6(PER_PACKET_CLIENT6.octets()),
+            pod_port_be: 8080u16.to_be(),
+            client_port_be: 40000u16.to_be(),
+            proto: 6,
+            ..Default::default()
+        },
+        st8s_common::RevNatValue6 {
+            frontend_addr: pod6,
+            frontend_port_be: 8080u16.to_be(),
+            slot: 1,
+            ..Default::default()
+        },
+        0,
+    )?;
     Ok(())
 }
+
+/// The per-packet table's IPv6 addresses: this node, the client, the pod.
+const PER_PACKET_ME6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x11);
+const PER_PACKET_CLIENT6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
+const PER_PACKET_POD6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 5);
 
 /// The rows as a report section; rows over 1.5x their baseline (the reference aside) are misses.
 fn per_packet_report(report: &mut String, misses: &mut Vec<String>, rows: [(&str, (f64, f64, f64)); 11]) {
@@ -1269,15 +1360,33 @@ where
             Result = aya::programs::TestRunResult,
         >,
 {
+    alternate(|| once(a, pkt), || once(b, pkt))
+}
+
+/// Runs `x` and `y` in turn 9 times; the medians of each and of the pairwise ratios.
+fn alternate(
+    mut x: impl FnMut() -> anyhow::Result<f64>,
+    mut y: impl FnMut() -> anyhow::Result<f64>,
+) -> anyhow::Result<(f64, f64, f64)> {
     let (mut xs, mut ys, mut rs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..9 {
-        let x = once(a, pkt)?;
-        let y = once(b, pkt)?;
-        xs.push(x);
-        ys.push(y);
-        rs.push(x / y);
+        let (a, b) = (x()?, y()?);
+        xs.push(a);
+        ys.push(b);
+        rs.push(a / b);
     }
     Ok((median(&mut xs), median(&mut ys), median(&mut rs)))
+}
+
+/// [`pair`] for one program on two packets.
+fn pair_packets<P>(p: &P, a: &[u8], b: &[u8]) -> anyhow::Result<(f64, f64, f64)>
+where
+    for<'x> P: aya::programs::TestRun<
+            Opts<'x> = aya::programs::TestRunOptions<'x>,
+            Result = aya::programs::TestRunResult,
+        >,
+{
+    alternate(|| once(p, a), || once(p, b))
 }
 
 /// Event-to-map latency, full-sync time and agent memory with the API double.
