@@ -1,10 +1,10 @@
 //! `cargo xtask lab`: the embedded default scenario, end to end.
 
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
 
 use anyhow::bail;
 use xtask::{
-    lab::{Answer, CLIENT_ADDR, Lab, LabConfig, PodSpec, node_addr, node_name},
+    lab::{Answer, CLIENT_ADDR, CLIENT_ADDR6, Lab, LabConfig, PodSpec, node_addr, node_addr6, node_name},
     progress, target_dir,
 };
 
@@ -29,6 +29,10 @@ pub struct LabArgs {
     /// carrying the LAN as VLAN 20 (needs the kernel's 8021q).
     #[arg(long, value_name = "NODE")]
     vlan_node: Option<usize>,
+    /// A dual-stack LAN: IPv6 (ULA) on every node, pod and the client too, and every request
+    /// sent over IPv6 as well.
+    #[arg(long)]
+    dual_stack: bool,
     /// Run with the binaries already built (inside a test VM): no setup, no build.
     #[arg(long, hide = true)]
     pub no_setup: bool,
@@ -36,6 +40,9 @@ pub struct LabArgs {
 
 struct Row {
     node: usize,
+    /// The node address the request went to, and the client address the pod must see.
+    addr: IpAddr,
+    client: IpAddr,
     service: &'static str,
     answer: Answer,
     expected: Vec<String>,
@@ -56,7 +63,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
         kubeconfig: None,
         agent_caps: None,
         routed_cni: false,
-        dual_stack: false,
+        dual_stack: args.dual_stack,
     };
     progress("creating the lab: switch, 3 nodes with pod bridges, a client");
     let mut lab = Lab::new(cfg)?;
@@ -83,39 +90,49 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     // Let the servers bind before the first request.
     std::thread::sleep(Duration::from_millis(200));
 
-    progress("sending requests from the client (10.77.0.100) to every node");
+    if args.dual_stack {
+        progress(
+            "sending requests from the client (10.77.0.100, fd00:77::100) to every node, over IPv4 and IPv6",
+        );
+    } else {
+        progress("sending requests from the client (10.77.0.100) to every node");
+    }
     let web = vec!["lab/web-node1".to_owned(), "lab/web-node2".to_owned()];
     let dns = vec!["lab/dns-node3".to_owned()];
     let mut rows = Vec::new();
-    for node in 1..=3 {
-        let expected_web = match node {
-            1 => vec!["lab/web-node1".to_owned()],
-            2 => vec!["lab/web-node2".to_owned()],
-            _ => web.clone(),
-        };
-        rows.push(Row {
-            node,
-            service: "http 80/tcp",
-            answer: lab.http(node, 80),
-            expected: expected_web,
-        });
-        rows.push(Row {
-            node,
-            service: "dns 53/udp",
-            answer: lab.dns(node, false),
-            expected: dns.clone(),
-        });
-        rows.push(Row {
-            node,
-            service: "dns 53/tcp",
-            answer: lab.dns(node, true),
-            expected: dns.clone(),
-        });
+    let mut families = vec![(IpAddr::from(CLIENT_ADDR), false)];
+    if args.dual_stack {
+        families.push((IpAddr::from(CLIENT_ADDR6), true));
+    }
+    for (client, v6) in families {
+        for node in 1..=3 {
+            let addr = if v6 {
+                IpAddr::from(node_addr6(node))
+            } else {
+                IpAddr::from(node_addr(node))
+            };
+            let expected_web = match node {
+                1 => vec!["lab/web-node1".to_owned()],
+                2 => vec!["lab/web-node2".to_owned()],
+                _ => web.clone(),
+            };
+            let row = |service, answer, expected| Row {
+                node,
+                addr,
+                client,
+                service,
+                answer,
+                expected,
+            };
+            rows.push(row("http 80/tcp", lab.http_to(addr, 80), expected_web));
+            rows.push(row("dns 53/udp", lab.dns_to(addr, false), dns.clone()));
+            rows.push(row("dns 53/tcp", lab.dns_to(addr, true), dns.clone()));
+        }
     }
 
     println!();
     println!(
-        "{:<20} {:<12} {:<16} {:<20} {:<10} RESULT",
+        "{:<20} {:<12} {:<16} {:<26} {:<10} RESULT",
         "NODE ADDRESSED", "SERVICE", "BACKEND", "CLIENT SEEN", "PATH"
     );
     let mut failed = 0;
@@ -126,7 +143,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
             Some(_) => "forwarded",
             None => "-",
         };
-        let ok = r.answer.ok && r.expected.contains(&backend) && r.answer.client_ip() == Some(CLIENT_ADDR);
+        let ok = r.answer.ok && r.expected.contains(&backend) && r.answer.client_addr() == Some(r.client);
         let result = if ok {
             "ok".to_owned()
         } else {
@@ -141,8 +158,8 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
             )
         };
         println!(
-            "{:<20} {:<12} {:<16} {:<20} {:<10} {result}",
-            format!("{} {}", node_name(r.node), node_addr(r.node)),
+            "{:<20} {:<12} {:<16} {:<26} {:<10} {result}",
+            format!("{} {}", node_name(r.node), r.addr),
             r.service,
             backend,
             r.answer.client.clone().unwrap_or_else(|| "-".into()),

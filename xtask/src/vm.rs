@@ -506,7 +506,7 @@ fn init_script(mods: &[String], tcx: bool, vlan: bool) -> String {
     // on this machine's kernel in the suite; its invariants are the programs' logic, which the
     // deterministic fixtures pin down here on each kernel's verifier, JIT and helpers.
     s += "step fixtures /t/fixtures --test-threads 1 --skip fuzzed_packets_keep_the_invariants\n";
-    s += "step lab-xdp-auto /t/debug/xtask lab --no-setup --wait 180\n";
+    s += "step lab-xdp-auto /t/debug/xtask lab --no-setup --wait 180 --dual-stack\n";
     s += "step lab-xdp-off-tc-forwards /t/debug/xtask lab --no-setup --wait 180 --xdp off\n";
     if vlan {
         s += "step lab-vlan-uplink /t/debug/xtask lab --no-setup --wait 180 --vlan-node 1\n";
