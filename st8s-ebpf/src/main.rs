@@ -1270,14 +1270,10 @@ impl IcmpFamily for V6 {
         old_port: u16,
         new_port: u16,
     ) -> Result<(), i64> {
-        let diff = addr6_diff(&old_addr, &new_addr);
-        // The outer address, through the pseudo-header (and `skb->csum` kept, as in
-        // `V6::rewrite_addr`); then the quoted one, as payload.
-        ctx.l4_csum_replace(ICMP6_CSUM_OFF, 0, diff, BPF_F_PSEUDO_HDR)?;
-        // SAFETY: plain helper call on this program's own skb.
-        unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
-        ctx.store(outer_off, &new_addr, 0)?;
-        ctx.l4_csum_replace(ICMP6_CSUM_OFF, 0, diff, 0)?;
+        // The outer address, through the pseudo-header, as any IPv6 rewrite; then the quoted
+        // one, as payload.
+        V6::rewrite_addr(ctx, Some((ICMP6_CSUM_OFF, 0)), outer_off, old_addr, new_addr)?;
+        ctx.l4_csum_replace(ICMP6_CSUM_OFF, 0, addr6_diff(&old_addr, &new_addr), 0)?;
         ctx.store(inner_addr_off, &new_addr, 0)?;
         if old_port != new_port {
             ctx.l4_csum_replace(ICMP6_CSUM_OFF, old_port as u64, new_port as u64, 2)?;
@@ -1585,23 +1581,9 @@ fn deliver_discovery(ctx: &TcContext, pkt: &Packet<V4>, cfg: &Config) {
         return;
     };
     let slot = d.slot as u32;
-    let rev_key = RevNatKey {
-        pod_addr_be: d.pod_addr_be,
-        client_addr_be: pkt.saddr,
-        pod_port_be: d.pod_port_be,
-        client_port_be: pkt.sport,
-        proto: PROTO_UDP,
-        _pad: 0,
-        _pad2: 0,
-    };
-    let rev = RevNatValue {
-        frontend_addr_be: cfg.self_addr_be,
-        frontend_port_be: pkt.dport,
-        slot: d.slot,
-        _pad: [0; 8],
-        // SAFETY: plain helper call.
-        stamp_ns: unsafe { bpf_ktime_get_ns() },
-    };
+    let rev_key = V4::rev_key(d.pod_addr_be, pkt.saddr, d.pod_port_be, pkt.sport, PROTO_UDP);
+    // SAFETY: plain helper call.
+    let rev = V4::rev_value(cfg.self_addr_be, pkt.dport, d.slot, unsafe { bpf_ktime_get_ns() });
     if ST8S_REVNAT.insert(rev_key, rev, 0).is_err() {
         count(slot, |c| c.drop_error += 1);
         return;
@@ -1937,17 +1919,8 @@ pub fn st8s_parse_lookup_xdp(ctx: XdpContext) -> u32 {
     let Some(p) = parse(start, end, end - start) else {
         return xdp_action::XDP_PASS;
     };
-    let key = FlowKey {
-        client_addr_be: p.saddr,
-        frontend_addr_be: p.daddr,
-        client_port_be: p.sport,
-        frontend_port_be: p.dport,
-        proto: p.proto,
-        _pad: 0,
-        _pad2: 0,
-    };
     // SAFETY: only existence is checked.
-    match unsafe { ST8S_FLOWS.get(key) } {
+    match unsafe { ST8S_FLOWS.get(V4::flow_key(&p)) } {
         Some(_) if uses_every_field(&p) => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }

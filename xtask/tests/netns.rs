@@ -1165,6 +1165,33 @@ fn local_get(out: std::process::Output) -> (String, String) {
     (body.to_owned(), peer.to_owned())
 }
 
+/// `dig TXT whoami.lab` over UDP from a pod to `server`, which must answer from `dns_pod`
+/// (dig drops an answer from any address but the one it asked); the answer.
+fn dig_from_pod(lab: &Lab, pod: &str, server: std::net::IpAddr, dns_pod: &str) -> String {
+    let server = format!("@{server}");
+    let out = lab
+        .run_in_pod(
+            pod,
+            &[
+                "dig",
+                "+short",
+                "+tries=1",
+                "+time=2",
+                &server,
+                "TXT",
+                "whoami.lab",
+            ],
+        )
+        .expect("dig");
+    let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        answer.contains(&format!("pod={dns_pod}")),
+        "{answer}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    answer
+}
+
 const CURL: [&str; 6] = [
     "curl",
     "-sS",
@@ -1238,27 +1265,7 @@ fn local_clients_reach_steered_ports_through_node_addresses() {
     assert_eq!(peer, format!("{node2}:80"));
 
     // DNS over UDP from a pod to its own node's :53; dig drops an answer from any other address.
-    let server = format!("@{node1}");
-    let out = lab
-        .run_in_pod(
-            "c1",
-            &[
-                "dig",
-                "+short",
-                "+tries=1",
-                "+time=2",
-                &server,
-                "TXT",
-                "whoami.lab",
-            ],
-        )
-        .expect("dig");
-    let answer = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        answer.contains("pod=lab/dns1"),
-        "{answer}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let answer = dig_from_pod(&lab, "c1", node1.into(), "lab/dns1");
     assert!(answer.contains(&format!("client={}:", pod_ip("c1"))), "{answer}");
 
     // A restarted agent swaps its socket programs in: one of each stays attached, and a local
@@ -2487,26 +2494,6 @@ fn a_dual_stack_lan_is_steered_over_ipv6_through_every_node() {
     assert!(body.contains(&format!("client=[{pod6}]:")), "{body}");
     assert_eq!(peer, format!("{}:80", node_addr6(2)));
     // DNS over UDP from the pod: dig drops an answer from any address but the one it asked.
-    let server = format!("@{}", node_addr6(1));
-    let out = lab
-        .run_in_pod(
-            "c1",
-            &[
-                "dig",
-                "+short",
-                "+tries=1",
-                "+time=2",
-                &server,
-                "TXT",
-                "whoami.lab",
-            ],
-        )
-        .expect("dig");
-    let answer = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        answer.contains("pod=lab/dns"),
-        "{answer}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let answer = dig_from_pod(&lab, "c1", node_addr6(1).into(), "lab/dns");
     assert!(answer.contains(&format!("client=[{pod6}]:")), "{answer}");
 }
