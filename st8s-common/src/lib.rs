@@ -28,8 +28,9 @@ pub mod map_names {
     pub const REVNAT6: &str = "ST8S_REVNAT6";
     pub const FRAGS6: &str = "ST8S_FRAGS6";
     pub const SOCK_REVNAT6: &str = "ST8S_SOCK_REVNAT6";
+    pub const DISCOVERY_PODS6: &str = "ST8S_DISCOVERY_PODS6";
 
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         CONFIG,
         PORTS,
         PORT_INDEX,
@@ -50,6 +51,7 @@ pub mod map_names {
         REVNAT6,
         FRAGS6,
         SOCK_REVNAT6,
+        DISCOVERY_PODS6,
     ];
 }
 
@@ -178,8 +180,11 @@ pub struct Config {
     pub broadcast_be: u32,
     /// This node's IPv6 InternalIP, all zeros when it has none (IPv6 is then not steered).
     pub self_addr6: Addr6,
+    /// The uplink's IPv6 link-local address (all zeros if none): discovery pods' IPv6 multicast
+    /// leaves from it, as a LAN host's link-scope multicast does.
+    pub self_ll6: Addr6,
 }
-assert_size!(Config, 44);
+assert_size!(Config, 60);
 
 /// Key of `ST8S_PORTS`, the agent's registry of steered hostPorts (the packet path reads
 /// `ST8S_PORT_INDEX` and `ST8S_PORT_INFO` instead).
@@ -384,8 +389,9 @@ assert_size!(FlowValue, 16);
 /// on this node declares it in `st8s.io/discovery`.
 pub const MAX_DISCOVERY: u32 = MAX_PORTS;
 
-/// Value of `ST8S_DISCOVERY` (key: the hostPort, a `u32` in host byte order) and of
-/// `ST8S_DISCOVERY_PODS`: the pod on this node that listens for a discovery port.
+/// Value of `ST8S_DISCOVERY` (key: the hostPort, a `u32` in host byte order), of
+/// `ST8S_DISCOVERY_PODS` and of `ST8S_DISCOVERY_PODS6`: the pod on this node that listens for a
+/// discovery port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Discovery {
@@ -400,8 +406,14 @@ pub struct Discovery {
     /// the pod's own link (its veth), or, until that is known, the bridge it hangs off, which
     /// floods it to every pod on it.
     pub ifindex: u32,
+    /// The pod's IPv6 address, all zeros when it has none (IPv6 multicast is then not copied).
+    pub pod_addr6: Addr6,
+    /// The pod's MAC: its IPv6 multicast leaves from its link-local address, which the agent
+    /// does not know, so `ST8S_DISCOVERY_PODS6` recognises it by MAC. All zeros until learned.
+    pub pod_mac: [u8; 6],
+    pub _pad2: [u8; 2],
 }
-assert_size!(Discovery, 16);
+assert_size!(Discovery, 40);
 
 /// Key of `ST8S_DISCOVERY_PODS`: a discovery pod's socket, as its announcements leave it.
 #[repr(C)]
@@ -412,6 +424,16 @@ pub struct DiscoveryPodKey {
     pub _pad: u16,
 }
 assert_size!(DiscoveryPodKey, 8);
+
+/// Key of `ST8S_DISCOVERY_PODS6`: a discovery pod's IPv6 socket, by the pod's MAC (its
+/// link-scope multicast comes from a link-local address) and containerPort.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DiscoveryPodKey6 {
+    pub mac: [u8; 6],
+    pub pod_port_be: u16,
+}
+assert_size!(DiscoveryPodKey6, 8);
 
 /// Key of `ST8S_REVNAT`: a backend pod's reply as it leaves the pod.
 #[repr(C)]
@@ -712,6 +734,7 @@ mod user {
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Discovery {}
     unsafe impl aya::Pod for DiscoveryPodKey {}
+    unsafe impl aya::Pod for DiscoveryPodKey6 {}
     unsafe impl aya::Pod for SockRevNatKey {}
     unsafe impl aya::Pod for SockRevNatValue {}
     unsafe impl aya::Pod for FragKey {}

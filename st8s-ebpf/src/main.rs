@@ -29,12 +29,12 @@ use aya_ebpf::{
 };
 use st8s_common::{
     flow_hash, flow_hash6, port_index, socket_hash, Addr6, Backend, Config, Counters, Discovery,
-    DiscoveryPodKey, FlowKey, FlowKey6, FlowValue, FragKey, FragKey6, FragValue, MacKey, MaglevRow, NodeInfo,
-    PortInfo, PortKey, RevNatKey, RevNatKey6, RevNatValue, RevNatValue6, SockRevNatKey, SockRevNatKey6,
-    SockRevNatValue, SockRevNatValue6, BACKEND_DRAINING, BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL,
-    FLOW_LOCAL, FLOW_REMOTE, FRAG_TIMEOUT_NS, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_DISCOVERY,
-    MAX_FLOWS, MAX_FRAGS, MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES, PORT_LOCAL_DRAINING, PROTO_TCP,
-    PROTO_UDP,
+    DiscoveryPodKey, DiscoveryPodKey6, FlowKey, FlowKey6, FlowValue, FragKey, FragKey6, FragValue, MacKey,
+    MaglevRow, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatKey6, RevNatValue, RevNatValue6, SockRevNatKey,
+    SockRevNatKey6, SockRevNatValue, SockRevNatValue6, BACKEND_DRAINING, BACKEND_LOCAL, BANKS,
+    CONFIG_PREFER_LOCAL, FLOW_LOCAL, FLOW_REMOTE, FRAG_TIMEOUT_NS, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE,
+    MAX_BACKENDS, MAX_DISCOVERY, MAX_FLOWS, MAX_FRAGS, MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES,
+    PORT_LOCAL_DRAINING, PROTO_TCP, PROTO_UDP,
 };
 
 #[map]
@@ -93,6 +93,11 @@ static ST8S_FRAGS6: LruHashMap<FragKey6, FragValue> = LruHashMap::with_max_entri
 #[map]
 static ST8S_SOCK_REVNAT6: LruHashMap<SockRevNatKey6, SockRevNatValue6> =
     LruHashMap::with_max_entries(MAX_FLOWS, 0);
+/// Discovery pods by MAC and containerPort (pod side, IPv6: their multicast comes from
+/// link-local addresses).
+#[map]
+static ST8S_DISCOVERY_PODS6: HashMap<DiscoveryPodKey6, Discovery> =
+    HashMap::with_max_entries(MAX_DISCOVERY, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -1417,6 +1422,36 @@ fn icmp_from_backend<F: IcmpFamily>(ctx: &TcContext) -> Option<i32> {
 /// entry point then tries it as an ICMP error, in a subprogram of its own (its stack frame does
 /// not add to the TCP/UDP path's).
 const TRY_ICMP: i32 = i32::MIN;
+/// What a family's TC path returns for a UDP datagram to a group: the entry point hands it to
+/// discovery, in a subprogram of its own for the same reason (IPv6 only; IPv4 fits inline).
+const TRY_DISCOVERY: i32 = i32::MIN + 1;
+
+/// An IPv6 datagram to a group from the LAN (see `TRY_DISCOVERY`), parsed again: the host
+/// stack gets it, and a discovery pod a copy.
+#[inline(never)]
+fn discovery6_from_lan(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    let run = || {
+        let mut pkt = parse6_tc(&ctx)?;
+        fragment_ports(&mut pkt, false)?;
+        deliver_discovery(&ctx, &pkt, config()?);
+        None
+    };
+    run().unwrap_or(TC_ACT_OK)
+}
+
+/// An IPv6 datagram to a group from a pod (see `TRY_DISCOVERY`): a discovery pod's leaves as
+/// this node.
+#[inline(never)]
+fn discovery6_from_pod(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    let run = || {
+        let mut pkt = parse6_tc(&ctx)?;
+        fragment_ports(&mut pkt, false)?;
+        announce(&ctx, &pkt, config()?)
+    };
+    run().unwrap_or(TC_ACT_OK)
+}
 
 #[inline(never)]
 fn icmp6_to_backend(skb: *mut __sk_buff) -> i32 {
@@ -1440,6 +1475,7 @@ pub fn st8s_uplink_tc(ctx: TcContext) -> i32 {
     if is_ipv6_frame(ctx.data(), ctx.data_end()) {
         match uplink_tc6(ctx.skb.skb) {
             TRY_ICMP => icmp6_to_backend(ctx.skb.skb),
+            TRY_DISCOVERY => discovery6_from_lan(ctx.skb.skb),
             verdict => verdict,
         }
     } else {
@@ -1510,6 +1546,9 @@ fn uplink_tc6(skb: *mut __sk_buff) -> i32 {
     let Some(mut pkt) = parse6_tc(&ctx) else {
         return TRY_ICMP;
     };
+    if pkt.proto == PROTO_UDP && is_multicast6(pkt.daddr) {
+        return TRY_DISCOVERY;
+    }
     let mut run = || {
         fragment_ports(&mut pkt, true)?;
         uplink_steer(&ctx, &pkt, config()?)
@@ -1565,46 +1604,154 @@ fn is_group_or_broadcast(daddr_be: u32, cfg: &Config) -> bool {
         || (cfg.broadcast_be != 0 && daddr_be == cfg.broadcast_be)
 }
 
+/// What discovery needs of an address family: where a copy for the pod goes, whose answers can
+/// come back, and who announcements leave as.
+trait DiscoveryFamily: Family {
+    /// The discovery pod's address in the family, if it has one.
+    fn discovery_pod(d: &Discovery) -> Option<Self::Addr>;
+    /// The destination address and MAC of the pod's copy of a datagram to the group `daddr`,
+    /// whose frame went to `dst_mac`.
+    fn copy_to(daddr: Self::Addr, dst_mac: [u8; 6], cfg: &Config) -> (Self::Addr, [u8; 6]);
+    /// Whether the pod's unicast answer to `asker` can leave the pod (not a link-local address,
+    /// which is on the LAN's link, not the pod's).
+    fn answerable(asker: Self::Addr) -> bool;
+    /// The discovery pod a datagram from the pod side came from.
+    fn announcer(pkt: &Packet<Self>) -> Option<Discovery>;
+    /// The source an announcement from `saddr` leaves the node with, if the node has one.
+    fn announce_from(saddr: Self::Addr, cfg: &Config) -> Option<Self::Addr>;
+}
+
+impl DiscoveryFamily for V4 {
+    #[inline(always)]
+    fn discovery_pod(d: &Discovery) -> Option<u32> {
+        Some(d.pod_addr_be)
+    }
+    /// The pod's subnet is not the LAN's: a LAN-subnet broadcast means nothing there, and
+    /// becomes 255.255.255.255. The frame goes to the matching broadcast or multicast MAC.
+    #[inline(always)]
+    fn copy_to(daddr: u32, _dst_mac: [u8; 6], cfg: &Config) -> (u32, [u8; 6]) {
+        let to = if daddr == cfg.broadcast_be {
+            u32::MAX
+        } else {
+            daddr
+        };
+        (to, group_mac(to))
+    }
+    #[inline(always)]
+    fn answerable(_asker: u32) -> bool {
+        true
+    }
+    #[inline(always)]
+    fn announcer(pkt: &Packet<V4>) -> Option<Discovery> {
+        let key = DiscoveryPodKey {
+            pod_addr_be: pkt.saddr,
+            pod_port_be: pkt.sport,
+            _pad: 0,
+        };
+        // SAFETY: copied out at once.
+        unsafe { ST8S_DISCOVERY_PODS.get(key) }.copied()
+    }
+    #[inline(always)]
+    fn announce_from(_saddr: u32, cfg: &Config) -> Option<u32> {
+        Some(cfg.self_addr_be)
+    }
+}
+
+impl DiscoveryFamily for V6 {
+    #[inline(always)]
+    fn discovery_pod(d: &Discovery) -> Option<Addr6> {
+        let a = d.pod_addr6;
+        (a[0] | a[1] | a[2] | a[3] != 0).then_some(a)
+    }
+    /// The group and its MAC (33:33 and the group's low 32 bits, RFC 2464 section 7) as they
+    /// came: the same on the pod's link.
+    #[inline(always)]
+    fn copy_to(daddr: Addr6, dst_mac: [u8; 6], _cfg: &Config) -> (Addr6, [u8; 6]) {
+        (daddr, dst_mac)
+    }
+    /// A LAN host asks from its link-local address (fe80::/10) when the group is link-scoped
+    /// (RFC 6724's source selection): the pod cannot reach that address, so only its multicast
+    /// answers reach such an asker.
+    #[inline(always)]
+    fn answerable(asker: Addr6) -> bool {
+        !is_link_local6(asker)
+    }
+    #[inline(always)]
+    fn announcer(pkt: &Packet<V6>) -> Option<Discovery> {
+        let key = DiscoveryPodKey6 {
+            mac: pkt.src_mac,
+            pod_port_be: pkt.sport,
+        };
+        // SAFETY: copied out at once.
+        unsafe { ST8S_DISCOVERY_PODS6.get(key) }.copied()
+    }
+    /// A pod's link-scope multicast comes from its own link-local address and leaves from the
+    /// uplink's; from any other address it leaves as the node's IPv6 address.
+    #[inline(always)]
+    fn announce_from(saddr: Addr6, cfg: &Config) -> Option<Addr6> {
+        let a = if is_link_local6(saddr) {
+            cfg.self_ll6
+        } else {
+            cfg.self_addr6
+        };
+        (a[0] | a[1] | a[2] | a[3] != 0).then_some(a)
+    }
+}
+
+/// Any IPv6 multicast group (ff00::/8): mDNS's ff02::fb, SSDP's ff02::c and ff05::c.
+#[inline(always)]
+fn is_multicast6(a: Addr6) -> bool {
+    a[0] & 0xff == 0xff
+}
+
+/// fe80::/10, with the address as it sits in the packet.
+#[inline(always)]
+fn is_link_local6(a: Addr6) -> bool {
+    let b = a[0].to_ne_bytes();
+    b[0] == 0xfe && b[1] & 0xc0 == 0x80
+}
+
 /// A broadcast or multicast datagram to a discovery port: a copy goes to the local pod that
 /// declares the port, as a LAN host on the pod's own link would receive it: still addressed to
-/// the broadcast (the LAN subnet's broadcast becomes 255.255.255.255, which the pod can recognise)
-/// or to the group, in a frame to the matching broadcast or multicast MAC, with its IP TTL
+/// the broadcast or the group (see [`DiscoveryFamily::copy_to`]), with its IP TTL or hop limit
 /// untouched (mDNS wants 255, RFC 6762 section 11). So a socket bound to 255.255.255.255 or to
 /// 0.0.0.0, or joined to the group, receives it, as real servers bind (Jellyfin, avahi, SSDP
-/// stacks). The pod sees the asker's own address, and its answer to
-/// the asker leaves as this node (REVNAT). The copy is transmitted on the pod's link (the host
-/// side of its veth); the original is put back as it was for the host stack.
+/// stacks). The pod sees the asker's own address, and its answer to the asker leaves as this
+/// node (REVNAT). The copy is transmitted on the pod's link (the host side of its veth); the
+/// original is put back as it was for the host stack.
 #[inline(always)]
-fn deliver_discovery(ctx: &TcContext, pkt: &Packet<V4>, cfg: &Config) {
+fn deliver_discovery<F: DiscoveryFamily>(ctx: &TcContext, pkt: &Packet<F>, cfg: &Config) {
     // SAFETY: copied out at once.
     let Some(d) = (unsafe { ST8S_DISCOVERY.get(u16::from_be(pkt.dport) as u32) }).copied() else {
         return;
     };
-    let slot = d.slot as u32;
-    let rev_key = V4::rev_key(d.pod_addr_be, pkt.saddr, d.pod_port_be, pkt.sport, PROTO_UDP);
-    // SAFETY: plain helper call.
-    let rev = V4::rev_value(cfg.self_addr_be, pkt.dport, d.slot, unsafe { bpf_ktime_get_ns() });
-    if ST8S_REVNAT.insert(rev_key, rev, 0).is_err() {
-        count(slot, |c| c.drop_error += 1);
+    let Some(pod_addr) = F::discovery_pod(&d) else {
         return;
+    };
+    let slot = d.slot as u32;
+    if F::answerable(pkt.saddr) {
+        let rev_key = F::rev_key(pod_addr, pkt.saddr, d.pod_port_be, pkt.sport, PROTO_UDP);
+        // SAFETY: plain helper call.
+        let rev = F::rev_value(F::self_addr(cfg), pkt.dport, d.slot, unsafe {
+            bpf_ktime_get_ns()
+        });
+        if F::revnat().insert(&rev_key, rev, 0).is_err() {
+            count(slot, |c| c.drop_error += 1);
+            return;
+        }
     }
     let Ok(dst_mac) = ctx.load::<[u8; 6]>(0) else {
         return;
     };
-    // The pod's subnet is not the LAN's: a LAN-subnet broadcast means nothing there.
-    let to_addr = if pkt.daddr == cfg.broadcast_be {
-        u32::MAX
-    } else {
-        pkt.daddr
-    };
-    let to_mac = group_mac(to_addr);
+    let (to_addr, to_mac) = F::copy_to(pkt.daddr, dst_mac, cfg);
+    let port_off = pkt.l4_off + 2;
     let to_pod = rewrite(
         ctx,
         pkt,
-        IP_DST_OFF,
+        F::DST_OFF,
         pkt.daddr,
         to_addr,
-        L4_OFF + 2,
+        port_off,
         pkt.dport,
         d.pod_port_be,
     )
@@ -1615,10 +1762,10 @@ fn deliver_discovery(ctx: &TcContext, pkt: &Packet<V4>, cfg: &Config) {
         rewrite(
             ctx,
             pkt,
-            IP_DST_OFF,
+            F::DST_OFF,
             to_addr,
             pkt.daddr,
-            L4_OFF + 2,
+            port_off,
             d.pod_port_be,
             pkt.dport,
         )
@@ -1645,22 +1792,20 @@ fn group_mac(daddr_be: u32) -> [u8; 6] {
 /// A discovery pod's own broadcast or multicast (an announcement, or a multicast answer): it
 /// leaves by the uplink as this node (address, hostPort and MAC), as a LAN host's would.
 #[inline(always)]
-fn announce(ctx: &TcContext, pkt: &Packet<V4>, cfg: &Config) -> Option<i32> {
-    let key = DiscoveryPodKey {
-        pod_addr_be: pkt.saddr,
-        pod_port_be: pkt.sport,
-        _pad: 0,
-    };
-    // SAFETY: copied out at once.
-    let d = unsafe { ST8S_DISCOVERY_PODS.get(key) }.copied()?;
+fn announce<F: DiscoveryFamily>(ctx: &TcContext, pkt: &Packet<F>, cfg: &Config) -> Option<i32> {
+    let d = F::announcer(pkt)?;
     let slot = d.slot as u32;
+    let Some(from) = F::announce_from(pkt.saddr, cfg) else {
+        count(slot, |c| c.passed += 1);
+        return None;
+    };
     let ok = rewrite(
         ctx,
         pkt,
-        IP_SRC_OFF,
+        F::SRC_OFF,
         pkt.saddr,
-        cfg.self_addr_be,
-        L4_OFF,
+        from,
+        pkt.l4_off,
         pkt.sport,
         d.host_port_be,
     )
@@ -1808,6 +1953,7 @@ fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
     if is_ipv6_frame(ctx.data(), ctx.data_end()) {
         return Some(match pod_tc6(ctx.skb.skb) {
             TRY_ICMP => icmp6_from_backend(ctx.skb.skb),
+            TRY_DISCOVERY => discovery6_from_pod(ctx.skb.skb),
             verdict => verdict,
         });
     }
@@ -1831,6 +1977,9 @@ fn pod_tc6(skb: *mut __sk_buff) -> i32 {
     let Some(mut pkt) = parse6_tc(&ctx) else {
         return TRY_ICMP;
     };
+    if pkt.proto == PROTO_UDP && is_multicast6(pkt.daddr) {
+        return TRY_DISCOVERY;
+    }
     let mut run = || {
         fragment_ports(&mut pkt, true)?;
         pod_reply(&ctx, &pkt)

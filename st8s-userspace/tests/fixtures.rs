@@ -621,6 +621,8 @@ const SELF6: &str = "fd00:77::11";
 const PEER6: &str = "fd00:77::12";
 const CLIENT6: &str = "fd00:77::100";
 const POD6: &str = "fd00:244:1::5";
+/// The uplink's link-local address.
+const SELF_LL6: &str = "fe80::b";
 
 fn node_info(mac: [u8; 6]) -> NodeInfo {
     NodeInfo {
@@ -690,8 +692,8 @@ fn empty_maps(ebpf: &mut Ebpf) {
         keys
     }
     use st8s_common::{
-        DiscoveryPodKey, FragKey, FragKey6, FragValue, MacKey, PortInfo, PortKey, SockRevNatKey,
-        SockRevNatKey6, SockRevNatValue, SockRevNatValue6, port_index,
+        DiscoveryPodKey, DiscoveryPodKey6, FragKey, FragKey6, FragValue, MacKey, PortInfo, PortKey,
+        SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, port_index,
     };
     let ports = clear::<PortKey, PortInfo>(take(ebpf, &mut cleared, map_names::PORTS));
     let mut index: Array<_, u32> =
@@ -710,6 +712,7 @@ fn empty_maps(ebpf: &mut Ebpf) {
     clear::<RevNatKey6, RevNatValue6>(take(ebpf, &mut cleared, map_names::REVNAT6));
     clear::<u32, Discovery>(take(ebpf, &mut cleared, map_names::DISCOVERY));
     clear::<DiscoveryPodKey, Discovery>(take(ebpf, &mut cleared, map_names::DISCOVERY_PODS));
+    clear::<DiscoveryPodKey6, Discovery>(take(ebpf, &mut cleared, map_names::DISCOVERY_PODS6));
     clear::<FragKey, FragValue>(take(ebpf, &mut cleared, map_names::FRAGS));
     clear::<FragKey6, FragValue>(take(ebpf, &mut cleared, map_names::FRAGS6));
     clear::<SockRevNatKey, SockRevNatValue>(take(ebpf, &mut cleared, map_names::SOCK_REVNAT));
@@ -786,6 +789,7 @@ impl Dp {
             layout: st8s_common::LAYOUT_VERSION,
             broadcast_be: be(a(BROADCAST)),
             self_addr6: addr6(a6(SELF6).octets()),
+            self_ll6: addr6(a6(SELF_LL6).octets()),
         };
         self.writer.write_config(&mut self.ebpf, c).expect("config");
     }
@@ -1697,6 +1701,7 @@ fn discovery_copies_broadcasts_to_the_pod_and_its_announcements_leave_as_the_nod
         slot: 3,
         _pad: 0,
         ifindex: 0x7fff_fff1,
+        ..Discovery::default()
     };
     dp.writer
         .write_discovery(&mut dp.ebpf, [(7359, d)].into())
@@ -1765,6 +1770,131 @@ fn discovery_copies_broadcasts_to_the_pod_and_its_announcements_leave_as_the_nod
         "a pod that declares no discovery port multicasts as usual"
     );
     assert_eq!(dp.counters(3).drop_error, 3);
+}
+
+/// Issue 16, discovery over IPv6: a datagram to an IPv6 group on a discovery port is copied to
+/// the pod (the same group and 33:33 MAC) and the original left for the host as it came. An
+/// asker with a routable address gets a way back for the pod's unicast answer; one asking from
+/// its link-local address (as Linux does for ff02::/16, RFC 6724 rule 2) gets none, the pod
+/// cannot reach it. The pod's multicast, recognised by its MAC, leaves by the uplink as the node:
+/// from the uplink's link-local address when it came from the pod's link-local one, from the
+/// node's IPv6 address when it came from the pod's.
+#[test]
+fn ipv6_discovery_copies_group_datagrams_to_the_pod_and_its_multicast_leaves_as_the_node() {
+    const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 5];
+    const MDNS_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 0xfb];
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL);
+    // As in the IPv4 test: a pod link that does not exist, so the copy fails (drop_error).
+    dp.config_on(CONFIG_PREFER_LOCAL, 0x7fff_fff0);
+    let d = Discovery {
+        pod_addr_be: be(a(POD)),
+        pod_port_be: 15353u16.to_be(),
+        host_port_be: 5353u16.to_be(),
+        slot: 3,
+        ifindex: 0x7fff_fff1,
+        pod_addr6: addr6(a6(POD6).octets()),
+        pod_mac: POD_MAC,
+        ..Discovery::default()
+    };
+    dp.writer
+        .write_discovery(&mut dp.ebpf, [(5353, d)].into())
+        .expect("discovery");
+    let rev_key = |client: &str| RevNatKey6 {
+        pod_addr: addr6(a6(POD6).octets()),
+        client_addr: addr6(a6(client).octets()),
+        pod_port_be: 15353u16.to_be(),
+        client_port_be: 5353u16.to_be(),
+        proto: PROTO_UDP,
+        ..RevNatKey6::default()
+    };
+    for (n, asker) in [CLIENT6, "fe80::c"].into_iter().enumerate() {
+        let pkt = ep6::frame(
+            PROTO_UDP,
+            (CLIENT_MAC, MDNS_MAC),
+            (asker, 5353),
+            ("ff02::fb", 5353),
+            12,
+            false,
+        );
+        assert_eq!(
+            dp.run_tc(program_names::UPLINK_TC, &pkt),
+            (TC_ACT_OK, pkt.clone()),
+            "{asker}: the host's copy is the original"
+        );
+        assert_eq!(
+            dp.counters(3).drop_error,
+            n as u64 + 1,
+            "{asker}: a copy was tried"
+        );
+    }
+    let rev = dp
+        .revnat6(&rev_key(CLIENT6))
+        .expect("a routable asker has a way back");
+    assert_eq!(rev.frontend_addr, addr6(a6(SELF6).octets()));
+    assert_eq!(u16::from_be(rev.frontend_port_be), 5353);
+    assert_eq!(
+        dp.revnat6(&rev_key("fe80::c")),
+        None,
+        "a link-local asker has none"
+    );
+
+    // The pod's unicast answer to the routable asker: out as the node.
+    let answer = ep6::frame(
+        PROTO_UDP,
+        (POD_MAC, SELF_MAC),
+        (POD6, 15353),
+        (CLIENT6, 5353),
+        30,
+        false,
+    );
+    let (verdict, out) = dp.run_tc(program_names::POD_TC, &answer);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(ep6::read(&out), ep6::expect(SELF6, 5353, CLIENT6, 5353));
+
+    // The pod's multicast: from the uplink's link-local address or the node's, by the node's MAC.
+    for (from, group, leaves_as) in [("fe80::5", "ff02::fb", SELF_LL6), (POD6, "ff05::c", SELF6)] {
+        let pkt = ep6::frame(
+            PROTO_UDP,
+            (POD_MAC, MDNS_MAC),
+            (from, 15353),
+            (group, 5353),
+            30,
+            false,
+        );
+        let (verdict, out) = dp.run_tc(program_names::POD_TC, &pkt);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{from}");
+        assert_eq!(ep6::read(&out), ep6::expect(leaves_as, 5353, group, 5353));
+        assert_eq!((&out[0..6], &out[6..12]), (&MDNS_MAC[..], &SELF_MAC[..]));
+        assert_eq!(out[21], 64, "hop limit untouched");
+    }
+
+    // Another pod's multicast, and a group datagram to another port: untouched.
+    let other = ep6::frame(
+        PROTO_UDP,
+        ([0x02, 0, 0, 0, 1, 9], MDNS_MAC),
+        ("fe80::9", 15353),
+        ("ff02::fb", 5353),
+        30,
+        false,
+    );
+    assert_eq!(
+        dp.run_tc(program_names::POD_TC, &other),
+        (TC_ACT_OK, other.clone())
+    );
+    let unrelated = ep6::frame(
+        PROTO_UDP,
+        (CLIENT_MAC, MDNS_MAC),
+        (CLIENT6, 40000),
+        ("ff02::c", 1900),
+        12,
+        false,
+    );
+    assert_eq!(
+        dp.run_tc(program_names::UPLINK_TC, &unrelated),
+        (TC_ACT_OK, unrelated.clone())
+    );
+    assert_eq!(dp.counters(3).drop_error, 2);
+    assert_eq!(dp.counters(3).replied, 3, "one answer, two announcements");
 }
 
 /// Issue 15: a port with more backends than the old limit of 16 (a 20-node cluster running its

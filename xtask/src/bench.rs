@@ -1140,6 +1140,7 @@ fn per_packet_table(ebpf: &mut aya::Ebpf, me: &str) -> anyhow::Result<()> {
             layout: LAYOUT_VERSION,
             broadcast_be: be("10.0.0.255"),
             self_addr6: st8s_common::addr6(PER_PACKET_ME6.octets()),
+            self_ll6: [0; 4],
         },
     )?;
     let peer: Ipv4Addr = "10.0.0.12".parse()?;

@@ -490,9 +490,9 @@ impl BpfDataplane {
                     }
                     continue;
                 }
-                let (link, learned) = discovery_link(local.addr, *ifindex)?;
+                let (link, mac, learned) = discovery_link(local.addr, *ifindex)?;
                 report.retry |= !learned;
-                discovery_links.insert(local.addr, link);
+                discovery_links.insert(local.addr, (link, mac));
             }
         }
         self.writer.count = WriteCount::default();
@@ -557,6 +557,7 @@ impl BpfDataplane {
             .filter(|(id, _)| id.proto == Proto::Udp)
             .filter_map(|(id, plan)| {
                 let local = plan.local.as_ref().filter(|l| l.discovery)?;
+                let (ifindex, mac) = *discovery_links.get(&local.addr)?;
                 Some((
                     id.port,
                     Discovery {
@@ -565,7 +566,10 @@ impl BpfDataplane {
                         host_port_be: id.port.to_be(),
                         slot: w.slot(*id)?,
                         _pad: 0,
-                        ifindex: *discovery_links.get(&local.addr)?,
+                        ifindex,
+                        pod_addr6: local.addr6.map_or([0; 4], |a| st8s_common::addr6(a.octets())),
+                        pod_mac: mac.unwrap_or_default(),
+                        _pad2: [0; 2],
                     },
                 ))
             })
@@ -590,6 +594,10 @@ impl BpfDataplane {
                 .map(|b| u32::from(*b).to_be())
                 .unwrap_or_default(),
             self_addr6: self_addr6.map_or([0; 4], |a| st8s_common::addr6(a.octets())),
+            // Only worth having where the node steers IPv6.
+            self_ll6: self_addr6
+                .and_then(|_| net::link_local6(&self.opts.iface))
+                .map_or([0; 4], |a| st8s_common::addr6(a.octets())),
         }
     }
 
@@ -635,19 +643,20 @@ impl BpfDataplane {
 /// its own link, found through the bridge's forwarding database when `dev` (the device of the
 /// route to the pod) is a bridge. Until the bridge has learned the pod's MAC, the bridge itself,
 /// which floods the copy to every pod on it; the pod is then solicited, so that it answers an ARP
-/// request and the bridge learns where it is, and `false` says to look again.
-fn discovery_link(pod: Ipv4Addr, dev: u32) -> anyhow::Result<(u32, bool)> {
+/// request and the bridge learns where it is, and `false` says to look again. Also the pod's
+/// MAC, once known (its IPv6 multicast is recognised by it).
+fn discovery_link(pod: Ipv4Addr, dev: u32) -> anyhow::Result<(u32, Option<[u8; 6]>, bool)> {
     let mac = net::neighbours()?.get(&pod).copied();
     let port = match mac {
         Some(mac) => net::bridge_port(dev, mac)?,
         None => net::BridgePort::Unknown,
     };
     match port {
-        net::BridgePort::Port(link) => Ok((link, true)),
-        net::BridgePort::NotABridge if mac.is_some() => Ok((dev, true)),
+        net::BridgePort::Port(link) => Ok((link, mac, true)),
+        net::BridgePort::NotABridge if mac.is_some() => Ok((dev, mac, true)),
         net::BridgePort::NotABridge | net::BridgePort::Unknown => {
             net::solicit(pod);
-            Ok((dev, false))
+            Ok((dev, mac, false))
         }
     }
 }

@@ -122,6 +122,25 @@ pub fn subnets(iface: &str) -> Result<Vec<Subnet>, NetError> {
     Ok(out)
 }
 
+/// The IPv6 link-local address (fe80::/10) of `iface`, from `/proc/net/if_inet6`; `None` when
+/// it has none (IPv6 off, or `addr_gen_mode` none).
+pub fn link_local6(iface: &str) -> Option<std::net::Ipv6Addr> {
+    let text = std::fs::read_to_string("/proc/net/if_inet6").ok()?;
+    parse_link_local6(&text, iface)
+}
+
+/// One line per address: the address in 32 hex digits, ifindex, prefix length, scope, flags and
+/// the interface's name (net/ipv6/addrconf.c, if6_seq_show). Scope 0x20 is link.
+fn parse_link_local6(text: &str, iface: &str) -> Option<std::net::Ipv6Addr> {
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() != 6 || f[5] != iface || f[3] != "20" {
+            return None;
+        }
+        u128::from_str_radix(f[0], 16).ok().map(std::net::Ipv6Addr::from)
+    })
+}
+
 pub fn ifindex(iface: &str) -> Result<u32, NetError> {
     let name = CString::new(iface).map_err(|_| NetError::NoSuchInterface {
         iface: iface.to_owned(),
@@ -513,6 +532,25 @@ mod tests {
         assert_eq!(parse_vlan_config(text, "bond0.300").map(|v| v.id), Some(300));
         assert_eq!(parse_vlan_config(text, "eth0"), None);
         assert_eq!(parse_vlan_config("garbage", "eth0.20"), None);
+    }
+
+    #[test]
+    fn the_link_local_address_is_read_from_proc_net_if_inet6() {
+        // As this machine's /proc/net/if_inet6 writes it (global scope 00, link 20, host 10).
+        let text = "fd000077000000000000000000000011 02 40 00 80     eth0\n\
+                    fe80000000000000a8bbccfffe000011 02 40 20 80     eth0\n\
+                    fe800000000000000000000000000001 03 40 20 80     cni0\n\
+                    00000000000000000000000000000001 01 80 10 80       lo\n";
+        assert_eq!(
+            parse_link_local6(text, "eth0"),
+            Some("fe80::a8bb:ccff:fe00:11".parse().expect("address"))
+        );
+        assert_eq!(
+            parse_link_local6(text, "cni0"),
+            Some("fe80::1".parse().expect("address"))
+        );
+        assert_eq!(parse_link_local6(text, "lo"), None);
+        assert_eq!(parse_link_local6(text, "eth1"), None);
     }
 
     #[test]

@@ -17,8 +17,8 @@ use aya::{
     maps::{Array, HashMap, PerCpuArray, PerCpuValues},
 };
 use st8s_common::{
-    Backend, Config, Counters, Discovery, DiscoveryPodKey, LAYOUT_VERSION, MAX_PORTS, MacKey, MaglevRow,
-    NodeInfo, PortInfo, PortKey, addr6, addr6_octets, map_names, port_index,
+    Backend, Config, Counters, Discovery, DiscoveryPodKey, DiscoveryPodKey6, LAYOUT_VERSION, MAX_PORTS,
+    MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, addr6, addr6_octets, map_names, port_index,
 };
 use tracing::info;
 
@@ -331,9 +331,10 @@ impl MapWriter {
         Ok(true)
     }
 
-    /// Discovery delivery by hostPort (`slot` filled in from the port). Both maps hold the same
-    /// entries under different keys; stale ones go first, so that a port that moved to another
-    /// pod never has two.
+    /// Discovery delivery by hostPort (`slot` filled in from the port). The maps hold the same
+    /// entries under different keys (`ST8S_DISCOVERY_PODS6` only those of pods with an IPv6
+    /// address and a known MAC); stale ones go first, so that a port that moved to another pod
+    /// never has two.
     pub fn write_discovery(&mut self, ebpf: &mut Ebpf, want: BTreeMap<u16, Discovery>) -> anyhow::Result<()> {
         if want == self.discovery {
             return Ok(());
@@ -343,6 +344,13 @@ impl MapWriter {
             pod_port_be: d.pod_port_be,
             _pad: 0,
         };
+        let pod_key6 = |d: &Discovery| {
+            let has6 = d.pod_addr6 != [0; 4] && d.pod_mac != [0; 6];
+            has6.then_some(DiscoveryPodKey6 {
+                mac: d.pod_mac,
+                pod_port_be: d.pod_port_be,
+            })
+        };
         for (port, old) in &self.discovery {
             if want.get(port) != Some(old) {
                 let mut m: HashMap<_, u32, Discovery> =
@@ -351,6 +359,11 @@ impl MapWriter {
                 let mut p: HashMap<_, DiscoveryPodKey, Discovery> =
                     HashMap::try_from(map_mut(ebpf, map_names::DISCOVERY_PODS)?)?;
                 let _ = p.remove(&pod_key(old));
+                if let Some(k) = pod_key6(old) {
+                    let mut p6: HashMap<_, DiscoveryPodKey6, Discovery> =
+                        HashMap::try_from(map_mut(ebpf, map_names::DISCOVERY_PODS6)?)?;
+                    let _ = p6.remove(&k);
+                }
                 self.count.writes += 2;
                 info!(port = *port, "discovery delivery stopped");
             }
@@ -361,6 +374,11 @@ impl MapWriter {
                     HashMap::try_from(map_mut(ebpf, map_names::DISCOVERY_PODS)?)?;
                 p.insert(pod_key(d), d, 0)
                     .context("writing ST8S_DISCOVERY_PODS")?;
+                if let Some(k) = pod_key6(d) {
+                    let mut p6: HashMap<_, DiscoveryPodKey6, Discovery> =
+                        HashMap::try_from(map_mut(ebpf, map_names::DISCOVERY_PODS6)?)?;
+                    p6.insert(k, d, 0).context("writing ST8S_DISCOVERY_PODS6")?;
+                }
                 let mut m: HashMap<_, u32, Discovery> =
                     HashMap::try_from(map_mut(ebpf, map_names::DISCOVERY)?)?;
                 m.insert(u32::from(*port), d, 0)
