@@ -10,6 +10,10 @@
 //! - `haproxy`: a userspace TCP hop on the addressed node (a proxy DaemonSet forwarding to a pod);
 //! - `st8s-local`, `st8s-fwd`: st8s with the backend on the addressed node, and on another one.
 //!
+//! The lab is dual-stack, and `direct-v6`, `ip6tables-fwd`, `st8s-local-v6` and `st8s-fwd-v6`
+//! repeat their IPv4 twins over IPv6 in the same rounds: each IPv6 path is judged by its ratio to
+//! `direct-v6` against its twin's ratio to `direct`, round by round (issue 16).
+//!
 //! Per-packet cost: each program through BPF_PROG_TEST_RUN (1,000,000 repeats) against a program
 //! that only parses the same headers. Control plane: event-to-map latency, full-sync time and
 //! agent memory with 100, 1,000 and 10,000 pods, against the API-server double.
@@ -20,7 +24,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
@@ -31,7 +35,7 @@ use serde_json::json;
 
 use crate::{
     apiserver::{self, ApiServer},
-    lab::{API_ADDR, HostPort, Lab, LabConfig, PodSpec, in_netns, node_addr},
+    lab::{API_ADDR, HostPort, Lab, LabConfig, PodSpec, in_netns, node_addr, node_addr6, pod_prefix6},
     progress, target_dir, workspace_root,
 };
 
@@ -65,6 +69,8 @@ type Medians = (f64, Option<f64>, Option<f64>);
 /// One measurement of one workload on one path.
 #[derive(Clone, Debug, Default)]
 struct Sample {
+    /// The round it was measured in: samples of one round are paired.
+    round: usize,
     /// requests/s, queries/s or bits/s
     rate: f64,
     p50_ms: Option<f64>,
@@ -90,14 +96,43 @@ impl Workload {
     }
 }
 
-const PATHS: [&str; 6] = [
+const PATHS: [&str; 10] = [
     "direct",
     "iptables-fwd",
     "iptables-local",
     "haproxy",
     "st8s-local",
     "st8s-fwd",
+    "direct-v6",
+    "ip6tables-fwd",
+    "st8s-local-v6",
+    "st8s-fwd-v6",
 ];
+
+/// The IPv6 paths, each with the IPv4 path it repeats over IPv6.
+const PATHS6: [(&str, &str); 4] = [
+    ("direct-v6", "direct"),
+    ("ip6tables-fwd", "iptables-fwd"),
+    ("st8s-local-v6", "st8s-local"),
+    ("st8s-fwd-v6", "st8s-fwd"),
+];
+
+/// The paths a path's ratios are taken to: its family's direct path, and the iptables path of
+/// its kind when the run has one.
+fn baselines(path: &str) -> (&'static str, Option<&'static str>) {
+    match path {
+        "st8s-local" => ("direct", Some("iptables-local")),
+        "st8s-local-v6" => ("direct-v6", None),
+        p if PATHS6.iter().any(|(v6, _)| *v6 == p) => ("direct-v6", Some("ip6tables-fwd")),
+        _ => ("direct", Some("iptables-fwd")),
+    }
+}
+
+/// The data-path servers' pod addresses, both families.
+struct Pods {
+    v4: BTreeMap<&'static str, Ipv4Addr>,
+    v6: BTreeMap<&'static str, Ipv6Addr>,
+}
 
 /// Where each path sends a workload: (address, port), or None when the path does not apply.
 ///
@@ -106,7 +141,20 @@ const PATHS: [&str; 6] = [
 /// hostPort 81): with a new connection per request the client recycles its ports within
 /// seconds, and a server-side TIME_WAIT left by one path would otherwise stall the next path's
 /// SYN from the same port (PAWS), whatever that path is.
-fn target(w: Workload, path: &str, pods: &BTreeMap<&str, Ipv4Addr>) -> Option<(Ipv4Addr, u16)> {
+/// An IPv6 path goes to its IPv4 twin's port on the same pod's or node's IPv6 address.
+fn target(w: Workload, path: &str, pods: &Pods) -> Option<SocketAddr> {
+    if let Some((_, v4)) = PATHS6.iter().find(|(v6, _)| *v6 == path) {
+        let (addr, port) = target4(w, v4, &pods.v4)?;
+        let addr6 = match pods.v4.iter().find(|(_, a)| **a == addr) {
+            Some((name, _)) => pods.v6[name],
+            None => node_addr6((1..=3).find(|n| node_addr(*n) == addr)?),
+        };
+        return Some(SocketAddr::new(IpAddr::V6(addr6), port));
+    }
+    target4(w, path, &pods.v4).map(|(a, p)| SocketAddr::new(IpAddr::V4(a), p))
+}
+
+fn target4(w: Workload, path: &str, pods: &BTreeMap<&str, Ipv4Addr>) -> Option<(Ipv4Addr, u16)> {
     if matches!(w, Workload::HttpKeepAlive | Workload::HttpNewConn) {
         return match path {
             "direct" => Some((pods["web"], 8081)),
@@ -263,7 +311,7 @@ fn sh_ok(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn bench_lab() -> anyhow::Result<Lab> {
+fn bench_lab(dual_stack: bool) -> anyhow::Result<Lab> {
     Lab::new(LabConfig {
         nodes: 3,
         st8s_bin: target_dir().join("release/st8s"),
@@ -273,7 +321,7 @@ fn bench_lab() -> anyhow::Result<Lab> {
         kubeconfig: None,
         agent_caps: None,
         routed_cni: false,
-        dual_stack: false,
+        dual_stack,
     })
 }
 
@@ -286,6 +334,7 @@ fn dataplane(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) ->
     drop(lab);
     let med = data_path_report(args, report, &results);
     data_path_targets(&med, misses);
+    ipv6_report(report, misses, &results);
     Ok(())
 }
 
@@ -299,12 +348,16 @@ const WORKLOADS: [Workload; 4] = [
 
 /// The lab with the servers on node1 (nginx, knotd, iperf3) and its agents synced: the lab, the
 /// servers' pod addresses, and dnsperf's query file.
-fn data_path_lab() -> anyhow::Result<(Lab, BTreeMap<&'static str, Ipv4Addr>, PathBuf)> {
+fn data_path_lab() -> anyhow::Result<(Lab, Pods, PathBuf)> {
     progress("data path: building the lab with nginx, knotd and iperf3 pods on node1");
-    let mut lab = bench_lab()?;
+    let mut lab = bench_lab(true)?;
     let dir = lab.dir().to_owned();
-    // nginx: one static answer, keep-alive without a request cap.
+    // nginx: one static answer, keep-alive without a request cap, on both families.
     let nginx_conf = dir.join("nginx.conf");
+    let listen: String = [8080, 8081, 8082, 8083, 8084, 8086]
+        .iter()
+        .map(|p| format!("listen {p}; listen [::]:{p}; "))
+        .collect();
     fs::write(
         &nginx_conf,
         format!(
@@ -313,7 +366,7 @@ fn data_path_lab() -> anyhow::Result<(Lab, BTreeMap<&'static str, Ipv4Addr>, Pat
              http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 60s;\n\
              client_body_temp_path {d}/nginx-body; proxy_temp_path {d}/nginx-proxy;\n\
              fastcgi_temp_path {d}/nginx-fcgi; uwsgi_temp_path {d}/nginx-uwsgi; scgi_temp_path {d}/nginx-scgi;\n\
-             server {{ listen 8080; listen 8081; listen 8082; listen 8083; listen 8084; listen 8086; location / {{ return 200 \"pod=lab/web-node1\\n\"; }} }} }}\n",
+             server {{ {listen}location / {{ return 200 \"pod=lab/web-node1\\n\"; }} }} }}\n",
             d = dir.display()
         ),
     )?;
@@ -327,7 +380,7 @@ fn data_path_lab() -> anyhow::Result<(Lab, BTreeMap<&'static str, Ipv4Addr>, Pat
     fs::write(
         &knot_conf,
         format!(
-            "server:\n  listen: 0.0.0.0@53\n  rundir: {d}\n  udp-workers: 1\n  tcp-workers: 1\n  background-workers: 1\n\
+            "server:\n  listen: [ 0.0.0.0@53, ::@53 ]\n  rundir: {d}\n  udp-workers: 1\n  tcp-workers: 1\n  background-workers: 1\n\
              database:\n  storage: {d}/knot-db\nlog:\n  - target: stderr\n    any: warning\n\
              zone:\n  - domain: bench.lab\n    file: {z}\n",
             d = dir.display(),
@@ -383,12 +436,19 @@ fn data_path_lab() -> anyhow::Result<(Lab, BTreeMap<&'static str, Ipv4Addr>, Pat
         discovery: Vec::new(),
         command: cmd(&["iperf3", "-s", "-p", "5201"]),
     })?;
-    let pods: BTreeMap<&'static str, Ipv4Addr> = [
-        ("web", lab.pod_ip("web-node1").context("pod ip")?),
-        ("dns", lab.pod_ip("dns-node1").context("pod ip")?),
-        ("iperf", lab.pod_ip("iperf-node1").context("pod ip")?),
-    ]
-    .into();
+    let mut pods = Pods {
+        v4: BTreeMap::new(),
+        v6: BTreeMap::new(),
+    };
+    for (name, pod) in [
+        ("web", "web-node1"),
+        ("dns", "dns-node1"),
+        ("iperf", "iperf-node1"),
+    ] {
+        pods.v4.insert(name, lab.pod_ip(pod).context("pod ip")?);
+        pods.v6
+            .insert(name, lab.pod_ip6(pod).context("pod IPv6 address")?);
+    }
     lab.write_cluster()?;
     lab.start_agents()?;
     lab.wait_synced(Duration::from_secs(30))?;
@@ -396,10 +456,69 @@ fn data_path_lab() -> anyhow::Result<(Lab, BTreeMap<&'static str, Ipv4Addr>, Pat
 }
 
 /// The paths st8s is compared with: the client routes pod addresses through node1 (`direct`),
-/// iptables DNAT on node3 (forwarded, with MASQUERADE) and node1 (local), and haproxy on node3.
-/// Returns the running haproxy.
-fn baseline_paths(lab: &Lab, pods: &BTreeMap<&'static str, Ipv4Addr>) -> anyhow::Result<std::process::Child> {
+/// iptables DNAT on node3 (forwarded, with MASQUERADE) and node1 (local), and haproxy on node3;
+/// over IPv6 the direct route and ip6tables DNAT + MASQUERADE on node3. Returns the running
+/// haproxy.
+fn baseline_paths(lab: &Lab, all: &Pods) -> anyhow::Result<std::process::Child> {
     let dir = lab.dir().to_owned();
+    let pods = &all.v4;
+    // Over IPv6: the client routes the pods' prefix through node1, and node3 forwards with
+    // ip6tables DNAT + MASQUERADE as iptables does for IPv4 (kube-proxy's IPv6 rules).
+    let prefix6 = format!("{}/64", pod_prefix6(1));
+    sh_ok(Command::new("ip").args([
+        "-n",
+        lab.client_ns(),
+        "-6",
+        "route",
+        "add",
+        &prefix6,
+        "via",
+        &node_addr6(1).to_string(),
+    ]))?;
+    let node3 = lab.node_ns(3).to_owned();
+    for (proto, from, to_name, to_port) in [
+        ("tcp", 8081, "web", 8082),
+        ("udp", 5354, "dns", 53),
+        ("tcp", 5202, "iperf", 5201),
+    ] {
+        let to_ip = all.v6[to_name];
+        let port = to_port.to_string();
+        let dest = format!("[{to_ip}]:{to_port}");
+        let from = from.to_string();
+        let to = to_ip.to_string();
+        for rule in [
+            &[
+                "-A",
+                "PREROUTING",
+                "-p",
+                proto,
+                "--dport",
+                &from,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &dest,
+            ][..],
+            &[
+                "-A",
+                "POSTROUTING",
+                "-p",
+                proto,
+                "-d",
+                &to,
+                "--dport",
+                &port,
+                "-j",
+                "MASQUERADE",
+            ][..],
+        ] {
+            sh_ok(
+                Command::new("ip")
+                    .args(["netns", "exec", &node3, "ip6tables", "-t", "nat"])
+                    .args(rule),
+            )?;
+        }
+    }
     // The client routes pod addresses through node1 (the "direct" path).
     sh_ok(Command::new("ip").args([
         "-n",
@@ -486,7 +605,7 @@ fn baseline_paths(lab: &Lab, pods: &BTreeMap<&'static str, Ipv4Addr>) -> anyhow:
 fn run_workloads(
     args: &BenchArgs,
     lab: &Lab,
-    pods: &BTreeMap<&'static str, Ipv4Addr>,
+    pods: &Pods,
     queries: &std::path::Path,
 ) -> BTreeMap<(Workload, &'static str), Vec<Sample>> {
     let mut results: BTreeMap<(Workload, &'static str), Vec<Sample>> = BTreeMap::new();
@@ -511,7 +630,7 @@ fn run_workloads(
                     args.rounds
                 ));
                 match measure(&client, w, t, &d, queries) {
-                    Ok(s) => results.entry((w, path)).or_default().push(s),
+                    Ok(s) => results.entry((w, path)).or_default().push(Sample { round, ..s }),
                     Err(e) => eprintln!("    {path}: {e:#}"),
                 }
             }
@@ -553,17 +672,13 @@ fn data_path_report(
         let _ = writeln!(report, "### {}\n", w.name());
         let _ = writeln!(report, "| path | rate | p50 | p99 | vs direct | vs iptables |");
         let _ = writeln!(report, "|---|---:|---:|---:|---:|---:|");
-        let direct = med.get(&(w, "direct")).map(|m| m.0);
         for path in PATHS {
             let Some((rate, p50, p99)) = med.get(&(w, path)) else {
                 continue;
             };
-            let ipt = if path == "st8s-local" {
-                "iptables-local"
-            } else {
-                "iptables-fwd"
-            };
-            let base = med.get(&(w, ipt)).map(|m| m.0);
+            let (direct, ipt) = baselines(path);
+            let direct = med.get(&(w, direct)).map(|m| m.0);
+            let base = ipt.and_then(|i| med.get(&(w, i))).map(|m| m.0);
             let shown = if w == Workload::TcpStream {
                 format!("{:.2}", rate / 1e9)
             } else {
@@ -586,6 +701,78 @@ fn data_path_report(
         let _ = writeln!(report);
     }
     med
+}
+
+/// Issue 16: each st8s IPv6 path against its IPv4 twin, both as ratios to their family's direct
+/// path. Rounds are paired: a round's IPv6 ratio over the same round's IPv4 ratio; the median of
+/// the pairs is judged (within 5 %) and their range shown.
+fn ipv6_report(
+    report: &mut String,
+    misses: &mut Vec<String>,
+    results: &BTreeMap<(Workload, &'static str), Vec<Sample>>,
+) {
+    let _ = writeln!(report, "### IPv6 against IPv4\n");
+    let _ = writeln!(
+        report,
+        "Each st8s path over IPv6 as a ratio to `direct-v6`, over the same path's IPv4 ratio to \
+         `direct`, round by round; the median of the rounds and their range. Target: within 5 % \
+         (>= 0.95).\n"
+    );
+    let _ = writeln!(
+        report,
+        "| workload | path | IPv4 vs direct | IPv6 vs direct-v6 | IPv6/IPv4 | range |"
+    );
+    let _ = writeln!(report, "|---|---|---:|---:|---:|---:|");
+    let rate = |w: Workload, path: &str, round: usize| {
+        results
+            .get(&(w, path))?
+            .iter()
+            .find(|s| s.round == round)
+            .map(|s| s.rate)
+    };
+    let rounds = results
+        .values()
+        .flat_map(|v| v.iter().map(|s| s.round + 1))
+        .max()
+        .unwrap_or(0);
+    for w in WORKLOADS {
+        for (v6, v4) in [("st8s-local-v6", "st8s-local"), ("st8s-fwd-v6", "st8s-fwd")] {
+            let (mut r4, mut r6, mut pairs) = (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..rounds {
+                let (Some(a4), Some(d4), Some(a6), Some(d6)) = (
+                    rate(w, v4, round),
+                    rate(w, "direct", round),
+                    rate(w, v6, round),
+                    rate(w, "direct-v6", round),
+                ) else {
+                    continue;
+                };
+                r4.push(a4 / d4);
+                r6.push(a6 / d6);
+                pairs.push((a6 / d6) / (a4 / d4));
+            }
+            if pairs.is_empty() {
+                continue;
+            }
+            let lo = pairs.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = pairs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let m = median(&mut pairs);
+            let _ = writeln!(
+                report,
+                "| {} | {v6} | {:.2}x | {:.2}x | {m:.2} | {lo:.2}-{hi:.2} |",
+                w.name(),
+                median(&mut r4),
+                median(&mut r6)
+            );
+            if m < 0.95 {
+                misses.push(format!(
+                    "{}: {v6} {m:.2} of {v4}, as ratios to direct routing (target >= 0.95)",
+                    w.name()
+                ));
+            }
+        }
+    }
+    let _ = writeln!(report);
 }
 
 /// The data path's targets, judged on the medians.
@@ -646,7 +833,7 @@ fn data_path_targets(med: &BTreeMap<(Workload, &'static str), Medians>, misses: 
 fn measure(
     client: &str,
     w: Workload,
-    (addr, port): (Ipv4Addr, u16),
+    to: SocketAddr,
     secs: &str,
     queries: &std::path::Path,
 ) -> anyhow::Result<Sample> {
@@ -655,7 +842,7 @@ fn measure(
     };
     match w {
         Workload::HttpKeepAlive | Workload::HttpNewConn => {
-            let url = format!("http://{addr}:{port}/");
+            let url = format!("http://{to}/");
             let out = exec(
                 &wrk_args(w, &url, secs)
                     .iter()
@@ -668,9 +855,9 @@ fn measure(
             let out = exec(&[
                 "dnsperf",
                 "-s",
-                &addr.to_string(),
+                &to.ip().to_string(),
                 "-p",
-                &port.to_string(),
+                &to.port().to_string(),
                 "-d",
                 queries.to_str().unwrap_or_default(),
                 "-l",
@@ -696,9 +883,9 @@ fn measure(
             let out = exec(&[
                 "iperf3",
                 "-c",
-                &addr.to_string(),
+                &to.ip().to_string(),
                 "-p",
-                &port.to_string(),
+                &to.port().to_string(),
                 "-t",
                 secs,
                 "-J",
@@ -761,6 +948,7 @@ fn wrk_sample(out: &str, url: &str) -> anyhow::Result<Sample> {
         rate,
         p50_ms: pct("50%"),
         p99_ms: pct("99%"),
+        ..Sample::default()
     })
 }
 
@@ -771,7 +959,7 @@ fn wrk_sample(out: &str, url: &str) -> anyhow::Result<Sample> {
 /// each pair is what the targets judge: its median, with the spread of all pairs.
 fn local_clients(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<()> {
     progress("local clients: a client pod and an nginx pod on node1");
-    let mut lab = bench_lab()?;
+    let mut lab = bench_lab(false)?;
     let dir = lab.dir().to_owned();
     let nginx_conf = dir.join("nginx-local.conf");
     // Two ports, one per path, so that TIME_WAIT of one path never meets the other's SYNs.
@@ -1098,7 +1286,9 @@ fn per_packet_ipv6_report(report: &mut String, misses: &mut Vec<String>, rows: [
     );
     let _ = writeln!(
         report,
-        "The same program on the IPv6 twin of the IPv4 segment (same hosts, ports and flags;          40-byte keys, the address's checksum share as a difference), alternated 9 times with the          IPv4 one; medians and the median of the pairwise ratios. Target: IPv6 within 5 % of IPv4.\n"
+        "The same program on the IPv6 twin of the IPv4 segment (same hosts, ports and flags; \
+         40-byte keys, the address's checksum share as a difference), alternated 9 times with the \
+         IPv4 one; medians and the median of the pairwise ratios. Target: IPv6 within 5 % of IPv4.\n"
     );
     let _ = writeln!(report, "| program, case | IPv6 ns/pkt | IPv4 ns/pkt | ratio |");
     let _ = writeln!(report, "|---|---:|---:|---:|");

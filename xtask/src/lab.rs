@@ -51,7 +51,7 @@ pub fn node_addr6(node: usize) -> Ipv6Addr {
 pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x100);
 
 /// A node's pod subnet on a dual-stack lab, `/64`.
-fn pod_prefix6(node: usize) -> Ipv6Addr {
+pub fn pod_prefix6(node: usize) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x244, node as u16, 0, 0, 0, 0, 0)
 }
 
