@@ -1258,60 +1258,75 @@ impl Lab {
         wait: Duration,
     ) -> anyhow::Result<Vec<(std::net::SocketAddrV4, String)>> {
         let payload = payload.as_ref().to_vec();
-        in_netns(
-            &self.client,
-            move || -> anyhow::Result<Vec<(std::net::SocketAddrV4, String)>> {
-                let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, from_port))?;
-                // The client has no default route: broadcast and multicast go out of its LAN port.
-                {
-                    use std::os::fd::AsRawFd as _;
-                    let dev = b"eth0\0";
-                    // SAFETY: a valid socket and a NUL-terminated name of the given length.
-                    let rc = unsafe {
-                        libc::setsockopt(
-                            s.as_raw_fd(),
-                            libc::SOL_SOCKET,
-                            libc::SO_BINDTODEVICE,
-                            dev.as_ptr().cast(),
-                            dev.len() as libc::socklen_t,
-                        )
-                    };
-                    if rc != 0 {
-                        return Err(std::io::Error::last_os_error().into());
-                    }
-                }
-                s.set_broadcast(true)?;
-                s.set_multicast_loop_v4(false)?;
-                // As mDNS queriers send (RFC 6762 section 11); one LAN, so harmless for SSDP.
-                s.set_multicast_ttl_v4(255)?;
-                if let Some(g) = group {
-                    s.join_multicast_v4(&g, &CLIENT_ADDR)?;
-                }
-                s.send_to(&payload, (dst, port))?;
-                let deadline = Instant::now() + wait;
-                let mut out = Vec::new();
-                let mut buf = [0u8; 1500];
-                while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                    s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-                    match s.recv_from(&mut buf) {
-                        Ok((n, std::net::SocketAddr::V4(from))) if *from.ip() != CLIENT_ADDR => {
-                            out.push((from, String::from_utf8_lossy(&buf[..n]).into_owned()));
-                        }
-                        Ok(_) => {}
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                            ) =>
-                        {
-                            break;
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Ok(out)
-            },
-        )?
+        let answers = in_netns(&self.client, move || -> anyhow::Result<_> {
+            let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, from_port))?;
+            bind_to_lan_port(&s)?;
+            s.set_broadcast(true)?;
+            s.set_multicast_loop_v4(false)?;
+            // As mDNS queriers send (RFC 6762 section 11); one LAN, so harmless for SSDP.
+            s.set_multicast_ttl_v4(255)?;
+            if let Some(g) = group {
+                s.join_multicast_v4(&g, &CLIENT_ADDR)?;
+            }
+            s.send_to(&payload, (dst, port))?;
+            collect_answers(&s, wait)
+        })??;
+        Ok(answers
+            .into_iter()
+            .filter_map(|(from, text)| match from {
+                SocketAddr::V4(f) if *f.ip() != CLIENT_ADDR => Some((f, text)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// [`udp_ask`](Self::udp_ask) over IPv6: from `from` (the unspecified address lets the
+    /// kernel choose, which for a link-scope group is the client's link-local address, RFC 6724
+    /// rule 2), joined to `group` on the LAN port if given, with hop limit 255 and without
+    /// its own multicast looped back.
+    pub fn udp_ask6(
+        &self,
+        dst: Ipv6Addr,
+        port: u16,
+        payload: impl AsRef<[u8]>,
+        from: (Ipv6Addr, u16),
+        group: Option<Ipv6Addr>,
+        wait: Duration,
+    ) -> anyhow::Result<Vec<(std::net::SocketAddrV6, String)>> {
+        let payload = payload.as_ref().to_vec();
+        let answers = in_netns(&self.client, move || -> anyhow::Result<_> {
+            use std::os::fd::AsRawFd as _;
+            let lan = st8s::dataplane::net::ifindex("eth0")?;
+            let s = std::net::UdpSocket::bind(std::net::SocketAddrV6::new(from.0, from.1, 0, 0))?;
+            bind_to_lan_port(&s)?;
+            s.set_multicast_loop_v6(false)?;
+            let hops: libc::c_int = 255;
+            // SAFETY: a valid socket and an int option of its size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_MULTICAST_HOPS,
+                    (&raw const hops).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            if let Some(g) = group {
+                s.join_multicast_v6(&g, lan)?;
+            }
+            s.send_to(&payload, std::net::SocketAddrV6::new(dst, port, 0, lan))?;
+            collect_answers(&s, wait)
+        })??;
+        Ok(answers
+            .into_iter()
+            .filter_map(|(from, text)| match from {
+                SocketAddr::V6(f) if *f.ip() != CLIENT_ADDR6 => Some((f, text)),
+                _ => None,
+            })
+            .collect())
     }
 
     pub fn http(&self, node: usize, port: u16) -> Answer {
@@ -1472,6 +1487,49 @@ pub fn table_matches(s: &st8s::dataplane::inspect::Snapshot, want: &st8s::core::
 
 /// Runs `f` on a thread that has entered the network namespace `ns` (for tests that hold a
 /// connection open across a change, which a one-shot curl cannot).
+/// The client has no default route: broadcast and multicast go out of its LAN port.
+fn bind_to_lan_port(s: &std::net::UdpSocket) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let dev = b"eth0\0";
+    // SAFETY: a valid socket and a NUL-terminated name of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            dev.as_ptr().cast(),
+            dev.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+/// Every datagram `s` receives within `wait`, with its sender.
+fn collect_answers(s: &std::net::UdpSocket, wait: Duration) -> anyhow::Result<Vec<(SocketAddr, String)>> {
+    let deadline = Instant::now() + wait;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1500];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        match s.recv_from(&mut buf) {
+            Ok((n, from)) => out.push((from, String::from_utf8_lossy(&buf[..n]).into_owned())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
     let path = format!("/run/netns/{ns}");
     let file = fs::File::open(&path).with_context(|| format!("opening {path}"))?;

@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, TcpStream},
     path::PathBuf,
     sync::Mutex,
     time::Duration,
@@ -1381,12 +1381,17 @@ fn local_clients_reach_steered_ports_through_node_addresses() {
 
 /// An mDNS query (RFC 6762) for `name`'s A record with the id "W8", one question.
 fn mdns_query(name: &str) -> Vec<u8> {
+    mdns_query_for(name, 1)
+}
+
+/// The same for another record type (28: AAAA).
+fn mdns_query_for(name: &str, rtype: u8) -> Vec<u8> {
     let mut q = vec![b'W', b'8', 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
     for label in name.split('.') {
         q.push(label.len() as u8);
         q.extend_from_slice(label.as_bytes());
     }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q.extend_from_slice(&[0, 0, rtype, 0, 1]);
     q
 }
 
@@ -1992,6 +1997,117 @@ fn st8s_dns_drops_a_cut_node_from_the_answers() {
         "all nodes stay in the answers"
     );
     let _ = ipt("-D");
+}
+
+/// Issue 16, discovery over IPv6: the same real avahi-daemon (Debian's), IPv6 only, in a pod of
+/// a dual-stack lab. A one-shot query from the client's ULA address to ff02::fb (RFC 6762
+/// section 6.7) for its AAAA record reaches avahi only as st8s's copy (use-ipv4=no), and
+/// avahi's unicast answer comes back from node1's IPv6 address. A querier on port 5353 joined to
+/// ff02::fb, as avahi and mDNSResponder query, hears avahi's multicast (its answer, or an
+/// announcement still under way) from node1's IPv6
+/// address: avahi sends its multicast from the pod's address (it picks one address per
+/// interface, here the pod's ULA, and sets it as the source; its log says so). A sender that
+/// leaves the source to the kernel sends from its link-local address, which leaves from the
+/// uplink's (the fixture `ipv6_discovery_copies_...` checks that translation).
+#[test]
+fn a_real_avahi_in_a_pod_answers_mdns_over_ipv6_through_its_node() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = dual_stack_lab();
+    let dir = std::env::temp_dir().join(format!("st8s-avahi6-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let conf = dir.join("avahi-daemon.conf");
+    std::fs::write(
+        &conf,
+        "[server]\nhost-name=lab-avahi6\ndomain-name=local\nuse-ipv4=no\nuse-ipv6=yes\nallow-interfaces=eth0\nenable-dbus=no\n\
+         [wide-area]\nenable-wide-area=no\n[publish]\npublish-hinfo=no\npublish-workstation=no\n",
+    )
+    .expect("conf");
+    let script = format!(
+        "mkdir -p /run/avahi-daemon && mount -t tmpfs tmpfs /run/avahi-daemon && \
+         exec avahi-daemon --no-drop-root --no-chroot --no-rlimits --no-proc-title -f {}",
+        conf.display()
+    );
+    let mut pod = PodSpec::discovery("avahi", 1, &[5353]);
+    pod.command = Some(
+        ["unshare", "--mount", "--", "sh", "-c", &script]
+            .map(String::from)
+            .to_vec(),
+    );
+    let lab = running(lab, &[pod]);
+    // The pod's IPv6 multicast is known by its MAC, learned from the node's neighbour table.
+    lab.wait_table(1, SYNC, |s| {
+        s.discovery
+            .iter()
+            .any(|(_, d)| d.pod_addr6 != [0; 4] && d.pod_mac != [0; 6])
+    })
+    .expect("node1 knows the discovery pod's IPv6 address and MAC");
+    let log = lab.dir().join("pod-avahi.log");
+    xtask::poll_until(Duration::from_secs(20), "avahi announces its host name", || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("Server startup complete"))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+    let group: Ipv6Addr = "ff02::fb".parse().expect("group");
+
+    let answers = lab
+        .udp_ask6(
+            group,
+            5353,
+            mdns_query_for("lab-avahi6.local", 28),
+            (CLIENT_ADDR6, 40000),
+            None,
+            Duration::from_secs(2),
+        )
+        .expect("mdns");
+    let seen = || {
+        format!(
+            "{}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            lab.snapshot(1)
+                .map(|s| st8s::dataplane::inspect::render(&s, 20))
+                .unwrap_or_default()
+        )
+    };
+    assert_eq!(
+        answers.len(),
+        1,
+        "one answer, from avahi through node1: {answers:?}\n{}",
+        seen()
+    );
+    let (from, text) = &answers[0];
+    assert!(text.starts_with("W8") && text.contains("lab-avahi6"), "{text:?}");
+    assert_eq!(
+        (*from.ip(), from.port()),
+        (node_addr6(1), 5353),
+        "avahi's answer leaves as the node"
+    );
+
+    // A standard query (id 0, from port 5353): avahi answers to the group.
+    let mut query = mdns_query_for("lab-avahi6.local", 28);
+    query[..2].copy_from_slice(&[0, 0]);
+    let heard = lab
+        .udp_ask6(
+            group,
+            5353,
+            query,
+            (Ipv6Addr::UNSPECIFIED, 5353),
+            Some(group),
+            Duration::from_secs(3),
+        )
+        .expect("mdns");
+    let from_avahi: Vec<_> = heard.iter().filter(|(_, t)| t.contains("lab-avahi6")).collect();
+    assert!(
+        !from_avahi.is_empty(),
+        "avahi's multicast reaches the LAN: {heard:?}"
+    );
+    for (from, _) in &from_avahi {
+        assert_eq!(
+            (*from.ip(), from.port()),
+            (node_addr6(1), 5353),
+            "from node1's IPv6 address"
+        );
+    }
 }
 
 /// Issue 14, the mDNS bridge: a LAN device running a real avahi-daemon (Debian's) as `stuchip`

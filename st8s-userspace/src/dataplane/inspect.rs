@@ -23,6 +23,18 @@ fn addr(be: u32) -> Ipv4Addr {
 }
 
 /// An IPv6 address from a map, `None` when all zeros ("none").
+/// A discovery pod's sockets: its IPv4 one, then its IPv6 one if it has an IPv6 address.
+fn discovery_pods(d: &st8s_common::Discovery) -> Vec<String> {
+    let port = u16::from_be(d.pod_port_be);
+    let v4 = SocketAddr::new(addr(d.pod_addr_be).into(), port);
+    let v6 = addr6(d.pod_addr6).map(|a| SocketAddr::new(a.into(), port));
+    std::iter::once(v4).chain(v6).map(|a| a.to_string()).collect()
+}
+
+fn discovery_mac(d: &st8s_common::Discovery) -> Option<String> {
+    (d.pod_mac != [0; 6]).then(|| format_mac(&d.pod_mac))
+}
+
 fn addr6(a: [u32; 4]) -> Option<Ipv6Addr> {
     (a != [0; 4]).then(|| Ipv6Addr::from(addr6_octets(a)))
 }
@@ -313,9 +325,9 @@ pub fn render(s: &Snapshot, max_flows: usize) -> String {
             s.discovery
                 .iter()
                 .map(|(port, d)| format!(
-                    "{port}/udp -> {}:{} (link {})",
-                    addr(d.pod_addr_be),
-                    u16::from_be(d.pod_port_be),
+                    "{port}/udp -> {}{} (link {})",
+                    discovery_pods(d).join(" "),
+                    discovery_mac(d).map(|m| format!(" mac {m}")).unwrap_or_default(),
                     d.ifindex
                 ))
                 .collect::<Vec<_>>()
@@ -408,6 +420,12 @@ pub struct BackendJson {
 pub struct DiscoveryJson {
     pub port: String,
     pub pod: String,
+    /// The pod's IPv6 address and port, when it has one.
+    #[serde(default)]
+    pub pod6: Option<String>,
+    /// The pod's MAC, by which its IPv6 multicast is known; once learned.
+    #[serde(default)]
+    pub pod_mac: Option<String>,
     /// The ifindex of the pod's link, where the copies are sent.
     pub link: u32,
 }
@@ -462,10 +480,15 @@ pub fn to_json(s: &Snapshot, max_flows: usize) -> InspectJson {
         discovery: s
             .discovery
             .iter()
-            .map(|(port, d)| DiscoveryJson {
-                port: format!("{port}/udp"),
-                pod: format!("{}:{}", addr(d.pod_addr_be), u16::from_be(d.pod_port_be)),
-                link: d.ifindex,
+            .map(|(port, d)| {
+                let mut pods = discovery_pods(d).into_iter();
+                DiscoveryJson {
+                    port: format!("{port}/udp"),
+                    pod: pods.next().unwrap_or_default(),
+                    pod6: pods.next(),
+                    pod_mac: discovery_mac(d),
+                    link: d.ifindex,
+                }
             })
             .collect(),
         flows: s
