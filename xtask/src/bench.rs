@@ -10,8 +10,8 @@
 //! - `haproxy`: a userspace TCP hop on the addressed node (a proxy DaemonSet forwarding to a pod);
 //! - `st8s-local`, `st8s-fwd`: st8s with the backend on the addressed node, and on another one.
 //!
-//! The lab is dual-stack, and `direct-v6`, `ip6tables-fwd`, `st8s-local-v6` and `st8s-fwd-v6`
-//! repeat their IPv4 twins over IPv6 in the same rounds: each IPv6 path is judged by its ratio to
+//! The lab is dual-stack, and `direct-v6`, `ip6tables-fwd`, `ip6tables-local`, `st8s-local-v6`
+//! and `st8s-fwd-v6` repeat their IPv4 twins over IPv6 in the same rounds: each IPv6 path is judged by its ratio to
 //! `direct-v6` against its twin's ratio to `direct`, round by round (issue 16).
 //!
 //! Per-packet cost: each program through BPF_PROG_TEST_RUN (1,000,000 repeats) against a program
@@ -96,7 +96,7 @@ impl Workload {
     }
 }
 
-const PATHS: [&str; 10] = [
+const PATHS: [&str; 11] = [
     "direct",
     "iptables-fwd",
     "iptables-local",
@@ -105,14 +105,16 @@ const PATHS: [&str; 10] = [
     "st8s-fwd",
     "direct-v6",
     "ip6tables-fwd",
+    "ip6tables-local",
     "st8s-local-v6",
     "st8s-fwd-v6",
 ];
 
 /// The IPv6 paths, each with the IPv4 path it repeats over IPv6.
-const PATHS6: [(&str, &str); 4] = [
+const PATHS6: [(&str, &str); 5] = [
     ("direct-v6", "direct"),
     ("ip6tables-fwd", "iptables-fwd"),
+    ("ip6tables-local", "iptables-local"),
     ("st8s-local-v6", "st8s-local"),
     ("st8s-fwd-v6", "st8s-fwd"),
 ];
@@ -122,7 +124,7 @@ const PATHS6: [(&str, &str); 4] = [
 fn baselines(path: &str) -> (&'static str, Option<&'static str>) {
     match path {
         "st8s-local" => ("direct", Some("iptables-local")),
-        "st8s-local-v6" => ("direct-v6", None),
+        "st8s-local-v6" => ("direct-v6", Some("ip6tables-local")),
         p if PATHS6.iter().any(|(v6, _)| *v6 == p) => ("direct-v6", Some("ip6tables-fwd")),
         _ => ("direct", Some("iptables-fwd")),
     }
@@ -141,6 +143,7 @@ struct Pods {
 /// hostPort 81): with a new connection per request the client recycles its ports within
 /// seconds, and a server-side TIME_WAIT left by one path would otherwise stall the next path's
 /// SYN from the same port (PAWS), whatever that path is.
+///
 /// An IPv6 path goes to its IPv4 twin's port on the same pod's or node's IPv6 address.
 fn target(w: Workload, path: &str, pods: &Pods) -> Option<SocketAddr> {
     if let Some((_, v4)) = PATHS6.iter().find(|(v6, _)| *v6 == path) {
@@ -457,8 +460,13 @@ fn data_path_lab() -> anyhow::Result<(Lab, Pods, PathBuf)> {
 
 /// The paths st8s is compared with: the client routes pod addresses through node1 (`direct`),
 /// iptables DNAT on node3 (forwarded, with MASQUERADE) and node1 (local), and haproxy on node3;
-/// over IPv6 the direct route and ip6tables DNAT + MASQUERADE on node3. Returns the running
-/// haproxy.
+/// over IPv6 the direct route and ip6tables DNAT on node3 (with MASQUERADE) and node1. Returns
+/// the running haproxy.
+///
+/// Both families get NAT rules on both nodes: a NAT rule puts every packet of its family through
+/// conntrack on that node, so rules for IPv4 alone would slow IPv4's `direct` path (routed
+/// through node1) and not IPv6's, and skew the comparison of the families. A dual-stack
+/// kube-proxy installs rules for both.
 fn baseline_paths(lab: &Lab, all: &Pods) -> anyhow::Result<std::process::Child> {
     let dir = lab.dir().to_owned();
     let pods = &all.v4;
@@ -475,19 +483,19 @@ fn baseline_paths(lab: &Lab, all: &Pods) -> anyhow::Result<std::process::Child> 
         "via",
         &node_addr6(1).to_string(),
     ]))?;
-    let node3 = lab.node_ns(3).to_owned();
-    for (proto, from, to_name, to_port) in [
-        ("tcp", 8081, "web", 8082),
-        ("udp", 5354, "dns", 53),
-        ("tcp", 5202, "iperf", 5201),
-    ] {
-        let to_ip = all.v6[to_name];
-        let port = to_port.to_string();
-        let dest = format!("[{to_ip}]:{to_port}");
-        let from = from.to_string();
-        let to = to_ip.to_string();
-        for rule in [
-            &[
+    for (node, masquerade, web_port) in [(3, true, 8082), (1, false, 8083)] {
+        let ns = lab.node_ns(node).to_owned();
+        for (proto, from, to_name, to_port) in [
+            ("tcp", 8081, "web", web_port),
+            ("udp", 5354, "dns", 53),
+            ("tcp", 5202, "iperf", 5201),
+        ] {
+            let to_ip = all.v6[to_name];
+            let port = to_port.to_string();
+            let dest = format!("[{to_ip}]:{to_port}");
+            let from = from.to_string();
+            let to = to_ip.to_string();
+            let dnat = [
                 "-A",
                 "PREROUTING",
                 "-p",
@@ -498,8 +506,8 @@ fn baseline_paths(lab: &Lab, all: &Pods) -> anyhow::Result<std::process::Child> 
                 "DNAT",
                 "--to-destination",
                 &dest,
-            ][..],
-            &[
+            ];
+            let masq = [
                 "-A",
                 "POSTROUTING",
                 "-p",
@@ -510,13 +518,15 @@ fn baseline_paths(lab: &Lab, all: &Pods) -> anyhow::Result<std::process::Child> 
                 &port,
                 "-j",
                 "MASQUERADE",
-            ][..],
-        ] {
-            sh_ok(
-                Command::new("ip")
-                    .args(["netns", "exec", &node3, "ip6tables", "-t", "nat"])
-                    .args(rule),
-            )?;
+            ];
+            let rules: &[&[&str]] = if masquerade { &[&dnat, &masq] } else { &[&dnat] };
+            for rule in rules {
+                sh_ok(
+                    Command::new("ip")
+                        .args(["netns", "exec", &ns, "ip6tables", "-t", "nat"])
+                        .args(*rule),
+                )?;
+            }
         }
     }
     // The client routes pod addresses through node1 (the "direct" path).
@@ -650,8 +660,10 @@ fn data_path_report(
     let _ = writeln!(
         report,
         "Medians of {} rounds of {} s each, paths alternating. Ratios are to `direct` and to \
-         `iptables-fwd` (or `iptables-local` for `st8s-local`). wrk: 1 thread, 32 connections. \
-         dnsperf: 10 clients. iperf3: one TCP stream.\n",
+         `iptables-fwd` (or `iptables-local` for `st8s-local`); an IPv6 path's (`-v6`, \
+         `ip6tables-*`) to `direct-v6` and its `ip6tables` twin. NAT rules sit on node1 and node3 \
+         in both families, so both `direct` paths cross conntrack alike. wrk: 1 thread, 32 \
+         connections. dnsperf: 10 clients. iperf3: one TCP stream.\n",
         args.rounds, args.seconds
     );
     let mut med: BTreeMap<(Workload, &'static str), Medians> = BTreeMap::new();
