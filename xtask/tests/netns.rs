@@ -1395,6 +1395,48 @@ fn mdns_query_for(name: &str, rtype: u8) -> Vec<u8> {
     q
 }
 
+/// A pod `avahi` on node1 running Debian's avahi-daemon as `host_name`, over IPv4 or, with
+/// `ipv6`, over IPv6 only; no D-Bus (no system bus in a pod), nothing published but the host
+/// name; its own /run/avahi-daemon (pid file, socket), so that it never meets a host's avahi.
+/// Its configuration lives in the lab's directory, which goes with the lab.
+fn avahi_pod(lab: &Lab, host_name: &str, ipv6: bool, ports: &[u16]) -> PodSpec {
+    let conf = lab.dir().join(format!("{host_name}.conf"));
+    let (v4, v6) = if ipv6 { ("no", "yes") } else { ("yes", "no") };
+    std::fs::write(
+        &conf,
+        format!(
+            "[server]\nhost-name={host_name}\ndomain-name=local\nuse-ipv4={v4}\nuse-ipv6={v6}\n\
+             allow-interfaces=eth0\nenable-dbus=no\n[wide-area]\nenable-wide-area=no\n\
+             [publish]\npublish-hinfo=no\npublish-workstation=no\n"
+        ),
+    )
+    .expect("conf");
+    let script = format!(
+        "mkdir -p /run/avahi-daemon && mount -t tmpfs tmpfs /run/avahi-daemon && \
+         exec avahi-daemon --no-drop-root --no-chroot --no-rlimits --no-proc-title -f {}",
+        conf.display()
+    );
+    let mut pod = PodSpec::discovery("avahi", 1, ports);
+    pod.command = Some(
+        ["unshare", "--mount", "--", "sh", "-c", &script]
+            .map(String::from)
+            .to_vec(),
+    );
+    pod
+}
+
+/// Waits until the `avahi` pod's avahi-daemon has claimed its host name; its log.
+fn wait_avahi_started(lab: &Lab) -> PathBuf {
+    let log = lab.dir().join("pod-avahi.log");
+    xtask::poll_until(Duration::from_secs(20), "avahi announces its host name", || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("Server startup complete"))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+    log
+}
+
 /// Issue 13: a real avahi-daemon (Debian's) in a pod without hostNetwork answers an mDNS query
 /// from the LAN through its node. avahi drops a query sent to a unicast address from a source
 /// off its link (avahi-core/server.c, dispatch_packet), so this passes only if the copy reaches
@@ -1404,38 +1446,11 @@ fn mdns_query_for(name: &str, rtype: u8) -> Vec<u8> {
 fn a_real_avahi_in_a_pod_answers_mdns_through_its_node() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lab = lab(true);
-    let dir = std::env::temp_dir().join(format!("st8s-avahi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let conf = dir.join("avahi-daemon.conf");
-    // IPv4 only, no D-Bus (no system bus in a pod), nothing published but the host name.
-    std::fs::write(
-        &conf,
-        "[server]\nhost-name=lab-avahi\ndomain-name=local\nuse-ipv4=yes\nuse-ipv6=no\nallow-interfaces=eth0\nenable-dbus=no\n\
-         [wide-area]\nenable-wide-area=no\n[publish]\npublish-hinfo=no\npublish-workstation=no\n",
-    )
-    .expect("conf");
-    // Its own /run/avahi-daemon (pid file, socket), so that it never meets a host's avahi.
-    let script = format!(
-        "mkdir -p /run/avahi-daemon && mount -t tmpfs tmpfs /run/avahi-daemon && \
-         exec avahi-daemon --no-drop-root --no-chroot --no-rlimits --no-proc-title -f {}",
-        conf.display()
-    );
-    let mut pod = PodSpec::discovery("avahi", 1, &[5353, 7359]);
-    pod.command = Some(
-        ["unshare", "--mount", "--", "sh", "-c", &script]
-            .map(String::from)
-            .to_vec(),
-    );
+    let pod = avahi_pod(&lab, "lab-avahi", false, &[5353, 7359]);
     let lab = running(lab, &[pod]);
     lab.wait_table(1, SYNC, |s| s.discovery.len() == 2)
         .expect("node1 delivers discovery");
-    let log = lab.dir().join("pod-avahi.log");
-    xtask::poll_until(Duration::from_secs(20), "avahi announces its host name", || {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|l| l.contains("Server startup complete"))
-    })
-    .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+    wait_avahi_started(&lab);
 
     // A one-shot query (RFC 6762 section 6.7: from a port other than 5353, to the group): avahi
     // answers it by unicast to the asker, echoing the id, and only because it was asked; its
@@ -1486,7 +1501,6 @@ fn a_real_avahi_in_a_pod_answers_mdns_through_its_node() {
     assert!(c["5353/udp"].discovered >= 1, "{c:?}");
     assert!(c.values().all(|c| c.drop_error == 0), "{c:?}");
     drop(lab);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Issue 8, fast failover: a node's link is cut while a client keeps connecting through another
@@ -2013,26 +2027,7 @@ fn st8s_dns_drops_a_cut_node_from_the_answers() {
 fn a_real_avahi_in_a_pod_answers_mdns_over_ipv6_through_its_node() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lab = dual_stack_lab();
-    let dir = std::env::temp_dir().join(format!("st8s-avahi6-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let conf = dir.join("avahi-daemon.conf");
-    std::fs::write(
-        &conf,
-        "[server]\nhost-name=lab-avahi6\ndomain-name=local\nuse-ipv4=no\nuse-ipv6=yes\nallow-interfaces=eth0\nenable-dbus=no\n\
-         [wide-area]\nenable-wide-area=no\n[publish]\npublish-hinfo=no\npublish-workstation=no\n",
-    )
-    .expect("conf");
-    let script = format!(
-        "mkdir -p /run/avahi-daemon && mount -t tmpfs tmpfs /run/avahi-daemon && \
-         exec avahi-daemon --no-drop-root --no-chroot --no-rlimits --no-proc-title -f {}",
-        conf.display()
-    );
-    let mut pod = PodSpec::discovery("avahi", 1, &[5353]);
-    pod.command = Some(
-        ["unshare", "--mount", "--", "sh", "-c", &script]
-            .map(String::from)
-            .to_vec(),
-    );
+    let pod = avahi_pod(&lab, "lab-avahi6", true, &[5353]);
     let lab = running(lab, &[pod]);
     // The pod's IPv6 multicast is known by its MAC, learned from the node's neighbour table.
     lab.wait_table(1, SYNC, |s| {
@@ -2041,13 +2036,7 @@ fn a_real_avahi_in_a_pod_answers_mdns_over_ipv6_through_its_node() {
             .any(|(_, d)| d.pod_addr6 != [0; 4] && d.pod_mac != [0; 6])
     })
     .expect("node1 knows the discovery pod's IPv6 address and MAC");
-    let log = lab.dir().join("pod-avahi.log");
-    xtask::poll_until(Duration::from_secs(20), "avahi announces its host name", || {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|l| l.contains("Server startup complete"))
-    })
-    .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+    let log = wait_avahi_started(&lab);
     let group: Ipv6Addr = "ff02::fb".parse().expect("group");
 
     let answers = lab
