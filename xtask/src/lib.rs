@@ -80,6 +80,11 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 /// The status code of `GET path` on `127.0.0.1:port`, or None when nothing answers (a probe as
 /// the kubelet makes it).
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_get(port, path).map(|(code, _)| code)
+}
+
+/// `GET path` on `127.0.0.1:port`: the status code and the body, or None when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(2))).ok()?;
@@ -90,7 +95,9 @@ pub fn http_status(port: u16, path: &str) -> Option<u16> {
     .ok()?;
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
-    text.split_whitespace().nth(1)?.parse().ok()
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((code, body.to_owned()))
 }
 
 /// A TCP port on loopback that nothing listens on now.

@@ -321,6 +321,17 @@ fn a_sidecar_is_ready_only_while_its_zones_are_current() {
     );
     wait_status(port, 200, 20, &dns);
     assert!(dir.join("jellyfin.home.example.org.zone").exists());
+    // Issue 17: the zone changes are in its metrics, as a dashboard reads them.
+    let (_, metrics) = xtask::http_get(port, "/metrics").expect("metrics");
+    for line in [
+        "st8s_dns_zone_writes_total{zone=\"jellyfin.home.example.org\"} 1",
+        "st8s_dns_hostnames 1",
+        "st8s_dns_serving_nodes 1",
+        "st8s_dns_write_latency_seconds_count ",
+        "st8s_ready 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
     assert!(
         api.patches().iter().all(|p| p.kind != Resource::ConfigMap),
         "no ConfigMap in this mode"

@@ -361,7 +361,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         configmap = %format!("{}/{}", args.namespace, args.configmap),
         "watching nodes, agent leases, pods with hostPorts, ingresses, services, httproutes and ingressroutes"
     );
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::for_dns());
     if let Some(addr) = args.listen {
         let m = metrics.clone();
         tokio::spawn(async move {
@@ -423,6 +423,10 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
             probes_blind = blind;
         }
         wake = input.next_expiry;
+        metrics.set_published(
+            input.hosts.len(),
+            input.nodes.iter().filter(|n| n.serving).count(),
+        );
         let fresh: BTreeSet<String> = input.warnings.iter().map(|w| w.to_string()).collect();
         for w in fresh.difference(&warned) {
             warn!("{w}");
@@ -431,6 +435,9 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
         if let Some(dir) = &args.zone_dir {
             dir_ok = match sync_zone_dir(dir, &input, &cfg) {
                 Ok(synced) => {
+                    let latency = earliest.map(|t| t.elapsed());
+                    metrics.zones_written(synced.written.iter().map(String::as_str), latency);
+                    metrics.zones_removed(synced.removed.len());
                     if !synced.written.is_empty() || !synced.removed.is_empty() {
                         info!(
                             dir = %dir.display(),
@@ -463,6 +470,7 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
                 written_once = true;
                 zones = next;
                 let serving = input.nodes.iter().filter(|n| n.serving).count();
+                metrics.zones_written(changed.iter().map(String::as_str), earliest.map(|t| t.elapsed()));
                 info!(
                     zones = %changed.join(", "),
                     hostnames = input.hosts.len(),

@@ -88,6 +88,21 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ZoneLabel {
+    zone: String,
+}
+
+/// What `st8s dns` records besides the shared families (registered by [`Metrics::for_dns`]).
+#[derive(Debug, Default)]
+struct DnsMetrics {
+    zone_writes: Family<ZoneLabel, Counter>,
+    zones_removed: Counter,
+    hostnames: Gauge,
+    serving_nodes: Gauge,
+    write_latency: Option<Histogram>,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// What the agent records for `/metrics` and `/readyz`.
@@ -107,6 +122,7 @@ pub struct Metrics {
     pub unreachable_nodes: Gauge,
     pub local_clients: Gauge,
     attach: Family<AttachLabels, Gauge>,
+    dns: DnsMetrics,
     /// Where the maps are pinned: the census counts their entries.
     pin_dir: Option<PathBuf>,
     census_started: AtomicBool,
@@ -209,9 +225,79 @@ impl Metrics {
             unreachable_nodes,
             local_clients,
             attach,
+            dns: DnsMetrics::default(),
             pin_dir,
             census_started: AtomicBool::new(false),
         }
+    }
+
+    /// The metrics of `st8s dns`: the shared families (readiness, errors) and its own:
+    /// `st8s_dns_zone_writes_total{zone}` (a zone, a ConfigMap key or a per-name zone file,
+    /// written because its content changed), `st8s_dns_zones_removed_total`,
+    /// `st8s_dns_hostnames`, `st8s_dns_serving_nodes` and `st8s_dns_write_latency_seconds`
+    /// (from the watch event to the write that reflects it).
+    pub fn for_dns() -> Self {
+        let mut m = Self::new(None);
+        let d = &mut m.dns;
+        m.registry.register(
+            "dns_zone_writes",
+            "Zones written by st8s dns because their content changed (ConfigMap keys or zone files)",
+            d.zone_writes.clone(),
+        );
+        m.registry.register(
+            "dns_zones_removed",
+            "Zone files st8s dns removed (a name no longer published)",
+            d.zones_removed.clone(),
+        );
+        m.registry.register(
+            "dns_hostnames",
+            "Hostnames st8s dns publishes",
+            d.hostnames.clone(),
+        );
+        m.registry.register(
+            "dns_serving_nodes",
+            "Nodes whose agent is ready and that answer probes: the addresses the zones give",
+            d.serving_nodes.clone(),
+        );
+        let latency = Histogram::new(LATENCY_BUCKETS);
+        m.registry.register(
+            "dns_write_latency_seconds",
+            "Time from a watch event to the zone write that reflects it",
+            latency.clone(),
+        );
+        d.write_latency = Some(latency);
+        m
+    }
+
+    /// `st8s dns` wrote these zones, `latency` after the earliest event behind them.
+    pub fn zones_written<'a>(&self, zones: impl IntoIterator<Item = &'a str>, latency: Option<Duration>) {
+        let mut any = false;
+        for zone in zones {
+            self.dns
+                .zone_writes
+                .get_or_create(&ZoneLabel {
+                    zone: zone.to_owned(),
+                })
+                .inc();
+            any = true;
+        }
+        if let (true, Some(h), Some(l)) = (any, &self.dns.write_latency, latency) {
+            h.observe(l.as_secs_f64());
+        }
+    }
+
+    pub fn zones_removed(&self, n: usize) {
+        self.dns.zones_removed.inc_by(n as u64);
+    }
+
+    /// What the zones publish: hostnames and serving nodes.
+    pub fn set_published(&self, hostnames: usize, serving_nodes: usize) {
+        self.dns
+            .hostnames
+            .set(i64::try_from(hostnames).unwrap_or(i64::MAX));
+        self.dns
+            .serving_nodes
+            .set(i64::try_from(serving_nodes).unwrap_or(i64::MAX));
     }
 
     /// How the hooks are attached, `(hook, mode)`: one series per hook, set to 1.
@@ -365,6 +451,32 @@ impl Collector for PortPackets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn st8s_dns_has_its_zone_families_and_the_agent_has_none() {
+        let m = Metrics::for_dns();
+        m.zones_written(
+            ["home.example.org", "jellyfin.home.example.org"],
+            Some(Duration::from_millis(4)),
+        );
+        m.zones_written(["home.example.org"], None);
+        m.zones_written([], Some(Duration::from_millis(9)));
+        m.zones_removed(2);
+        m.set_published(5, 2);
+        let text = m.render();
+        for line in [
+            "st8s_dns_zone_writes_total{zone=\"home.example.org\"} 2",
+            "st8s_dns_zone_writes_total{zone=\"jellyfin.home.example.org\"} 1",
+            "st8s_dns_zones_removed_total 2",
+            "st8s_dns_hostnames 5",
+            "st8s_dns_serving_nodes 2",
+            "st8s_dns_write_latency_seconds_count 1",
+            "st8s_dns_write_latency_seconds_bucket{le=\"0.005\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+        assert!(!Metrics::default().render().contains("st8s_dns_"));
+    }
 
     #[test]
     fn the_exposition_names_every_family_once_with_its_labels() {
