@@ -332,6 +332,24 @@ fn a_sidecar_is_ready_only_while_its_zones_are_current() {
     ] {
         assert!(metrics.contains(line), "{line} in:\n{metrics}");
     }
+    let exported = xtask::exposition_series(&metrics);
+    let dashboard = xtask::dashboard_queries(&xtask::dashboard_path()).expect("dashboard");
+    let used: Vec<(String, String)> = dashboard
+        .iter()
+        .flat_map(|(panel, q)| {
+            xtask::metric_names(q)
+                .into_iter()
+                .map(move |n| (panel.clone(), n))
+        })
+        .filter(|(_, n)| n.starts_with("st8s_dns_"))
+        .collect();
+    assert!(!used.is_empty(), "the dashboard shows st8s dns");
+    for (panel, name) in used {
+        assert!(
+            exported.contains(&name),
+            "panel {panel:?} uses {name}, which st8s dns does not export:\n{metrics}"
+        );
+    }
     assert!(
         api.patches().iter().all(|p| p.kind != Resource::ConfigMap),
         "no ConfigMap in this mode"

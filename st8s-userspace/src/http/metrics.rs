@@ -49,6 +49,14 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, each watch failure included.
+    pub fn all() -> impl Iterator<Item = Self> {
+        WatchFailure::ALL
+            .into_iter()
+            .map(Self::Watch)
+            .chain([Self::BadUpdate, Self::Plan, Self::MapWrite, Self::Lease])
+    }
+
     /// The `kind` label.
     pub const fn label(self) -> &'static str {
         match self {
@@ -159,6 +167,11 @@ impl Metrics {
             objects.clone(),
         );
         let errors = Family::<KindLabel, Counter>::default();
+        // Every kind at 0 from the start: a rate over it reads 0, not "no data", and a
+        // dashboard's query finds the series before the first error.
+        for kind in ErrorKind::all() {
+            let _ = errors.get_or_create(&KindLabel { kind: kind.label() });
+        }
         r.register("errors", "Errors by kind", errors.clone());
         let map_entries = Family::<MapLabel, Gauge>::default();
         r.register(

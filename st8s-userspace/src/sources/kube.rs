@@ -85,6 +85,18 @@ pub enum WatchFailure {
 }
 
 impl WatchFailure {
+    pub const ALL: [Self; 9] = [
+        Self::Gone,
+        Self::Forbidden,
+        Self::Unauthorized,
+        Self::NotServed,
+        Self::ApiError,
+        Self::Unreachable,
+        Self::WatchError,
+        Self::Protocol,
+        Self::Other,
+    ];
+
     pub fn of(e: &watcher::Error) -> Self {
         let client = match e {
             watcher::Error::InitialListFailed(c)
