@@ -119,4 +119,14 @@ fn a_real_prometheus_scrapes_and_parses_the_agent_metrics() {
     let t = &targets["data"]["activeTargets"][0];
     assert_eq!(t["health"], "up", "{t}");
     assert_eq!(t["lastError"], "", "{t}");
+
+    // Issue 17: every query of the Grafana dashboard is PromQL that Prometheus accepts, with
+    // Grafana's variables as a dashboard fills them in (the template query, label_values, is
+    // Grafana's own and not PromQL).
+    let dashboard = xtask::dashboard_queries(&xtask::dashboard_path()).expect("dashboard");
+    for (panel, query) in dashboard.iter().filter(|(p, _)| !p.starts_with("variable")) {
+        let q = query.replace("$__rate_interval", "1m").replace("$instance", ".*");
+        let answer = prom.api("/api/v1/query", Some(&q)).expect("an answer");
+        assert_eq!(answer["status"], "success", "panel {panel:?}: {q}\n{answer}");
+    }
 }

@@ -51,10 +51,12 @@ pub enum ErrorKind {
 impl ErrorKind {
     /// Every kind, each watch failure included.
     pub fn all() -> impl Iterator<Item = Self> {
-        WatchFailure::ALL
-            .into_iter()
-            .map(Self::Watch)
-            .chain([Self::BadUpdate, Self::Plan, Self::MapWrite, Self::Lease])
+        WatchFailure::ALL.into_iter().map(Self::Watch).chain([
+            Self::BadUpdate,
+            Self::Plan,
+            Self::MapWrite,
+            Self::Lease,
+        ])
     }
 
     /// The `kind` label.
