@@ -44,6 +44,7 @@ pub const CRD_KINDS: &[&str] = &[
     "HTTPRoute",
     "Middleware",
     "TLSStore",
+    "PodMonitor",
 ];
 
 /// Parses every YAML document of a file (empty documents skipped).
@@ -59,9 +60,11 @@ pub fn load_yaml(path: &Path) -> anyhow::Result<Vec<Value>> {
     Ok(out)
 }
 
-/// Renders a kustomization directory: `resources` (files and directories), `namespace`,
-/// `images` and JSON 6902 `patches` with a `target`. Other fields are refused, so that the
-/// manifests never rely on something this renderer would silently skip.
+/// Renders a kustomization directory: `resources` (files and directories), `configMapGenerator`
+/// (`files`, with `options.labels`; only with `disableNameSuffixHash`, since this renderer
+/// computes no hash), `namespace`, `images` and JSON 6902 `patches` with a `target`. Other
+/// fields are refused, so that the manifests never rely on something this renderer would
+/// silently skip.
 pub fn render(dir: &Path) -> anyhow::Result<Vec<Value>> {
     let kfile = dir.join("kustomization.yaml");
     let k = load_yaml(&kfile)?
@@ -72,6 +75,7 @@ pub fn render(dir: &Path) -> anyhow::Result<Vec<Value>> {
         "apiVersion",
         "kind",
         "resources",
+        "configMapGenerator",
         "namespace",
         "images",
         "patches",
@@ -96,6 +100,12 @@ pub fn render(dir: &Path) -> anyhow::Result<Vec<Value>> {
         } else {
             docs.extend(load_yaml(&path)?);
         }
+    }
+    for g in k["configMapGenerator"].as_array().into_iter().flatten() {
+        docs.push(
+            generated_configmap(dir, g)
+                .with_context(|| format!("{}: configMapGenerator", kfile.display()))?,
+        );
     }
     if let Some(ns) = k["namespace"].as_str() {
         for d in &mut docs {
@@ -157,6 +167,39 @@ pub fn render(dir: &Path) -> anyhow::Result<Vec<Value>> {
         }
     }
     Ok(docs)
+}
+
+/// A ConfigMap as kustomize generates it from `files` (each file's name is its key).
+fn generated_configmap(dir: &Path, g: &Value) -> anyhow::Result<Value> {
+    let name = g["name"].as_str().context("name")?;
+    if g["options"]["disableNameSuffixHash"] != Value::Bool(true) {
+        bail!("{name}: only with options.disableNameSuffixHash: true (no hash computed here)");
+    }
+    for key in g.as_object().into_iter().flat_map(|m| m.keys()) {
+        if !["name", "files", "options"].contains(&key.as_str()) {
+            bail!("{name}: `{key}` is not supported by the test renderer");
+        }
+    }
+    let mut data = serde_json::Map::new();
+    for f in g["files"].as_array().into_iter().flatten() {
+        let f = f.as_str().context("files[]")?;
+        let text = std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {f}"))?;
+        let key = Path::new(f)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("a file name")?;
+        data.insert(key.to_owned(), Value::from(text));
+    }
+    let mut metadata = serde_json::json!({ "name": name });
+    if g["options"]["labels"].is_object() {
+        metadata["labels"] = g["options"]["labels"].clone();
+    }
+    Ok(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata,
+        "data": data,
+    }))
 }
 
 fn containers_mut(d: &mut Value) -> Vec<&mut Value> {

@@ -14,7 +14,7 @@ use xtask::deploy::{self, ApiCall, allowed, containers, render};
 
 fn kustomizations() -> Vec<PathBuf> {
     let root = deploy::deploy_dir();
-    let mut dirs = vec![root.join("base")];
+    let mut dirs = vec![root.join("base"), root.join("monitoring")];
     let examples = root.join("examples");
     if let Ok(entries) = std::fs::read_dir(&examples) {
         let mut more: Vec<PathBuf> = entries
@@ -80,6 +80,53 @@ fn every_kustomization_renders_and_validates_strictly() {
             docs.len()
         );
     }
+}
+
+/// Issue 17: the optional monitoring kustomization carries the dashboard as the ConfigMap
+/// Grafana's sidecar loads, and a PodMonitor for the agents' named port and one for `st8s dns`'s.
+#[test]
+fn the_monitoring_kustomization_ships_the_dashboard_and_the_pod_monitors() {
+    let docs = render(&deploy::deploy_dir().join("monitoring")).expect("renders");
+    let cm = docs
+        .iter()
+        .find(|d| name(d) == "ConfigMap st8s-dashboard")
+        .expect("the dashboard's ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(cm["metadata"]["namespace"], "st8s-system");
+    let json = cm["data"]["st8s-dashboard.json"].as_str().expect("the dashboard");
+    assert_eq!(
+        json,
+        std::fs::read_to_string(xtask::dashboard_path()).expect("file"),
+        "the file itself"
+    );
+    let ports: BTreeSet<String> = docs
+        .iter()
+        .filter(|d| d["kind"] == "PodMonitor")
+        .flat_map(|d| {
+            d["spec"]["podMetricsEndpoints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|e| e["port"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(ports, ["http".to_owned(), "st8s-metrics".to_owned()].into());
+    // The ports they name exist: the agent's in the base, st8s dns's in the home example.
+    let named = |dir: &str, port: &str| {
+        render(&deploy::deploy_dir().join(dir))
+            .expect("renders")
+            .iter()
+            .any(|d| {
+                serde_json::to_string(d)
+                    .unwrap_or_default()
+                    .contains(&format!("\"name\":\"{port}\""))
+            })
+    };
+    assert!(named("base", "http"), "the agent's port `http`");
+    assert!(
+        named("examples/home", "st8s-metrics"),
+        "st8s dns's port `st8s-metrics`"
+    );
 }
 
 /// The base alone: what the DaemonSet promises.
