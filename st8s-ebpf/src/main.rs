@@ -351,8 +351,7 @@ impl Family for V6 {
     }
     #[inline(always)]
     fn pod_addr(port: &PortInfo) -> Option<Addr6> {
-        let a = port.local_addr6;
-        (a[0] | a[1] | a[2] | a[3] != 0).then_some(a)
+        some_addr6(port.local_addr6)
     }
     #[inline(always)]
     fn flows() -> &'static LruHashMap<FlowKey6, FlowValue> {
@@ -1660,8 +1659,7 @@ impl DiscoveryFamily for V4 {
 impl DiscoveryFamily for V6 {
     #[inline(always)]
     fn discovery_pod(d: &Discovery) -> Option<Addr6> {
-        let a = d.pod_addr6;
-        (a[0] | a[1] | a[2] | a[3] != 0).then_some(a)
+        some_addr6(d.pod_addr6)
     }
     /// The group and its MAC (33:33 and the group's low 32 bits, RFC 2464 section 7) as they
     /// came: the same on the pod's link.
@@ -1689,13 +1687,18 @@ impl DiscoveryFamily for V6 {
     /// uplink's; from any other address it leaves as the node's IPv6 address.
     #[inline(always)]
     fn announce_from(saddr: Addr6, cfg: &Config) -> Option<Addr6> {
-        let a = if is_link_local6(saddr) {
+        some_addr6(if is_link_local6(saddr) {
             cfg.self_ll6
         } else {
             cfg.self_addr6
-        };
-        (a[0] | a[1] | a[2] | a[3] != 0).then_some(a)
+        })
     }
+}
+
+/// An IPv6 address from a map, `None` when all zeros (the maps' "none").
+#[inline(always)]
+fn some_addr6(a: Addr6) -> Option<Addr6> {
+    (a[0] | a[1] | a[2] | a[3] != 0).then_some(a)
 }
 
 /// Any IPv6 multicast group (ff00::/8): mDNS's ff02::fb, SSDP's ff02::c and ff05::c.

@@ -277,22 +277,7 @@ fn discovery_sockets(port: u16, addr: Option<PodAddr>) -> anyhow::Result<(Vec<Ud
 /// Asks the kernel for each datagram's IP TTL (IP_RECVTTL), which the answers report: mDNS
 /// receivers treat a TTL other than 255 as off-link (RFC 6762 section 11).
 fn report_ttl(u: &UdpSocket) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let one: libc::c_int = 1;
-    // SAFETY: valid fd and option buffer.
-    let rc = unsafe {
-        libc::setsockopt(
-            u.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_RECVTTL,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    crate::set_int_option(u, libc::IPPROTO_IP, libc::IP_RECVTTL, 1)
 }
 
 /// One datagram: its sender and the IP TTL it arrived with (0 when the kernel gave none).

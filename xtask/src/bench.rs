@@ -11,8 +11,9 @@
 //! - `st8s-local`, `st8s-fwd`: st8s with the backend on the addressed node, and on another one.
 //!
 //! The lab is dual-stack, and `direct-v6`, `ip6tables-fwd`, `ip6tables-local`, `st8s-local-v6`
-//! and `st8s-fwd-v6` repeat their IPv4 twins over IPv6 in the same rounds: each IPv6 path is judged by its ratio to
-//! `direct-v6` against its twin's ratio to `direct`, round by round (issue 16).
+//! and `st8s-fwd-v6` repeat their IPv4 twins over IPv6 in the same rounds: each IPv6 path is
+//! judged by its ratio to `direct-v6` against its twin's ratio to `direct`, round by round
+//! (issue 16).
 //!
 //! Per-packet cost: each program through BPF_PROG_TEST_RUN (1,000,000 repeats) against a program
 //! that only parses the same headers. Control plane: event-to-map latency, full-sync time and
@@ -470,8 +471,7 @@ fn data_path_lab() -> anyhow::Result<(Lab, Pods, PathBuf)> {
 fn baseline_paths(lab: &Lab, all: &Pods) -> anyhow::Result<std::process::Child> {
     let dir = lab.dir().to_owned();
     let pods = &all.v4;
-    // Over IPv6: the client routes the pods' prefix through node1, and node3 forwards with
-    // ip6tables DNAT + MASQUERADE as iptables does for IPv4 (kube-proxy's IPv6 rules).
+    // The client routes the pods' addresses through node1 (the `direct` paths), both families.
     let prefix6 = format!("{}/64", pod_prefix6(1));
     sh_ok(Command::new("ip").args([
         "-n",
@@ -483,53 +483,6 @@ fn baseline_paths(lab: &Lab, all: &Pods) -> anyhow::Result<std::process::Child> 
         "via",
         &node_addr6(1).to_string(),
     ]))?;
-    for (node, masquerade, web_port) in [(3, true, 8082), (1, false, 8083)] {
-        let ns = lab.node_ns(node).to_owned();
-        for (proto, from, to_name, to_port) in [
-            ("tcp", 8081, "web", web_port),
-            ("udp", 5354, "dns", 53),
-            ("tcp", 5202, "iperf", 5201),
-        ] {
-            let to_ip = all.v6[to_name];
-            let port = to_port.to_string();
-            let dest = format!("[{to_ip}]:{to_port}");
-            let from = from.to_string();
-            let to = to_ip.to_string();
-            let dnat = [
-                "-A",
-                "PREROUTING",
-                "-p",
-                proto,
-                "--dport",
-                &from,
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &dest,
-            ];
-            let masq = [
-                "-A",
-                "POSTROUTING",
-                "-p",
-                proto,
-                "-d",
-                &to,
-                "--dport",
-                &port,
-                "-j",
-                "MASQUERADE",
-            ];
-            let rules: &[&[&str]] = if masquerade { &[&dnat, &masq] } else { &[&dnat] };
-            for rule in rules {
-                sh_ok(
-                    Command::new("ip")
-                        .args(["netns", "exec", &ns, "ip6tables", "-t", "nat"])
-                        .args(*rule),
-                )?;
-            }
-        }
-    }
-    // The client routes pod addresses through node1 (the "direct" path).
     sh_ok(Command::new("ip").args([
         "-n",
         lab.client_ns(),
@@ -539,52 +492,60 @@ fn baseline_paths(lab: &Lab, all: &Pods) -> anyhow::Result<std::process::Child> 
         "via",
         &node_addr(1).to_string(),
     ]))?;
-    // iptables: forwarded on node3 (DNAT + MASQUERADE), local on node1 (DNAT only).
-    for (node, masquerade, web_port) in [(3, true, 8082), (1, false, 8083)] {
-        let ns = lab.node_ns(node).to_owned();
-        for (proto, from, to_ip, to_port) in [
-            ("tcp", 8081, pods["web"], web_port),
-            ("udp", 5354, pods["dns"], 53),
-            ("tcp", 5202, pods["iperf"], 5201),
-        ] {
-            let dest = format!("{to_ip}:{to_port}");
-            sh_ok(Command::new("ip").args([
-                "netns",
-                "exec",
-                &ns,
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-p",
-                proto,
-                "--dport",
-                &from.to_string(),
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &dest,
-            ]))?;
-            if masquerade {
-                sh_ok(Command::new("ip").args([
-                    "netns",
-                    "exec",
-                    &ns,
-                    "iptables",
-                    "-t",
-                    "nat",
+    // NAT in both families: forwarded on node3 (DNAT + MASQUERADE), local on node1 (DNAT only).
+    for v6 in [false, true] {
+        let tool = if v6 { "ip6tables" } else { "iptables" };
+        let addr = |name: &str| -> IpAddr {
+            if v6 {
+                all.v6[name].into()
+            } else {
+                all.v4[name].into()
+            }
+        };
+        for (node, masquerade, web_port) in [(3, true, 8082), (1, false, 8083)] {
+            let ns = lab.node_ns(node);
+            for (proto, from, to_name, to_port) in [
+                ("tcp", 8081, "web", web_port),
+                ("udp", 5354, "dns", 53),
+                ("tcp", 5202, "iperf", 5201),
+            ] {
+                let to = addr(to_name);
+                let (from, port) = (from.to_string(), to_port.to_string());
+                // "10.244.1.5:53", "[fd00:244:1::5]:53": as both tools take it.
+                let dest = SocketAddr::new(to, to_port).to_string();
+                let to = to.to_string();
+                let dnat = [
+                    "-A",
+                    "PREROUTING",
+                    "-p",
+                    proto,
+                    "--dport",
+                    &from,
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &dest,
+                ];
+                let masq = [
                     "-A",
                     "POSTROUTING",
                     "-p",
                     proto,
                     "-d",
-                    &to_ip.to_string(),
+                    &to,
                     "--dport",
-                    &to_port.to_string(),
+                    &port,
                     "-j",
                     "MASQUERADE",
-                ]))?;
+                ];
+                let rules: &[&[&str]] = if masquerade { &[&dnat, &masq] } else { &[&dnat] };
+                for rule in rules {
+                    sh_ok(
+                        Command::new("ip")
+                            .args(["netns", "exec", ns, tool, "-t", "nat"])
+                            .args(*rule),
+                    )?;
+                }
             }
         }
     }

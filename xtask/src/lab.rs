@@ -1295,25 +1295,11 @@ impl Lab {
     ) -> anyhow::Result<Vec<(std::net::SocketAddrV6, String)>> {
         let payload = payload.as_ref().to_vec();
         let answers = in_netns(&self.client, move || -> anyhow::Result<_> {
-            use std::os::fd::AsRawFd as _;
             let lan = st8s::dataplane::net::ifindex("eth0")?;
             let s = std::net::UdpSocket::bind(std::net::SocketAddrV6::new(from.0, from.1, 0, 0))?;
             bind_to_lan_port(&s)?;
             s.set_multicast_loop_v6(false)?;
-            let hops: libc::c_int = 255;
-            // SAFETY: a valid socket and an int option of its size.
-            let rc = unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::IPPROTO_IPV6,
-                    libc::IPV6_MULTICAST_HOPS,
-                    (&raw const hops).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
+            crate::set_int_option(&s, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS, 255)?;
             if let Some(g) = group {
                 s.join_multicast_v6(&g, lan)?;
             }
@@ -1485,8 +1471,6 @@ pub fn table_matches(s: &st8s::dataplane::inspect::Snapshot, want: &st8s::core::
     true
 }
 
-/// Runs `f` on a thread that has entered the network namespace `ns` (for tests that hold a
-/// connection open across a change, which a one-shot curl cannot).
 /// The client has no default route: broadcast and multicast go out of its LAN port.
 fn bind_to_lan_port(s: &std::net::UdpSocket) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd as _;
@@ -1530,6 +1514,8 @@ fn collect_answers(s: &std::net::UdpSocket, wait: Duration) -> anyhow::Result<Ve
     Ok(out)
 }
 
+/// Runs `f` on a thread that has entered the network namespace `ns` (for tests that hold a
+/// connection open across a change, which a one-shot curl cannot).
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
     let path = format!("/run/netns/{ns}");
     let file = fs::File::open(&path).with_context(|| format!("opening {path}"))?;

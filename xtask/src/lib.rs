@@ -175,6 +175,29 @@ pub fn exposition_series(text: &str) -> std::collections::BTreeSet<String> {
     out
 }
 
+/// Sets an `int` socket option (`setsockopt(2)`), for the options std has no call for.
+pub(crate) fn set_int_option(
+    s: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: a valid socket and an int option of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A TCP port on loopback that nothing listens on now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind(("127.0.0.1", 0))

@@ -22,7 +22,6 @@ fn addr(be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(be))
 }
 
-/// An IPv6 address from a map, `None` when all zeros ("none").
 /// A discovery pod's sockets: its IPv4 one, then its IPv6 one if it has an IPv6 address.
 fn discovery_pods(d: &st8s_common::Discovery) -> Vec<String> {
     let port = u16::from_be(d.pod_port_be);
@@ -35,6 +34,7 @@ fn discovery_mac(d: &st8s_common::Discovery) -> Option<String> {
     (d.pod_mac != [0; 6]).then(|| format_mac(&d.pod_mac))
 }
 
+/// An IPv6 address from a map, `None` when all zeros ("none").
 fn addr6(a: [u32; 4]) -> Option<Ipv6Addr> {
     (a != [0; 4]).then(|| Ipv6Addr::from(addr6_octets(a)))
 }

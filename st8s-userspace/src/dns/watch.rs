@@ -423,10 +423,8 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
             probes_blind = blind;
         }
         wake = input.next_expiry;
-        metrics.set_published(
-            input.hosts.len(),
-            input.nodes.iter().filter(|n| n.serving).count(),
-        );
+        let serving = input.nodes.iter().filter(|n| n.serving).count();
+        metrics.set_published(input.hosts.len(), serving);
         let fresh: BTreeSet<String> = input.warnings.iter().map(|w| w.to_string()).collect();
         for w in fresh.difference(&warned) {
             warn!("{w}");
@@ -469,7 +467,6 @@ async fn run_cluster(args: &DnsArgs, client: Client) -> anyhow::Result<()> {
             Ok(()) => {
                 written_once = true;
                 zones = next;
-                let serving = input.nodes.iter().filter(|n| n.serving).count();
                 metrics.zones_written(changed.iter().map(String::as_str), earliest.map(|t| t.elapsed()));
                 info!(
                     zones = %changed.join(", "),
