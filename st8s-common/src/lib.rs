@@ -29,8 +29,10 @@ pub mod map_names {
     pub const FRAGS6: &str = "ST8S_FRAGS6";
     pub const SOCK_REVNAT6: &str = "ST8S_SOCK_REVNAT6";
     pub const DISCOVERY_PODS6: &str = "ST8S_DISCOVERY_PODS6";
+    pub const MONITOR: &str = "ST8S_MONITOR";
+    pub const EVENTS: &str = "ST8S_EVENTS";
 
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 23] = [
         CONFIG,
         PORTS,
         PORT_INDEX,
@@ -52,6 +54,8 @@ pub mod map_names {
         FRAGS6,
         SOCK_REVNAT6,
         DISCOVERY_PODS6,
+        MONITOR,
+        EVENTS,
     ];
 }
 
@@ -94,6 +98,8 @@ pub mod program_names {
     pub const PARSE_ONLY_TC: &str = "st8s_parse_only_tc";
     /// Benchmark reference: parsing plus one flow-table lookup.
     pub const PARSE_LOOKUP_XDP: &str = "st8s_parse_lookup_xdp";
+    /// Benchmark reference: `st8s_uplink_xdp` with the monitor compiled out.
+    pub const UPLINK_XDP_UNMONITORED: &str = "st8s_uplink_xdp_unmonitored";
 }
 
 /// Version of what the maps mean. Bump it whenever a map's meaning changes without its shape
@@ -627,8 +633,11 @@ pub struct Counters {
     /// Not tied to a port: an IPv6 packet with more extension headers before its TCP or UDP
     /// header than st8s walks (four, as Cilium), left to the kernel.
     pub ext_headers: u64,
+    /// Not tied to a port: `st8s monitor` events lost because its ring buffer was full (the
+    /// listener fell behind); the packets themselves were handled as usual.
+    pub monitor_lost: u64,
 }
-assert_size!(Counters, 120);
+assert_size!(Counters, 128);
 
 impl Counters {
     pub fn add(&mut self, other: &Self) {
@@ -647,8 +656,81 @@ impl Counters {
         self.frag_untracked += other.frag_untracked;
         self.frag_invalid += other.frag_invalid;
         self.ext_headers += other.ext_headers;
+        self.monitor_lost += other.monitor_lost;
     }
 }
+
+/// Value of `ST8S_MONITOR` (a one-entry array): whether someone listens to `ST8S_EVENTS`. The
+/// programs report while the kernel's monotonic clock (`bpf_ktime_get_ns`) is below `until_ns`;
+/// `st8s monitor` pushes it a few seconds ahead while it runs and sets 0 when it stops, so a
+/// listener that dies unannounced costs at most those seconds. The agent never writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorCtl {
+    pub until_ns: u64,
+}
+assert_size!(MonitorCtl, 8);
+
+/// Bytes of `ST8S_EVENTS`, the ring buffer `st8s monitor` reads (a power-of-2 multiple of the
+/// page size, as the kernel requires): about 5,000 events, a burst of some 2,500 requests and
+/// their replies while the listener is descheduled.
+pub const EVENTS_BYTES: u32 = 1024 * 1024;
+
+/// How many bytes of a packet an event carries: every header st8s reads (Ethernet, IPv6 with
+/// four 8-byte extension headers, TCP without options) fits.
+pub const EVENT_SNAP: usize = 128;
+
+/// `Event::kind`: what st8s did with a packet or a socket call. Each is one counter of
+/// `Counters` (`EVENT_ICMP_ERROR` is `icmp_errors`, and so on); `EVENT_ANNOUNCED` counts as
+/// `replied`.
+pub const EVENT_LOCAL: u8 = 1;
+pub const EVENT_FORWARDED: u8 = 2;
+pub const EVENT_REPLIED: u8 = 3;
+pub const EVENT_PASSED: u8 = 4;
+pub const EVENT_UNTRUSTED_PEER: u8 = 5;
+pub const EVENT_DROP_NO_LOCAL_BACKEND: u8 = 6;
+pub const EVENT_DROP_ERROR: u8 = 7;
+pub const EVENT_DISCOVERED: u8 = 8;
+pub const EVENT_ANNOUNCED: u8 = 9;
+pub const EVENT_SOCKET_LOCAL: u8 = 10;
+pub const EVENT_SOCKET_REMOTE: u8 = 11;
+pub const EVENT_ICMP_ERROR: u8 = 12;
+pub const EVENT_FRAG_UNTRACKED: u8 = 13;
+pub const EVENT_FRAG_INVALID: u8 = 14;
+
+/// One record of `ST8S_EVENTS`: a steering decision, with the packet as st8s passed it on (after
+/// its translation, if any) and what the translation replaced, which the packet no longer shows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the program decided.
+    pub ts_ns: u64,
+    /// `EVENT_*`.
+    pub kind: u8,
+    /// 4 or 6; the family of `was` and `to`.
+    pub family: u8,
+    /// Socket events: the protocol (packets carry theirs).
+    pub proto: u8,
+    pub _pad: u8,
+    /// The port's counter slot (`GLOBAL_COUNTER_SLOT` when not tied to a port).
+    pub slot: u16,
+    /// Bytes of `data` filled (0 for socket events).
+    pub snap_len: u16,
+    /// The packet's length on the wire.
+    pub pkt_len: u32,
+    /// The interface the program ran on (0: the uplink's XDP hook).
+    pub ifindex: u32,
+    /// What the translation replaced: the frontend a client sent to (local delivery, and the
+    /// address a socket named); the pod's address (a reply, a pod's announcement, a discovery
+    /// copy). IPv4 in the first word. All zeros when nothing was replaced.
+    pub was: Addr6,
+    pub was_port_be: u16,
+    /// Socket events: the backend the socket now talks to (the pod, or the node that runs one).
+    pub to_port_be: u16,
+    pub to: Addr6,
+    pub data: [u8; EVENT_SNAP],
+}
+assert_size!(Event, 192);
 
 /// Flow hash shared by the programs and the agent's tests: all nodes use the same seed, so the
 /// same flow maps to the same Maglev slot wherever it is computed.
@@ -732,6 +814,8 @@ mod user {
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for MonitorCtl {}
+    unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for Discovery {}
     unsafe impl aya::Pod for DiscoveryPodKey {}
     unsafe impl aya::Pod for DiscoveryPodKey6 {}

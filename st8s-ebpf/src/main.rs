@@ -20,20 +20,24 @@ use aya_ebpf::{
         bpf_ktime_get_ns,
         generated::{
             bpf_clone_redirect, bpf_csum_update, bpf_get_socket_cookie, bpf_redirect, bpf_redirect_neigh,
+            bpf_skb_load_bytes,
         },
     },
     macros::{cgroup_sock_addr, classifier, map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{SockAddrContext, TcContext, XdpContext},
     EbpfContext as _,
 };
 use st8s_common::{
     flow_hash, flow_hash6, port_index, socket_hash, Addr6, Backend, Config, Counters, Discovery,
-    DiscoveryPodKey, DiscoveryPodKey6, FlowKey, FlowKey6, FlowValue, FragKey, FragKey6, FragValue, MacKey,
-    MaglevRow, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatKey6, RevNatValue, RevNatValue6, SockRevNatKey,
-    SockRevNatKey6, SockRevNatValue, SockRevNatValue6, BACKEND_DRAINING, BACKEND_LOCAL, BANKS,
-    CONFIG_PREFER_LOCAL, FLOW_LOCAL, FLOW_REMOTE, FRAG_TIMEOUT_NS, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE,
-    MAX_BACKENDS, MAX_DISCOVERY, MAX_FLOWS, MAX_FRAGS, MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES,
+    DiscoveryPodKey, DiscoveryPodKey6, Event, FlowKey, FlowKey6, FlowValue, FragKey, FragKey6, FragValue,
+    MacKey, MaglevRow, MonitorCtl, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatKey6, RevNatValue,
+    RevNatValue6, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, BACKEND_DRAINING,
+    BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL, EVENTS_BYTES, EVENT_ANNOUNCED, EVENT_DISCOVERED,
+    EVENT_DROP_ERROR, EVENT_DROP_NO_LOCAL_BACKEND, EVENT_FORWARDED, EVENT_FRAG_INVALID, EVENT_FRAG_UNTRACKED,
+    EVENT_ICMP_ERROR, EVENT_LOCAL, EVENT_PASSED, EVENT_REPLIED, EVENT_SNAP, EVENT_SOCKET_LOCAL,
+    EVENT_SOCKET_REMOTE, EVENT_UNTRUSTED_PEER, FLOW_LOCAL, FLOW_REMOTE, FRAG_TIMEOUT_NS, GLOBAL_COUNTER_SLOT,
+    MAGLEV_SIZE, MAX_BACKENDS, MAX_DISCOVERY, MAX_FLOWS, MAX_FRAGS, MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES,
     PORT_LOCAL_DRAINING, PROTO_TCP, PROTO_UDP,
 };
 
@@ -98,6 +102,12 @@ static ST8S_SOCK_REVNAT6: LruHashMap<SockRevNatKey6, SockRevNatValue6> =
 #[map]
 static ST8S_DISCOVERY_PODS6: HashMap<DiscoveryPodKey6, Discovery> =
     HashMap::with_max_entries(MAX_DISCOVERY, 0);
+/// Whether `st8s monitor` listens; the agent never writes it.
+#[map]
+static ST8S_MONITOR: Array<MonitorCtl> = Array::with_max_entries(1, 0);
+/// The steering decisions `st8s monitor` streams, written only while it listens.
+#[map]
+static ST8S_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -159,6 +169,12 @@ trait Family: Copy {
     /// Where the source and destination addresses sit in the frame.
     const SRC_OFF: usize;
     const DST_OFF: usize;
+    /// 4 or 6, as `Event::family` gives it.
+    const FAMILY: u8;
+
+    /// The address as two words, the first 8 bytes of `Addr6` first (IPv4: one word and 0), to
+    /// reach the monitor's reporting subprograms in registers.
+    fn words(a: Self::Addr) -> (u64, u64);
 
     /// This node's address in the family (IPv6: all zeros when the node has none).
     fn self_addr(cfg: &Config) -> Self::Addr;
@@ -225,6 +241,12 @@ impl Family for V4 {
     type FragKey = FragKey;
     const SRC_OFF: usize = IP_SRC_OFF;
     const DST_OFF: usize = IP_DST_OFF;
+    const FAMILY: u8 = 4;
+
+    #[inline(always)]
+    fn words(a: u32) -> (u64, u64) {
+        (a as u64, 0)
+    }
 
     #[inline(always)]
     fn self_addr(cfg: &Config) -> u32 {
@@ -339,6 +361,15 @@ impl Family for V6 {
     type FragKey = FragKey6;
     const SRC_OFF: usize = IP6_SRC_OFF;
     const DST_OFF: usize = IP6_DST_OFF;
+    const FAMILY: u8 = 6;
+
+    #[inline(always)]
+    fn words(a: Addr6) -> (u64, u64) {
+        (
+            a[0] as u64 | (a[1] as u64) << 32,
+            a[2] as u64 | (a[3] as u64) << 32,
+        )
+    }
 
     #[inline(always)]
     fn self_addr(cfg: &Config) -> Addr6 {
@@ -684,10 +715,10 @@ fn parse6(start: usize, end: usize, wire_len: usize) -> Result<Packet<V6>, Skip6
 /// A fragment after the first gets the ports its first fragment carried, if st8s steered that
 /// one less than [`FRAG_TIMEOUT_NS`] ago; then the same decision and translation apply to it as
 /// to the first. Otherwise it is not st8s's (`None`: left to the kernel, which reassembles or
-/// drops it by its own rules). `count_misses`: the program that sees every such packet last
-/// counts the ones it leaves (an XDP program passes them on to TC, which counts).
+/// drops it by its own rules). `misses`: the program that sees every such packet last
+/// counts and reports the ones it leaves (an XDP program passes them on to TC, which does).
 #[inline(always)]
-fn fragment_ports<F: Family>(pkt: &mut Packet<F>, count_misses: bool) -> Option<()> {
+fn fragment_ports<F: Family>(pkt: &mut Packet<F>, misses: Option<&TcContext>) -> Option<()> {
     match pkt.frag {
         FRAG_NONE | FRAG_FIRST => Some(()),
         FRAG_LATER => {
@@ -703,16 +734,18 @@ fn fragment_ports<F: Family>(pkt: &mut Packet<F>, count_misses: bool) -> Option<
                     Some(())
                 }
                 None => {
-                    if count_misses {
+                    if let Some(ctx) = misses {
                         count(GLOBAL_COUNTER_SLOT, |c| c.frag_untracked += 1);
+                        note::<F>(ctx, EVENT_FRAG_UNTRACKED, GLOBAL_COUNTER_SLOT, None);
                     }
                     None
                 }
             }
         }
         _ => {
-            if count_misses {
+            if let Some(ctx) = misses {
                 count(GLOBAL_COUNTER_SLOT, |c| c.frag_invalid += 1);
+                note::<F>(ctx, EVENT_FRAG_INVALID, GLOBAL_COUNTER_SLOT, None);
             }
             None
         }
@@ -1004,6 +1037,211 @@ fn count(slot: u32, f: impl FnOnce(&mut Counters)) {
     }
 }
 
+// The monitor. The programs ask `monitoring()` (one array read and a compare when no one
+// listens) once per packet: XDP at its one decision, TC at its entry (the decisions note
+// themselves in the skb, see `note`). Only then do they call a reporting subprogram, which
+// reserves an `Event` in the ring buffer, fills it, copies the packet's first bytes and submits
+// it. The subprograms take everything in registers.
+
+/// Whether `st8s monitor` listens (see `MonitorCtl`).
+#[inline(always)]
+fn monitoring() -> bool {
+    match ST8S_MONITOR.get(0) {
+        // SAFETY: plain helper call.
+        Some(m) if m.until_ns != 0 => (unsafe { bpf_ktime_get_ns() }) < m.until_ns,
+        _ => false,
+    }
+}
+
+/// An event's small fields in one register: kind, slot, family, protocol, the replaced port
+/// and the socket's new port, a byte or two each.
+#[inline(always)]
+fn event_word(kind: u8, slot: u32, family: u8, proto: u8, was_port: u16, to_port: u16) -> u64 {
+    kind as u64
+        | ((slot as u64) & 0xff) << 8
+        | (family as u64) << 16
+        | (proto as u64) << 24
+        | (was_port as u64) << 32
+        | (to_port as u64) << 48
+}
+
+/// A reserved event with its head filled from `event_word`'s word and the replaced address;
+/// `None` (and counted) when the ring buffer is full.
+#[inline(always)]
+fn new_event(word: u64, was_lo: u64, was_hi: u64) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<Event>> {
+    let Some(mut e) = ST8S_EVENTS.reserve::<Event>(0) else {
+        count(GLOBAL_COUNTER_SLOT, |c| c.monitor_lost += 1);
+        return None;
+    };
+    let ev = e.as_mut_ptr();
+    // SAFETY: `ev` is the reserved record, large enough for an `Event`; every field the reader
+    // uses is written below or by the caller.
+    unsafe {
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).kind = word as u8;
+        (*ev).slot = ((word >> 8) & 0xff) as u16;
+        (*ev).family = (word >> 16) as u8;
+        (*ev).proto = (word >> 24) as u8;
+        (*ev)._pad = 0;
+        (*ev).was_port_be = (word >> 32) as u16;
+        (*ev).to_port_be = (word >> 48) as u16;
+        (*ev).was = [
+            was_lo as u32,
+            (was_lo >> 32) as u32,
+            was_hi as u32,
+            (was_hi >> 32) as u32,
+        ];
+        (*ev).to = [0; 4];
+        (*ev).snap_len = 0;
+        (*ev).pkt_len = 0;
+        (*ev).ifindex = 0;
+    }
+    Some(e)
+}
+
+/// Reports a TC program's decision on the packet in `skb` (as it is now, translated or not).
+#[inline(never)]
+fn report_skb(skb: *mut __sk_buff, word: u64, was_lo: u64, was_hi: u64) {
+    let Some(mut e) = new_event(word, was_lo, was_hi) else {
+        return;
+    };
+    let ev = e.as_mut_ptr();
+    // SAFETY: `skb` is the calling program's own context; `ev` as in `new_event`.
+    unsafe {
+        let len = (*skb).len;
+        (*ev).pkt_len = len;
+        (*ev).ifindex = (*skb).ifindex;
+        let n = (len as usize).min(EVENT_SNAP);
+        // The length as 1..=128 by arithmetic the verifier follows (6.1's does not take
+        // `n != 0` for a lower bound); `bounded` keeps LLVM from folding it back to `n`.
+        let n = (bounded(n.wrapping_sub(1)) & (EVENT_SNAP - 1)) + 1;
+        if len > 0
+            && bpf_skb_load_bytes(
+                skb as *const _,
+                0,
+                core::ptr::addr_of_mut!((*ev).data) as *mut _,
+                n as u32,
+            ) == 0
+        {
+            (*ev).snap_len = n as u16;
+        }
+    }
+    e.submit(0);
+}
+
+/// Reports the XDP program's decision on the packet between `start` and `end`, copied with
+/// direct reads (`bpf_xdp_load_bytes` came only in 5.18): 8 bytes at a time, then the tail.
+#[inline(never)]
+fn report_xdp(start: usize, end: usize, word: u64) {
+    let Some(mut e) = new_event(word, 0, 0) else {
+        return;
+    };
+    let ev = e.as_mut_ptr();
+    // SAFETY: every read is bounds-checked against `end` first; `ev` as in `new_event`.
+    unsafe {
+        (*ev).pkt_len = (end - start) as u32;
+        let data = core::ptr::addr_of_mut!((*ev).data) as *mut u8;
+        // `bounded` hides each read's address from the optimiser, which would otherwise compare
+        // against `end - 8`: arithmetic on the packet's end that the verifier refuses.
+        let mut off = 0usize;
+        while off + 8 <= EVENT_SNAP {
+            let at = bounded(start + off);
+            if at + 8 > end {
+                break;
+            }
+            let w = core::ptr::read_unaligned(at as *const u64);
+            core::ptr::write_unaligned(data.add(off) as *mut u64, w);
+            off += 8;
+        }
+        while off < EVENT_SNAP {
+            let at = bounded(start + off);
+            if at + 1 > end {
+                break;
+            }
+            *data.add(off) = *(at as *const u8);
+            off += 1;
+        }
+        (*ev).snap_len = off as u16;
+    }
+    e.submit(0);
+}
+
+/// Reports a socket-level steer: the frontend the application named (`was`), the backend it now
+/// talks to (`to`); no packet.
+#[inline(never)]
+fn report_sock(word: u64, was_lo: u64, was_hi: u64, to_lo: u64, to_hi: u64) {
+    let Some(mut e) = new_event(word, was_lo, was_hi) else {
+        return;
+    };
+    let ev = e.as_mut_ptr();
+    // SAFETY: as in `new_event`.
+    unsafe {
+        (*ev).to = [
+            to_lo as u32,
+            (to_lo >> 32) as u32,
+            to_hi as u32,
+            (to_hi >> 32) as u32,
+        ];
+    }
+    e.submit(0);
+}
+
+/// Notes a TC decision on a packet of family `F` in the skb's scratch words (`cb`, the TC
+/// programs' own): the kind, family and slot, and what the translation replaced. Plain stores,
+/// no branch: the entry point reports the note once, if someone listens (`tc_monitored`). A
+/// report at each of the twenty-odd decisions instead put the ring buffer's code on every path,
+/// which took Debian 12's 6.1 verifier 690,000 instructions and more stack than a call chain
+/// has.
+#[inline(always)]
+fn note<F: Family>(ctx: &TcContext, kind: u8, slot: u32, was: Option<(F::Addr, u16)>) {
+    let (lo, hi, port) = match was {
+        Some((a, p)) => {
+            let (lo, hi) = F::words(a);
+            (lo, hi, p)
+        }
+        None => (0, 0, 0),
+    };
+    let head = kind as u32 | ((F::FAMILY == 6) as u32) << 7 | (slot & 0xff) << 8 | (port as u32) << 16;
+    let skb = ctx.skb.skb;
+    // SAFETY: this program's own __sk_buff; TC programs may write cb[0..5]. One volatile store
+    // per word: the verifier takes only fixed-offset word stores into the context, which LLVM
+    // would otherwise merge into a `memset`.
+    unsafe {
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*skb).cb[0]), head);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*skb).cb[1]), lo as u32);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*skb).cb[2]), (lo >> 32) as u32);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*skb).cb[3]), hi as u32);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*skb).cb[4]), (hi >> 32) as u32);
+    }
+}
+
+/// Runs a TC program's decision (`decide`) and, if someone listens, reports the decision it
+/// noted (see `note`). The scratch words hold whatever they held, so the note is cleared first,
+/// always: a branch on `monitoring()` before the decision made the verifier walk every path of
+/// it twice, past its million-instruction limit.
+#[inline(always)]
+fn tc_monitored(skb: *mut __sk_buff, decide: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: this program's own __sk_buff.
+    unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*skb).cb[0]), 0) };
+    let verdict = decide();
+    if monitoring() {
+        // SAFETY: as above.
+        let (w, lo, hi) = unsafe {
+            (
+                (*skb).cb[0],
+                (*skb).cb[1] as u64 | ((*skb).cb[2] as u64) << 32,
+                (*skb).cb[3] as u64 | ((*skb).cb[4] as u64) << 32,
+            )
+        };
+        if w != 0 {
+            let family = if w & 0x80 != 0 { 6 } else { 4 };
+            let word = event_word((w & 0x7f) as u8, (w >> 8) & 0xff, family, 0, (w >> 16) as u16, 0);
+            report_skb(skb, word, lo, hi);
+        }
+    }
+    verdict
+}
+
 #[xdp]
 pub fn st8s_uplink_xdp(ctx: XdpContext) -> u32 {
     // Each family's path is a function of its own (a BPF subprogram with its own stack frame):
@@ -1012,35 +1250,47 @@ pub fn st8s_uplink_xdp(ctx: XdpContext) -> u32 {
     // instead of the pointer anyway, as values the verifier refuses to treat as packet pointers.
     let (start, end) = (ctx.data(), ctx.data_end());
     if is_ipv6_frame(start, end) {
-        uplink_xdp6(start, end)
+        uplink_xdp6::<true>(start, end)
     } else {
-        uplink_xdp4(start, end)
+        uplink_xdp4::<true>(start, end)
+    }
+}
+
+/// Benchmark reference: `st8s_uplink_xdp` with the monitor compiled out, to show what asking
+/// "does anyone listen?" costs when no one does.
+#[xdp]
+pub fn st8s_uplink_xdp_unmonitored(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if is_ipv6_frame(start, end) {
+        uplink_xdp6::<false>(start, end)
+    } else {
+        uplink_xdp4::<false>(start, end)
     }
 }
 
 #[inline(never)]
-fn uplink_xdp4(start: usize, end: usize) -> u32 {
+fn uplink_xdp4<const MONITOR: bool>(start: usize, end: usize) -> u32 {
     parse(start, end, end - start)
-        .and_then(|pkt| xdp_forward(start, end, pkt))
+        .and_then(|pkt| xdp_forward::<V4, MONITOR>(start, end, pkt))
         .unwrap_or(xdp_action::XDP_PASS)
 }
 
 #[inline(never)]
-fn uplink_xdp6(start: usize, end: usize) -> u32 {
+fn uplink_xdp6<const MONITOR: bool>(start: usize, end: usize) -> u32 {
     parse6(start, end, end - start)
         .ok()
-        .and_then(|pkt| xdp_forward(start, end, pkt))
+        .and_then(|pkt| xdp_forward::<V6, MONITOR>(start, end, pkt))
         .unwrap_or(xdp_action::XDP_PASS)
 }
 
 #[inline(always)]
-fn xdp_forward<F: Family>(start: usize, end: usize, mut pkt: Packet<F>) -> Option<u32> {
+fn xdp_forward<F: Family, const MONITOR: bool>(start: usize, end: usize, mut pkt: Packet<F>) -> Option<u32> {
     let cfg = config()?;
     // Only the remote path is handled here; everything else is the TC program's job.
     if pkt.daddr != F::self_addr(cfg) {
         return None;
     }
-    fragment_ports(&mut pkt, false)?;
+    fragment_ports(&mut pkt, None)?;
     match steer(&pkt, cfg) {
         Steer::Remote { slot, mac } => {
             follow_fragments(&pkt, slot);
@@ -1059,6 +1309,9 @@ fn xdp_forward<F: Family>(start: usize, end: usize, mut pkt: Packet<F>) -> Optio
                 }
             }
             count(slot, |c| c.forwarded += 1);
+            if MONITOR && monitoring() {
+                report_xdp(start, end, event_word(EVENT_FORWARDED, slot, F::FAMILY, 0, 0, 0));
+            }
             Some(xdp_action::XDP_TX)
         }
         _ => None,
@@ -1290,12 +1543,20 @@ impl IcmpFamily for V6 {
 /// A translated ICMP error out of `ifindex` (the pod's link, or the uplink), counted on its port;
 /// dropped and counted when the translation failed.
 #[inline(always)]
-fn send_icmp(translated: Result<(), i64>, slot: u32, ifindex: u32) -> i32 {
+fn send_icmp<F: Family>(
+    ctx: &TcContext,
+    translated: Result<(), i64>,
+    slot: u32,
+    ifindex: u32,
+    was: (F::Addr, u16),
+) -> i32 {
     if translated.is_err() {
         count(slot, |c| c.drop_error += 1);
+        note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
         return TC_ACT_SHOT;
     }
     count(slot, |c| c.icmp_errors += 1);
+    note::<F>(ctx, EVENT_ICMP_ERROR, slot, Some(was));
     // SAFETY: plain helper call; the FIB picks the next hop.
     unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
@@ -1347,7 +1608,13 @@ fn icmp_to_backend<F: IcmpFamily>(ctx: &TcContext) -> Option<i32> {
                     e.inner_sport,
                     port.local_port_be,
                 );
-                return Some(send_icmp(to_pod, slot, port.local_ifindex));
+                return Some(send_icmp::<F>(
+                    ctx,
+                    to_pod,
+                    slot,
+                    port.local_ifindex,
+                    (e.daddr, e.inner_sport),
+                ));
             }
         }
     }
@@ -1375,9 +1642,11 @@ fn icmp_to_backend<F: IcmpFamily>(ctx: &TcContext) -> Option<i32> {
     ];
     if ctx.store(0, &eth, 0).is_err() {
         count(slot, |c| c.drop_error += 1);
+        note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
         return Some(TC_ACT_SHOT);
     }
     count(slot, |c| c.icmp_errors += 1);
+    note::<F>(ctx, EVENT_ICMP_ERROR, slot, None);
     // SAFETY: plain helper call.
     Some(unsafe { bpf_redirect(cfg.uplink_ifindex, 0) } as i32)
 }
@@ -1414,7 +1683,13 @@ fn icmp_from_backend<F: IcmpFamily>(ctx: &TcContext) -> Option<i32> {
         e.inner_dport,
         rev.frontend_port,
     );
-    Some(send_icmp(to_client, rev.slot as u32, cfg.uplink_ifindex))
+    Some(send_icmp::<F>(
+        ctx,
+        to_client,
+        rev.slot as u32,
+        cfg.uplink_ifindex,
+        (e.saddr, e.inner_dport),
+    ))
 }
 
 /// What a family's TC path returns when the packet was no TCP/UDP packet it could parse: the
@@ -1432,7 +1707,7 @@ fn discovery6_from_lan(skb: *mut __sk_buff) -> i32 {
     let ctx = TcContext::new(skb);
     let run = || {
         let mut pkt = parse6_tc(&ctx)?;
-        fragment_ports(&mut pkt, false)?;
+        fragment_ports(&mut pkt, None)?;
         deliver_discovery(&ctx, &pkt, config()?);
         None
     };
@@ -1446,7 +1721,7 @@ fn discovery6_from_pod(skb: *mut __sk_buff) -> i32 {
     let ctx = TcContext::new(skb);
     let run = || {
         let mut pkt = parse6_tc(&ctx)?;
-        fragment_ports(&mut pkt, false)?;
+        fragment_ports(&mut pkt, None)?;
         announce(&ctx, &pkt, config()?)
     };
     run().unwrap_or(TC_ACT_OK)
@@ -1471,15 +1746,18 @@ pub fn st8s_uplink_tc(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     }
     // One subprogram per family, as in `st8s_uplink_xdp`.
-    if is_ipv6_frame(ctx.data(), ctx.data_end()) {
-        match uplink_tc6(ctx.skb.skb) {
-            TRY_ICMP => icmp6_to_backend(ctx.skb.skb),
-            TRY_DISCOVERY => discovery6_from_lan(ctx.skb.skb),
-            verdict => verdict,
+    let skb = ctx.skb.skb;
+    tc_monitored(skb, || {
+        if is_ipv6_frame(ctx.data(), ctx.data_end()) {
+            match uplink_tc6(skb) {
+                TRY_ICMP => icmp6_to_backend(skb),
+                TRY_DISCOVERY => discovery6_from_lan(skb),
+                verdict => verdict,
+            }
+        } else {
+            uplink_tc4(skb)
         }
-    } else {
-        uplink_tc4(ctx.skb.skb)
-    }
+    })
 }
 
 /// Pulls the first `len` bytes (or the whole packet, if shorter) into the linear area, if they
@@ -1527,7 +1805,7 @@ fn uplink_tc4(skb: *mut __sk_buff) -> i32 {
         let Some(mut pkt) = parse_tc(&ctx) else {
             return icmp_to_backend::<V4>(&ctx);
         };
-        fragment_ports(&mut pkt, true)?;
+        fragment_ports(&mut pkt, Some(&ctx))?;
         let cfg = config()?;
         if pkt.proto == PROTO_UDP && is_group_or_broadcast(pkt.daddr, cfg) {
             deliver_discovery(&ctx, &pkt, cfg);
@@ -1549,7 +1827,7 @@ fn uplink_tc6(skb: *mut __sk_buff) -> i32 {
         return TRY_DISCOVERY;
     }
     let mut run = || {
-        fragment_ports(&mut pkt, true)?;
+        fragment_ports(&mut pkt, Some(&ctx))?;
         uplink_steer(&ctx, &pkt, config()?)
     };
     run().unwrap_or(TC_ACT_OK)
@@ -1566,13 +1844,16 @@ fn uplink_steer<F: Family>(ctx: &TcContext, pkt: &Packet<F>, cfg: &Config) -> Op
         Steer::Pass { slot, untrusted } => {
             if untrusted {
                 count(slot, |c| c.untrusted_peer += 1);
+                note::<F>(ctx, EVENT_UNTRUSTED_PEER, slot, None);
             } else {
                 count(slot, |c| c.passed += 1);
+                note::<F>(ctx, EVENT_PASSED, slot, None);
             }
             None
         }
         Steer::DropNoLocal { slot } => {
             count(slot, |c| c.drop_no_local_backend += 1);
+            note::<F>(ctx, EVENT_DROP_NO_LOCAL_BACKEND, slot, None);
             Some(TC_ACT_SHOT)
         }
         Steer::Remote { slot, mac } => {
@@ -1583,11 +1864,13 @@ fn uplink_steer<F: Family>(ctx: &TcContext, pkt: &Packet<F>, cfg: &Config) -> Op
             ];
             if ctx.store(0, &eth, 0).is_err() {
                 count(slot, |c| c.drop_error += 1);
+                note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
                 return Some(TC_ACT_SHOT);
             }
             // SAFETY: plain helper call.
             let rc = unsafe { bpf_redirect(cfg.uplink_ifindex, 0) };
             count(slot, |c| c.forwarded += 1);
+            note::<F>(ctx, EVENT_FORWARDED, slot, None);
             Some(rc as i32)
         }
         Steer::Local { port } => Some(deliver_local(ctx, pkt, &port)),
@@ -1740,6 +2023,7 @@ fn deliver_discovery<F: DiscoveryFamily>(ctx: &TcContext, pkt: &Packet<F>, cfg: 
         });
         if F::revnat().insert(&rev_key, rev, 0).is_err() {
             count(slot, |c| c.drop_error += 1);
+            note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
             return;
         }
     }
@@ -1776,8 +2060,10 @@ fn deliver_discovery<F: DiscoveryFamily>(ctx: &TcContext, pkt: &Packet<F>, cfg: 
     if cloned && restored.is_ok() {
         follow_fragments(pkt, slot);
         count(slot, |c| c.discovered += 1);
+        note::<F>(ctx, EVENT_DISCOVERED, slot, Some((pod_addr, d.pod_port_be)));
     } else {
         count(slot, |c| c.drop_error += 1);
+        note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
     }
 }
 
@@ -1800,6 +2086,7 @@ fn announce<F: DiscoveryFamily>(ctx: &TcContext, pkt: &Packet<F>, cfg: &Config) 
     let slot = d.slot as u32;
     let Some(from) = F::announce_from(pkt.saddr, cfg) else {
         count(slot, |c| c.passed += 1);
+        note::<F>(ctx, EVENT_PASSED, slot, None);
         return None;
     };
     let ok = rewrite(
@@ -1815,10 +2102,12 @@ fn announce<F: DiscoveryFamily>(ctx: &TcContext, pkt: &Packet<F>, cfg: &Config) 
     .and_then(|()| ctx.store(6, &cfg.self_mac, 0));
     if ok.is_err() {
         count(slot, |c| c.drop_error += 1);
+        note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
         return Some(TC_ACT_SHOT);
     }
     follow_fragments(pkt, slot);
     count(slot, |c| c.replied += 1);
+    note::<F>(ctx, EVENT_ANNOUNCED, slot, Some((pkt.saddr, pkt.sport)));
     // SAFETY: plain helper call.
     Some(unsafe { bpf_redirect(cfg.uplink_ifindex, 0) } as i32)
 }
@@ -1845,6 +2134,7 @@ fn deliver_local<F: Family>(ctx: &TcContext, pkt: &Packet<F>, port: &PortInfo) -
     // `steer` never delivers to a pod without an address in the family.
     let Some(pod_addr) = F::pod_addr(port) else {
         count(slot, |c| c.drop_error += 1);
+        note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
         return TC_ACT_SHOT;
     };
     let rev_key = F::rev_key(pod_addr, pkt.saddr, port.local_port_be, pkt.sport, pkt.proto);
@@ -1869,6 +2159,7 @@ fn deliver_local<F: Family>(ctx: &TcContext, pkt: &Packet<F>, port: &PortInfo) -
             let rev = F::rev_value(pkt.daddr, pkt.dport, port.slot, unsafe { bpf_ktime_get_ns() });
             if F::revnat().insert(&rev_key, rev, 0).is_err() {
                 count(slot, |c| c.drop_error += 1);
+                note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
                 return TC_ACT_SHOT;
             }
         }
@@ -1886,10 +2177,12 @@ fn deliver_local<F: Family>(ctx: &TcContext, pkt: &Packet<F>, port: &PortInfo) -
     .is_err()
     {
         count(slot, |c| c.drop_error += 1);
+        note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
         return TC_ACT_SHOT;
     }
     follow_fragments(pkt, slot);
     count(slot, |c| c.delivered_local += 1);
+    note::<F>(ctx, EVENT_LOCAL, slot, Some((pkt.daddr, pkt.dport)));
     // SAFETY: plain helper call; no neighbour parameters, the FIB picks the next hop.
     unsafe { bpf_redirect_neigh(port.local_ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
@@ -1948,29 +2241,39 @@ fn reply_is_ours<F: Family>(pkt: &Packet<F>, stamp_ns: u64) -> bool {
 
 #[classifier]
 pub fn st8s_pod_tc(ctx: TcContext) -> i32 {
-    try_pod_tc(&ctx).unwrap_or(TC_ACT_OK)
+    let skb = ctx.skb.skb;
+    tc_monitored(skb, || {
+        if is_ipv6_frame(ctx.data(), ctx.data_end()) {
+            match pod_tc6(skb) {
+                TRY_ICMP => icmp6_from_backend(skb),
+                TRY_DISCOVERY => discovery6_from_pod(skb),
+                verdict => verdict,
+            }
+        } else {
+            pod_tc4(skb)
+        }
+    })
 }
 
-#[inline(always)]
-fn try_pod_tc(ctx: &TcContext) -> Option<i32> {
-    if is_ipv6_frame(ctx.data(), ctx.data_end()) {
-        return Some(match pod_tc6(ctx.skb.skb) {
-            TRY_ICMP => icmp6_from_backend(ctx.skb.skb),
-            TRY_DISCOVERY => discovery6_from_pod(ctx.skb.skb),
-            verdict => verdict,
-        });
-    }
-    if let Some(mut pkt) = parse_tc(ctx) {
-        fragment_ports(&mut pkt, true)?;
-        if pkt.proto == PROTO_UDP {
-            let cfg = config()?;
-            if is_group_or_broadcast(pkt.daddr, cfg) {
-                return announce(ctx, &pkt, cfg);
+/// The pod program's IPv4 path, a subprogram too: inline, its frame would count against the
+/// IPv6 path's (512 bytes for the whole call chain).
+#[inline(never)]
+fn pod_tc4(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    let run = || {
+        if let Some(mut pkt) = parse_tc(&ctx) {
+            fragment_ports(&mut pkt, Some(&ctx))?;
+            if pkt.proto == PROTO_UDP {
+                let cfg = config()?;
+                if is_group_or_broadcast(pkt.daddr, cfg) {
+                    return announce(&ctx, &pkt, cfg);
+                }
             }
+            return pod_reply(&ctx, &pkt);
         }
-        return pod_reply(ctx, &pkt);
-    }
-    icmp_from_backend::<V4>(ctx)
+        icmp_from_backend::<V4>(&ctx)
+    };
+    run().unwrap_or(TC_ACT_OK)
 }
 
 /// The pod program's IPv6 path, a subprogram as in `st8s_uplink_xdp`.
@@ -1984,7 +2287,7 @@ fn pod_tc6(skb: *mut __sk_buff) -> i32 {
         return TRY_DISCOVERY;
     }
     let mut run = || {
-        fragment_ports(&mut pkt, true)?;
+        fragment_ports(&mut pkt, Some(&ctx))?;
         pod_reply(&ctx, &pkt)
     };
     run().unwrap_or(TC_ACT_OK)
@@ -2018,10 +2321,12 @@ fn pod_reply<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> Option<i32> {
     .is_err()
     {
         count(slot, |c| c.drop_error += 1);
+        note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
         return Some(TC_ACT_SHOT);
     }
     follow_fragments(pkt, slot);
     count(slot, |c| c.replied += 1);
+    note::<F>(ctx, EVENT_REPLIED, slot, Some((pkt.saddr, pkt.sport)));
     // Straight out of the uplink to the client, whichever node the client addressed.
     // SAFETY: plain helper call.
     Some(unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) as i32 })
@@ -2325,10 +2630,23 @@ fn sock_steer<F: SockFamily>(ctx: &SockAddrContext) -> Option<()> {
         F::set_user_addr(sa, to_addr);
         (*sa).user_port = to_port as u32;
     }
-    if local {
+    let kind = if local {
         count(slot, |c| c.socket_local += 1);
+        EVENT_SOCKET_LOCAL
     } else {
         count(slot, |c| c.socket_remote += 1);
+        EVENT_SOCKET_REMOTE
+    };
+    if monitoring() {
+        let (was_lo, was_hi) = F::words(daddr);
+        let (to_lo, to_hi) = F::words(to_addr);
+        report_sock(
+            event_word(kind, slot, F::FAMILY, proto, dport, to_port),
+            was_lo,
+            was_hi,
+            to_lo,
+            to_hi,
+        );
     }
     Some(())
 }
@@ -2354,6 +2672,8 @@ fn sock_unsteer<F: SockFamily>(ctx: &SockAddrContext) -> Option<()> {
 }
 
 const _: () = assert!(TC_ACT_REDIRECT == 7);
+// `report_skb` masks the snapshot's length with it.
+const _: () = assert!(EVENT_SNAP.is_power_of_two());
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -34,6 +34,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Stream this node's steering decisions as they happen, one line each (and, with --pcap,
+    /// the packets); the programs report only while someone listens.
+    Monitor(st8s::dataplane::monitor::MonitorArgs),
     /// Detach the programs and remove every pin (stop the agent first).
     Uninstall {
         #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/st8s")]
@@ -117,6 +120,11 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Monitor(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(st8s::dataplane::monitor::run(args)),
         Command::Uninstall { pin_dir } => {
             let removed = st8s::dataplane::pins::uninstall(&pin_dir)?;
             if removed.is_empty() {

@@ -717,6 +717,14 @@ fn empty_maps(ebpf: &mut Ebpf) {
     clear::<FragKey6, FragValue>(take(ebpf, &mut cleared, map_names::FRAGS6));
     clear::<SockRevNatKey, SockRevNatValue>(take(ebpf, &mut cleared, map_names::SOCK_REVNAT));
     clear::<SockRevNatKey6, SockRevNatValue6>(take(ebpf, &mut cleared, map_names::SOCK_REVNAT6));
+    // No one listens, and nothing is left to read.
+    let mut monitor: Array<_, st8s_common::MonitorCtl> =
+        Array::try_from(take(ebpf, &mut cleared, map_names::MONITOR)).expect("type");
+    monitor
+        .set(0, st8s_common::MonitorCtl::default(), 0)
+        .expect("monitor off");
+    let mut events = aya::maps::RingBuf::try_from(take(ebpf, &mut cleared, map_names::EVENTS)).expect("type");
+    while events.next().is_some() {}
     // A map added to the programs is emptied here too, or this fails.
     cleared.sort_unstable();
     let mut all = map_names::ALL.to_vec();
@@ -2620,5 +2628,171 @@ fn icmpv6_errors_about_steered_flows_are_translated_both_ways() {
     assert_eq!(
         dp.run_tc(program_names::UPLINK_TC, &about_other),
         (TC_ACT_OK, about_other.clone())
+    );
+}
+
+impl Dp {
+    /// Says that `st8s monitor` listens until `until_ns` (0: no one does), as its lease does.
+    fn monitor_until(&mut self, until_ns: u64) {
+        let mut m: Array<_, st8s_common::MonitorCtl> =
+            Array::try_from(self.ebpf.map_mut(map_names::MONITOR).expect("map")).expect("type");
+        m.set(0, st8s_common::MonitorCtl { until_ns }, 0)
+            .expect("monitor");
+    }
+
+    /// The events the programs wrote since the last call, as `st8s monitor` reads them:
+    /// (verdict, counter, client, frontend, backend).
+    fn monitored(&mut self) -> Vec<[String; 5]> {
+        let mut ring =
+            aya::maps::RingBuf::try_from(self.ebpf.map_mut(map_names::EVENTS).expect("map")).expect("type");
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            let e = st8s::dataplane::monitor::decode(&item).expect("a whole event");
+            let mut node_of = |mac: [u8; 6]| {
+                [(PEER_MAC, PEER), (PEER3_MAC, PEER3)]
+                    .into_iter()
+                    .find(|(m, _)| *m == mac)
+                    .map(|(_, n)| n.parse().expect("addr"))
+            };
+            let l = st8s::dataplane::monitor::line(&e, &mut node_of);
+            let s = |o: Option<String>| o.unwrap_or_else(|| "-".into());
+            out.push([
+                l.verdict.into(),
+                l.counter.into(),
+                s(l.client),
+                s(l.frontend),
+                s(l.backend),
+            ]);
+        }
+        out
+    }
+}
+
+/// Issue 17: while someone listens, every decision is reported with the client, the frontend
+/// it used and where it went (read back by `st8s monitor`'s own decoding); before and after, no
+/// event is written at all.
+#[test]
+fn the_monitor_reports_each_decision_only_while_someone_listens() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    dp.port(80, PROTO_TCP, &[(SELF, [0; 6], true)], 0, true);
+    dp.port(81, PROTO_TCP, &[(PEER3, PEER3_MAC, false)], 0, false);
+    dp.port(82, PROTO_TCP, &[], 0, false);
+    dp.port(53, PROTO_UDP, &[(SELF, [0; 6], true)], 0, true);
+    let forwarded = client_tcp(SELF, 81).wire();
+    let local = client_tcp(SELF, 80).wire();
+    let reply = Frame::tcp(a(POD), 8080, a(CLIENT), 40000).wire();
+    let passed = client_tcp(SELF, 82).wire();
+    let untrusted = client_tcp(PEER, 80).wire();
+    let mut f = client_tcp(PEER, 81);
+    f.src_mac = PEER_MAC;
+    let stray = f.wire();
+    let local6 = ep6::frame(
+        PROTO_UDP,
+        (CLIENT_MAC, SELF_MAC),
+        (CLIENT6, 40053),
+        (SELF6, 53),
+        20,
+        false,
+    );
+    let run_all = |dp: &Dp| {
+        assert_eq!(dp.run_xdp(&forwarded).0, XDP_TX);
+        assert_eq!(dp.run_tc(program_names::UPLINK_TC, &local).0, TC_ACT_REDIRECT);
+        assert_eq!(dp.run_tc(program_names::POD_TC, &reply).0, TC_ACT_REDIRECT);
+        assert_eq!(dp.run_tc(program_names::UPLINK_TC, &passed).0, TC_ACT_OK);
+        assert_eq!(dp.run_tc(program_names::UPLINK_TC, &untrusted).0, TC_ACT_OK);
+        assert_eq!(dp.run_tc(program_names::UPLINK_TC, &stray).0, TC_ACT_SHOT);
+        assert_eq!(dp.run_tc(program_names::UPLINK_TC, &local6).0, TC_ACT_REDIRECT);
+    };
+
+    run_all(&dp);
+    assert_eq!(
+        dp.monitored(),
+        Vec::<[String; 5]>::new(),
+        "no one listens: nothing written"
+    );
+
+    dp.monitor_until(ktime_now() + 60_000_000_000);
+    run_all(&dp);
+    let want = [
+        [
+            "forwarded",
+            "forwarded",
+            "10.0.0.100:40000",
+            "10.0.0.11:81",
+            "node 10.0.0.13",
+        ],
+        [
+            "local",
+            "delivered_local",
+            "10.0.0.100:40000",
+            "10.0.0.11:80",
+            "10.244.1.5:8080",
+        ],
+        [
+            "reply",
+            "replied",
+            "10.0.0.100:40000",
+            "10.0.0.11:80",
+            "10.244.1.5:8080",
+        ],
+        ["passed", "passed", "10.0.0.100:40000", "10.0.0.11:82", "-"],
+        [
+            "passed",
+            "untrusted_peer",
+            "10.0.0.100:40000",
+            "10.0.0.12:80",
+            "-",
+        ],
+        [
+            "dropped",
+            "drop_no_local_backend",
+            "10.0.0.100:40000",
+            "10.0.0.12:81",
+            "-",
+        ],
+        [
+            "local",
+            "delivered_local",
+            "[fd00:77::100]:40053",
+            "[fd00:77::11]:53",
+            "[fd00:244:1::5]:8080",
+        ],
+    ]
+    .map(|row| row.map(String::from));
+    assert_eq!(dp.monitored(), want);
+
+    // A listener that does not read: the ring buffer fills, and every event that found no
+    // room is counted, none half-written.
+    // (A passed packet: the same decision on every repeat of the one test-run buffer.)
+    let p: &SchedClassifier = dp
+        .ebpf
+        .program(program_names::UPLINK_TC)
+        .expect("program")
+        .try_into()
+        .expect("tc");
+    let mut out = vec![0u8; passed.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(&passed);
+    opts.data_out = Some(&mut out);
+    let repeats = 2 * st8s_common::EVENTS_BYTES / std::mem::size_of::<st8s_common::Event>() as u32;
+    opts.repeat = repeats;
+    assert_eq!(p.run(opts).return_value, TC_ACT_OK);
+    let kept = dp.monitored().len() as u64;
+    let lost = dp.counters(GLOBAL_COUNTER_SLOT).monitor_lost;
+    assert!(lost > 0 && kept > 0, "kept {kept}, lost {lost}");
+    assert_eq!(kept + lost, u64::from(repeats), "each event kept or counted lost");
+
+    // The listener's lease ran out (it died without clearing it): the programs stop.
+    dp.monitor_until(ktime_now().saturating_sub(1));
+    run_all(&dp);
+    assert_eq!(
+        dp.monitored(),
+        Vec::<[String; 5]>::new(),
+        "lease over: nothing written"
+    );
+    assert_eq!(
+        dp.counters(GLOBAL_COUNTER_SLOT).monitor_lost,
+        lost,
+        "and nothing lost"
     );
 }

@@ -1091,7 +1091,12 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
     progress("per-packet cost: BPF_PROG_TEST_RUN, 1,000,000 repeats per measurement");
     let obj = fs::read(crate::setup::ebpf_object()).context("kernel programs (cargo xtask build-ebpf)")?;
     let mut ebpf = Ebpf::load(&obj)?;
-    for name in [pn::UPLINK_XDP, pn::PARSE_ONLY_XDP, pn::PARSE_LOOKUP_XDP] {
+    for name in [
+        pn::UPLINK_XDP,
+        pn::PARSE_ONLY_XDP,
+        pn::PARSE_LOOKUP_XDP,
+        pn::UPLINK_XDP_UNMONITORED,
+    ] {
         let p: &mut Xdp = ebpf.program_mut(name).context("program")?.try_into()?;
         p.load()?;
     }
@@ -1165,6 +1170,11 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
             7,
         ),
         ("pod TC, reply", verdict(tc(pn::POD_TC)?, &reply)?, 7),
+        (
+            "uplink XDP without the monitor, forwarded",
+            verdict(xdp(pn::UPLINK_XDP_UNMONITORED)?, &forwarded)?,
+            3,
+        ),
         (
             "IPv6 uplink XDP, forwarded",
             verdict(xdp(pn::UPLINK_XDP)?, &forwarded6)?,
@@ -1247,7 +1257,43 @@ fn per_packet(report: &mut String, misses: &mut Vec<String>) -> anyhow::Result<(
         ),
     ];
     per_packet_ipv6_report(report, misses, rows6);
+    let quiet = pair(xdp(pn::UPLINK_XDP)?, xdp(pn::UPLINK_XDP_UNMONITORED)?, &forwarded)?;
+    per_packet_monitor_report(report, misses, quiet);
     Ok(())
+}
+
+/// What the monitor costs when no one listens (issue 17's target: under 5 % of the forwarded
+/// path's per-packet time): the program against itself with the monitor compiled out.
+fn per_packet_monitor_report(
+    report: &mut String,
+    misses: &mut Vec<String>,
+    (with, without, ratio): (f64, f64, f64),
+) {
+    let _ = writeln!(
+        report,
+        "### The monitor, when no one listens
+"
+    );
+    let _ = writeln!(
+        report,
+        "`st8s_uplink_xdp` against `st8s_uplink_xdp_unmonitored` (the same program with the \
+         monitor's check compiled out) on the forwarded established flow, alternated 9 times; \
+         medians and the median of the pairwise ratios. Target: under 1.05x.\n"
+    );
+    let _ = writeln!(
+        report,
+        "| case | with the check ns/pkt | without ns/pkt | ratio |"
+    );
+    let _ = writeln!(report, "|---|---:|---:|---:|");
+    let _ = writeln!(
+        report,
+        "| uplink XDP, forwarded flow (XDP_TX) | {with:.1} | {without:.1} | {ratio:.2}x |\n"
+    );
+    if ratio >= 1.05 {
+        misses.push(format!(
+            "per-packet cost of the idle monitor: {ratio:.2}x the program without it (target < 1.05x)"
+        ));
+    }
 }
 
 /// IPv6 against IPv4 on the same program and path (issue 16's target: within 5 %).

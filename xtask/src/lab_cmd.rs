@@ -233,6 +233,11 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
             lab.agent_pin_dir(1).display()
         );
         println!(
+            "  {} monitor --pin-dir {}   # then a request: one line per decision",
+            target_dir().join("debug/st8s").display(),
+            lab.agent_pin_dir(3).display()
+        );
+        println!(
             "  bpftool map dump pinned {}/ST8S_PORTS",
             lab.agent_pin_dir(1).display()
         );

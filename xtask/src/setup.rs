@@ -35,6 +35,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // expect it).
     ("avahi-daemon", "avahi-daemon"),
     ("minidlna", "minidlnad"),
+    // Reads the pcap `st8s monitor --pcap` writes, as an operator would.
+    ("tcpdump", "tcpdump"),
     // The kernel matrix: Debian's kernels booted under QEMU with a busybox initramfs.
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", "busybox"),

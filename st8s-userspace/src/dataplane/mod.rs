@@ -29,6 +29,7 @@ use st8s_common::{
 use tracing::{info, warn};
 
 pub mod inspect;
+pub mod monitor;
 pub mod net;
 pub mod pins;
 pub mod preflight;

@@ -189,7 +189,7 @@ fn loader() -> EbpfLoader<'static> {
 /// The kernel map behind one of the map kinds st8s uses.
 fn map_data(map: Map) -> anyhow::Result<MapData> {
     match map {
-        Map::Array(m) | Map::HashMap(m) | Map::LruHashMap(m) | Map::PerCpuArray(m) => Ok(m),
+        Map::Array(m) | Map::HashMap(m) | Map::LruHashMap(m) | Map::PerCpuArray(m) | Map::RingBuf(m) => Ok(m),
         other => anyhow::bail!("unexpected map kind {other:?}"),
     }
 }
