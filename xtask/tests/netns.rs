@@ -2716,15 +2716,20 @@ fn field<'a>(l: &'a serde_json::Value, name: &str) -> &'a str {
 #[test]
 fn the_monitor_streams_every_decision_and_writes_a_pcap_tcpdump_reads() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = running(
+    // A pod with a hostPort and nothing listening behind it: its port unreachable.
+    let mut silent = PodSpec::discovery("silent", 2, &[5300]);
+    silent.discovery.clear();
+    silent.command = Some(["sleep", "600"].map(String::from).to_vec());
+    let mut lab = running(
         lab(true),
         &[
             PodSpec::web("web-node1", 1),
             PodSpec::dns("dns-node1", 1),
-            PodSpec::discovery("jelly", 2, &[7359]),
+            PodSpec::discovery("jelly", 2, &[7359, 5353]),
+            silent,
         ],
     );
-    lab.wait_table(2, SYNC, |s| s.discovery.len() == 1 && s.local_clients)
+    lab.wait_table(2, SYNC, |s| s.discovery.len() == 2 && s.local_clients)
         .expect("node2 delivers discovery and steers its own sockets");
     let (node1, node2) = (node_addr(1), node_addr(2));
     let pcap = lab.dir().join("node2.pcap");
@@ -2760,6 +2765,29 @@ fn the_monitor_streams_every_decision_and_writes_a_pcap_tcpdump_reads() {
         String::from_utf8_lossy(&curl.stdout).contains("pod=lab/web-node1"),
         "{curl:?}"
     );
+    // An mDNS query from 5353: the pod answers by multicast, which leaves as node2.
+    let group: Ipv4Addr = "224.0.0.251".parse().expect("group");
+    let mdns = lab
+        .udp_ask(
+            group,
+            5353,
+            "mdns query",
+            5353,
+            Some(group),
+            Duration::from_millis(800),
+        )
+        .expect("mdns");
+    assert_eq!(mdns.len(), 1, "{mdns:?}");
+    // The silent pod's port unreachable reaches a connected socket as node2's.
+    let refused = in_netns(lab.client_ns(), move || {
+        let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+        s.connect((node2, 5300)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        let _ = s.send(b"anyone?");
+        s.recv(&mut [0u8; 64]).map_err(|e| e.kind())
+    })
+    .expect("ask the silent pod");
+    assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused));
 
     // A burst through node1, as fast as one socket sends: every decision on 53/udp since the
     // monitors started is shown, or counted lost.
@@ -2779,6 +2807,15 @@ fn the_monitor_streams_every_decision_and_writes_a_pcap_tcpdump_reads() {
     .expect("burst");
     std::thread::sleep(Duration::from_millis(500));
     let after = on_53(&lab);
+    // The web pod terminates: it keeps its connections and takes no new one, so node2 passes a
+    // new connection to its kernel, which refuses it.
+    lab.set_terminating("web-node1");
+    lab.write_cluster().expect("cluster file");
+    let passed = (0..40).any(|_| {
+        std::thread::sleep(Duration::from_millis(250));
+        !lab.http(2, 80).ok
+    });
+    assert!(passed, "node2 stops sending new connections to a terminating pod");
     let (on1, lost1) = on1.stop();
     let (on2, lost2) = on2.stop();
 
@@ -2826,6 +2863,33 @@ fn the_monitor_streams_every_decision_and_writes_a_pcap_tcpdump_reads() {
                 ("verdict", "reply"),
                 ("frontend", &*format!("{node2}:7359")),
                 ("backend", &*format!("{jelly}:7359")),
+            ],
+        ),
+        (
+            "the pod's mDNS answer, leaving as node2",
+            vec![
+                ("verdict", "announce"),
+                ("frontend", &*format!("{node2}:5353")),
+                ("client", "224.0.0.251:5353"),
+                ("backend", &*format!("{jelly}:5353")),
+            ],
+        ),
+        (
+            "the silent pod's port unreachable, translated",
+            vec![
+                ("verdict", "icmp"),
+                ("counter", "icmp_errors"),
+                ("frontend", &*format!("{node2}:5300")),
+                ("port", "5300/udp"),
+                ("client_prefix", client.as_str()),
+            ],
+        ),
+        (
+            "a new connection to a terminating pod, left to the kernel",
+            vec![
+                ("verdict", "passed"),
+                ("counter", "passed"),
+                ("frontend", &*format!("{node2}:80")),
             ],
         ),
         (

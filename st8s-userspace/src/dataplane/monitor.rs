@@ -105,8 +105,9 @@ pub struct Headers {
     pub icmp: Option<(u8, u8, Option<Quoted>)>,
 }
 
-/// The packet an ICMP error quotes: source address and port, destination address and port.
-pub type Quoted = (IpAddr, u16, IpAddr, u16);
+/// The packet an ICMP error quotes: source address and port, destination address and port,
+/// protocol.
+pub type Quoted = (IpAddr, u16, IpAddr, u16, u8);
 
 /// Reads the Ethernet, IP and TCP/UDP/ICMP headers of a snapshot; what is cut off stays `None`.
 pub fn parse_headers(p: &[u8]) -> Headers {
@@ -131,13 +132,14 @@ pub fn parse_headers(p: &[u8]) -> Headers {
         1 | 58 if l4.len() >= 8 => {
             // The quoted packet starts after the 8-byte ICMP header, without an Ethernet header.
             let quoted = parse_ip(if proto == 1 { &[0x08, 0x00] } else { &[0x86, 0xdd] }, &l4[8..]).and_then(
-                |(s, d, _, off, _)| {
+                |(s, d, quoted_proto, off, _)| {
                     let q = l4.get(8 + off..8 + off + 4)?;
                     Some((
                         s,
                         u16::from_be_bytes([q[0], q[1]]),
                         d,
                         u16::from_be_bytes([q[2], q[3]]),
+                        quoted_proto,
                     ))
                 },
             );
@@ -211,6 +213,8 @@ pub struct Line {
     /// For filtering: the client's address and the frontend's port.
     client_addr: Option<IpAddr>,
     frontend_port: Option<u16>,
+    /// An ICMP error's flow's protocol.
+    flow_proto: Option<&'static str>,
 }
 
 fn proto_name(p: u8) -> &'static str {
@@ -285,6 +289,7 @@ pub fn line(e: &Event, node_of: &mut dyn FnMut([u8; 6]) -> Option<IpAddr>) -> Li
         ifindex: e.ifindex,
         client_addr: None,
         frontend_port: None,
+        flow_proto: None,
     };
     // Which side of the packet is the client, which the frontend, and where the backend shows.
     match e.kind {
@@ -318,7 +323,9 @@ pub fn line(e: &Event, node_of: &mut dyn FnMut([u8; 6]) -> Option<IpAddr>) -> Li
         EVENT_ICMP_ERROR => {
             // The quoted packet names the flow: from the client to the frontend, or (a pod's
             // error, translated) from the frontend to the client.
-            if let Some((_, _, Some((qs, qsp, qd, qdp)))) = h.icmp {
+            if let Some((_, _, Some((qs, qsp, qd, qdp, qp)))) = h.icmp {
+                // The port is the flow's: `53/udp`, not the ICMP message's protocol.
+                l.flow_proto = Some(proto_name(qp));
                 let to_client = h.dst == Some(qs);
                 let (c, cp, f, fp) = if to_client {
                     (qs, qsp, qd, qdp)
@@ -342,7 +349,7 @@ pub fn line(e: &Event, node_of: &mut dyn FnMut([u8; 6]) -> Option<IpAddr>) -> Li
         }
     }
     if let Some(p) = l.frontend_port {
-        l.port = Some(format!("{p}/{}", l.proto));
+        l.port = Some(format!("{p}/{}", l.flow_proto.unwrap_or(l.proto)));
     }
     l
 }
@@ -605,13 +612,81 @@ fn lost_so_far(dir: &Path) -> u64 {
     inspect::global_counters(dir).map(|c| c.monitor_lost).unwrap_or(0)
 }
 
+/// What `st8s monitor` does with the events it reads: filters them, prints them, writes them to
+/// the pcap, and counts what it showed.
+struct Shower {
+    filter: Filter,
+    output: LineFormat,
+    pcap: Option<Pcap>,
+    peers: Peers,
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC: the events' times as wall-clock times.
+    offset: u64,
+    count: Option<u64>,
+    shown: u64,
+    /// `--count` reached or standard output closed: nothing more is shown.
+    done: bool,
+}
+
+impl Shower {
+    /// Shows every event the ring buffer holds; true when the monitor should stop (`--count`
+    /// reached, or standard output closed, as when piped into `head`).
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<bool> {
+        if self.done {
+            return Ok(true);
+        }
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let mut stop = false;
+        while let Some(item) = ring.next() {
+            let Some(e) = decode(&item) else { continue };
+            drop(item);
+            let l = line(&e, &mut |mac| self.peers.lookup(mac));
+            if !self.filter.admits(&l) {
+                continue;
+            }
+            let at = e.ts_ns + self.offset;
+            let written = match self.output {
+                LineFormat::Text => writeln!(out, "{}", render_text(&l, at)),
+                LineFormat::Json => writeln!(out, "{}", render_json(&l, at)),
+            };
+            if let Err(e) = written {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    stop = true;
+                    break;
+                }
+                return Err(e.into());
+            }
+            if let Some(p) = self.pcap.as_mut()
+                && e.snap_len > 0
+            {
+                let n = usize::from(e.snap_len).min(EVENT_SNAP);
+                p.write(at, &e.data[..n], e.pkt_len)?;
+            }
+            self.shown += 1;
+            if self.count.is_some_and(|c| self.shown >= c) {
+                stop = true;
+                break;
+            }
+        }
+        match out.flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => stop = true,
+            other => other?,
+        }
+        if let Some(p) = self.pcap.as_mut() {
+            p.flush()?;
+        }
+        self.done = stop;
+        Ok(stop)
+    }
+}
+
 /// `st8s monitor`.
 pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
     let filter = Filter::new(args.port, args.client, args.verdict.clone())?;
     let events = open_pinned(&args.pin_dir, map_names::EVENTS)
         .map_err(|e| e.context("this agent's programs have no monitor (ST8S_EVENTS): upgrade the agent"))?;
     let ring = RingBuf::try_from(events)?;
-    let mut pcap = args.pcap.as_deref().map(Pcap::create).transpose()?;
+    let pcap = args.pcap.as_deref().map(Pcap::create).transpose()?;
     let lost_at_start = lost_so_far(&args.pin_dir);
     let mut lease = Lease::take(&args.pin_dir)?;
     // SAFETY: the ring buffer owns its map's descriptor, open and the same until it is dropped,
@@ -619,24 +694,31 @@ pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(std::io::Error::from)
         .context("watching ST8S_EVENTS")?;
-    let mut peers = Peers {
-        dir: args.pin_dir.clone(),
-        known: StdHashMap::new(),
+    let mut shower = Shower {
+        filter,
+        output: args.output,
+        pcap,
+        peers: Peers {
+            dir: args.pin_dir.clone(),
+            known: StdHashMap::new(),
+        },
+        offset: clock_ns(libc::CLOCK_REALTIME).saturating_sub(clock_ns(libc::CLOCK_MONOTONIC)),
+        count: args.count,
+        shown: 0,
+        done: false,
     };
-    let offset = clock_ns(libc::CLOCK_REALTIME).saturating_sub(clock_ns(libc::CLOCK_MONOTONIC));
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let deadline = args
         .duration
         .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     let mut renew = tokio::time::interval(RENEW);
-    let (mut shown, mut lost_reported) = (0u64, 0u64);
+    let mut lost_reported = 0u64;
     eprintln!(
         "st8s monitor: listening on {} (Ctrl-C to stop)",
         args.pin_dir.join(map_names::EVENTS).display()
     );
-    let stdout = std::io::stdout();
-    'watch: loop {
+    loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -645,51 +727,30 @@ pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
                 lease.renew()?;
                 let lost = lost_so_far(&args.pin_dir).saturating_sub(lost_at_start);
                 if lost > lost_reported {
-                    eprintln!("st8s monitor: {} events lost so far (the ring buffer was full)", lost);
+                    eprintln!("st8s monitor: {lost} events lost so far (the ring buffer was full)");
                     lost_reported = lost;
                 }
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting for ST8S_EVENTS")?;
-                let mut out = stdout.lock();
-                while let Some(item) = guard.get_inner_mut().next() {
-                    let Some(e) = decode(&item) else { continue };
-                    drop(item);
-                    let l = line(&e, &mut |mac| peers.lookup(mac));
-                    if !filter.admits(&l) {
-                        continue;
-                    }
-                    let at = e.ts_ns + offset;
-                    match args.output {
-                        LineFormat::Text => writeln!(out, "{}", render_text(&l, at))?,
-                        LineFormat::Json => writeln!(out, "{}", render_json(&l, at))?,
-                    }
-                    if let Some(p) = pcap.as_mut()
-                        && e.snap_len > 0
-                    {
-                        let n = usize::from(e.snap_len).min(EVENT_SNAP);
-                        p.write(at, &e.data[..n], e.pkt_len)?;
-                    }
-                    shown += 1;
-                    if args.count.is_some_and(|c| shown >= c) {
-                        out.flush()?;
-                        break 'watch;
-                    }
-                }
-                out.flush()?;
-                if let Some(p) = pcap.as_mut() {
-                    p.flush()?;
+                if shower.drain(guard.get_inner_mut())? {
+                    break;
                 }
                 guard.clear_ready();
+                // The kernel wakes a reader only when it had caught up: an event submitted
+                // between the drain and `clear_ready` woke us already, and the next one will
+                // not. Read once more, so none waits for a wake-up that does not come.
+                if shower.drain(guard.get_inner_mut())? {
+                    break;
+                }
             }
         }
     }
     drop(lease);
-    if let Some(p) = pcap.as_mut() {
-        p.flush()?;
-    }
+    // What came in before the lease was dropped.
+    shower.drain(ring.get_mut())?;
     let lost = lost_so_far(&args.pin_dir).saturating_sub(lost_at_start);
-    eprintln!("st8s monitor: {shown} events shown, {lost} lost");
+    eprintln!("st8s monitor: {} events shown, {lost} lost", shower.shown);
     Ok(())
 }
 
@@ -830,6 +891,34 @@ mod tests {
         assert_eq!(l.frontend.as_deref(), Some("[fd00:77::11]:80"));
         assert_eq!(l.backend.as_deref(), Some("[fd00:77::12]:80"));
         assert_eq!(l.port.as_deref(), Some("80/tcp"));
+    }
+
+    #[test]
+    fn an_icmp_error_names_the_flow_it_quotes() {
+        // A pod's port unreachable, translated: from the node to the client, quoting the
+        // client's datagram to the node's port 5300.
+        let quoted = Frame::udp(
+            "10.0.0.100".parse().unwrap(),
+            40000,
+            "10.0.0.11".parse().unwrap(),
+            5300,
+        )
+        .build();
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x08, 0x00]);
+        let total = (20 + 8 + quoted.len() - 14) as u16;
+        f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0, 0, 64, 1, 0, 0]);
+        f.extend_from_slice(&[10, 0, 0, 11, 10, 0, 0, 100]);
+        f.extend_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
+        f.extend_from_slice(&quoted[14..]);
+        let mut e = event(EVENT_ICMP_ERROR, &f);
+        (e.was, e.was_port_be) = (v4("10.244.1.5"), 5300u16.to_be());
+        let l = line(&e, &mut |_| None);
+        assert_eq!((l.verdict, l.proto, l.icmp), ("icmp", "icmp", Some((3, 3))));
+        assert_eq!(l.client.as_deref(), Some("10.0.0.100:40000"));
+        assert_eq!(l.frontend.as_deref(), Some("10.0.0.11:5300"));
+        assert_eq!(l.port.as_deref(), Some("5300/udp"));
+        assert_eq!(l.backend.as_deref(), Some("10.244.1.5:5300"));
     }
 
     #[test]
