@@ -903,10 +903,16 @@ impl Dp {
 }
 
 fn run_prog(p: &impl TestRunTc, pkt: &[u8]) -> (u32, Vec<u8>) {
+    run_prog_repeated(p, pkt, 1)
+}
+
+/// `repeat` runs over the one test-run buffer (each sees the previous run's rewrite).
+fn run_prog_repeated(p: &impl TestRunTc, pkt: &[u8], repeat: u32) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; pkt.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(pkt);
     opts.data_out = Some(&mut out);
+    opts.repeat = repeat;
     let res = p.run(opts);
     out.truncate(res.data_size_out as usize);
     (res.return_value, out)
@@ -2770,13 +2776,8 @@ fn the_monitor_reports_each_decision_only_while_someone_listens() {
         .expect("program")
         .try_into()
         .expect("tc");
-    let mut out = vec![0u8; passed.len() + 256];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(&passed);
-    opts.data_out = Some(&mut out);
     let repeats = 2 * st8s_common::EVENTS_BYTES / std::mem::size_of::<st8s_common::Event>() as u32;
-    opts.repeat = repeats;
-    assert_eq!(p.run(opts).return_value, TC_ACT_OK);
+    assert_eq!(run_prog_repeated(p, &passed, repeats).0, TC_ACT_OK);
     let kept = dp.monitored().len() as u64;
     let lost = dp.counters(GLOBAL_COUNTER_SLOT).monitor_lost;
     assert!(lost > 0 && kept > 0, "kept {kept}, lost {lost}");
