@@ -8,6 +8,7 @@ pub mod deploy;
 pub mod knot;
 pub mod lab;
 pub mod setup;
+pub mod stats;
 pub mod vm;
 
 use std::{

@@ -42,9 +42,20 @@ enum Task {
     /// a haproxy hop; per-packet cost against a parse-only program; control-plane latency,
     /// sync time and memory. Writes docs/benchmarks.md.
     Bench {
-        /// Rounds per workload and path (medians are reported).
-        #[arg(long, default_value_t = 3)]
+        /// Rounds at least, per workload and path.
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Rounds at most: a workload runs more than --rounds until the forwarded path's ratio to
+        /// direct routing is known within +-5 % (95 % confidence), up to this many.
+        #[arg(long, default_value_t = 15)]
+        max_rounds: usize,
+        /// Only these data paths, comma-separated (direct, iptables-fwd, iptables-local, haproxy,
+        /// st8s-local, st8s-fwd and their -v6 / ip6tables twins); ratios need their baselines.
+        #[arg(long, value_delimiter = ',')]
+        paths: Vec<String>,
+        /// Only these workloads, comma-separated: keep-alive, new-conn, dns, stream.
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<String>,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 4)]
         seconds: u64,
@@ -98,6 +109,12 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+    },
+    /// (bench internal) In the counting guest: print the per-packet cases' instruction counts.
+    #[command(hide = true)]
+    PerPacketCount {
+        #[arg(long)]
+        object: PathBuf,
     },
     /// (lab internal) Run a backend pod's HTTP/DNS server.
     #[command(hide = true)]
@@ -226,6 +243,9 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench {
             rounds,
+            max_rounds,
+            paths,
+            workloads,
             seconds,
             skip_dataplane,
             skip_workloads,
@@ -250,8 +270,16 @@ fn main() -> anyhow::Result<()> {
             } else {
                 workspace_root().join(out)
             };
+            if rounds < 2 || max_rounds < rounds {
+                bail!(
+                    "--rounds must be at least 2 (a spread needs two rounds) and --max-rounds at least --rounds"
+                );
+            }
             xtask::bench::run(xtask::bench::BenchArgs {
                 rounds,
+                max_rounds,
+                paths,
+                workloads,
                 seconds,
                 skip_dataplane,
                 skip_workloads,
@@ -260,6 +288,7 @@ fn main() -> anyhow::Result<()> {
                 out,
             })
         }
+        Task::PerPacketCount { object } => xtask::bench::print_instruction_counts(&object),
         Task::LabBackend {
             name,
             http,

@@ -185,6 +185,122 @@ impl Binaries {
     }
 }
 
+impl Binaries {
+    /// Where each goes in the initramfs.
+    fn files(&self) -> Vec<(String, PathBuf)> {
+        vec![
+            ("t/debug/st8s".into(), self.st8s.clone()),
+            ("t/debug/xtask".into(), self.xtask.clone()),
+            ("t/fixtures".into(), self.fixtures.clone()),
+        ]
+    }
+}
+
+/// The kernel the per-packet instructions are counted on: Debian 13's, the newest of the matrix.
+const COUNTING_KERNEL: &str = "debian-6.12";
+
+/// Issue 18: the per-packet cases of `cargo xtask bench` counted in instructions. The guest
+/// boots under QEMU with `-icount shift=0`: its virtual clock advances one nanosecond per
+/// instruction executed (one vCPU, deterministic), so the time BPF_PROG_TEST_RUN reports per
+/// packet is a count of instructions, which does not drift with the host machine as time does.
+/// The guest runs this xtask binary (`per-packet-count`) on the kernel object `object`; returns
+/// the kernel release and, per case, the instructions of both sides.
+pub fn count_instructions(object: &Path, cases: usize) -> anyhow::Result<(String, Vec<(u64, u64)>)> {
+    let k = KERNELS
+        .iter()
+        .find(|k| k.name == COUNTING_KERNEL)
+        .context("the counting kernel is not in the matrix")?;
+    let tree = fetch(k)?;
+    let (vmlinuz, _modules, release) = kernel_files(&tree)?;
+    let work = target_dir().join("vm/run/count");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let initrd = work.join("initrd.cpio");
+    let me = std::env::current_exe().context("this xtask binary")?;
+    let init = "#!/bin/busybox sh\n/bin/busybox --install -s\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
+                mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
+                mount -t bpf bpf /sys/fs/bpf\ncd /t\n\
+                /t/debug/xtask per-packet-count --object /t/st8s.o\necho \"ST8S-STEP count $?\"\npoweroff -f\n";
+    build_initrd(
+        &initrd,
+        Arch::Amd64,
+        &tree,
+        &[],
+        vec![("t/debug/xtask".into(), me)],
+        &[("t/st8s.o".into(), object.to_path_buf())],
+        init,
+    )?;
+    let log = work.join("console.log");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-icount",
+            "shift=0",
+            "-m",
+            "1024",
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&log)?)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+    let started = Instant::now();
+    while child.try_wait()?.is_none() {
+        // Bounded: loading the programs and the runs take a minute or two under emulation.
+        if started.elapsed() > Duration::from_secs(600) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = fs::remove_file(&initrd);
+    let console = fs::read_to_string(&log).unwrap_or_default();
+    let counts = parse_counts(&console, cases);
+    counts.map(|c| (release, c)).with_context(|| {
+        format!(
+            "the guest counted no instructions; its console: {}",
+            log.display()
+        )
+    })
+}
+
+/// The `ST8S-INSNS index a b` lines, one for each of `cases` cases in order; None unless every
+/// case is there and the guest's step passed.
+fn parse_counts(console: &str, cases: usize) -> Option<Vec<(u64, u64)>> {
+    let mut counts = vec![None; cases];
+    let mut passed = false;
+    for l in console.lines().map(str::trim) {
+        if l.ends_with("ST8S-STEP count 0") {
+            passed = true;
+        }
+        // The first line may follow the firmware's terminal escapes on the same line.
+        let Some(rest) = l.find("ST8S-INSNS ").map(|at| &l[at + "ST8S-INSNS ".len()..]) else {
+            continue;
+        };
+        let v: Vec<u64> = rest.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        if let [i, a, b] = v[..]
+            && let Some(slot) = counts.get_mut(i as usize)
+        {
+            *slot = Some((a, b));
+        }
+    }
+    if !passed {
+        return None;
+    }
+    counts.into_iter().collect()
+}
+
 /// The BPF_PROG_TEST_RUN fixtures as a test binary (for another target when one is named).
 pub fn fixtures_binary(target: Option<&str>) -> anyhow::Result<PathBuf> {
     let mut cmd = Command::new("cargo");
@@ -376,7 +492,8 @@ fn boot(k: &Kernel, tree: &Path, bins: &Binaries) -> anyhow::Result<Outcome> {
         k.arch,
         &modules,
         &mods,
-        bins,
+        bins.files(),
+        &[],
         &init_script(&mods, tcx, k.arch == Arch::Amd64),
     )?;
     let log = work.join("console.log");
@@ -657,7 +774,8 @@ fn build_initrd(
     arch: Arch,
     modules: &Path,
     mods: &[String],
-    bins: &Binaries,
+    binaries: Vec<(String, PathBuf)>,
+    data: &[(String, PathBuf)],
     init: &str,
 ) -> anyhow::Result<()> {
     let mut files: Vec<(String, Vec<u8>, u32)> = Vec::new();
@@ -672,11 +790,11 @@ fn build_initrd(
         .context("busybox is missing (Debian package busybox-static)")?;
     files.push(("bin/busybox".into(), fs::read(busybox)?, 0o755));
     files.push(("init".into(), init.as_bytes().to_vec(), 0o755));
-    let mut binaries: Vec<(String, PathBuf)> = vec![
-        ("t/debug/st8s".into(), bins.st8s.clone()),
-        ("t/debug/xtask".into(), bins.xtask.clone()),
-        ("t/fixtures".into(), bins.fixtures.clone()),
-    ];
+    let mut binaries = binaries;
+    for (at, src) in data {
+        let bytes = fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+        files.push((at.clone(), bytes, 0o644));
+    }
     for t in TOOLS {
         binaries.push((t.trim_start_matches('/').into(), tool_in(&root, t)?));
     }
@@ -1024,6 +1142,16 @@ mod tests {
         assert_eq!(arm64_closure(depends), ["curl:arm64", "libcurl4:arm64"]);
         let readelf = "Dynamic section at offset 0x5f2c8 contains 30 entries:\n  Tag        Type                         Name/Value\n 0x0000000000000001 (NEEDED)             Shared library: [libcurl.so.4]\n 0x0000000000000001 (NEEDED)             Shared library: [libc.so.6]\n 0x000000000000000c (INIT)               0x2f50\n";
         assert_eq!(parse_needed(readelf), ["libcurl.so.4", "libc.so.6"]);
+    }
+
+    #[test]
+    fn instruction_counts_are_read_whole_or_not_at_all() {
+        let console =
+            "Booting from ROM..\x1b[2JST8S-INSNS 0 721 278\r\nST8S-INSNS 1 472 278\nST8S-STEP count 0\n";
+        assert_eq!(parse_counts(console, 2), Some(vec![(721, 278), (472, 278)]));
+        // A case missing, or a guest whose step failed: nothing.
+        assert_eq!(parse_counts(console, 3), None);
+        assert_eq!(parse_counts(&console.replace("count 0", "count 1"), 2), None);
     }
 
     #[test]
