@@ -794,8 +794,9 @@ enum Steer {
     NotOurs,
     /// Steered port, but left to the kernel (counted as `passed` or `untrusted_peer`).
     Pass { slot: u32, untrusted: bool },
-    /// Deliver to this node's backend pod.
-    Local { port: PortInfo },
+    /// Deliver to this node's backend pod. `established`: the flow's reply translation is known
+    /// to be in place (nothing to write or check before the DNAT).
+    Local { port: PortInfo, established: bool },
     /// Send to the node that owns the chosen backend.
     Remote { slot: u32, mac: [u8; 6] },
     /// Drop: forwarded here by a peer, but there is no backend on this node.
@@ -837,6 +838,27 @@ fn steer<F: Family>(pkt: &Packet<F>, cfg: &Config) -> Steer {
     }
     let slot = port.slot as u32;
     if pkt.daddr != F::self_addr(cfg) {
+        // A peer's forward of a flow this node already serves: the flow's reply translation
+        // (keyed by this node's pod, naming the node the client sent to) proves that its first
+        // packet passed the checks below, so one lookup decides (issue 18). A SYN takes the
+        // checks again; a UDP datagram re-stamps the translation here.
+        if let (false, Some(pod)) = (port.has_local == 0 || is_syn(pkt), F::pod_addr(&port)) {
+            let key = F::rev_key(pod, pkt.saddr, port.local_port_be, pkt.sport, pkt.proto);
+            if let Some(v) = F::revnat().get_ptr_mut(&key) {
+                // SAFETY: LRU values stay valid for the duration of the program run.
+                let r = F::reply(unsafe { &*v });
+                if r.frontend == pkt.daddr && r.frontend_port == pkt.dport {
+                    if pkt.proto == PROTO_UDP {
+                        // SAFETY: as above; a plain store into the value.
+                        unsafe { *F::stamp(&mut *v) = bpf_ktime_get_ns() };
+                    }
+                    return Steer::Local {
+                        port,
+                        established: true,
+                    };
+                }
+            }
+        }
         if !F::is_node(pkt.daddr) {
             return Steer::NotOurs;
         }
@@ -856,7 +878,10 @@ fn steer<F: Family>(pkt: &Packet<F>, cfg: &Config) -> Steer {
         if port.has_local == 0 {
             return Steer::DropNoLocal { slot };
         }
-        return Steer::Local { port };
+        return Steer::Local {
+            port,
+            established: false,
+        };
     }
     if port.backend_count == 0 {
         return Steer::Pass {
@@ -868,7 +893,16 @@ fn steer<F: Family>(pkt: &Packet<F>, cfg: &Config) -> Steer {
     // SAFETY: copied out at once; the LRU keeps its own recency, nothing is written per packet.
     if let Some(f) = unsafe { F::flows().get(&key) } {
         if let Some(s) = still_valid(f, &port, cfg) {
-            return s;
+            return match s {
+                // A tracked TCP flow's reply translation was written with its first packet and
+                // re-stamped by its SYN: one lookup decides (issue 18). UDP re-stamps it per
+                // datagram, which takes the lookup.
+                Steer::Local { port, .. } => Steer::Local {
+                    port,
+                    established: pkt.proto == PROTO_TCP && !is_syn(pkt),
+                },
+                s => s,
+            };
         }
     }
     // SAFETY: plain helper call.
@@ -906,7 +940,10 @@ fn steer<F: Family>(pkt: &Packet<F>, cfg: &Config) -> Steer {
                 backend_hint: 0,
                 created_ns: now,
             },
-            Steer::Local { port },
+            Steer::Local {
+                port,
+                established: false,
+            },
         ),
         // No backend takes new flows here (draining, or the table says "this node" but the pod
         // is gone): let the kernel answer.
@@ -988,7 +1025,10 @@ fn still_valid(f: &FlowValue, port: &PortInfo, _cfg: &Config) -> Option<Steer> {
             && port.local_addr_be == f.backend_addr_be
             && port.local_port_be == f.backend_port_be
         {
-            return Some(Steer::Local { port: *port });
+            return Some(Steer::Local {
+                port: *port,
+                established: false,
+            });
         }
         return None;
     }
@@ -1873,7 +1913,7 @@ fn uplink_steer<F: Family>(ctx: &TcContext, pkt: &Packet<F>, cfg: &Config) -> Op
             note::<F>(ctx, EVENT_FORWARDED, slot, None);
             Some(rc as i32)
         }
-        Steer::Local { port } => Some(deliver_local(ctx, pkt, &port)),
+        Steer::Local { port, established } => Some(deliver_local(ctx, pkt, &port, established)),
     }
 }
 
@@ -2120,28 +2160,26 @@ const TCP_ACK: u8 = 0x10;
 /// rewritten to the old frontend, so the old reply translation goes.
 #[inline(always)]
 fn forget_stale_reply_translation<F: Family>(pkt: &Packet<F>) {
-    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    if is_syn(pkt) {
         let key = F::rev_key(pkt.daddr, pkt.saddr, pkt.dport, pkt.sport, pkt.proto);
         let _ = F::revnat().remove(&key);
     }
 }
 
-/// DNAT to the local backend pod, remember how to translate its replies, and hand the packet to
-/// the pod's interface with `bpf_redirect_neigh` (no routing, no netfilter on the way).
+/// A TCP segment that opens a connection (SYN without ACK).
 #[inline(always)]
-fn deliver_local<F: Family>(ctx: &TcContext, pkt: &Packet<F>, port: &PortInfo) -> i32 {
-    let slot = port.slot as u32;
-    // `steer` never delivers to a pod without an address in the family.
-    let Some(pod_addr) = F::pod_addr(port) else {
-        count(slot, |c| c.drop_error += 1);
-        note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
-        return TC_ACT_SHOT;
-    };
-    let rev_key = F::rev_key(pod_addr, pkt.saddr, port.local_port_be, pkt.sport, pkt.proto);
-    // The stamp proves that a reply belongs to a flow st8s delivered: a TCP SYN (re)stamps it,
-    // and every UDP datagram does; the pod program refuses stale stamps (see `reply_is_ours`).
-    let syn = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let stamp = syn || pkt.proto == PROTO_UDP;
+fn is_syn<F: Family>(pkt: &Packet<F>) -> bool {
+    pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Makes sure the reply translation of a flow delivered to `pod` is in place, naming the
+/// frontend the client sent to; false when it could not be written. The stamp proves that a
+/// reply belongs to a flow st8s delivered: a TCP SYN (re)stamps it, and every UDP datagram
+/// does; the pod program refuses stale stamps (see `reply_is_ours`).
+#[inline(always)]
+fn reply_translation<F: Family>(pkt: &Packet<F>, port: &PortInfo, pod: F::Addr) -> bool {
+    let rev_key = F::rev_key(pod, pkt.saddr, port.local_port_be, pkt.sport, pkt.proto);
+    let stamp = is_syn(pkt) || pkt.proto == PROTO_UDP;
     let same_frontend = |v: *mut F::RevValue| {
         // SAFETY: LRU values stay valid for the duration of the program run.
         let r = F::reply(unsafe { &*v });
@@ -2153,16 +2191,34 @@ fn deliver_local<F: Family>(ctx: &TcContext, pkt: &Packet<F>, port: &PortInfo) -
                 // SAFETY: as above; a plain store into the value.
                 unsafe { *F::stamp(&mut *v) = bpf_ktime_get_ns() };
             }
+            true
         }
         _ => {
             // SAFETY: plain helper call.
             let rev = F::rev_value(pkt.daddr, pkt.dport, port.slot, unsafe { bpf_ktime_get_ns() });
-            if F::revnat().insert(&rev_key, rev, 0).is_err() {
-                count(slot, |c| c.drop_error += 1);
-                note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
-                return TC_ACT_SHOT;
-            }
+            F::revnat().insert(&rev_key, rev, 0).is_ok()
         }
+    }
+}
+
+/// DNAT to the local backend pod, remember how to translate its replies, and hand the packet to
+/// the pod's interface with `bpf_redirect_neigh` (no routing, no netfilter on the way).
+#[inline(always)]
+fn deliver_local<F: Family>(ctx: &TcContext, pkt: &Packet<F>, port: &PortInfo, established: bool) -> i32 {
+    let slot = port.slot as u32;
+    // `steer` never delivers to a pod without an address in the family.
+    let Some(pod_addr) = F::pod_addr(port) else {
+        count(slot, |c| c.drop_error += 1);
+        note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
+        return TC_ACT_SHOT;
+    };
+    if !established && !reply_translation(pkt, port, pod_addr) {
+        count(slot, |c| c.drop_error += 1);
+        note::<F>(ctx, EVENT_DROP_ERROR, slot, None);
+        // The flow entry `steer` may just have written would otherwise mark the flow as
+        // established while it has no reply translation.
+        let _ = F::flows().remove(F::flow_key(pkt));
+        return TC_ACT_SHOT;
     }
     if rewrite(
         ctx,

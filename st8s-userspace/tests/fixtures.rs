@@ -900,6 +900,12 @@ impl Dp {
             HashMap::try_from(self.ebpf.map(map_names::REVNAT).expect("map")).expect("type");
         m.get(key, 0).ok()
     }
+
+    /// Removes an entry of the map `name` (as the LRU would evict it), if there.
+    fn forget<K: aya::Pod, V: aya::Pod>(&mut self, name: &str, key: &K) {
+        let mut m: HashMap<_, K, V> = HashMap::try_from(self.ebpf.map_mut(name).expect("map")).expect("type");
+        let _ = m.remove(key);
+    }
 }
 
 fn run_prog(p: &impl TestRunTc, pkt: &[u8]) -> (u32, Vec<u8>) {
@@ -1539,6 +1545,93 @@ fn forwarded_packets_are_accepted_only_from_cluster_nodes() {
     assert_eq!(dp.run_tc(program_names::UPLINK_TC, &stray).0, TC_ACT_SHOT);
     assert_eq!(dp.counters(1).drop_no_local_backend, 1);
     let _ = XDP_DROP;
+}
+
+/// Issue 18: an established flow decides with one lookup. A tracked TCP flow's reply translation
+/// is written by its first packet and by its SYN, not looked up again for every segment; a peer's
+/// forward of a flow this node already serves is recognised by its reply translation alone.
+#[test]
+fn an_established_flow_decides_with_one_lookup() {
+    use st8s::packet::TCP_ACK;
+    use st8s_common::MacKey;
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    let slot = dp.port(80, PROTO_TCP, &[(SELF, [0; 6], true)], 0, true);
+    let rev_key = |client_port: u16| RevNatKey {
+        pod_addr_be: be(a(POD)),
+        client_addr_be: be(a(CLIENT)),
+        pod_port_be: 8080u16.to_be(),
+        client_port_be: client_port.to_be(),
+        proto: PROTO_TCP,
+        _pad: 0,
+        _pad2: 0,
+    };
+    let delivered =
+        |(verdict, out): (u32, Vec<u8>)| verdict == TC_ACT_REDIRECT && ep::dst_addr(&out) == a(POD);
+
+    // The SYN places the flow and writes its reply translation.
+    let syn = client_tcp(SELF, 80);
+    assert!(delivered(dp.run_tc(program_names::UPLINK_TC, &syn.wire())));
+    assert!(dp.revnat(&rev_key(40000)).is_some());
+    // With the translation gone, the flow's next segment is still delivered, and the translation
+    // stays gone: the flow table decided alone, nothing read or wrote the reply translation.
+    dp.forget::<RevNatKey, RevNatValue>(map_names::REVNAT, &rev_key(40000));
+    let mut ack = client_tcp(SELF, 80);
+    ack.tcp_flags = TCP_ACK;
+    assert!(delivered(dp.run_tc(program_names::UPLINK_TC, &ack.wire())));
+    assert!(
+        dp.revnat(&rev_key(40000)).is_none(),
+        "an established segment takes one lookup"
+    );
+    // A SYN on the 4-tuple writes it again; so does a segment of a flow the table does not know
+    // (st8s started, or the flow's entry was evicted, mid-connection).
+    assert!(delivered(dp.run_tc(program_names::UPLINK_TC, &syn.wire())));
+    assert!(dp.revnat(&rev_key(40000)).is_some());
+    dp.forget::<RevNatKey, RevNatValue>(map_names::REVNAT, &rev_key(40000));
+    dp.forget::<FlowKey, FlowValue>(map_names::FLOWS, &flow_key(&ack));
+    assert!(delivered(dp.run_tc(program_names::UPLINK_TC, &ack.wire())));
+    assert!(
+        dp.revnat(&rev_key(40000)).is_some(),
+        "a flow new to the table writes it"
+    );
+    assert_eq!(dp.counters(slot).delivered_local, 4);
+
+    // A peer's forward, picked up mid-connection (an ACK): the peer checks pass and the
+    // translation names the peer's address as the frontend.
+    let mut fwd = client_tcp(PEER, 80);
+    fwd.src_mac = PEER_MAC;
+    fwd.sport = 40001;
+    fwd.tcp_flags = TCP_ACK;
+    assert!(delivered(dp.run_tc(program_names::UPLINK_TC, &fwd.wire())));
+    let rev = dp.revnat(&rev_key(40001)).expect("reply translation");
+    assert_eq!(
+        (rev.frontend_addr_be, rev.frontend_port_be),
+        (be(a(PEER)), 80u16.to_be())
+    );
+    // The peer leaves the peer list (the agent rewrote it): the flow it forwarded goes on, known
+    // by its translation alone, with neither the node table nor the peer list read...
+    let peer = MacKey {
+        mac: PEER_MAC,
+        _pad: [0; 2],
+    };
+    dp.forget::<MacKey, u32>(map_names::PEER_MACS, &peer);
+    assert!(delivered(dp.run_tc(program_names::UPLINK_TC, &fwd.wire())));
+    assert_eq!(dp.counters(slot).untrusted_peer, 0);
+    // ...but a new connection from it (a SYN) takes the checks, and fails them, as does a
+    // segment of a flow with no translation here.
+    let mut fwd_syn = fwd;
+    fwd_syn.tcp_flags = st8s::packet::TCP_SYN;
+    assert_eq!(dp.run_tc(program_names::UPLINK_TC, &fwd_syn.wire()).0, TC_ACT_OK);
+    let mut unknown = fwd;
+    unknown.sport = 40002;
+    assert_eq!(dp.run_tc(program_names::UPLINK_TC, &unknown.wire()).0, TC_ACT_OK);
+    assert_eq!(dp.counters(slot).untrusted_peer, 2);
+    // A translation naming another frontend (the same 4-tuple sent to this node's own address
+    // earlier) is no proof for a forward to the peer's.
+    let mut other = client_tcp(PEER, 80);
+    other.src_mac = PEER_MAC;
+    other.tcp_flags = TCP_ACK;
+    assert_eq!(dp.run_tc(program_names::UPLINK_TC, &other.wire()).0, TC_ACT_OK);
+    assert_eq!(dp.counters(slot).untrusted_peer, 3);
 }
 
 /// 4b: a flow keeps its backend when the backend set changes, and moves only when its backend

@@ -4,6 +4,8 @@
 //! path in the same run, alternating the paths round by round, and reported as medians:
 //!
 //! - `direct`: the client sends to the pod address through plain routing (the limit);
+//! - `direct-2hop`: the same, routed through node3 first: the hop a forwarded flow takes, as
+//!   Linux's own routing takes it (a second address of the pod, which the client routes via node3);
 //! - `iptables-fwd`: DNAT + MASQUERADE on the node the client addressed, backend on another node
 //!   (kube-proxy with externalTrafficPolicy=Cluster);
 //! - `iptables-local`: DNAT to the local pod (the CNI portmap hostPort path);
@@ -58,6 +60,7 @@ pub struct BenchArgs {
     pub skip_workloads: bool,
     pub skip_control: bool,
     pub skip_local_clients: bool,
+    pub skip_per_packet: bool,
     pub out: PathBuf,
 }
 
@@ -117,8 +120,9 @@ impl Workload {
     }
 }
 
-const PATHS: [&str; 11] = [
+const PATHS: [&str; 12] = [
     "direct",
+    "direct-2hop",
     "iptables-fwd",
     "iptables-local",
     "haproxy",
@@ -154,6 +158,8 @@ fn baselines(path: &str) -> (&'static str, Option<&'static str>) {
 /// The data-path servers' pod addresses, both families.
 struct Pods {
     v4: BTreeMap<&'static str, Ipv4Addr>,
+    /// Each server's second address, which the client routes through node3 (`direct-2hop`).
+    via3: BTreeMap<&'static str, Ipv4Addr>,
     v6: BTreeMap<&'static str, Ipv6Addr>,
 }
 
@@ -174,6 +180,15 @@ fn target(w: Workload, path: &str, pods: &Pods) -> Option<SocketAddr> {
             None => node_addr6((1..=3).find(|n| node_addr(*n) == addr)?),
         };
         return Some(SocketAddr::new(IpAddr::V6(addr6), port));
+    }
+    if path == "direct-2hop" {
+        // Its own nginx port (8087), as every HTTP path has.
+        let (name, port) = match w {
+            Workload::HttpKeepAlive | Workload::HttpNewConn => ("web", 8087),
+            Workload::DnsUdp => ("dns", 53),
+            Workload::TcpStream => ("iperf", 5201),
+        };
+        return Some(SocketAddr::new(IpAddr::V4(pods.via3[name]), port));
     }
     target4(w, path, &pods.v4).map(|(a, p)| SocketAddr::new(IpAddr::V4(a), p))
 }
@@ -279,7 +294,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !args.skip_dataplane {
         // Per-packet cost first, on a quiet machine (no lab traffic, no servers).
         let mut pp = String::new();
-        per_packet(&mut pp, &mut misses)?;
+        if !args.skip_per_packet {
+            per_packet(&mut pp, &mut misses)?;
+        }
         if !args.skip_workloads {
             dataplane(&args, &mut report, &mut misses)?;
         }
@@ -391,7 +408,7 @@ fn data_path_lab() -> anyhow::Result<(Lab, Pods, PathBuf)> {
     let dir = lab.dir().to_owned();
     // nginx: one static answer, keep-alive without a request cap, on both families.
     let nginx_conf = dir.join("nginx.conf");
-    let listen: String = [8080, 8081, 8082, 8083, 8084, 8086]
+    let listen: String = [8080, 8081, 8082, 8083, 8084, 8086, 8087]
         .iter()
         .map(|p| format!("listen {p}; listen [::]:{p}; "))
         .collect();
@@ -489,6 +506,7 @@ fn data_path_lab() -> anyhow::Result<(Lab, Pods, PathBuf)> {
     })?;
     let mut pods = Pods {
         v4: BTreeMap::new(),
+        via3: BTreeMap::new(),
         v6: BTreeMap::new(),
     };
     for (name, pod) in [
@@ -496,7 +514,22 @@ fn data_path_lab() -> anyhow::Result<(Lab, Pods, PathBuf)> {
         ("dns", "dns-node1"),
         ("iperf", "iperf-node1"),
     ] {
-        pods.v4.insert(name, lab.pod_ip(pod).context("pod ip")?);
+        let v4 = lab.pod_ip(pod).context("pod ip")?;
+        pods.v4.insert(name, v4);
+        // A second address in the pod's own subnet (node1's bridge reaches it on-link).
+        let o = v4.octets();
+        anyhow::ensure!(
+            o[3] < 100,
+            "pod address {v4} leaves no room for its second address"
+        );
+        let via3 = Ipv4Addr::new(o[0], o[1], o[2], o[3] + 100);
+        let out = lab.run_in_pod(pod, &["ip", "addr", "add", &format!("{via3}/24"), "dev", "eth0"])?;
+        anyhow::ensure!(
+            out.status.success(),
+            "adding {via3} to {pod}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        pods.via3.insert(name, via3);
         pods.v6
             .insert(name, lab.pod_ip6(pod).context("pod IPv6 address")?);
     }
@@ -539,6 +572,20 @@ fn baseline_paths(lab: &Lab, all: &Pods) -> anyhow::Result<std::process::Child> 
         "via",
         &node_addr(1).to_string(),
     ]))?;
+    // `direct-2hop`: the servers' second addresses through node3, which routes node1's pod
+    // network to node1 (host-gw); the replies go from node1 straight to the client, as a
+    // forwarded flow's do.
+    for a in all.via3.values() {
+        sh_ok(Command::new("ip").args([
+            "-n",
+            lab.client_ns(),
+            "route",
+            "add",
+            &format!("{a}/32"),
+            "via",
+            &node_addr(3).to_string(),
+        ]))?;
+    }
     // NAT in both families: forwarded on node3 (DNAT + MASQUERADE), local on node1 (DNAT only).
     for v6 in [false, true] {
         let tool = if v6 { "ip6tables" } else { "iptables" };
@@ -561,11 +608,18 @@ fn baseline_paths(lab: &Lab, all: &Pods) -> anyhow::Result<std::process::Child> 
                 // "10.244.1.5:53", "[fd00:244:1::5]:53": as both tools take it.
                 let dest = SocketAddr::new(to, to_port).to_string();
                 let to = to.to_string();
+                // Only packets to the node's own addresses, as the CNI portmap plugin and
+                // kube-proxy match them (`-m addrtype --dst-type LOCAL`): a packet routed through
+                // the node to a pod keeps its destination.
                 let dnat = [
                     "-A",
                     "PREROUTING",
                     "-p",
                     proto,
+                    "-m",
+                    "addrtype",
+                    "--dst-type",
+                    "LOCAL",
                     "--dport",
                     &from,
                     "-j",
@@ -794,6 +848,16 @@ fn data_path_report(
             );
         }
         let _ = writeln!(report);
+        if let Some(s) = paired(results, w, "st8s-fwd", "direct-2hop") {
+            let _ = writeln!(
+                report,
+                "The forwarding hop: `st8s-fwd` against `direct-2hop` (the same two hops, node3 \
+                 routing as Linux does) {:.2}x, 95 % CI {}, range {}.\n",
+                s.mean,
+                s.interval(),
+                s.range()
+            );
+        }
     }
     med
 }

@@ -443,6 +443,22 @@ impl Lab {
         self.add_ns(&sw)?;
         ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        // A switch forwards frames and nothing else: where br_netfilter is loaded (Kubernetes
+        // nodes load it), bridged frames would otherwise go through this machine's iptables on
+        // every pass through the switch, work a hardware switch never does, paid twice by a
+        // forwarded flow (issue 18). The sysctls are per network namespace (Linux 5.3+); only
+        // the nodes' own bridges keep them on, as on a real node.
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &sw,
+                "sh",
+                "-c",
+                "for f in /proc/sys/net/bridge/bridge-nf-call-*; do [ -e \"$f\" ] && echo 0 > \"$f\"; done; true",
+            ],
+        )?;
         // The switch's own address: where a test's API-server double listens.
         ip(&["-n", &sw, "addr", "add", &format!("{API_ADDR}/24"), "dev", "br0"])?;
         if self.cfg.dual_stack {

@@ -72,6 +72,9 @@ enum Task {
         /// directly).
         #[arg(long)]
         skip_local_clients: bool,
+        /// Skip the per-packet cost (BPF_PROG_TEST_RUN and the instruction count).
+        #[arg(long)]
+        skip_per_packet: bool,
         /// Where to write the report.
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
@@ -251,6 +254,7 @@ fn main() -> anyhow::Result<()> {
             skip_workloads,
             skip_control,
             skip_local_clients,
+            skip_per_packet,
             out,
         } => {
             setup::setup()?;
@@ -285,6 +289,7 @@ fn main() -> anyhow::Result<()> {
                 skip_workloads,
                 skip_control,
                 skip_local_clients,
+                skip_per_packet,
                 out,
             })
         }
