@@ -315,7 +315,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
          misses miss: [performance.md](performance.md).\n"
     );
     if misses.is_empty() {
-        let _ = writeln!(report, "Every target of issue 4 was met in this run.\n");
+        let _ = writeln!(
+            report,
+            "Every target was met in this run, on the end of its interval that could miss it.\n"
+        );
     } else {
         let _ = writeln!(report, "Missed in this run:\n");
         for m in &misses {
@@ -726,7 +729,9 @@ fn run_workloads(
             // As many rounds as it takes for the forwarded path's ratio to direct routing to be
             // known within +-5 %, up to the most the run allows.
             let width = paired(&results, w, "st8s-fwd", "direct").map(|s| s.relative_half_width());
+            let judged = ["st8s-fwd", "direct"].iter().all(|p| paths.contains(p));
             match width {
+                _ if !judged => break,
                 Some(h) if h < 0.05 => break,
                 _ if round >= args.max_rounds => {
                     progress(&format!(

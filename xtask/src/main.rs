@@ -46,8 +46,9 @@ enum Task {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// Rounds at most: a workload runs more than --rounds until the forwarded path's ratio to
-        /// direct routing is known within +-5 % (95 % confidence), up to this many.
-        #[arg(long, default_value_t = 15)]
+        /// direct routing is known within +-5 % (95 % confidence), up to this many. Each round
+        /// of the four workloads takes about four minutes.
+        #[arg(long, default_value_t = 8)]
         max_rounds: usize,
         /// Only these data paths, comma-separated (direct, iptables-fwd, iptables-local, haproxy,
         /// st8s-local, st8s-fwd and their -v6 / ip6tables twins); ratios need their baselines.
