@@ -465,14 +465,7 @@ fn data_path_lab() -> anyhow::Result<(Lab, Pods, PathBuf)> {
         http: None,
         dns: None,
         discovery: Vec::new(),
-        command: cmd(&[
-            "taskset",
-            "-c",
-            "1",
-            "nginx",
-            "-c",
-            nginx_conf.to_str().unwrap_or_default(),
-        ]),
+        command: Some(nginx_on_cpu1(&nginx_conf)),
     })?;
     lab.add_pod(PodSpec {
         name: "dns-node1".into(),
@@ -540,6 +533,15 @@ fn data_path_lab() -> anyhow::Result<(Lab, Pods, PathBuf)> {
     lab.start_agents()?;
     lab.wait_synced(Duration::from_secs(30))?;
     Ok((lab, pods, queries))
+}
+
+/// nginx with the configuration `conf`, on CPU 1 (where every benchmark server runs).
+fn nginx_on_cpu1(conf: &std::path::Path) -> Vec<String> {
+    ["taskset", "-c", "1", "nginx", "-c"]
+        .into_iter()
+        .map(String::from)
+        .chain([conf.to_string_lossy().into_owned()])
+        .collect()
 }
 
 /// The paths st8s is compared with: the client routes pod addresses through node1 (`direct`),
@@ -1140,18 +1142,7 @@ fn local_clients(args: &BenchArgs, report: &mut String, misses: &mut Vec<String>
         discovery: Vec::new(),
         // Server and client on CPUs of their own, the same for both paths: on a 2-core machine
         // the scheduler's placement otherwise moves the ratio more than the paths do.
-        command: Some(
-            [
-                "taskset",
-                "-c",
-                "1",
-                "nginx",
-                "-c",
-                nginx_conf.to_str().unwrap_or_default(),
-            ]
-            .map(String::from)
-            .to_vec(),
-        ),
+        command: Some(nginx_on_cpu1(&nginx_conf)),
     })?;
     lab.add_pod(PodSpec {
         name: "client".into(),

@@ -231,39 +231,16 @@ pub fn count_instructions(object: &Path, cases: usize) -> anyhow::Result<(String
         init,
     )?;
     let log = work.join("console.log");
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-icount",
-            "shift=0",
-            "-m",
-            "1024",
-            "-smp",
-            "1",
-            "-nographic",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&vmlinuz)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&log)?)
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
-    let started = Instant::now();
-    while child.try_wait()?.is_none() {
-        // Bounded: loading the programs and the runs take a minute or two under emulation.
-        if started.elapsed() > Duration::from_secs(600) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // One vCPU: -icount runs the guest on one thread anyway. Loading the programs and the runs
+    // take a minute or two under emulation.
+    run_guest(
+        Arch::Amd64,
+        &vmlinuz,
+        &initrd,
+        &log,
+        &["-icount", "shift=0", "-m", "1024", "-smp", "1"],
+        Duration::from_secs(600),
+    )?;
     let _ = fs::remove_file(&initrd);
     let console = fs::read_to_string(&log).unwrap_or_default();
     let counts = parse_counts(&console, cases);
@@ -502,43 +479,14 @@ fn boot(k: &Kernel, tree: &Path, bins: &Binaries) -> anyhow::Result<Outcome> {
         k.name
     ));
     let started = Instant::now();
-    let (qemu, board, package) = k.arch.qemu();
-    let mut child = Command::new(qemu)
-        .args(board)
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "2048",
-            "-smp",
-            "2",
-            "-nographic",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&vmlinuz)
-        .arg("-initrd")
-        .arg(&initrd)
-        .arg("-append")
-        .arg(format!("console={} panic=-1 quiet", k.arch.console()))
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&log)?)
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {qemu} (Debian package {package})"))?;
-    // Bounded: the steps take minutes under emulation; a hung guest is killed.
-    let limit = k.arch.limit();
-    loop {
-        if child.try_wait()?.is_some() {
-            break;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    run_guest(
+        k.arch,
+        &vmlinuz,
+        &initrd,
+        &log,
+        &["-m", "2048", "-smp", "2"],
+        k.arch.limit(),
+    )?;
     let console = fs::read_to_string(&log).unwrap_or_default();
     let mut steps = parse_steps(&console);
     add_missing(&mut steps, &scheduled_steps(tcx, k.arch == Arch::Amd64));
@@ -560,6 +508,46 @@ fn boot(k: &Kernel, tree: &Path, bins: &Binaries) -> anyhow::Result<Outcome> {
         seconds: started.elapsed().as_secs_f64(),
         log,
     })
+}
+
+/// Boots `vmlinuz` with `initrd` under QEMU (software emulation, `extra` for memory, CPUs and
+/// the like), its console into `log`, and waits until it powers off; a guest still running after
+/// `limit` (hung) is killed.
+fn run_guest(
+    arch: Arch,
+    vmlinuz: &Path,
+    initrd: &Path,
+    log: &Path,
+    extra: &[&str],
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (qemu, board, package) = arch.qemu();
+    let mut child = Command::new(qemu)
+        .args(board)
+        .args(["-accel", "tcg"])
+        .args(extra)
+        .args(["-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!("console={} panic=-1 quiet", arch.console()))
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(log)?)
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {qemu} (Debian package {package})"))?;
+    while child.try_wait()?.is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }
 
 /// The attach paths a lab step must have run on (`None`: not a lab step).
