@@ -844,19 +844,12 @@ fn steer<F: Family>(pkt: &Packet<F>, cfg: &Config) -> Steer {
         // checks again; a UDP datagram re-stamps the translation here.
         if let (false, Some(pod)) = (port.has_local == 0 || is_syn(pkt), F::pod_addr(&port)) {
             let key = F::rev_key(pod, pkt.saddr, port.local_port_be, pkt.sport, pkt.proto);
-            if let Some(v) = F::revnat().get_ptr_mut(&key) {
-                // SAFETY: LRU values stay valid for the duration of the program run.
-                let r = F::reply(unsafe { &*v });
-                if r.frontend == pkt.daddr && r.frontend_port == pkt.dport {
-                    if pkt.proto == PROTO_UDP {
-                        // SAFETY: as above; a plain store into the value.
-                        unsafe { *F::stamp(&mut *v) = bpf_ktime_get_ns() };
-                    }
-                    return Steer::Local {
-                        port,
-                        established: true,
-                    };
-                }
+            if let Some(v) = live_translation(pkt, &key) {
+                restamp(pkt, v);
+                return Steer::Local {
+                    port,
+                    established: true,
+                };
             }
         }
         if !F::is_node(pkt.daddr) {
@@ -2172,6 +2165,24 @@ fn is_syn<F: Family>(pkt: &Packet<F>) -> bool {
     pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
+/// The reply translation under `key`, if there and naming the frontend this packet was sent to.
+#[inline(always)]
+fn live_translation<F: Family>(pkt: &Packet<F>, key: &F::RevKey) -> Option<*mut F::RevValue> {
+    let v = F::revnat().get_ptr_mut(key)?;
+    // SAFETY: LRU values stay valid for the duration of the program run.
+    let r = F::reply(unsafe { &*v });
+    (r.frontend == pkt.daddr && r.frontend_port == pkt.dport).then_some(v)
+}
+
+/// Re-stamps a live reply translation for a packet that must (a TCP SYN, every UDP datagram).
+#[inline(always)]
+fn restamp<F: Family>(pkt: &Packet<F>, v: *mut F::RevValue) {
+    if is_syn(pkt) || pkt.proto == PROTO_UDP {
+        // SAFETY: `v` is an LRU value from this program run (see `live_translation`).
+        unsafe { *F::stamp(&mut *v) = bpf_ktime_get_ns() };
+    }
+}
+
 /// Makes sure the reply translation of a flow delivered to `pod` is in place, naming the
 /// frontend the client sent to; false when it could not be written. The stamp proves that a
 /// reply belongs to a flow st8s delivered: a TCP SYN (re)stamps it, and every UDP datagram
@@ -2179,21 +2190,12 @@ fn is_syn<F: Family>(pkt: &Packet<F>) -> bool {
 #[inline(always)]
 fn reply_translation<F: Family>(pkt: &Packet<F>, port: &PortInfo, pod: F::Addr) -> bool {
     let rev_key = F::rev_key(pod, pkt.saddr, port.local_port_be, pkt.sport, pkt.proto);
-    let stamp = is_syn(pkt) || pkt.proto == PROTO_UDP;
-    let same_frontend = |v: *mut F::RevValue| {
-        // SAFETY: LRU values stay valid for the duration of the program run.
-        let r = F::reply(unsafe { &*v });
-        r.frontend == pkt.daddr && r.frontend_port == pkt.dport
-    };
-    match F::revnat().get_ptr_mut(&rev_key) {
-        Some(v) if same_frontend(v) => {
-            if stamp {
-                // SAFETY: as above; a plain store into the value.
-                unsafe { *F::stamp(&mut *v) = bpf_ktime_get_ns() };
-            }
+    match live_translation(pkt, &rev_key) {
+        Some(v) => {
+            restamp(pkt, v);
             true
         }
-        _ => {
+        None => {
             // SAFETY: plain helper call.
             let rev = F::rev_value(pkt.daddr, pkt.dport, port.slot, unsafe { bpf_ktime_get_ns() });
             F::revnat().insert(&rev_key, rev, 0).is_ok()

@@ -50,8 +50,9 @@ enum Task {
         /// of the four workloads takes about four minutes.
         #[arg(long, default_value_t = 8)]
         max_rounds: usize,
-        /// Only these data paths, comma-separated (direct, iptables-fwd, iptables-local, haproxy,
-        /// st8s-local, st8s-fwd and their -v6 / ip6tables twins); ratios need their baselines.
+        /// Only these data paths, comma-separated (direct, direct-2hop, iptables-fwd,
+        /// iptables-local, haproxy, st8s-local, st8s-fwd and their -v6 / ip6tables twins);
+        /// ratios need their baselines.
         #[arg(long, value_delimiter = ',')]
         paths: Vec<String>,
         /// Only these workloads, comma-separated: keep-alive, new-conn, dns, stream.
@@ -258,6 +259,12 @@ fn main() -> anyhow::Result<()> {
             skip_per_packet,
             out,
         } => {
+            // Before the setup and the builds, which take minutes.
+            if rounds < 2 || max_rounds < rounds {
+                bail!(
+                    "--rounds must be at least 2 (a spread needs two rounds) and --max-rounds at least --rounds"
+                );
+            }
             setup::setup()?;
             setup::build_ebpf()?;
             progress("building st8s (release)");
@@ -275,11 +282,6 @@ fn main() -> anyhow::Result<()> {
             } else {
                 workspace_root().join(out)
             };
-            if rounds < 2 || max_rounds < rounds {
-                bail!(
-                    "--rounds must be at least 2 (a spread needs two rounds) and --max-rounds at least --rounds"
-                );
-            }
             xtask::bench::run(xtask::bench::BenchArgs {
                 rounds,
                 max_rounds,

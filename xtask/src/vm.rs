@@ -217,10 +217,10 @@ pub fn count_instructions(object: &Path, cases: usize) -> anyhow::Result<(String
     fs::create_dir_all(&work)?;
     let initrd = work.join("initrd.cpio");
     let me = std::env::current_exe().context("this xtask binary")?;
-    let init = "#!/bin/busybox sh\n/bin/busybox --install -s\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
-                mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
-                mount -t bpf bpf /sys/fs/bpf\ncd /t\n\
-                /t/debug/xtask per-packet-count --object /t/st8s.o\necho \"ST8S-STEP count $?\"\npoweroff -f\n";
+    let init = format!(
+        "{INIT_PRELUDE}cd /t\n/t/debug/xtask per-packet-count --object /t/st8s.o\n\
+         echo \"ST8S-STEP count $?\"\npoweroff -f\n"
+    );
     build_initrd(
         &initrd,
         Arch::Amd64,
@@ -228,7 +228,7 @@ pub fn count_instructions(object: &Path, cases: usize) -> anyhow::Result<(String
         &[],
         vec![("t/debug/xtask".into(), me)],
         &[("t/st8s.o".into(), object.to_path_buf())],
-        init,
+        &init,
     )?;
     let log = work.join("console.log");
     // One vCPU: -icount runs the guest on one thread anyway. Loading the programs and the runs
@@ -596,13 +596,14 @@ fn release_at_least(release: &str, major: u64, minor: u64) -> bool {
 
 /// The steps /init runs: each prints its marker line. `vlan`: the VLAN uplink step too (run on
 /// the x86_64 kernels, one per TC attach path; on arm64 it would test nothing of its own).
+/// What every guest's /init does first: busybox's applets, the kernel's file systems, loopback.
+const INIT_PRELUDE: &str = "#!/bin/busybox sh\n/bin/busybox --install -s\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
+     mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
+     mount -t tmpfs tmpfs /run\nmount -t tmpfs tmpfs /tmp\nmount -t bpf bpf /sys/fs/bpf\n\
+     mount -t cgroup2 cgroup2 /sys/fs/cgroup\nip link set lo up\n";
+
 fn init_script(mods: &[String], tcx: bool, vlan: bool) -> String {
-    let mut s = String::from(
-        "#!/bin/busybox sh\n/bin/busybox --install -s\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
-         mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
-         mount -t tmpfs tmpfs /run\nmount -t tmpfs tmpfs /tmp\nmount -t bpf bpf /sys/fs/bpf\n\
-         mount -t cgroup2 cgroup2 /sys/fs/cgroup\nip link set lo up\n",
-    );
+    let mut s = String::from(INIT_PRELUDE);
     for m in mods {
         let _ = writeln!(s, "insmod /m/{m}.ko || echo \"insmod {m} failed\"");
     }
