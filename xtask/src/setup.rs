@@ -77,13 +77,19 @@ fn dpkg_installed(pkg: &str) -> bool {
 }
 
 fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
+    apt_install_from(pkgs, None)
+}
+
+/// `apt-get install`, from `release` (`-t`) when given.
+fn apt_install_from(pkgs: &[&str], release: Option<&str>) -> anyhow::Result<()> {
     if pkgs.is_empty() {
         return Ok(());
     }
     if !have("apt-get") {
         bail!("missing packages {pkgs:?} and no apt-get to install them: install them by hand");
     }
-    progress(&format!("installing Debian packages: {}", pkgs.join(" ")));
+    let from = release.map(|r| format!(" (from {r})")).unwrap_or_default();
+    progress(&format!("installing Debian packages{from}: {}", pkgs.join(" ")));
     let sudo = if is_root() { vec![] } else { vec!["sudo"] };
     let mut update = sudo.clone();
     update.extend(["apt-get", "update", "-qq"]);
@@ -97,8 +103,99 @@ fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
         "-y",
         "-qq",
     ]);
+    if let Some(r) = release {
+        install.extend(["-t", r]);
+    }
     install.extend(pkgs);
-    run(Command::new(install[0]).args(&install[1..])).with_context(|| format!("apt-get install {pkgs:?}"))
+    run(Command::new(install[0]).args(&install[1..]))
+        .with_context(|| format!("apt-get install{from} {pkgs:?}"))
+}
+
+/// The packages that share `qemu-system-common` with the `qemu-utils` a machine may already have.
+const QEMU_SYSTEM_PACKAGES: &[&str] = &["qemu-system-x86", "qemu-system-arm"];
+
+/// The release QEMU's system emulators must come from, when not the machine's own: a machine
+/// that ships `qemu-utils` from backports (these machines have 10.0.2 from bookworm-backports,
+/// ../.library/env/machines/rust.md) cannot take bookworm's 7.2 emulators, whose
+/// `qemu-system-common` that `qemu-utils` declares it Breaks; apt then refuses the whole install.
+/// The emulators come from the same backports suite, added to apt's sources if it is not there.
+fn qemu_release() -> anyhow::Result<Option<String>> {
+    let version = Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", "qemu-utils"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if !version.contains("~bpo") {
+        return Ok(None);
+    }
+    let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let Some(codename) = os
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|c| c.trim_matches('"').to_string())
+    else {
+        bail!(
+            "qemu-utils {version} is from backports, but /etc/os-release names no release to take QEMU from"
+        );
+    };
+    let suite = format!("{codename}-backports");
+    if !apt_sources_name(&suite) {
+        progress(&format!(
+            "adding {suite} to apt's sources ({ST8S_BACKPORTS}): the installed qemu-utils {version} comes from it"
+        ));
+        let entry = format!(
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {suite}\nComponents: main\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        );
+        write_root_file(ST8S_BACKPORTS, &entry)?;
+    }
+    Ok(Some(suite))
+}
+
+/// The apt source st8s adds for QEMU's backports (removed with the rest by deleting the file).
+const ST8S_BACKPORTS: &str = "/etc/apt/sources.list.d/st8s-backports.sources";
+
+/// Whether any of apt's sources names `suite`.
+fn apt_sources_name(suite: &str) -> bool {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        files.extend(
+            dir.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "list" || e == "sources")),
+        );
+    }
+    files.iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|t| {
+            t.lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .any(|l| l.split_whitespace().any(|w| w == suite))
+        })
+    })
+}
+
+/// Writes a file only root may write (through sudo when not root).
+fn write_root_file(path: &str, contents: &str) -> anyhow::Result<()> {
+    if is_root() {
+        return std::fs::write(path, contents).with_context(|| format!("writing {path}"));
+    }
+    let mut child = Command::new("sudo")
+        .args(["tee", path])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("sudo tee")?;
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .context("sudo tee's stdin")?
+        .write_all(contents.as_bytes())
+        .with_context(|| format!("writing {path}"))?;
+    if !child.wait().context("sudo tee")?.success() {
+        bail!("could not write {path} with sudo");
+    }
+    Ok(())
 }
 
 pub fn is_root() -> bool {
@@ -216,12 +313,15 @@ pub fn setup() -> anyhow::Result<()> {
     ensure_rust_src(&tc)?;
     ensure_arm64_target()?;
     ensure_bpf_linker()?;
-    let missing: Vec<&str> = PACKAGES
+    let (qemu, missing): (Vec<&str>, Vec<&str>) = PACKAGES
         .iter()
         .filter(|(_, cmd)| !have(cmd))
         .map(|(p, _)| *p)
-        .collect();
+        .partition(|p| QEMU_SYSTEM_PACKAGES.contains(p));
     apt_install(&missing)?;
+    if !qemu.is_empty() {
+        apt_install_from(&qemu, qemu_release()?.as_deref())?;
+    }
     ensure_arm64_packages()?;
     for (pkg, cmd) in PACKAGES {
         if !have(cmd) {
