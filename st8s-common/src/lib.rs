@@ -104,8 +104,17 @@ pub mod program_names {
 
 /// Version of what the maps mean. Bump it whenever a map's meaning changes without its shape
 /// (key size, value size, type, capacity) changing: an agent that finds pinned maps written under
-/// another version rebuilds them instead of misreading them. Shape changes are detected anyway.
-pub const LAYOUT_VERSION: u16 = 1;
+/// another version rebuilds them instead of misreading them (unless the version is one of
+/// `ADOPTED_LAYOUTS`). Shape changes are detected anyway.
+///
+/// 2: `ST8S_PORT_INDEX` words carry a generation in their high half, and `FlowValue` grew the
+/// fields that let a flow decide with one lookup (issue 18).
+pub const LAYOUT_VERSION: u16 = 2;
+
+/// Older layouts whose maps this release reads as its own: layout 1's index words are words of
+/// generation 0, and its flow entries are carried over with the new fields zeroed (never
+/// checked). An agent of layout 1 finds layout 2 and rebuilds, so a downgrade never misreads.
+pub const ADOPTED_LAYOUTS: &[u16] = &[1];
 
 /// Steered (port, protocol) pairs at most. A home cluster exposes a handful.
 pub const MAX_PORTS: u32 = 64;
@@ -125,11 +134,42 @@ pub const BANKS: u32 = 2;
 pub const MAX_FLOWS: u32 = 65_536;
 /// Cluster nodes at most.
 pub const MAX_NODES: u32 = 256;
-/// `ST8S_PORT_INDEX`: one `u32` per (protocol, port), TCP first, then UDP. 0: not steered;
-/// otherwise 1 + the index of the live `PortInfo` in `ST8S_PORT_INFO` (slot * BANKS + bank).
-/// The packet path reads two arrays instead of hashing, and a port flips to its other bank with
-/// one aligned 4-byte write.
+/// `ST8S_PORT_INDEX`: one `u32` word per (protocol, port), TCP first, then UDP. 0: not steered;
+/// otherwise its low 16 bits are 1 + the index of the live `PortInfo` in `ST8S_PORT_INFO`
+/// (slot * BANKS + bank) and its high 16 bits the port's generation (see [`port_word`]). The
+/// packet path reads two arrays instead of hashing, and a port flips to its other bank with one
+/// aligned 4-byte write.
 pub const PORT_INDEX_ENTRIES: u32 = 2 * 65536;
+
+/// The `ST8S_PORT_INDEX` word of a port whose live `PortInfo` is `info_index`, written by the
+/// agent's change number `generation`. Every change of a port writes a word no flow has seen
+/// (the agent counts changes across all ports and restarts), so a flow entry that holds the word
+/// it was checked under knows, by one comparison, that its verdict still stands (issue 18). The
+/// count wraps after 65,536 changes: a flow would have to stay idle across exactly that many,
+/// and land on the same bank, to be taken for current.
+pub const fn port_word(generation: u16, info_index: u32) -> u32 {
+    (generation as u32) << 16 | (info_index + 1)
+}
+
+/// The index of the live `PortInfo` named by a non-zero `ST8S_PORT_INDEX` word.
+pub const fn word_info_index(word: u32) -> u32 {
+    (word & 0xffff).wrapping_sub(1)
+}
+
+/// The counter slot of the port a non-zero `ST8S_PORT_INDEX` word names.
+pub const fn word_slot(word: u32) -> u32 {
+    word_info_index(word) / BANKS
+}
+
+/// The generation in an `ST8S_PORT_INDEX` word.
+pub const fn word_generation(word: u32) -> u16 {
+    (word >> 16) as u16
+}
+
+const _: () = assert!(
+    MAX_PORTS * BANKS < 0xffff,
+    "PortInfo indexes must fit a word's low half"
+);
 
 /// The entry of `ST8S_PORT_INDEX` for (`proto`, `port`).
 pub const fn port_index(proto: u8, port: u32) -> u32 {
@@ -156,6 +196,10 @@ pub const BACKEND_LOCAL: u8 = 1;
 /// `Backend::flags`: the backend's pod is draining (NotReady or terminating, TCP only): flows
 /// already on it stay, the Maglev table sends no new flow to it.
 pub const BACKEND_DRAINING: u8 = 2;
+/// `Backend::flags`: a place in the list that no node holds (its node left; a node that arrives
+/// later takes it). Every node keeps its place in a port's list while it serves the port, so a
+/// flow's `backend_hint` names its node's place for the flow's whole life.
+pub const BACKEND_VACANT: u8 = 4;
 
 /// `FlowValue::kind`.
 pub const FLOW_LOCAL: u8 = 1;
@@ -388,8 +432,32 @@ pub struct FlowValue {
     /// `bpf_ktime_get_ns` when the flow was steered (the LRU keeps recency itself; nothing is
     /// written per packet).
     pub created_ns: u64,
+    /// The port's `ST8S_PORT_INDEX` word when this verdict was last checked against the port's
+    /// backends (0: never, as in an entry carried over from a release without it). While the
+    /// port's word is still this one, the verdict stands without reading the port or its
+    /// backends: one flow lookup decides.
+    pub port_word: u32,
+    /// `FLOW_REMOTE`: the MAC of the backend's node as of `port_word`.
+    pub node_mac: [u8; 6],
+    pub _pad: [u8; 6],
 }
-assert_size!(FlowValue, 16);
+assert_size!(FlowValue, 32);
+
+impl FlowValue {
+    /// A flow entry of layout 1 (the fields up to `created_ns`, as the kernel stores them), with
+    /// the fields added since zeroed: never checked, so its first packet checks it.
+    pub fn from_v1(v: [u8; 16]) -> Self {
+        let b = |i: usize| v[i];
+        FlowValue {
+            backend_addr_be: u32::from_ne_bytes([b(0), b(1), b(2), b(3)]),
+            backend_port_be: u16::from_ne_bytes([b(4), b(5)]),
+            kind: b(6),
+            backend_hint: b(7),
+            created_ns: u64::from_ne_bytes([b(8), b(9), b(10), b(11), b(12), b(13), b(14), b(15)]),
+            ..Default::default()
+        }
+    }
+}
 
 /// Discovery ports a node delivers broadcast and multicast to: one per (UDP) hostPort whose pod
 /// on this node declares it in `st8s.io/discovery`.

@@ -29,16 +29,16 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use st8s_common::{
-    flow_hash, flow_hash6, port_index, socket_hash, Addr6, Backend, Config, Counters, Discovery,
-    DiscoveryPodKey, DiscoveryPodKey6, Event, FlowKey, FlowKey6, FlowValue, FragKey, FragKey6, FragValue,
-    MacKey, MaglevRow, MonitorCtl, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatKey6, RevNatValue,
-    RevNatValue6, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, BACKEND_DRAINING,
-    BACKEND_LOCAL, BANKS, CONFIG_PREFER_LOCAL, EVENTS_BYTES, EVENT_ANNOUNCED, EVENT_DISCOVERED,
-    EVENT_DROP_ERROR, EVENT_DROP_NO_LOCAL_BACKEND, EVENT_FORWARDED, EVENT_FRAG_INVALID, EVENT_FRAG_UNTRACKED,
-    EVENT_ICMP_ERROR, EVENT_LOCAL, EVENT_PASSED, EVENT_REPLIED, EVENT_SNAP, EVENT_SOCKET_LOCAL,
-    EVENT_SOCKET_REMOTE, EVENT_UNTRUSTED_PEER, FLOW_LOCAL, FLOW_REMOTE, FRAG_TIMEOUT_NS, GLOBAL_COUNTER_SLOT,
-    MAGLEV_SIZE, MAX_BACKENDS, MAX_DISCOVERY, MAX_FLOWS, MAX_FRAGS, MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES,
-    PORT_LOCAL_DRAINING, PROTO_TCP, PROTO_UDP,
+    flow_hash, flow_hash6, port_index, socket_hash, word_info_index, word_slot, Addr6, Backend, Config,
+    Counters, Discovery, DiscoveryPodKey, DiscoveryPodKey6, Event, FlowKey, FlowKey6, FlowValue, FragKey,
+    FragKey6, FragValue, MacKey, MaglevRow, MonitorCtl, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatKey6,
+    RevNatValue, RevNatValue6, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6,
+    BACKEND_DRAINING, BACKEND_LOCAL, BACKEND_VACANT, BANKS, CONFIG_PREFER_LOCAL, EVENTS_BYTES,
+    EVENT_ANNOUNCED, EVENT_DISCOVERED, EVENT_DROP_ERROR, EVENT_DROP_NO_LOCAL_BACKEND, EVENT_FORWARDED,
+    EVENT_FRAG_INVALID, EVENT_FRAG_UNTRACKED, EVENT_ICMP_ERROR, EVENT_LOCAL, EVENT_PASSED, EVENT_REPLIED,
+    EVENT_SNAP, EVENT_SOCKET_LOCAL, EVENT_SOCKET_REMOTE, EVENT_UNTRUSTED_PEER, FLOW_LOCAL, FLOW_REMOTE,
+    FRAG_TIMEOUT_NS, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, MAX_BACKENDS, MAX_DISCOVERY, MAX_FLOWS, MAX_FRAGS,
+    MAX_NODES, MAX_PORTS, PORT_INDEX_ENTRIES, PORT_LOCAL_DRAINING, PROTO_TCP, PROTO_UDP,
 };
 
 #[map]
@@ -803,15 +803,27 @@ enum Steer {
     DropNoLocal { slot: u32 },
 }
 
+/// The `ST8S_PORT_INDEX` word of a steered (port, protocol) (see `port_word`): one array read,
+/// no hashing. `None` when the port is not steered.
+#[inline(always)]
+fn port_word_of(proto: u8, port_be: u16) -> Option<u32> {
+    let index = port_index(proto, u16::from_be(port_be) as u32);
+    match ST8S_PORT_INDEX.get(index) {
+        Some(&w) if w != 0 => Some(w),
+        _ => None,
+    }
+}
+
+/// The live `PortInfo` a port word names.
+#[inline(always)]
+fn port_info_at(word: u32) -> Option<PortInfo> {
+    ST8S_PORT_INFO.get(word_info_index(word)).copied()
+}
+
 /// The live `PortInfo` of a steered (port, protocol): two array reads, no hashing.
 #[inline(always)]
 fn port_info_of(proto: u8, port_be: u16) -> Option<PortInfo> {
-    let index = port_index(proto, u16::from_be(port_be) as u32);
-    let live = *ST8S_PORT_INDEX.get(index)?;
-    if live == 0 {
-        return None;
-    }
-    ST8S_PORT_INFO.get(live - 1).copied()
+    port_info_at(port_word_of(proto, port_be)?)
 }
 
 #[inline(always)]
@@ -827,76 +839,135 @@ fn steer<F: Family>(pkt: &Packet<F>, cfg: &Config) -> Steer {
     if pkt.dst_mac != cfg.self_mac {
         return Steer::NotOurs;
     }
-    let mut port = match port_info_of(pkt.proto, pkt.dport) {
-        Some(p) => p,
-        None => return Steer::NotOurs,
+    let Some(word) = port_word_of(pkt.proto, pkt.dport) else {
+        return Steer::NotOurs;
     };
-    // A local pod without an address in this family cannot take the packet: for this family
-    // the node has no local backend.
+    if pkt.daddr == F::self_addr(cfg) {
+        steer_frontend(pkt, cfg, word)
+    } else {
+        steer_forwarded(pkt, word)
+    }
+}
+
+/// The port's live `PortInfo`, as seen by family `F`: a local pod without an address in this
+/// family cannot take the packet, so for this family the node has no local backend.
+#[inline(always)]
+fn port_for<F: Family>(word: u32) -> Option<PortInfo> {
+    let mut port = port_info_at(word)?;
     if F::pod_addr(&port).is_none() {
         port.has_local = 0;
     }
+    Some(port)
+}
+
+/// A packet sent to another node's address: only a peer's forward may land here, and it must be
+/// served by this node's own backend, never forwarded again (no loops).
+#[inline(always)]
+fn steer_forwarded<F: Family>(pkt: &Packet<F>, word: u32) -> Steer {
+    let Some(port) = port_for::<F>(word) else {
+        return Steer::NotOurs;
+    };
     let slot = port.slot as u32;
-    if pkt.daddr != F::self_addr(cfg) {
-        // A peer's forward of a flow this node already serves: the flow's reply translation
-        // (keyed by this node's pod, naming the node the client sent to) proves that its first
-        // packet passed the checks below, so one lookup decides (issue 18). A SYN takes the
-        // checks again; a UDP datagram re-stamps the translation here.
-        if let (false, Some(pod)) = (port.has_local == 0 || is_syn(pkt), F::pod_addr(&port)) {
-            let key = F::rev_key(pod, pkt.saddr, port.local_port_be, pkt.sport, pkt.proto);
-            if let Some(v) = live_translation(pkt, &key) {
-                restamp(pkt, v);
-                return Steer::Local {
-                    port,
-                    established: true,
-                };
-            }
-        }
-        if !F::is_node(pkt.daddr) {
-            return Steer::NotOurs;
-        }
-        // Sent to another node's address: only a peer's forward may land here, and it must be
-        // served by this node's own backend, never forwarded again (no loops).
-        let mac = MacKey {
-            mac: pkt.src_mac,
-            _pad: [0; 2],
-        };
-        // SAFETY: only existence is checked.
-        if unsafe { ST8S_PEER_MACS.get(mac) }.is_none() {
-            return Steer::Pass {
-                slot,
-                untrusted: true,
+    // A peer's forward of a flow this node already serves: the flow's reply translation (keyed
+    // by this node's pod, naming the node the client sent to) proves that its first packet
+    // passed the checks below, so one lookup decides (issue 18). A SYN takes the checks again;
+    // a UDP datagram re-stamps the translation here.
+    if let (false, Some(pod)) = (port.has_local == 0 || is_syn(pkt), F::pod_addr(&port)) {
+        let key = F::rev_key(pod, pkt.saddr, port.local_port_be, pkt.sport, pkt.proto);
+        if let Some(v) = live_translation(pkt, &key) {
+            restamp(pkt, v);
+            return Steer::Local {
+                port,
+                established: true,
             };
         }
-        if port.has_local == 0 {
-            return Steer::DropNoLocal { slot };
-        }
-        return Steer::Local {
-            port,
-            established: false,
+    }
+    if !F::is_node(pkt.daddr) {
+        return Steer::NotOurs;
+    }
+    let mac = MacKey {
+        mac: pkt.src_mac,
+        _pad: [0; 2],
+    };
+    // SAFETY: only existence is checked.
+    if unsafe { ST8S_PEER_MACS.get(mac) }.is_none() {
+        return Steer::Pass {
+            slot,
+            untrusted: true,
         };
     }
+    if port.has_local == 0 {
+        return Steer::DropNoLocal { slot };
+    }
+    Steer::Local {
+        port,
+        established: false,
+    }
+}
+
+/// A packet sent to this node's own address: a tracked flow keeps its backend, a new one is
+/// placed.
+#[inline(always)]
+fn steer_frontend<F: Family>(pkt: &Packet<F>, cfg: &Config, word: u32) -> Steer {
+    let key = F::flow_key(pkt);
+    // A TCP segment after the SYN: the flow's reply translation was written with its first
+    // packet and re-stamped by its SYN, so nothing more is read for it (issue 18). UDP
+    // re-stamps it per datagram, which takes the lookup.
+    let established = pkt.proto == PROTO_TCP && !is_syn(pkt);
+    // SAFETY: the entry is read, and written back only where it names a checked verdict; the
+    // LRU keeps its own recency.
+    let Some(f) = F::flows().get_ptr_mut(&key) else {
+        let Some(port) = port_for::<F>(word) else {
+            return Steer::NotOurs;
+        };
+        return place(pkt, cfg, word, &port, &key);
+    };
+    // SAFETY: a live entry of the flow table; the two fields written are read only here.
+    let f = unsafe { &mut *f };
+    // The verdict was checked under the port's current word: it stands. Nothing else is read
+    // for a remote flow (one lookup decides, issue 18); a local one reads the port for its
+    // pod's address.
+    let current = f.port_word == word;
+    if current && f.kind == FLOW_REMOTE {
+        return Steer::Remote {
+            slot: word_slot(word),
+            mac: f.node_mac,
+        };
+    }
+    let Some(port) = port_for::<F>(word) else {
+        return Steer::NotOurs;
+    };
+    if current && f.kind == FLOW_LOCAL {
+        return Steer::Local { port, established };
+    }
+    if port.backend_count == 0 {
+        return place(pkt, cfg, word, &port, &key);
+    }
+    if let Some(s) = still_valid(f, &port) {
+        // Checked under this word: the next packets take the one-lookup path.
+        f.port_word = word;
+        return match s {
+            Steer::Local { port, .. } => Steer::Local { port, established },
+            Steer::Remote { slot, mac } => {
+                f.node_mac = mac;
+                Steer::Remote { slot, mac }
+            }
+            s => s,
+        };
+    }
+    place(pkt, cfg, word, &port, &key)
+}
+
+/// A flow not tracked yet, or whose backend went away: its backend is chosen, and the flow
+/// entry written.
+#[inline(always)]
+fn place<F: Family>(pkt: &Packet<F>, cfg: &Config, word: u32, port: &PortInfo, key: &F::FlowKey) -> Steer {
+    let slot = port.slot as u32;
     if port.backend_count == 0 {
         return Steer::Pass {
             slot,
             untrusted: false,
         };
-    }
-    let key = F::flow_key(pkt);
-    // SAFETY: copied out at once; the LRU keeps its own recency, nothing is written per packet.
-    if let Some(f) = unsafe { F::flows().get(&key) } {
-        if let Some(s) = still_valid(f, &port, cfg) {
-            return match s {
-                // A tracked TCP flow's reply translation was written with its first packet and
-                // re-stamped by its SYN: one lookup decides (issue 18). UDP re-stamps it per
-                // datagram, which takes the lookup.
-                Steer::Local { port, .. } => Steer::Local {
-                    port,
-                    established: pkt.proto == PROTO_TCP && !is_syn(pkt),
-                },
-                s => s,
-            };
-        }
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -911,7 +982,7 @@ fn steer<F: Family>(pkt: &Packet<F>, cfg: &Config) -> Steer {
         // SAFETY: only existence is checked.
         unsafe { ST8S_PEER_MACS.get(mac) }.is_some()
     };
-    let (flow, verdict) = match choose(&port, F::flow_hash(&key, cfg.hash_seed), prefer_local) {
+    let (flow, verdict) = match choose(port, F::flow_hash(key, cfg.hash_seed), prefer_local) {
         Choice::Remote { backend: b, idx } => (
             FlowValue {
                 backend_addr_be: b.node_addr_be,
@@ -919,6 +990,9 @@ fn steer<F: Family>(pkt: &Packet<F>, cfg: &Config) -> Steer {
                 kind: FLOW_REMOTE,
                 backend_hint: idx,
                 created_ns: now,
+                port_word: word,
+                node_mac: b.node_mac,
+                _pad: [0; 6],
             },
             Steer::Remote {
                 slot,
@@ -932,9 +1006,12 @@ fn steer<F: Family>(pkt: &Packet<F>, cfg: &Config) -> Steer {
                 kind: FLOW_LOCAL,
                 backend_hint: 0,
                 created_ns: now,
+                port_word: word,
+                node_mac: [0; 6],
+                _pad: [0; 6],
             },
             Steer::Local {
-                port,
+                port: *port,
                 established: false,
             },
         ),
@@ -948,7 +1025,7 @@ fn steer<F: Family>(pkt: &Packet<F>, cfg: &Config) -> Steer {
         }
     };
     // A full LRU evicts the oldest flow; an insert failure only costs stickiness.
-    let _ = F::flows().insert(&key, flow, 0);
+    let _ = F::flows().insert(key, flow, 0);
     verdict
 }
 
@@ -983,8 +1060,9 @@ fn choose(port: &PortInfo, h: u32, prefer_local: bool) -> Choice {
         return Choice::None;
     }
     match ST8S_BACKENDS.get(port.backend_index(idx)) {
-        // Draining backends keep their flows but take no new one.
-        Some(b) if b.flags & BACKEND_DRAINING != 0 => Choice::None,
+        // Draining backends keep their flows but take no new one (and no row names a vacant
+        // place).
+        Some(b) if b.flags & (BACKEND_DRAINING | BACKEND_VACANT) != 0 => Choice::None,
         Some(b) if b.flags & BACKEND_LOCAL != 0 => {
             if port.has_local != 0 {
                 Choice::Local
@@ -1011,7 +1089,7 @@ fn bounded(v: usize) -> usize {
 
 /// A tracked flow keeps its backend as long as that backend still serves the port.
 #[inline(always)]
-fn still_valid(f: &FlowValue, port: &PortInfo, _cfg: &Config) -> Option<Steer> {
+fn still_valid(f: &FlowValue, port: &PortInfo) -> Option<Steer> {
     let slot = port.slot as u32;
     if f.kind == FLOW_LOCAL {
         if port.has_local != 0
@@ -1026,7 +1104,7 @@ fn still_valid(f: &FlowValue, port: &PortInfo, _cfg: &Config) -> Option<Steer> {
         return None;
     }
     let count = port.backend_count as u32;
-    // Usually the backend is still where it was chosen: one array read.
+    // The backend is where it was chosen for as long as it serves the port: one array read.
     let hint = f.backend_hint as u32;
     if hint < count {
         if let Some(b) = ST8S_BACKENDS.get(port.backend_index(hint)) {
@@ -1038,22 +1116,8 @@ fn still_valid(f: &FlowValue, port: &PortInfo, _cfg: &Config) -> Option<Steer> {
             }
         }
     }
-    // The list changed since: look for the node among the port's backends.
-    let mut i = 0u32;
-    while i < MAX_BACKENDS {
-        if i >= count {
-            break;
-        }
-        if let Some(b) = ST8S_BACKENDS.get(port.backend_index(i)) {
-            if b.node_addr_be == f.backend_addr_be && b.flags & BACKEND_LOCAL == 0 {
-                return Some(Steer::Remote {
-                    slot,
-                    mac: b.node_mac,
-                });
-            }
-        }
-        i += 1;
-    }
+    // Not there: the node left the port. (The agent keeps every node at its place in the list
+    // while it stays, `MapWriter::write_port`, so no other place can hold it.)
     None
 }
 
@@ -1666,7 +1730,7 @@ fn icmp_to_backend<F: IcmpFamily>(ctx: &TcContext) -> Option<i32> {
     if flow.kind != FLOW_REMOTE {
         return None;
     }
-    let Some(Steer::Remote { slot, mac }) = still_valid(&flow, &port, cfg) else {
+    let Some(Steer::Remote { slot, mac }) = still_valid(&flow, &port) else {
         return None;
     };
     let m = cfg.self_mac;

@@ -24,7 +24,8 @@ use st8s::{
 use st8s_common::{
     BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, Discovery,
     FLOW_LOCAL, FLOW_REMOTE, FlowKey, FlowKey6, FlowValue, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, NodeInfo,
-    PROTO_TCP, PROTO_UDP, RevNatKey, RevNatKey6, RevNatValue, RevNatValue6, addr6, map_names, program_names,
+    PROTO_TCP, PROTO_UDP, PortInfo, PortKey, RevNatKey, RevNatKey6, RevNatValue, RevNatValue6, addr6,
+    map_names, port_index, program_names, word_info_index,
 };
 
 /// Test packets built and read by etherparse, a parser that shares no code with st8s: what the
@@ -901,6 +902,13 @@ impl Dp {
         m.get(key, 0).ok()
     }
 
+    /// The `ST8S_PORT_INDEX` word of a port.
+    fn port_word(&self, port: u16, proto: u8) -> u32 {
+        let index: Array<_, u32> =
+            Array::try_from(self.ebpf.map(map_names::PORT_INDEX).expect("map")).expect("type");
+        index.get(&port_index(proto, u32::from(port)), 0).expect("word")
+    }
+
     /// Removes an entry of the map `name` (as the LRU would evict it), if there.
     fn forget<K: aya::Pod, V: aya::Pod>(&mut self, name: &str, key: &K) {
         let mut m: HashMap<_, K, V> = HashMap::try_from(self.ebpf.map_mut(name).expect("map")).expect("type");
@@ -1634,42 +1642,229 @@ fn an_established_flow_decides_with_one_lookup() {
     assert_eq!(dp.counters(slot).untrusted_peer, 3);
 }
 
+/// Issue 18: a remote flow decides with one lookup. Its entry holds the verdict (the backend
+/// node's MAC) and the port's index word it was checked under; while the port's word is
+/// unchanged, nothing else is read, and every change of the port (a new word) makes the next
+/// packet check the verdict against the port's backends again, once.
+#[test]
+fn a_remote_flow_decides_with_one_lookup_until_its_port_changes() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    let slot = dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
+    let f = client_tcp(SELF, 80);
+    let pkt = f.wire();
+    assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC);
+    let word_of_80 = |dp: &Dp| dp.port_word(80, PROTO_TCP);
+    let first_word = word_of_80(&dp);
+    let flow = dp.flow(&flow_key(&f)).expect("flow");
+    assert_eq!((flow.port_word, flow.node_mac), (first_word, PEER_MAC));
+
+    // The backend table is overwritten behind the agent's back (no new word): the flow's verdict
+    // stands without reading it. (A program that read the backends per packet would follow.)
+    {
+        let ports: HashMap<_, PortKey, PortInfo> =
+            HashMap::try_from(dp.ebpf.map(map_names::PORTS).expect("map")).expect("type");
+        let info = ports.get(&PortKey::new(80, PROTO_TCP), 0).expect("port");
+        let mut backends: Array<_, Backend> =
+            Array::try_from(dp.ebpf.map_mut(map_names::BACKENDS).expect("map")).expect("type");
+        let mut b = backends.get(&info.backend_index(0), 0).expect("backend");
+        b.node_mac = PEER3_MAC;
+        backends
+            .set(info.backend_index(0), b, 0)
+            .expect("backend written");
+    }
+    assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC, "one lookup decided");
+    assert_eq!(
+        &dp.run_tc(program_names::UPLINK_TC, &pkt).1[0..6],
+        &PEER_MAC,
+        "in TC too"
+    );
+    assert_eq!(dp.counters(slot).forwarded, 3, "counted on the port's slot");
+
+    // The peer's NIC is replaced: the agent writes the port with the node's new MAC, under a new
+    // word. The next packet checks the flow again and follows; its entry now holds the new word.
+    const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x1c];
+    dp.port(80, PROTO_TCP, &[(PEER, NEW_MAC, false)], 0, false);
+    let second_word = word_of_80(&dp);
+    assert_ne!(second_word, first_word, "a change writes a new word");
+    assert_eq!(
+        &dp.run_xdp(&pkt).1[0..6],
+        &NEW_MAC,
+        "the flow followed its node's new MAC"
+    );
+    let flow = dp.flow(&flow_key(&f)).expect("flow");
+    assert_eq!((flow.port_word, flow.node_mac), (second_word, NEW_MAC));
+    assert_eq!(
+        flow.backend_addr_be,
+        be(a(PEER)),
+        "still the same backend: stickiness kept"
+    );
+
+    // Two changes flip the port back to the bank it started on: the word is still new.
+    dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
+    let third_word = word_of_80(&dp);
+    assert_eq!(
+        word_info_index(third_word),
+        word_info_index(first_word),
+        "the same bank"
+    );
+    assert_ne!(third_word, first_word);
+    assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC);
+
+    // A flow entry carried over from layout 1 (its word zeroed) is checked by its first packet.
+    let mut m: HashMap<_, FlowKey, FlowValue> =
+        HashMap::try_from(dp.ebpf.map_mut(map_names::FLOWS).expect("map")).expect("type");
+    let mut old = m.get(&flow_key(&f), 0).expect("flow");
+    old.port_word = 0;
+    old.node_mac = [0; 6];
+    m.insert(flow_key(&f), old, 0).expect("flow written");
+    assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC);
+    assert_eq!(dp.flow(&flow_key(&f)).map(|v| v.port_word), Some(third_word));
+
+    // A local flow: its verdict stands under its word (XDP leaves it to TC)...
+    let delivered =
+        |(verdict, out): (u32, Vec<u8>)| verdict == TC_ACT_REDIRECT && ep::dst_addr(&out) == a(POD);
+    dp.port(443, PROTO_TCP, &[(SELF, SELF_MAC, true)], 0, true);
+    let l = client_tcp(SELF, 443);
+    let mut syn = l;
+    syn.tcp_flags = st8s::packet::TCP_SYN;
+    assert!(delivered(dp.run_tc(program_names::UPLINK_TC, &syn.wire())));
+    assert_eq!(dp.run_xdp(&l.wire()).0, XDP_PASS);
+    assert!(delivered(dp.run_tc(program_names::UPLINK_TC, &l.wire())));
+    // ...until its pod leaves the node and the port is served elsewhere: the next segment is
+    // checked, and forwarded.
+    dp.port(443, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
+    let (verdict, out) = dp.run_xdp(&l.wire());
+    assert_eq!(
+        (verdict, &out[0..6]),
+        (XDP_TX, &PEER_MAC[..]),
+        "a local flow whose pod left"
+    );
+}
+
+/// A restarted agent goes on counting port changes where the last one stopped: a word it writes
+/// is one no flow can hold, even for a port back on the bank it had at the first write.
+#[test]
+fn a_restarted_agent_never_writes_a_port_word_again() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
+    let first = dp.port_word(80, PROTO_TCP);
+    dp.port(80, PROTO_TCP, &[(PEER3, PEER3_MAC, false)], 0, false);
+    // The agent restarts: its writer reads the maps back.
+    dp.writer = MapWriter::read_back(&mut dp.ebpf).expect("read back");
+    dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
+    let third = dp.port_word(80, PROTO_TCP);
+    assert_eq!(word_info_index(third), word_info_index(first), "the same bank");
+    assert_ne!(third, first, "a word written before the restart");
+}
+
 /// 4b: a flow keeps its backend when the backend set changes, and moves only when its backend
 /// leaves.
 #[test]
 fn a_flow_keeps_its_backend_until_the_backend_goes_away() {
     let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
-    dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
+    dp.port(80, PROTO_TCP, &[(PEER3, PEER3_MAC, false)], 0, false);
     let f = client_tcp(SELF, 80);
     let pkt = f.wire();
-    assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC);
+    assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER3_MAC);
     assert_eq!(dp.flow(&flow_key(&f)).map(|v| v.backend_hint), Some(0));
 
-    // A new backend arrives and the table now sends every new flow to it. The flow's backend
-    // moves to index 1, so its hint (index 0) now names another node and the scan must find it.
+    // A new backend arrives (listed first) and the table now sends every new flow to it. The
+    // flow's backend keeps its place in the list (index 0), where its hint finds it.
     dp.port(
         80,
         PROTO_TCP,
         &[(PEER3, PEER3_MAC, false), (PEER, PEER_MAC, false)],
-        0,
+        1,
         false,
     );
-    assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC, "the established flow stays");
+    assert_eq!(
+        &dp.run_xdp(&pkt).1[0..6],
+        &PEER3_MAC,
+        "the established flow stays"
+    );
     let mut g = client_tcp(SELF, 80);
     g.sport = 40001;
     assert_eq!(
         &dp.run_xdp(&g.wire()).1[0..6],
-        &PEER3_MAC,
+        &PEER_MAC,
         "a new flow takes the new table"
     );
 
     // The flow's backend leaves: the flow is re-steered instead of black-holed.
-    dp.port(80, PROTO_TCP, &[(PEER3, PEER3_MAC, false)], 0, false);
-    assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER3_MAC);
+    dp.port(80, PROTO_TCP, &[(PEER, PEER_MAC, false)], 0, false);
+    assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC);
     assert_eq!(
         dp.flow(&flow_key(&f)).map(|v| v.backend_addr_be),
-        Some(be(a(PEER3)))
+        Some(be(a(PEER)))
     );
+    // Its place (0) stays vacant until another node takes it: the new flow's hint is 1.
+    assert_eq!(dp.flow(&flow_key(&f)).map(|v| v.backend_hint), Some(1));
+    dp.port(
+        80,
+        PROTO_TCP,
+        &[(PEER, PEER_MAC, false), (PEER3, PEER3_MAC, false)],
+        1,
+        false,
+    );
+    assert_eq!(&dp.run_xdp(&pkt).1[0..6], &PEER_MAC, "the flow stays on its node");
+    let mut h = client_tcp(SELF, 80);
+    h.sport = 40002;
+    assert_eq!(&dp.run_xdp(&h.wire()).1[0..6], &PEER3_MAC);
+    assert_eq!(
+        dp.flow(&flow_key(&h)).map(|v| v.backend_hint),
+        Some(0),
+        "the vacant place taken"
+    );
+}
+
+/// A port's backend list changes under established flows to every part of it (the first node
+/// of a list of 256 leaves, which would move every other one down by one): each node keeps its
+/// place, so each flow finds its node where its hint says, and the one whose node left moves.
+#[test]
+fn established_flows_find_their_node_anywhere_in_a_changed_list_of_256() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL | CONFIG_XDP_FORWARDS);
+    // In no particular order: the i-th holds the (97 i mod 256)-th address.
+    let addrs: Vec<String> = (0..256)
+        .map(|i| (i * 97) % 256)
+        .map(|j| format!("10.9.{}.{}", j / 100, j % 100 + 1))
+        .collect();
+    let mac = |a: &str| {
+        let o = a.parse::<Ipv4Addr>().expect("address").octets();
+        [2, 0, 0, 9, o[2], o[3]]
+    };
+    let backends: Vec<(&str, [u8; 6], bool)> = addrs.iter().map(|a| (a.as_str(), mac(a), false)).collect();
+    // One flow per sampled backend (by its index in the list as given).
+    let sample = [0usize, 1, 2, 77, 127, 128, 129, 200, 253, 254, 255];
+    let mut flows = Vec::new();
+    for &i in &sample {
+        dp.port(80, PROTO_TCP, &backends, i as u8, false);
+        let mut f = client_tcp(SELF, 80);
+        f.sport = 42000 + i as u16;
+        f.tcp_flags = st8s::packet::TCP_SYN;
+        assert_eq!(
+            &dp.run_xdp(&f.wire()).1[0..6],
+            &mac(&addrs[i]),
+            "placed on backend {i}"
+        );
+        f.tcp_flags = st8s::packet::TCP_ACK;
+        flows.push((i, f));
+    }
+    // The first node leaves.
+    let gone = 0;
+    let rest: Vec<_> = backends.iter().skip(1).copied().collect();
+    dp.port(80, PROTO_TCP, &rest, 0, false);
+    for (i, f) in &flows {
+        let out = dp.run_xdp(&f.wire()).1;
+        if *i == gone {
+            assert_eq!(
+                &out[0..6],
+                &mac(&addrs[1]),
+                "the flow whose node left takes the new table"
+            );
+        } else {
+            assert_eq!(&out[0..6], &mac(&addrs[*i]), "backend {i} kept its flow");
+        }
+    }
 }
 
 /// 4c: without local preference, Maglev spreads new flows over every backend, this node's too.

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::Command};
 
 use aya::maps::{Array, HashMap};
 use st8s::dataplane::pins::{self, MapFate};
-use st8s_common::{Config, FlowKey, FlowValue, LAYOUT_VERSION, map_names};
+use st8s_common::{Config, FLOW_REMOTE, FlowKey, FlowValue, LAYOUT_VERSION, map_names};
 
 struct PinDir(PathBuf);
 
@@ -99,40 +99,9 @@ fn a_capacity_change_migrates_flows_and_a_shape_change_rebuilds() {
     let dir = PinDir::new("migrate");
     let flows = dir.0.join(map_names::FLOWS);
     let ports = dir.0.join(map_names::PORTS);
-    // An "older" layout: a smaller flow table holding two flows, and a port table whose values
-    // are 8 bytes instead of 16.
-    bpftool(&[
-        "map",
-        "create",
-        flows.to_str().expect("path"),
-        "type",
-        "lru_hash",
-        "key",
-        "16",
-        "value",
-        "16",
-        "entries",
-        "128",
-        "name",
-        "ST8S_FLOWS",
-    ]);
-    for client in [7u8, 8] {
-        let mut key = vec![client, 0, 0, 0];
-        key.extend([0u8; 12]);
-        let mut value = vec![10, 0, 0, 12];
-        value.extend([0u8; 12]);
-        let mut args = vec![
-            "map".to_owned(),
-            "update".into(),
-            "pinned".into(),
-            flows.display().to_string(),
-            "key".into(),
-        ];
-        args.extend(hex(&key));
-        args.push("value".into());
-        args.extend(hex(&value));
-        bpftool(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    }
+    // An "older" layout: a smaller flow table of layout 1 (16-byte values) holding two flows, and
+    // a port table whose values are 8 bytes instead of 16.
+    layout1_flows(&flows, 128, &[7, 8]);
     bpftool(&[
         "map",
         "create",
@@ -154,6 +123,7 @@ fn a_capacity_change_migrates_flows_and_a_shape_change_rebuilds() {
         MapFate::Migrated { entries, reason } => {
             assert_eq!(*entries, 2);
             assert!(reason.contains("128 ->"), "{reason}");
+            assert!(reason.contains("values 16B -> 32B"), "{reason}");
         }
         other => panic!("flows: {other:?}"),
     }
@@ -168,10 +138,7 @@ fn a_capacity_change_migrates_flows_and_a_shape_change_rebuilds() {
         client_addr_be: u32::from_ne_bytes([7, 0, 0, 0]),
         ..Default::default()
     };
-    assert_eq!(
-        m.get(&k, 0).expect("migrated flow").backend_addr_be,
-        u32::from_ne_bytes([10, 0, 0, 12])
-    );
+    assert_eq!(m.get(&k, 0).expect("migrated flow"), layout1_flow_value());
     // The new pin is the big table.
     let out = Command::new("bpftool")
         .args(["map", "show", "pinned", flows.to_str().expect("path")])
@@ -182,6 +149,105 @@ fn a_capacity_change_migrates_flows_and_a_shape_change_rebuilds() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// The flow every layout-1 table of these tests holds, as this release reads it: the fields up
+/// to `created_ns` kept, the fields added since zeroed (the flow is checked by its next packet).
+fn layout1_flow_value() -> FlowValue {
+    FlowValue {
+        backend_addr_be: u32::from_ne_bytes([10, 0, 0, 12]),
+        backend_port_be: 8080u16.to_be(),
+        kind: FLOW_REMOTE,
+        backend_hint: 5,
+        created_ns: 0x0102_0304_0506_0708,
+        ..Default::default()
+    }
+}
+
+/// Pins a flow table as layout 1 wrote it (16-byte values) at `path`, holding one flow per
+/// client (first octet of the client address) with `layout1_flow_value`'s fields.
+fn layout1_flows(path: &std::path::Path, entries: u32, clients: &[u8]) {
+    let entries = entries.to_string();
+    bpftool(&[
+        "map",
+        "create",
+        path.to_str().expect("path"),
+        "type",
+        "lru_hash",
+        "key",
+        "16",
+        "value",
+        "16",
+        "entries",
+        &entries,
+        "name",
+        "ST8S_FLOWS",
+    ]);
+    for client in clients {
+        let mut key = vec![*client, 0, 0, 0];
+        key.extend([0u8; 12]);
+        // Layout 1's FlowValue: backend_addr_be, backend_port_be, kind, backend_hint, created_ns.
+        let mut value = vec![10, 0, 0, 12];
+        value.extend(8080u16.to_be().to_ne_bytes());
+        value.extend([FLOW_REMOTE, 5]);
+        value.extend(0x0102_0304_0506_0708u64.to_ne_bytes());
+        let mut args = vec![
+            "map".to_owned(),
+            "update".into(),
+            "pinned".into(),
+            path.display().to_string(),
+            "key".into(),
+        ];
+        args.extend(hex(&key));
+        args.push("value".into());
+        args.extend(hex(&value));
+        bpftool(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+}
+
+/// An upgrade from layout 1 (issue 18 changed two maps' meaning compatibly): every map is taken
+/// over as it is, and the flow table, whose values grew, is copied with its flows kept, so that
+/// established connections keep their backends across the upgrade.
+#[test]
+fn maps_of_layout_1_are_adopted_and_its_flows_carried_over() {
+    let dir = PinDir::new("layout1");
+    let mut loaded = pins::load_pinned(&dir.0, obj()).expect("load");
+    {
+        let mut c: Array<_, Config> =
+            Array::try_from(loaded.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("type");
+        c.set(
+            0,
+            Config {
+                layout: 1,
+                ..Default::default()
+            },
+            0,
+        )
+        .expect("config");
+    }
+    drop(loaded);
+    let flows = dir.0.join(map_names::FLOWS);
+    std::fs::remove_file(&flows).expect("unpin the new flow table");
+    layout1_flows(&flows, 65_536, &[7]);
+
+    let loaded = pins::load_pinned(&dir.0, obj()).expect("reload");
+    for (name, f) in &loaded.fates {
+        match (*name, f) {
+            (map_names::FLOWS, MapFate::Migrated { entries, reason }) => {
+                assert_eq!(*entries, 1);
+                assert_eq!(reason, "values 16B -> 32B, the new fields zeroed");
+            }
+            (_, MapFate::Adopted) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let m: HashMap<_, FlowKey, FlowValue> =
+        HashMap::try_from(loaded.ebpf.map(map_names::FLOWS).expect("map")).expect("type");
+    let k = FlowKey {
+        client_addr_be: u32::from_ne_bytes([7, 0, 0, 0]),
+        ..Default::default()
+    };
+    assert_eq!(m.get(&k, 0).expect("flow carried over"), layout1_flow_value());
 }
 
 #[test]

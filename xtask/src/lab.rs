@@ -19,7 +19,7 @@
 //! Everything is created with unique names and torn down on drop, even when a test fails.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -1462,7 +1462,9 @@ pub fn table_matches(s: &st8s::dataplane::inspect::Snapshot, want: &st8s::core::
         let Some(p) = want.ports.get(&id) else {
             return false;
         };
-        let have: Vec<(Ipv4Addr, bool)> = backends
+        // As sets: a node keeps its place in the maps' list while it serves the port, so the
+        // list's order is its history, not the plan's.
+        let have: BTreeSet<(Ipv4Addr, bool)> = backends
             .iter()
             .map(|b| {
                 (
@@ -1471,8 +1473,8 @@ pub fn table_matches(s: &st8s::dataplane::inspect::Snapshot, want: &st8s::core::
                 )
             })
             .collect();
-        let need: Vec<(Ipv4Addr, bool)> = p.backends.iter().map(|b| (b.node_addr, b.draining)).collect();
-        if have != need {
+        let need: BTreeSet<(Ipv4Addr, bool)> = p.backends.iter().map(|b| (b.node_addr, b.draining)).collect();
+        if have.len() != backends.len() || have != need {
             return false;
         }
         let local = (v.has_local != 0).then(|| Ipv4Addr::from(u32::from_be(v.local_addr_be)));

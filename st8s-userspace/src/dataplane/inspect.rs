@@ -143,11 +143,13 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
         let (k, v) = entry.context("reading ST8S_PORTS")?;
         let mut bs = Vec::new();
         for i in 0..u32::from(v.backend_count) {
-            bs.push(
-                backends
-                    .get(&v.backend_index(i), 0)
-                    .context("reading ST8S_BACKENDS")?,
-            );
+            let b = backends
+                .get(&v.backend_index(i), 0)
+                .context("reading ST8S_BACKENDS")?;
+            // A place its node left (`BACKEND_VACANT`) is no backend.
+            if b.flags & st8s_common::BACKEND_VACANT == 0 {
+                bs.push(b);
+            }
         }
         out.push((k, v, bs, sum(u32::from(v.slot))?));
     }

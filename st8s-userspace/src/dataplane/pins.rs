@@ -18,8 +18,8 @@ use aya::{
     programs::links::{FdLink, PinnedLink},
 };
 use st8s_common::{
-    Config, FlowKey, FlowKey6, FlowValue, LAYOUT_VERSION, RevNatKey, RevNatKey6, RevNatValue, RevNatValue6,
-    map_names, program_names,
+    ADOPTED_LAYOUTS, Config, FlowKey, FlowKey6, FlowValue, LAYOUT_VERSION, RevNatKey, RevNatKey6,
+    RevNatValue, RevNatValue6, map_names, program_names,
 };
 use tracing::{info, warn};
 
@@ -118,21 +118,14 @@ pub fn load_pinned(dir: &Path, obj: &[u8]) -> anyhow::Result<Loaded> {
         let old = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
         let have = Shape::of(&old.info()?)?;
         let fate = match version {
-            Some(v) if v != LAYOUT_VERSION => MapFate::Rebuilt {
+            Some(v) if v != LAYOUT_VERSION && !ADOPTED_LAYOUTS.contains(&v) => MapFate::Rebuilt {
                 reason: format!("written by layout version {v}, this agent uses {LAYOUT_VERSION}"),
             },
             _ if have == want => MapFate::Adopted,
-            _ if MIGRATABLE.contains(&name)
-                && Shape {
-                    max_entries: want.max_entries,
-                    ..have
-                } == want =>
-            {
-                MapFate::Migrated {
-                    entries: 0,
-                    reason: format!("capacity {} -> {}", have.max_entries, want.max_entries),
-                }
-            }
+            _ if MIGRATABLE.contains(&name) && copyable(name, have, want) => MapFate::Migrated {
+                entries: 0,
+                reason: change(have, want),
+            },
             _ => MapFate::Rebuilt {
                 reason: format!("pinned {have}, this agent needs {want}"),
             },
@@ -158,7 +151,14 @@ pub fn load_pinned(dir: &Path, obj: &[u8]) -> anyhow::Result<Loaded> {
         .context("loading the st8s programs onto the pinned maps")?;
 
     for (name, old) in stash {
+        let v1 = old.info()?.value_size() as usize == FLOW_VALUE_V1_SIZE;
         let copied = match name {
+            map_names::FLOWS if v1 => {
+                copy_converted::<FlowKey, _, _>(old, &mut ebpf, name, FlowValue::from_v1)?
+            }
+            map_names::FLOWS6 if v1 => {
+                copy_converted::<FlowKey6, _, _>(old, &mut ebpf, name, FlowValue::from_v1)?
+            }
             map_names::FLOWS => copy_entries::<FlowKey, FlowValue>(old, &mut ebpf, name)?,
             map_names::REVNAT => copy_entries::<RevNatKey, RevNatValue>(old, &mut ebpf, name)?,
             map_names::FLOWS6 => copy_entries::<FlowKey6, FlowValue>(old, &mut ebpf, name)?,
@@ -206,19 +206,58 @@ fn pinned_layout_version(dir: &Path) -> Option<u16> {
     (config.layout != 0).then_some(config.layout)
 }
 
+/// The size of a `FlowValue` of layout 1 (`FlowValue::from_v1`).
+const FLOW_VALUE_V1_SIZE: usize = 16;
+
+/// Whether a pinned map's entries can be copied into the map this agent needs: the same type and
+/// key, a capacity of any size, and the same values, or flow values of layout 1 (widened).
+fn copyable(name: &str, have: Shape, want: Shape) -> bool {
+    let widened = matches!(name, map_names::FLOWS | map_names::FLOWS6)
+        && have.value_size as usize == FLOW_VALUE_V1_SIZE
+        && want.value_size as usize == std::mem::size_of::<FlowValue>();
+    have.map_type == want.map_type
+        && have.key_size == want.key_size
+        && (have.value_size == want.value_size || widened)
+}
+
+/// What differs between the pinned map and the one this agent needs.
+fn change(have: Shape, want: Shape) -> String {
+    let mut parts = Vec::new();
+    if have.max_entries != want.max_entries {
+        parts.push(format!("capacity {} -> {}", have.max_entries, want.max_entries));
+    }
+    if have.value_size != want.value_size {
+        parts.push(format!(
+            "values {}B -> {}B, the new fields zeroed",
+            have.value_size, want.value_size
+        ));
+    }
+    parts.join(", ")
+}
+
 fn copy_entries<K: aya::Pod, V: aya::Pod>(
     old: MapData,
     ebpf: &mut Ebpf,
     name: &str,
 ) -> anyhow::Result<usize> {
-    let old: HashMap<MapData, K, V> = HashMap::try_from(Map::from_map_data(old)?)?;
-    let mut new: HashMap<_, K, V> =
+    copy_converted::<K, V, V>(old, ebpf, name, |v| v)
+}
+
+/// Copies every entry of `old` into the map `name`, each value through `convert`.
+fn copy_converted<K: aya::Pod, Old: aya::Pod, New: aya::Pod>(
+    old: MapData,
+    ebpf: &mut Ebpf,
+    name: &str,
+    convert: impl Fn(Old) -> New,
+) -> anyhow::Result<usize> {
+    let old: HashMap<MapData, K, Old> = HashMap::try_from(Map::from_map_data(old)?)?;
+    let mut new: HashMap<_, K, New> =
         HashMap::try_from(ebpf.map_mut(name).context("map missing from the object")?)?;
     let mut copied = 0;
     for entry in old.iter() {
         let Ok((k, v)) = entry else { continue };
         // A smaller new map keeps what fits; the LRU evicts the rest.
-        if new.insert(k, v, 0).is_ok() {
+        if new.insert(k, convert(v), 0).is_ok() {
             copied += 1;
         }
     }

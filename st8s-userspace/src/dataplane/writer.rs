@@ -17,8 +17,9 @@ use aya::{
     maps::{Array, HashMap, PerCpuArray, PerCpuValues},
 };
 use st8s_common::{
-    Backend, Config, Counters, Discovery, DiscoveryPodKey, DiscoveryPodKey6, LAYOUT_VERSION, MAX_PORTS,
-    MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, addr6, addr6_octets, map_names, port_index,
+    BACKEND_VACANT, Backend, Config, Counters, Discovery, DiscoveryPodKey, DiscoveryPodKey6, LAYOUT_VERSION,
+    MAX_PORTS, MacKey, MaglevRow, NodeInfo, PortInfo, PortKey, addr6, addr6_octets, map_names, port_index,
+    port_word, word_generation,
 };
 use tracing::info;
 
@@ -103,6 +104,9 @@ pub struct MapWriter {
     config: Option<Config>,
     /// `ST8S_DISCOVERY` as last written, by hostPort.
     discovery: BTreeMap<u16, Discovery>,
+    /// The last change number written into a port's `ST8S_PORT_INDEX` word, across all ports
+    /// and, read back, across restarts (`port_word`).
+    generation: u16,
     pub count: WriteCount,
 }
 
@@ -144,6 +148,17 @@ impl MapWriter {
             let m: HashMap<_, PortKey, PortInfo> = HashMap::try_from(map_mut(ebpf, map_names::PORTS)?)?;
             m.iter().filter_map(Result::ok).collect()
         };
+        let words: Array<_, u32> = Array::try_from(map_mut(ebpf, map_names::PORT_INDEX)?)?;
+        w.generation = ports
+            .iter()
+            .filter_map(|(k, _)| {
+                words
+                    .get(&port_index(k.proto, u32::from(u16::from_be(k.port_be))), 0)
+                    .ok()
+            })
+            .map(word_generation)
+            .max()
+            .unwrap_or(0);
         for (k, info) in ports {
             let Some(proto) = Proto::from_number(k.proto) else {
                 continue;
@@ -273,10 +288,19 @@ impl MapWriter {
         id: PortId,
         contents: PortContents,
     ) -> anyhow::Result<bool> {
-        let (slot, bank) = match self.ports.get(&id) {
-            Some(s) if s.contents == contents => return Ok(false),
-            Some(s) => (s.info.slot, 1 - s.info.bank),
-            None => (self.free_slot().context("no free port slot")?, 0),
+        let (slot, bank, contents) = match self.ports.get(&id) {
+            Some(s) => {
+                let laid = lay_out(&s.contents.backends, contents);
+                if same_meaning(&s.contents, &laid) {
+                    return Ok(false);
+                }
+                (s.info.slot, 1 - s.info.bank, laid)
+            }
+            None => (
+                self.free_slot().context("no free port slot")?,
+                0,
+                lay_out(&[], contents),
+            ),
         };
         let local = contents.local;
         let info = PortInfo {
@@ -308,16 +332,19 @@ impl MapWriter {
         if !self.ports.contains_key(&id) {
             reset_counters(ebpf, u32::from(slot))?;
         }
-        // The idle bank's PortInfo, then the one 4-byte index write that makes it live.
+        // The idle bank's PortInfo, then the one 4-byte index write that makes it live. The
+        // word carries a change number no flow has seen, so every flow checks its verdict
+        // against the new bank once.
         let mut infos: Array<_, PortInfo> = Array::try_from(map_mut(ebpf, map_names::PORT_INFO)?)?;
         infos
             .set(info.maglev_index(), info, 0)
             .context("writing ST8S_PORT_INFO")?;
+        self.generation = self.generation.wrapping_add(1);
         let mut index: Array<_, u32> = Array::try_from(map_mut(ebpf, map_names::PORT_INDEX)?)?;
         index
             .set(
                 port_index(id.proto.number(), u32::from(id.port)),
-                info.maglev_index() + 1,
+                port_word(self.generation, info.maglev_index()),
                 0,
             )
             .context("writing ST8S_PORT_INDEX")?;
@@ -397,10 +424,160 @@ impl MapWriter {
     }
 }
 
+/// The place of no node in a port's backend list.
+const VACANT: Backend = Backend {
+    node_addr_be: 0,
+    node_mac: [0; 6],
+    flags: BACKEND_VACANT,
+    _pad: 0,
+};
+
+/// `want` laid out over the list as it was (`before`): every node keeps its place, a node that
+/// left leaves its place vacant, a new node takes the first vacant place (or the end), and the
+/// Maglev row is renumbered to match. A flow's backend hint then names its node's place for as
+/// long as the node serves the port, which is what the packet path checks, with one read.
+/// Places are at most as many as the larger of the two lists (256 at most), since a vacant place
+/// is taken before the list grows.
+fn lay_out(before: &[Backend], mut want: PortContents) -> PortContents {
+    let mut places: Vec<Option<Backend>> = vec![None; before.len()];
+    let mut place_of = vec![0usize; want.backends.len()];
+    let mut newcomers = Vec::new();
+    for (i, b) in want.backends.iter().enumerate() {
+        let kept = before
+            .iter()
+            .position(|p| p.flags & BACKEND_VACANT == 0 && p.node_addr_be == b.node_addr_be)
+            .filter(|&p| places[p].is_none());
+        match kept {
+            Some(p) => {
+                places[p] = Some(*b);
+                place_of[i] = p;
+            }
+            None => newcomers.push(i),
+        }
+    }
+    for i in newcomers {
+        let p = places.iter().position(Option::is_none).unwrap_or_else(|| {
+            places.push(None);
+            places.len() - 1
+        });
+        places[p] = Some(want.backends[i]);
+        place_of[i] = p;
+    }
+    while places.last().is_some_and(Option::is_none) {
+        places.pop();
+    }
+    want.backends = places.into_iter().map(|p| p.unwrap_or(VACANT)).collect();
+    for slot in &mut want.maglev {
+        if let Some(&p) = place_of.get(usize::from(*slot)) {
+            // At most MAX_BACKENDS (256) places: they fit the row's bytes.
+            *slot = p as u8;
+        }
+    }
+    want
+}
+
+/// Whether two layouts of a port steer alike: the same backends (wherever they sit), every Maglev
+/// slot naming the same backend, the same local pod and flags.
+fn same_meaning(a: &PortContents, b: &PortContents) -> bool {
+    let nodes = |c: &PortContents| {
+        let mut v: Vec<Backend> = c
+            .backends
+            .iter()
+            .filter(|b| b.flags & BACKEND_VACANT == 0)
+            .copied()
+            .collect();
+        v.sort_by_key(|b| u32::from_be(b.node_addr_be));
+        v
+    };
+    a.local == b.local
+        && a.flags == b.flags
+        && a.maglev.len() == b.maglev.len()
+        && nodes(a) == nodes(b)
+        && a.maglev
+            .iter()
+            .zip(&b.maglev)
+            .all(|(x, y)| a.backends.get(usize::from(*x)) == b.backends.get(usize::from(*y)))
+}
+
 fn reset_counters(ebpf: &mut Ebpf, slot: u32) -> anyhow::Result<()> {
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
     let mut m: PerCpuArray<_, Counters> = PerCpuArray::try_from(map_mut(ebpf, map_names::COUNTERS)?)?;
     let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
     m.set(slot, zero, 0).context("resetting ST8S_COUNTERS")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(last: u8) -> Backend {
+        Backend {
+            node_addr_be: u32::from(Ipv4Addr::new(10, 0, 0, last)).to_be(),
+            node_mac: [2, 0, 0, 0, 0, last],
+            flags: 0,
+            _pad: 0,
+        }
+    }
+
+    fn port(backends: Vec<Backend>, maglev: Vec<u8>) -> PortContents {
+        PortContents {
+            backends,
+            maglev,
+            local: None,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn nodes_keep_their_places_and_newcomers_take_vacant_ones() {
+        let first = lay_out(&[], port(vec![node(1), node(2), node(3)], vec![0, 1, 2, 2]));
+        assert_eq!(first.backends, vec![node(1), node(2), node(3)]);
+        // Node 1 leaves, node 4 arrives listed first: 2 and 3 stay put, 4 takes 1's place, and
+        // the row (given against the new list) names the same nodes at their places.
+        let second = lay_out(
+            &first.backends,
+            port(vec![node(4), node(2), node(3)], vec![0, 1, 2, 0]),
+        );
+        assert_eq!(second.backends, vec![node(4), node(2), node(3)]);
+        assert_eq!(second.maglev, vec![0, 1, 2, 0]);
+        // Node 2 leaves: its place stays vacant; the row is renumbered to the places.
+        let third = lay_out(&second.backends, port(vec![node(4), node(3)], vec![1, 0]));
+        assert_eq!(third.backends, vec![node(4), VACANT, node(3)]);
+        assert_eq!(third.maglev, vec![2, 0]);
+        // A vacant place at the end is dropped.
+        let fourth = lay_out(&third.backends, port(vec![node(4)], vec![0]));
+        assert_eq!(fourth.backends, vec![node(4)]);
+    }
+
+    #[test]
+    fn a_full_list_replaced_by_other_nodes_stays_within_256_places() {
+        let full: Vec<Backend> = (0..=255u8)
+            .map(|i| Backend {
+                node_mac: [i; 6],
+                ..node(i)
+            })
+            .collect();
+        let before = lay_out(&[], port(full, vec![255])).backends;
+        let others: Vec<Backend> = (0..=255u8)
+            .map(|i| Backend {
+                node_addr_be: u32::from(Ipv4Addr::new(10, 1, 0, i)).to_be(),
+                ..node(i)
+            })
+            .collect();
+        let after = lay_out(&before, port(others.clone(), vec![255]));
+        assert_eq!(after.backends, others);
+        assert_eq!(after.maglev, vec![255]);
+    }
+
+    #[test]
+    fn a_relaid_port_with_the_same_nodes_means_the_same() {
+        let a = lay_out(&[], port(vec![node(1), node(2)], vec![0, 1]));
+        // The same port listed the other way round: the places stay, nothing to write.
+        let b = lay_out(&a.backends, port(vec![node(2), node(1)], vec![1, 0]));
+        assert_eq!(b.backends, a.backends);
+        assert!(same_meaning(&a, &b));
+        let c = lay_out(&a.backends, port(vec![node(2), node(1)], vec![0, 0]));
+        assert!(!same_meaning(&a, &c), "the row now names node 2 everywhere");
+    }
 }
