@@ -174,29 +174,22 @@ struct Pods {
 /// An IPv6 path goes to its IPv4 twin's port on the same pod's or node's IPv6 address.
 fn target(w: Workload, path: &str, pods: &Pods) -> Option<SocketAddr> {
     if let Some((_, v4)) = PATHS6.iter().find(|(v6, _)| *v6 == path) {
-        let (addr, port) = target4(w, v4, &pods.v4)?;
+        let (addr, port) = target4(w, v4, pods)?;
         let addr6 = match pods.v4.iter().find(|(_, a)| **a == addr) {
             Some((name, _)) => pods.v6[name],
             None => node_addr6((1..=3).find(|n| node_addr(*n) == addr)?),
         };
         return Some(SocketAddr::new(IpAddr::V6(addr6), port));
     }
-    if path == "direct-2hop" {
-        // Its own nginx port (8087), as every HTTP path has.
-        let (name, port) = match w {
-            Workload::HttpKeepAlive | Workload::HttpNewConn => ("web", 8087),
-            Workload::DnsUdp => ("dns", 53),
-            Workload::TcpStream => ("iperf", 5201),
-        };
-        return Some(SocketAddr::new(IpAddr::V4(pods.via3[name]), port));
-    }
-    target4(w, path, &pods.v4).map(|(a, p)| SocketAddr::new(IpAddr::V4(a), p))
+    target4(w, path, pods).map(|(a, p)| SocketAddr::new(IpAddr::V4(a), p))
 }
 
-fn target4(w: Workload, path: &str, pods: &BTreeMap<&str, Ipv4Addr>) -> Option<(Ipv4Addr, u16)> {
+/// An IPv4 path's (address, port).
+fn target4(w: Workload, path: &str, pods: &Pods) -> Option<(Ipv4Addr, u16)> {
     if matches!(w, Workload::HttpKeepAlive | Workload::HttpNewConn) {
         return match path {
-            "direct" => Some((pods["web"], 8081)),
+            "direct" => Some((pods.v4["web"], 8081)),
+            "direct-2hop" => Some((pods.via3["web"], 8087)),
             "iptables-fwd" => Some((node_addr(3), 8081)),
             "iptables-local" => Some((node_addr(1), 8081)),
             "haproxy" => Some((node_addr(3), 8082)),
@@ -205,13 +198,14 @@ fn target4(w: Workload, path: &str, pods: &BTreeMap<&str, Ipv4Addr>) -> Option<(
             _ => None,
         };
     }
-    let (pod, pod_port, host_port, ipt_port, haproxy_port) = match w {
-        Workload::HttpKeepAlive | Workload::HttpNewConn => (pods["web"], 8080, 80, 8081, Some(8082)),
-        Workload::DnsUdp => (pods["dns"], 53, 53, 5354, None),
-        Workload::TcpStream => (pods["iperf"], 5201, 5201, 5202, Some(5203)),
+    let (name, pod_port, host_port, ipt_port, haproxy_port) = match w {
+        Workload::HttpKeepAlive | Workload::HttpNewConn => ("web", 8080, 80, 8081, Some(8082)),
+        Workload::DnsUdp => ("dns", 53, 53, 5354, None),
+        Workload::TcpStream => ("iperf", 5201, 5201, 5202, Some(5203)),
     };
     match path {
-        "direct" => Some((pod, pod_port)),
+        "direct" => Some((pods.v4[name], pod_port)),
+        "direct-2hop" => Some((pods.via3[name], pod_port)),
         "iptables-fwd" => Some((node_addr(3), ipt_port)),
         "iptables-local" => Some((node_addr(1), ipt_port)),
         "haproxy" => haproxy_port.map(|p| (node_addr(3), p)),
@@ -1263,7 +1257,15 @@ struct PpCase {
     pa: Vec<u8>,
     b: &'static str,
     pb: Vec<u8>,
+    /// What each st8s program of the case must return on every repeat of its packet (test runs
+    /// reuse one buffer, so a program's own rewrite is what the next repeat sees): XDP_TX for
+    /// an XDP program, TC_ACT_REDIRECT for a TC one, unless the case says otherwise.
+    want: u32,
 }
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const TC_ACT_REDIRECT: u32 = 7;
 
 /// The table a per-packet case is shown in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1342,13 +1344,18 @@ impl PerPacket {
             f.tcp_flags = TCP_ACK;
             st8s::packet::Frame6::like(&f, src, dst).build()
         };
-        let case = |table, label, a, pa: &[u8], b, pb: &[u8]| PpCase {
+        let case = |table, label, a: &'static str, pa: &[u8], b, pb: &[u8]| PpCase {
             table,
             label,
             a,
             pa: pa.to_vec(),
             b,
             pb: pb.to_vec(),
+            want: if a == pn::UPLINK_XDP || a == pn::UPLINK_XDP_UNMONITORED {
+                XDP_TX
+            } else {
+                TC_ACT_REDIRECT
+            },
         };
         use PpTable::*;
         let (xo, to) = (pn::PARSE_ONLY_XDP, pn::PARSE_ONLY_TC);
@@ -1382,14 +1389,17 @@ impl PerPacket {
             ),
             {
                 let other = frame(client, 40000, me, 22, TCP_ACK);
-                case(
-                    ParseOnly,
-                    "uplink XDP, not steered (pass)",
-                    pn::UPLINK_XDP,
-                    &other,
-                    xo,
-                    &other,
-                )
+                PpCase {
+                    want: XDP_PASS,
+                    ..case(
+                        ParseOnly,
+                        "uplink XDP, not steered (pass)",
+                        pn::UPLINK_XDP,
+                        &other,
+                        xo,
+                        &other,
+                    )
+                }
             },
             case(
                 ParseOnly,
@@ -1512,18 +1522,20 @@ impl PerPacket {
             ),
         ];
         let pp = PerPacket { ebpf, cases };
-        // XDP_TX = 3, XDP_PASS = 2, TC_ACT_REDIRECT = 7: what each st8s program must return on
-        // every repeat of its packet (test runs reuse one buffer, so a program's own rewrite is
-        // what the next repeat sees).
+        // Every st8s program of a case (the references are not) on its packet: the verdict the
+        // row is about.
+        let ours = [
+            pn::UPLINK_XDP,
+            pn::UPLINK_XDP_UNMONITORED,
+            pn::UPLINK_TC,
+            pn::POD_TC,
+        ];
         for c in &pp.cases {
             for (prog, pkt) in [(c.a, &c.pa), (c.b, &c.pb)] {
-                let want = match prog {
-                    p if p == pn::UPLINK_XDP || p == pn::UPLINK_XDP_UNMONITORED => {
-                        if c.label.contains("not steered") { 2 } else { 3 }
-                    }
-                    p if p == pn::UPLINK_TC || p == pn::POD_TC => 7,
-                    _ => continue,
-                };
+                if !ours.contains(&prog) {
+                    continue;
+                }
+                let want = c.want;
                 let got = pp.run(prog, pkt, 2)?.return_value;
                 if got != want {
                     bail!(
@@ -1594,6 +1606,37 @@ pub fn print_instruction_counts(object: &std::path::Path) -> anyhow::Result<()> 
     for (i, (a, b)) in pp.count()?.into_iter().enumerate() {
         println!("ST8S-INSNS {i} {a} {b}");
     }
+    Ok(())
+}
+
+/// Runs one side of per-packet case `case` in test runs of 1,000,000 repeats for `length`, on the
+/// last CPU as the bench does, so that a sampling profiler sees where its time goes (helpers,
+/// map code, the JIT-compiled program). Prints the cases when `case` is out of range.
+pub fn profile_case(
+    object: &std::path::Path,
+    case: usize,
+    reference: bool,
+    length: Duration,
+) -> anyhow::Result<()> {
+    let obj = fs::read(object).with_context(|| format!("reading {}", object.display()))?;
+    let pp = PerPacket::load(&obj)?;
+    let Some(c) = pp.cases.get(case) else {
+        for (i, c) in pp.cases.iter().enumerate() {
+            println!("{i}: {:?} {} ({} against {})", c.table, c.label, c.a, c.b);
+        }
+        bail!("no case {case}: the cases are listed above");
+    };
+    let (prog, pkt) = if reference { (c.b, &c.pb) } else { (c.a, &c.pa) };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let _pinned = Pinned::to(cpus - 1)?;
+    progress(&format!("profiling {prog} on {:?} for {length:?}", c.label));
+    let start = Instant::now();
+    let mut runs = 0u64;
+    while start.elapsed() < length {
+        pp.run(prog, pkt, 1_000_000)?;
+        runs += 1;
+    }
+    progress(&format!("{runs} runs of 1,000,000 packets"));
     Ok(())
 }
 
@@ -2134,4 +2177,45 @@ fn big_pod(name: &str, node: usize, host_port: Option<u16>, ready: bool) -> serd
                    "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }},
                                   {"type": "ContainersReady", "status": "True"}]}
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pods() -> Pods {
+        let v4 = |last| Ipv4Addr::new(10, 244, 1, last);
+        Pods {
+            v4: [("web", v4(2)), ("dns", v4(3)), ("iperf", v4(4))].into(),
+            via3: [("web", v4(102)), ("dns", v4(103)), ("iperf", v4(104))].into(),
+            v6: [
+                ("web", "fd00:244:1::2".parse().expect("v6")),
+                ("dns", "fd00:244:1::3".parse().expect("v6")),
+                ("iperf", "fd00:244:1::4".parse().expect("v6")),
+            ]
+            .into(),
+        }
+    }
+
+    /// Every path of every workload ends somewhere of its own (an HTTP path on its own nginx
+    /// port, see `target`), and the two-hop path on the pod's second address.
+    #[test]
+    fn each_path_has_its_own_target() {
+        let pods = pods();
+        for w in [
+            Workload::HttpKeepAlive,
+            Workload::HttpNewConn,
+            Workload::DnsUdp,
+            Workload::TcpStream,
+        ] {
+            let targets: Vec<SocketAddr> = PATHS.iter().filter_map(|p| target(w, p, &pods)).collect();
+            let distinct: std::collections::BTreeSet<_> = targets.iter().collect();
+            assert_eq!(distinct.len(), targets.len(), "{w:?}: {targets:?}");
+            let two_hop = target(w, "direct-2hop", &pods).expect("direct-2hop applies");
+            assert!(
+                pods.via3.values().any(|a| IpAddr::V4(*a) == two_hop.ip()),
+                "{w:?}: {two_hop} is no second address"
+            );
+        }
+    }
 }

@@ -1142,7 +1142,14 @@ impl Lab {
             let want = st8s::core::plan(&cluster, &node_name(node))?.desired;
             loop {
                 self.ensure_agent_running(node)?;
-                let matches = self.snapshot(node).is_ok_and(|s| table_matches(&s, &want));
+                // The table, and every peer's MAC: until a node has learned a peer's MAC (a
+                // neighbour solicitation, then the agent's next tick) it passes that peer's
+                // forwards to its kernel (`untrusted_peer`). A node whose ports are all local
+                // needs no peer for its table, so the table alone could match inside that
+                // window. (A dual-stack run's first request through node1, forwarded to node3,
+                // timed out once in a full-suite run; this window is the likely cause.)
+                let matches = self.snapshot(node).is_ok_and(|s| table_matches(&s, &want))
+                    && self.peer_macs(node) >= want.peers().count();
                 if matches {
                     break;
                 }
@@ -1157,6 +1164,19 @@ impl Lab {
             }
         }
         Ok(())
+    }
+
+    /// How many peer MACs a node's agent has programmed (`ST8S_PEER_MACS`).
+    fn peer_macs(&self, node: usize) -> usize {
+        let path = self.agent_pin_dir(node).join(st8s_common::map_names::PEER_MACS);
+        let Ok(data) = aya::maps::MapData::from_pin(&path) else {
+            return 0;
+        };
+        let Ok(map) = aya::maps::Map::from_map_data(data) else {
+            return 0;
+        };
+        aya::maps::HashMap::<_, st8s_common::MacKey, u32>::try_from(map)
+            .map_or(0, |m| m.keys().filter(Result::is_ok).count())
     }
 
     /// An error with the agents' logs if the node's agent has exited.

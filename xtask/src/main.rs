@@ -121,6 +121,22 @@ enum Task {
         #[arg(long)]
         object: PathBuf,
     },
+    /// (bench internal) Runs one side of one per-packet case in a loop, for a profiler to
+    /// sample: `perf record -a -e cpu-clock -- cargo xtask per-packet-profile --case 4`.
+    #[command(hide = true)]
+    PerPacketProfile {
+        /// The kernel object (default: the one `build-ebpf` made).
+        #[arg(long)]
+        object: Option<PathBuf>,
+        /// The case's index, in the order of the bench's per-packet tables (0 lists them).
+        #[arg(long)]
+        case: usize,
+        /// The reference side (b) instead of st8s's (a).
+        #[arg(long)]
+        reference: bool,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// (lab internal) Run a backend pod's HTTP/DNS server.
     #[command(hide = true)]
     LabBackend {
@@ -297,6 +313,17 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Task::PerPacketCount { object } => xtask::bench::print_instruction_counts(&object),
+        Task::PerPacketProfile {
+            object,
+            case,
+            reference,
+            seconds,
+        } => xtask::bench::profile_case(
+            &object.unwrap_or_else(xtask::setup::ebpf_object),
+            case,
+            reference,
+            std::time::Duration::from_secs(seconds),
+        ),
         Task::LabBackend {
             name,
             http,
