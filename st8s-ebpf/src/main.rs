@@ -944,14 +944,14 @@ fn steer_frontend<F: Family>(pkt: &Packet<F>, cfg: &Config, word: u32) -> Steer 
         return place(pkt, cfg, word, &port, &key);
     }
     if let Some(s) = still_valid(f, &port) {
-        // Checked under this word: the next packets take the one-lookup path.
+        // Checked under this word: the next packets take the one-lookup path. The MAC is
+        // written before the word that vouches for it.
+        if let Steer::Remote { mac, .. } = s {
+            f.node_mac = mac;
+        }
         f.port_word = word;
         return match s {
             Steer::Local { port, .. } => Steer::Local { port, established },
-            Steer::Remote { slot, mac } => {
-                f.node_mac = mac;
-                Steer::Remote { slot, mac }
-            }
             s => s,
         };
     }
