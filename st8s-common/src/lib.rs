@@ -443,10 +443,13 @@ pub struct FlowValue {
 }
 assert_size!(FlowValue, 32);
 
+/// The size of a `FlowValue` of layout 1: the fields up to `created_ns`.
+pub const FLOW_VALUE_V1_SIZE: usize = 16;
+
 impl FlowValue {
     /// A flow entry of layout 1 (the fields up to `created_ns`, as the kernel stores them), with
     /// the fields added since zeroed: never checked, so its first packet checks it.
-    pub fn from_v1(v: [u8; 16]) -> Self {
+    pub fn from_v1(v: [u8; FLOW_VALUE_V1_SIZE]) -> Self {
         let b = |i: usize| v[i];
         FlowValue {
             backend_addr_be: u32::from_ne_bytes([b(0), b(1), b(2), b(3)]),

@@ -1172,8 +1172,7 @@ impl Lab {
                 // neighbour solicitation, then the agent's next tick) it passes that peer's
                 // forwards to its kernel (`untrusted_peer`). A node whose ports are all local
                 // needs no peer for its table, so the table alone could match inside that
-                // window. (A dual-stack run's first request through node1, forwarded to node3,
-                // timed out once in a full-suite run; this window is the likely cause.)
+                // window.
                 let matches = self.snapshot(node).is_ok_and(|s| table_matches(&s, &want))
                     && self.peer_macs(node) >= want.peers().count();
                 if matches {

@@ -18,8 +18,8 @@ use aya::{
     programs::links::{FdLink, PinnedLink},
 };
 use st8s_common::{
-    ADOPTED_LAYOUTS, Config, FlowKey, FlowKey6, FlowValue, LAYOUT_VERSION, RevNatKey, RevNatKey6,
-    RevNatValue, RevNatValue6, map_names, program_names,
+    ADOPTED_LAYOUTS, Config, FLOW_VALUE_V1_SIZE, FlowKey, FlowKey6, FlowValue, LAYOUT_VERSION, RevNatKey,
+    RevNatKey6, RevNatValue, RevNatValue6, map_names, program_names,
 };
 use tracing::{info, warn};
 
@@ -205,9 +205,6 @@ fn pinned_layout_version(dir: &Path) -> Option<u16> {
     let config = map.get(&0, 0).ok()?;
     (config.layout != 0).then_some(config.layout)
 }
-
-/// The size of a `FlowValue` of layout 1 (`FlowValue::from_v1`).
-const FLOW_VALUE_V1_SIZE: usize = 16;
 
 /// Whether a pinned map's entries can be copied into the map this agent needs: the same type and
 /// key, a capacity of any size, and the same values, or flow values of layout 1 (widened).
