@@ -67,6 +67,9 @@ pub mod program_names {
     pub const UPLINK_TC: &str = "st8s_uplink_tc";
     /// TC ingress on the pod-facing interface: reverse translation of backend replies.
     pub const POD_TC: &str = "st8s_pod_tc";
+    /// TC ingress on a local backend pod's own bridge port: the reply half of `POD_TC`, before
+    /// the bridge (and br_netfilter) sees the frame.
+    pub const POD_PORT_TC: &str = "st8s_pod_port_tc";
     /// `XDP_PASS` only: the lab attaches it to the switch side of each veth uplink.
     pub const XDP_PASS: &str = "st8s_xdp_pass";
     /// Socket-level steering for clients on the node itself (its processes and its pods), attached

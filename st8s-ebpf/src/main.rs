@@ -2415,6 +2415,56 @@ fn pod_tc6(skb: *mut __sk_buff) -> i32 {
     run().unwrap_or(TC_ACT_OK)
 }
 
+/// The pod program's reply half, on a local backend pod's own bridge port (the host side of its
+/// link; the agent attaches it where the pod network is a bridge). TC ingress there runs before
+/// the bridge takes the frame, so a translated reply goes to the uplink without crossing the
+/// bridge and, where br_netfilter is loaded (Kubernetes nodes load it), without the iptables and
+/// conntrack pass the bridge gives every frame: a steered flow's SYN never met conntrack, so its
+/// SYN-ACK made a new entry there for every connection. Everything else (discovery, ICMP errors,
+/// the pod's other traffic) goes on to the bridge, whose `st8s_pod_tc` handles it as before.
+#[classifier]
+pub fn st8s_pod_port_tc(ctx: TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    tc_monitored(skb, || {
+        if is_ipv6_frame(ctx.data(), ctx.data_end()) {
+            pod_port_tc6(skb)
+        } else {
+            pod_port_tc4(skb)
+        }
+    })
+}
+
+/// `st8s_pod_port_tc` for IPv4, a subprogram as `pod_tc4` is. Fragments the flow tables do not
+/// know are not counted here: the bridge's program counts them.
+#[inline(never)]
+fn pod_port_tc4(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    let run = || {
+        let mut pkt = parse_tc(&ctx)?;
+        fragment_ports(&mut pkt, None)?;
+        if pkt.proto == PROTO_UDP && is_group_or_broadcast(pkt.daddr, config()?) {
+            return None;
+        }
+        pod_reply(&ctx, &pkt)
+    };
+    run().unwrap_or(TC_ACT_OK)
+}
+
+/// `st8s_pod_port_tc` for IPv6.
+#[inline(never)]
+fn pod_port_tc6(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    let run = || {
+        let mut pkt = parse6_tc(&ctx)?;
+        if pkt.proto == PROTO_UDP && is_multicast6(pkt.daddr) {
+            return None;
+        }
+        fragment_ports(&mut pkt, None)?;
+        pod_reply(&ctx, &pkt)
+    };
+    run().unwrap_or(TC_ACT_OK)
+}
+
 /// A backend's reply to a flow st8s delivered: from the frontend the client sent to, straight
 /// out of the uplink.
 #[inline(always)]

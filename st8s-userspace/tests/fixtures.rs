@@ -656,7 +656,11 @@ fn load() -> Ebpf {
         let p: &mut Xdp = ebpf.program_mut(name).expect("program").try_into().expect("xdp");
         p.load().expect("XDP program passes the verifier");
     }
-    for name in [program_names::UPLINK_TC, program_names::POD_TC] {
+    for name in [
+        program_names::UPLINK_TC,
+        program_names::POD_TC,
+        program_names::POD_PORT_TC,
+    ] {
         let p: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().expect("tc");
         p.load().expect("TC program passes the verifier");
     }
@@ -1153,6 +1157,80 @@ fn pod_reply_is_rewritten_to_the_frontend_for_tcp_and_udp() {
         );
     }
     assert!(dp.counters(5).replied >= 3);
+}
+
+/// Issue 18: the reply program on a backend pod's own bridge port (`st8s_pod_port_tc`, ahead of
+/// the bridge and br_netfilter) translates the pod's replies exactly as the bridge's program
+/// does, and leaves everything else untouched for the bridge's program: ICMP errors, the pod's
+/// multicast, and traffic of flows st8s did not deliver.
+#[test]
+fn the_pod_port_program_translates_replies_and_leaves_the_rest_to_the_bridge() {
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL);
+    let _dns = dp.port(53, PROTO_UDP, &[(SELF, [0; 6], true)], 0, true);
+    let _web = dp.port(80, PROTO_TCP, &[(SELF, [0; 6], true)], 0, true);
+    const POD_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x05];
+    let to_node = |f: Frame| {
+        Frame {
+            src_mac: CLIENT_MAC,
+            dst_mac: SELF_MAC,
+            ..f
+        }
+        .wire()
+    };
+    for (request, tcp) in [
+        (to_node(Frame::udp(a(CLIENT), 40000, a(SELF), 53)), false),
+        (to_node(Frame::tcp(a(CLIENT), 40001, a(SELF), 80)), true),
+    ] {
+        let (v, delivered) = dp.run_tc(program_names::UPLINK_TC, &request);
+        assert_eq!(v, TC_ACT_REDIRECT, "delivered to the pod");
+        let mut answer = if tcp {
+            Frame::tcp(
+                ep::dst_addr(&delivered),
+                ep::dst_port(&delivered),
+                a(CLIENT),
+                40001,
+            )
+        } else {
+            Frame::udp(
+                ep::dst_addr(&delivered),
+                ep::dst_port(&delivered),
+                a(CLIENT),
+                40000,
+            )
+        };
+        answer.tcp_flags = st8s::packet::TCP_SYN | st8s::packet::TCP_ACK;
+        answer.src_mac = POD_MAC;
+        let answer = answer.wire();
+        let on_bridge = dp.run_tc(program_names::POD_TC, &answer);
+        assert_eq!(on_bridge.0, TC_ACT_REDIRECT);
+        assert_eq!(
+            dp.run_tc(program_names::POD_PORT_TC, &answer),
+            on_bridge,
+            "the port's program translates as the bridge's does"
+        );
+        assert_eq!(ep::src_addr(&on_bridge.1), a(SELF));
+    }
+    // The pod's port unreachable about the delivered query: the bridge's program translates it.
+    let (_, delivered) = dp.run_tc(
+        program_names::UPLINK_TC,
+        &to_node(Frame::udp(a(CLIENT), 40002, a(SELF), 53)),
+    );
+    let icmp = ep::port_unreachable(POD_MAC, SELF_MAC, a(POD), a(CLIENT), &delivered[14..14 + 28]);
+    assert_eq!(dp.run_tc(program_names::POD_TC, &icmp).0, TC_ACT_REDIRECT);
+    let mut multicast = Frame::udp(a(POD), 53, a("239.255.255.250"), 1900);
+    multicast.dst_mac = [0x01, 0x00, 0x5e, 0x7f, 0xff, 0xfa];
+    for pkt in [
+        icmp,
+        multicast.wire(),
+        Frame::udp(a(POD), 53, a("10.0.0.99"), 40000).wire(),
+        Frame::tcp(a(POD), 8080, a(CLIENT), 40003).wire(),
+    ] {
+        assert_eq!(
+            dp.run_tc(program_names::POD_PORT_TC, &pkt),
+            (TC_ACT_OK, pkt.clone()),
+            "left to the bridge"
+        );
+    }
 }
 
 /// 4d: everything that is not a steered IPv4 TCP/UDP packet to this node passes untouched,

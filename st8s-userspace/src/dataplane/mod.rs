@@ -26,7 +26,7 @@ use st8s_common::{
     CONFIG_PREFER_LOCAL, CONFIG_TC_NETLINK, CONFIG_XDP_FORWARDS, Config, Discovery, LAYOUT_VERSION, NodeInfo,
     PORT_LOCAL_DRAINING, program_names,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub mod inspect;
 pub mod monitor;
@@ -158,6 +158,9 @@ pub struct BpfDataplane {
     /// The TC programs are netlink filters (no TCX on this kernel, or `--tc-attach netlink`).
     tc_netlink: bool,
     pod_ifaces: BTreeSet<String>,
+    /// Local backend pods' bridge ports carrying the reply program (`POD_PORT_TC`): ifindex and
+    /// name when attached.
+    reply_ports: BTreeMap<u32, String>,
     /// The uplink's addresses and their subnets' broadcast addresses.
     broadcasts: BTreeMap<Ipv4Addr, Ipv4Addr>,
     writer: MapWriter,
@@ -186,7 +189,11 @@ impl BpfDataplane {
             .context("XDP program missing")?
             .try_into()?;
         prog.load().context("loading the XDP program (verifier)")?;
-        for name in [program_names::UPLINK_TC, program_names::POD_TC] {
+        for name in [
+            program_names::UPLINK_TC,
+            program_names::POD_TC,
+            program_names::POD_PORT_TC,
+        ] {
             let prog: &mut SchedClassifier =
                 ebpf.program_mut(name).context("TC program missing")?.try_into()?;
             prog.load()
@@ -218,6 +225,7 @@ impl BpfDataplane {
             xdp_forwards,
             tc_netlink,
             pod_ifaces: BTreeSet::new(),
+            reply_ports: BTreeMap::new(),
             broadcasts,
             writer,
             socket_cgroup: None,
@@ -496,6 +504,7 @@ impl BpfDataplane {
                 discovery_links.insert(local.addr, (link, mac));
             }
         }
+        report.retry |= self.attach_reply_ports(desired, &pod_links);
         self.writer.count = WriteCount::default();
         let config = self.config_for(desired.self_node.addr, desired.self_node.addr6);
         let (ebpf, w) = (&mut self.ebpf, &mut self.writer);
@@ -635,9 +644,91 @@ impl BpfDataplane {
         Ok((dev, ifindex))
     }
 
+    /// Puts the reply program on the bridge port of every local backend pod (see
+    /// `st8s_pod_port_tc`) and takes it off ports no backend is behind any more; true when a
+    /// bridge has yet to learn a pod (it is solicited: look again). Best effort: until a pod's
+    /// port carries the program, and wherever attaching fails, the bridge's own program
+    /// translates its replies as before, only at the bridge's cost.
+    fn attach_reply_ports(&mut self, desired: &Desired, pod_links: &BTreeMap<PortId, (String, u32)>) -> bool {
+        let mut retry = false;
+        let neighbours = net::neighbours().unwrap_or_default();
+        let mut wanted: BTreeMap<u32, String> = BTreeMap::new();
+        for (id, plan) in &desired.ports {
+            let (Some(local), Some((dev, ifindex))) = (&plan.local, pod_links.get(id)) else {
+                continue;
+            };
+            if !net::is_ethernet(dev) {
+                continue;
+            }
+            let mac = neighbours.get(&local.addr).copied();
+            // A MAC no bridge learns: Unknown on a bridge, NotABridge on a pod's own link.
+            match net::bridge_port(*ifindex, mac.unwrap_or_default()) {
+                Ok(net::BridgePort::Port(port)) => {
+                    wanted.insert(port, local.pod.clone());
+                }
+                Ok(net::BridgePort::NotABridge) => {}
+                Ok(net::BridgePort::Unknown) => {
+                    net::solicit(local.addr);
+                    retry = true;
+                }
+                Err(e) => debug!(error = %e, "bridge forwarding database unreadable"),
+            }
+        }
+        for (&port, pod) in &wanted {
+            let Some(name) = net::iface_name(port) else {
+                continue;
+            };
+            if self.reply_ports.get(&port) == Some(&name) {
+                continue;
+            }
+            match self.attach_tc(program_names::POD_PORT_TC, &name, &reply_link(port)) {
+                Ok(()) => {
+                    info!(iface = %name, %pod, "reply program attached to the pod's bridge port");
+                    self.reply_ports.insert(port, name);
+                }
+                Err(e) => warn!(
+                    iface = %name,
+                    %pod,
+                    error = %format!("{e:#}"),
+                    "cannot attach the reply program to the pod's bridge port: the bridge translates its replies"
+                ),
+            }
+        }
+        // Ports no backend is behind any more, including those pinned by an earlier agent.
+        let mut gone: BTreeSet<u32> = self
+            .reply_ports
+            .keys()
+            .copied()
+            .filter(|p| !wanted.contains_key(p))
+            .collect();
+        gone.extend(
+            pins::pinned_names(&self.opts.pin_dir, REPLY_LINK_PREFIX)
+                .into_iter()
+                .filter_map(|n| n.parse().ok())
+                .filter(|p| !wanted.contains_key(p)),
+        );
+        for port in gone {
+            pins::unpin_link(&pins::link_path(&self.opts.pin_dir, &reply_link(port)));
+            if let Some(name) = self.reply_ports.remove(&port) {
+                if self.tc_netlink {
+                    let _ =
+                        tc::qdisc_detach_program(&name, TcAttachType::Ingress, program_names::POD_PORT_TC);
+                }
+                info!(iface = %name, "reply program taken off a port no backend is behind");
+            }
+        }
+        retry
+    }
+
     pub fn self_mac(&self) -> String {
         format_mac(&self.self_mac)
     }
+}
+
+/// What the reply program's link on bridge port `port` (an ifindex) is pinned as.
+const REPLY_LINK_PREFIX: &str = "pod_port_";
+fn reply_link(port: u32) -> String {
+    format!("{REPLY_LINK_PREFIX}{port}")
 }
 
 /// Where a discovery pod's copies go (see `deliver_discovery` in the programs): the host side of

@@ -286,6 +286,23 @@ pub fn unpin_link(path: &Path) {
     let _ = fs::remove_file(path);
 }
 
+/// The `what` of every link pinned under `dir` as `link_<prefix><what>`.
+pub fn pinned_names(dir: &Path, prefix: &str) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let pin = format!("link_{prefix}");
+    entries
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix(&pin)
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
 /// `st8s uninstall`: detaches every pinned link and every st8s netlink TC filter (those of
 /// `--tc-attach netlink`, on any interface of this network namespace), and removes every pin
 /// under `dir`.
@@ -296,7 +313,11 @@ pub fn unpin_link(path: &Path) {
 pub fn uninstall(dir: &Path) -> anyhow::Result<Vec<String>> {
     let mut removed = Vec::new();
     for iface in super::net::interfaces() {
-        for name in [program_names::UPLINK_TC, program_names::POD_TC] {
+        for name in [
+            program_names::UPLINK_TC,
+            program_names::POD_TC,
+            program_names::POD_PORT_TC,
+        ] {
             if aya::programs::tc::qdisc_detach_program(&iface, aya::programs::TcAttachType::Ingress, name)
                 .is_ok()
             {
@@ -314,10 +335,41 @@ pub fn uninstall(dir: &Path) -> anyhow::Result<Vec<String>> {
         !p.file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
     });
+    // Removing a link's pin drops its last reference, but the kernel frees (detaches) the link
+    // from a work queue, moments later: with several links the first request after `uninstall`
+    // could still be steered. The programs they hold are read first, and `uninstall` returns
+    // once the kernel has let them go (a program outlives its attachment).
+    let prog_ids: Vec<u32> = paths
+        .iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+        })
+        .filter_map(|p| FdLink::from(PinnedLink::from_pin(p).ok()?).info().ok())
+        .map(|i| i.program_id())
+        .collect();
     for path in paths {
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         removed.push(path.display().to_string());
     }
     fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    let deadline = std::time::Instant::now() + LINK_RELEASE;
+    loop {
+        let live = aya::programs::loaded_programs()
+            .flatten()
+            .filter(|p| prog_ids.contains(&p.id()))
+            .count();
+        if live == 0 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            warn!(programs = live, "the kernel has not released every program yet");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     Ok(removed)
 }
+
+/// How long `uninstall` waits for the kernel to release the programs of the links it unpinned.
+const LINK_RELEASE: std::time::Duration = std::time::Duration::from_secs(5);
