@@ -31,8 +31,9 @@ pub mod map_names {
     pub const DISCOVERY_PODS6: &str = "ST8S_DISCOVERY_PODS6";
     pub const MONITOR: &str = "ST8S_MONITOR";
     pub const EVENTS: &str = "ST8S_EVENTS";
+    pub const POD_LINKS: &str = "ST8S_POD_LINKS";
 
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         CONFIG,
         PORTS,
         PORT_INDEX,
@@ -56,6 +57,7 @@ pub mod map_names {
         DISCOVERY_PODS6,
         MONITOR,
         EVENTS,
+        POD_LINKS,
     ];
 }
 
@@ -495,6 +497,22 @@ pub struct Discovery {
 }
 assert_size!(Discovery, 40);
 
+/// Value of `ST8S_POD_LINKS`, by a port's counter slot: the host side of the local backend
+/// pod's own veth, into whose peer (the pod's `eth0`) the uplink program hands the pod's packets
+/// with `bpf_redirect_peer`, addressed to `pod_mac`: no FIB lookup, no bridge, no second pass
+/// through the backlog queue. The entry counts only while `pod_addr_be` is the port's
+/// `PortInfo::local_addr_be` (the two maps are written one after the other); otherwise, and with
+/// `ifindex` 0, packets go to `PortInfo::local_ifindex` by `bpf_redirect_neigh` as before.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodLink {
+    pub pod_addr_be: u32,
+    pub ifindex: u32,
+    pub pod_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+assert_size!(PodLink, 16);
+
 /// Key of `ST8S_DISCOVERY_PODS`: a discovery pod's socket, as its announcements leave it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -891,6 +909,7 @@ mod user {
     unsafe impl aya::Pod for MonitorCtl {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for Discovery {}
+    unsafe impl aya::Pod for PodLink {}
     unsafe impl aya::Pod for DiscoveryPodKey {}
     unsafe impl aya::Pod for DiscoveryPodKey6 {}
     unsafe impl aya::Pod for SockRevNatKey {}

@@ -20,7 +20,7 @@ use aya_ebpf::{
         bpf_ktime_get_ns,
         generated::{
             bpf_clone_redirect, bpf_csum_update, bpf_get_socket_cookie, bpf_redirect, bpf_redirect_neigh,
-            bpf_skb_load_bytes,
+            bpf_redirect_peer, bpf_skb_load_bytes,
         },
     },
     macros::{cgroup_sock_addr, classifier, map, xdp},
@@ -31,8 +31,8 @@ use aya_ebpf::{
 use st8s_common::{
     flow_hash, flow_hash6, port_index, socket_hash, word_info_index, word_slot, Addr6, Backend, Config,
     Counters, Discovery, DiscoveryPodKey, DiscoveryPodKey6, Event, FlowKey, FlowKey6, FlowValue, FragKey,
-    FragKey6, FragValue, MacKey, MaglevRow, MonitorCtl, NodeInfo, PortInfo, PortKey, RevNatKey, RevNatKey6,
-    RevNatValue, RevNatValue6, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6,
+    FragKey6, FragValue, MacKey, MaglevRow, MonitorCtl, NodeInfo, PodLink, PortInfo, PortKey, RevNatKey,
+    RevNatKey6, RevNatValue, RevNatValue6, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6,
     BACKEND_DRAINING, BACKEND_LOCAL, BACKEND_VACANT, BANKS, CONFIG_PREFER_LOCAL, EVENTS_BYTES,
     EVENT_ANNOUNCED, EVENT_DISCOVERED, EVENT_DROP_ERROR, EVENT_DROP_NO_LOCAL_BACKEND, EVENT_FORWARDED,
     EVENT_FRAG_INVALID, EVENT_FRAG_UNTRACKED, EVENT_ICMP_ERROR, EVENT_LOCAL, EVENT_PASSED, EVENT_REPLIED,
@@ -103,6 +103,9 @@ static ST8S_SOCK_REVNAT6: LruHashMap<SockRevNatKey6, SockRevNatValue6> =
 static ST8S_DISCOVERY_PODS6: HashMap<DiscoveryPodKey6, Discovery> =
     HashMap::with_max_entries(MAX_DISCOVERY, 0);
 /// Whether `st8s monitor` listens; the agent never writes it.
+/// By a port's counter slot: its local backend pod's own link (see `PodLink`).
+#[map]
+static ST8S_POD_LINKS: Array<PodLink> = Array::with_max_entries(MAX_PORTS, 0);
 #[map]
 static ST8S_MONITOR: Array<MonitorCtl> = Array::with_max_entries(1, 0);
 /// The steering decisions `st8s monitor` streams, written only while it listens.
@@ -2305,6 +2308,27 @@ fn deliver_local<F: Family>(ctx: &TcContext, pkt: &Packet<F>, port: &PortInfo, e
     follow_fragments(pkt, slot);
     count(slot, |c| c.delivered_local += 1);
     note::<F>(ctx, EVENT_LOCAL, slot, Some((pkt.daddr, pkt.dport)));
+    // Straight into the pod, when the agent knows its own link: this program runs at the
+    // uplink's ingress, where `bpf_redirect_peer` may hand a packet to a veth's peer.
+    if let Some(link) = ST8S_POD_LINKS.get(slot) {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        if link.ifindex != 0 && link.pod_addr_be == port.local_addr_be && start + 6 <= end {
+            // The frame addressed to the pod, written in place: the rewrite above has made the
+            // packet writable, and a helper call here would cost about what the lookups do.
+            // Three 16-bit stores (a frame starts 2-byte aligned): a 6-byte copy would be a call
+            // to a byte loop.
+            let m = link.pod_mac;
+            let dst = start as *mut u16;
+            // SAFETY: the 6 bytes are inside the packet (checked against `data_end`).
+            unsafe {
+                *dst = u16::from_ne_bytes([m[0], m[1]]);
+                *dst.add(1) = u16::from_ne_bytes([m[2], m[3]]);
+                *dst.add(2) = u16::from_ne_bytes([m[4], m[5]]);
+            }
+            // SAFETY: plain helper call.
+            return unsafe { bpf_redirect_peer(link.ifindex, 0) as i32 };
+        }
+    }
     // SAFETY: plain helper call; no neighbour parameters, the FIB picks the next hop.
     unsafe { bpf_redirect_neigh(port.local_ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }

@@ -24,8 +24,8 @@ use st8s::{
 use st8s_common::{
     BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_XDP_FORWARDS, Config, Counters, Discovery,
     FLOW_LOCAL, FLOW_REMOTE, FlowKey, FlowKey6, FlowValue, GLOBAL_COUNTER_SLOT, MAGLEV_SIZE, NodeInfo,
-    PROTO_TCP, PROTO_UDP, PortInfo, PortKey, RevNatKey, RevNatKey6, RevNatValue, RevNatValue6, addr6,
-    map_names, port_index, program_names, word_info_index,
+    PROTO_TCP, PROTO_UDP, PodLink, PortInfo, PortKey, RevNatKey, RevNatKey6, RevNatValue, RevNatValue6,
+    addr6, map_names, port_index, program_names, word_info_index,
 };
 
 /// Test packets built and read by etherparse, a parser that shares no code with st8s: what the
@@ -728,6 +728,11 @@ fn empty_maps(ebpf: &mut Ebpf) {
     monitor
         .set(0, st8s_common::MonitorCtl::default(), 0)
         .expect("monitor off");
+    let mut links: Array<_, PodLink> =
+        Array::try_from(take(ebpf, &mut cleared, map_names::POD_LINKS)).expect("type");
+    for slot in 0..st8s_common::MAX_PORTS {
+        links.set(slot, PodLink::default(), 0).expect("no pod link");
+    }
     let mut events = aya::maps::RingBuf::try_from(take(ebpf, &mut cleared, map_names::EVENTS)).expect("type");
     while events.next().is_some() {}
     // A map added to the programs is emptied here too, or this fails.
@@ -1050,6 +1055,48 @@ fn tc_forwards_a_remote_flow_when_xdp_is_off() {
     assert_eq!(&out[0..6], &PEER_MAC);
     assert_eq!(&out[6..12], &SELF_MAC);
     assert_eq!(&out[12..], &pkt[12..]);
+}
+
+/// Issue 18: with the pod's own link known (`ST8S_POD_LINKS`), a delivered packet is addressed
+/// to the pod's MAC for `bpf_redirect_peer`; an entry naming another pod (the port's pod changed
+/// and the link is not rewritten yet) or no link leaves the frame's MACs alone
+/// (`bpf_redirect_neigh` writes them).
+#[test]
+fn delivery_straight_into_the_pod_takes_its_link_only_while_it_names_the_ports_pod() {
+    const POD_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x05];
+    let mut dp = Dp::new(CONFIG_PREFER_LOCAL);
+    let slot = dp.port(80, PROTO_TCP, &[(SELF, [0; 6], true)], 0, true);
+    let link = |pod: &str| PodLink {
+        pod_addr_be: be(a(pod)),
+        ifindex: 0x7fff_fff2,
+        pod_mac: POD_MAC,
+        _pad: [0; 2],
+    };
+    for (entry, sport, to_pod) in [
+        (PodLink::default(), 40010, false),
+        (link("10.244.1.99"), 40011, false),
+        (link(POD), 40012, true),
+    ] {
+        let mut links: Array<_, PodLink> =
+            Array::try_from(dp.ebpf.map_mut(map_names::POD_LINKS).expect("map")).expect("type");
+        links.set(slot, entry, 0).expect("link");
+        let pkt = client_tcp(SELF, 80);
+        let pkt = Frame { sport, ..pkt }.wire();
+        let (verdict, out) = dp.run_tc(program_names::UPLINK_TC, &pkt);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(ep::dst_addr(&out), a(POD));
+        let want = if to_pod { POD_MAC } else { SELF_MAC };
+        assert_eq!(&out[0..6], &want, "{entry:?}");
+        // The flow's next segment (established) takes the same way.
+        let ack = Frame {
+            sport,
+            tcp_flags: st8s::packet::TCP_ACK,
+            ..client_tcp(SELF, 80)
+        }
+        .wire();
+        let (verdict, out) = dp.run_tc(program_names::UPLINK_TC, &ack);
+        assert_eq!((verdict, &out[0..6]), (TC_ACT_REDIRECT, &want[..]), "{entry:?}");
+    }
 }
 
 /// 4a: a local backend: XDP passes, TC translates to the pod and redirects to its interface,

@@ -1872,6 +1872,23 @@ fn per_packet_table(ebpf: &mut aya::Ebpf, me: &str) -> anyhow::Result<()> {
             flags: 0,
         },
     )?;
+    // Its pod's own link known, as the agent finds it behind a bridge or a routed CNI's veth:
+    // delivery by `bpf_redirect_peer`, the path a node takes. The pod's MAC is this node's, for
+    // the reason above: the repeats see the frame the first run addressed to the pod.
+    let slot = writer.slot(tcp(81)).context("port 81's slot")?;
+    aya::maps::Array::<_, st8s_common::PodLink>::try_from(
+        ebpf.map_mut(map_names::POD_LINKS).context("map")?,
+    )?
+    .set(
+        u32::from(slot),
+        st8s_common::PodLink {
+            pod_addr_be: be(me),
+            ifindex: 7,
+            pod_mac: self_mac,
+            _pad: [0; 2],
+        },
+        0,
+    )?;
     HashMap::<_, RevNatKey, RevNatValue>::try_from(ebpf.map_mut(map_names::REVNAT).context("map")?)?.insert(
         RevNatKey {
             pod_addr_be: be("10.244.1.5"),

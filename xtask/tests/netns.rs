@@ -131,31 +131,33 @@ fn local_backend_answers_with_the_client_address_and_no_iptables() {
         );
         assert_eq!(dns.client_ip(), Some(CLIENT_ADDR));
     }
-    // The pod's replies leave from its own bridge port (st8s_pod_port_tc): none of them goes up
-    // through the bridge (where br_netfilter would give each an iptables and conntrack pass).
-    // Each exchange has at least four reply packets (SYN-ACK, answer, FIN, ACK); the bridge may
-    // still take the pod's ARP traffic.
-    let bridge_rx = || -> u64 {
+    // Neither direction crosses node1's bridge: requests enter the pod straight from the uplink
+    // (bpf_redirect_peer into its veth), replies leave from its own bridge port
+    // (st8s_pod_port_tc), so none goes up through the bridge, where br_netfilter would give each
+    // an iptables and conntrack pass. Each exchange has at least four packets each way (SYN,
+    // request, FIN, ACK; SYN-ACK, answer, FIN, ACK); the bridge may still carry the pod's ARP.
+    let bridge = |counter: &str| -> u64 {
+        let path = format!("/sys/class/net/cni0/statistics/{counter}");
         let out = lab
-            .exec(
-                lab.node_ns(1),
-                "cat",
-                &["/sys/class/net/cni0/statistics/rx_packets"],
-            )
+            .exec(lab.node_ns(1), "cat", &[&path])
             .expect("cni0 statistics");
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
-            .expect("rx_packets")
+            .expect("packet count")
     };
-    let before = bridge_rx();
+    let (rx, tx) = (bridge("rx_packets"), bridge("tx_packets"));
     for _ in 0..5 {
         assert_eq!(lab.http(1, 80).pod.as_deref(), Some("lab/web-node1"));
     }
-    let up_the_bridge = bridge_rx() - before;
+    let (up, down) = (bridge("rx_packets") - rx, bridge("tx_packets") - tx);
     assert!(
-        up_the_bridge <= 4,
-        "{up_the_bridge} packets of 5 steered exchanges went up node1's bridge"
+        up <= 4,
+        "{up} replies of 5 steered exchanges went up node1's bridge"
+    );
+    assert!(
+        down <= 4,
+        "{down} requests of 5 steered exchanges went down node1's bridge"
     );
     let s = lab.snapshot(1).expect("snapshot");
     let c = st8s::dataplane::inspect::counters_by_port(&s);

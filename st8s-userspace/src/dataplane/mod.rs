@@ -24,7 +24,7 @@ use aya::{
 };
 use st8s_common::{
     CONFIG_PREFER_LOCAL, CONFIG_TC_NETLINK, CONFIG_XDP_FORWARDS, Config, Discovery, LAYOUT_VERSION, NodeInfo,
-    PORT_LOCAL_DRAINING, program_names,
+    PORT_LOCAL_DRAINING, PodLink, map_names, program_names,
 };
 use tracing::{debug, info, warn};
 
@@ -161,6 +161,8 @@ pub struct BpfDataplane {
     /// Local backend pods' bridge ports carrying the reply program (`POD_PORT_TC`): ifindex and
     /// name when attached.
     reply_ports: BTreeMap<u32, String>,
+    /// What `ST8S_POD_LINKS` holds, by slot; `None` until the first write.
+    pod_link_entries: Option<BTreeMap<u32, PodLink>>,
     /// The uplink's addresses and their subnets' broadcast addresses.
     broadcasts: BTreeMap<Ipv4Addr, Ipv4Addr>,
     writer: MapWriter,
@@ -226,6 +228,7 @@ impl BpfDataplane {
             tc_netlink,
             pod_ifaces: BTreeSet::new(),
             reply_ports: BTreeMap::new(),
+            pod_link_entries: None,
             broadcasts,
             writer,
             socket_cgroup: None,
@@ -504,7 +507,8 @@ impl BpfDataplane {
                 discovery_links.insert(local.addr, (link, mac));
             }
         }
-        report.retry |= self.attach_reply_ports(desired, &pod_links);
+        let (own_links, retry) = self.find_pod_ports(desired, &pod_links);
+        report.retry |= retry;
         self.writer.count = WriteCount::default();
         let config = self.config_for(desired.self_node.addr, desired.self_node.addr6);
         let (ebpf, w) = (&mut self.ebpf, &mut self.writer);
@@ -587,6 +591,7 @@ impl BpfDataplane {
         w.write_discovery(ebpf, discovery)?;
         report.writes = w.count.writes;
         report.ports_changed = w.count.ports_changed;
+        self.write_pod_links(&own_links)?;
         Ok(report)
     }
 
@@ -644,15 +649,21 @@ impl BpfDataplane {
         Ok((dev, ifindex))
     }
 
-    /// Puts the reply program on the bridge port of every local backend pod (see
-    /// `st8s_pod_port_tc`) and takes it off ports no backend is behind any more; true when a
-    /// bridge has yet to learn a pod (it is solicited: look again). Best effort: until a pod's
-    /// port carries the program, and wherever attaching fails, the bridge's own program
-    /// translates its replies as before, only at the bridge's cost.
-    fn attach_reply_ports(&mut self, desired: &Desired, pod_links: &BTreeMap<PortId, (String, u32)>) -> bool {
+    /// Finds each local backend pod's own link (see `PodLink`): its bridge port, or, on a routed
+    /// CNI, the link its route names. Puts the reply program on the bridge ports (see
+    /// `st8s_pod_port_tc`) and takes it off ports no backend is behind any more. Returns the
+    /// pods' links by port, and true when a bridge has yet to learn a pod (it is solicited: look
+    /// again). Best effort: until a pod's link is known, and wherever attaching fails, its
+    /// packets take the bridge as before, only at the bridge's cost.
+    fn find_pod_ports(
+        &mut self,
+        desired: &Desired,
+        pod_links: &BTreeMap<PortId, (String, u32)>,
+    ) -> (BTreeMap<PortId, PodLink>, bool) {
         let mut retry = false;
         let neighbours = net::neighbours().unwrap_or_default();
         let mut wanted: BTreeMap<u32, String> = BTreeMap::new();
+        let mut links = BTreeMap::new();
         for (id, plan) in &desired.ports {
             let (Some(local), Some((dev, ifindex))) = (&plan.local, pod_links.get(id)) else {
                 continue;
@@ -662,16 +673,34 @@ impl BpfDataplane {
             }
             let mac = neighbours.get(&local.addr).copied();
             // A MAC no bridge learns: Unknown on a bridge, NotABridge on a pod's own link.
-            match net::bridge_port(*ifindex, mac.unwrap_or_default()) {
+            let own = match net::bridge_port(*ifindex, mac.unwrap_or_default()) {
                 Ok(net::BridgePort::Port(port)) => {
                     wanted.insert(port, local.pod.clone());
+                    Some(port)
                 }
-                Ok(net::BridgePort::NotABridge) => {}
+                Ok(net::BridgePort::NotABridge) => Some(*ifindex),
                 Ok(net::BridgePort::Unknown) => {
                     net::solicit(local.addr);
                     retry = true;
+                    None
                 }
-                Err(e) => debug!(error = %e, "bridge forwarding database unreadable"),
+                Err(e) => {
+                    debug!(error = %e, "bridge forwarding database unreadable");
+                    None
+                }
+            };
+            if let (Some(link), Some(mac)) = (own, mac)
+                && net::iface_name(link).is_some_and(|n| net::is_veth(&n))
+            {
+                links.insert(
+                    *id,
+                    PodLink {
+                        pod_addr_be: u32::from(local.addr).to_be(),
+                        ifindex: link,
+                        pod_mac: mac,
+                        _pad: [0; 2],
+                    },
+                );
             }
         }
         for (&port, pod) in &wanted {
@@ -717,7 +746,32 @@ impl BpfDataplane {
                 info!(iface = %name, "reply program taken off a port no backend is behind");
             }
         }
-        retry
+        (links, retry)
+    }
+
+    /// Writes `ST8S_POD_LINKS` (by counter slot) from the pods' links found for the ports just
+    /// written; only what changed, everything on the first call (an earlier agent's entries).
+    fn write_pod_links(&mut self, links: &BTreeMap<PortId, PodLink>) -> anyhow::Result<()> {
+        let want: BTreeMap<u32, PodLink> = links
+            .iter()
+            .filter_map(|(id, l)| Some((u32::from(self.writer.slot(*id)?), *l)))
+            .collect();
+        let mut m: aya::maps::Array<_, PodLink> = aya::maps::Array::try_from(
+            self.ebpf
+                .map_mut(map_names::POD_LINKS)
+                .context("map ST8S_POD_LINKS missing")?,
+        )?;
+        let first = self.pod_link_entries.is_none();
+        let had = self.pod_link_entries.get_or_insert_with(BTreeMap::new);
+        for slot in 0..st8s_common::MAX_PORTS {
+            let new = want.get(&slot).copied().unwrap_or_default();
+            if first || had.get(&slot).copied().unwrap_or_default() != new {
+                m.set(slot, new, 0)
+                    .with_context(|| format!("writing ST8S_POD_LINKS[{slot}]"))?;
+            }
+        }
+        *had = want;
+        Ok(())
     }
 
     pub fn self_mac(&self) -> String {

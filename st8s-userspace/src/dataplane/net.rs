@@ -230,6 +230,44 @@ pub fn is_ethernet(iface: &str) -> bool {
     hwaddr(iface).is_ok_and(|(family, _)| family == libc::ARPHRD_ETHER)
 }
 
+/// The interface is one end of a veth pair (its driver, as `ethtool -i` reads it): a packet
+/// handed to it with `bpf_redirect_peer` enters its peer, the pod's `eth0`.
+pub fn is_veth(iface: &str) -> bool {
+    /// `struct ethtool_drvinfo` (linux/ethtool.h): the driver's name comes first after `cmd`.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    // SAFETY: a plain datagram socket for the ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(iface.as_bytes().iter().take(libc::IF_NAMESIZE - 1))
+    {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: fd is open, req names the interface and points at a drvinfo buffer big enough.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req) };
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    rc == 0 && info.driver.starts_with(b"veth\0")
+}
+
 /// The interface's hardware address family and address.
 fn hwaddr(iface: &str) -> Result<(u16, [u8; 6]), NetError> {
     let err = |source| NetError::Mac {
