@@ -671,7 +671,14 @@ impl BpfDataplane {
             if !net::is_ethernet(dev) {
                 continue;
             }
-            let mac = neighbours.get(&local.addr).copied();
+            // The neighbour table forgets an idle pod (ARP ages); the MAC last written for the
+            // same pod stands in until a solicitation brings the entry back.
+            let pod_addr_be = u32::from(local.addr).to_be();
+            let mac = neighbours.get(&local.addr).copied().or_else(|| {
+                let slot = u32::from(self.writer.slot(*id)?);
+                let known = self.pod_link_entries.as_ref()?.get(&slot)?;
+                (known.pod_addr_be == pod_addr_be).then_some(known.pod_mac)
+            });
             // A MAC no bridge learns: Unknown on a bridge, NotABridge on a pod's own link.
             let own = match net::bridge_port(*ifindex, mac.unwrap_or_default()) {
                 Ok(net::BridgePort::Port(port)) => {
@@ -695,7 +702,7 @@ impl BpfDataplane {
                 links.insert(
                     *id,
                     PodLink {
-                        pod_addr_be: u32::from(local.addr).to_be(),
+                        pod_addr_be,
                         ifindex: link,
                         pod_mac: mac,
                         _pad: [0; 2],
