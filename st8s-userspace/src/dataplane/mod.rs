@@ -662,6 +662,9 @@ impl BpfDataplane {
     ) -> (BTreeMap<PortId, PodLink>, bool) {
         let mut retry = false;
         let neighbours = net::neighbours().unwrap_or_default();
+        let fdb = net::Fdb::read()
+            .inspect_err(|e| debug!(error = %e, "bridge forwarding database unreadable"))
+            .ok();
         let mut wanted: BTreeMap<u32, String> = BTreeMap::new();
         let mut links = BTreeMap::new();
         for (id, plan) in &desired.ports {
@@ -680,21 +683,18 @@ impl BpfDataplane {
                 (known.pod_addr_be == pod_addr_be).then_some(known.pod_mac)
             });
             // A MAC no bridge learns: Unknown on a bridge, NotABridge on a pod's own link.
-            let own = match net::bridge_port(*ifindex, mac.unwrap_or_default()) {
-                Ok(net::BridgePort::Port(port)) => {
+            let own = match fdb.as_ref().map(|f| f.port(*ifindex, mac.unwrap_or_default())) {
+                Some(net::BridgePort::Port(port)) => {
                     wanted.insert(port, local.pod.clone());
                     Some(port)
                 }
-                Ok(net::BridgePort::NotABridge) => Some(*ifindex),
-                Ok(net::BridgePort::Unknown) => {
+                Some(net::BridgePort::NotABridge) => Some(*ifindex),
+                Some(net::BridgePort::Unknown) => {
                     net::solicit(local.addr);
                     retry = true;
                     None
                 }
-                Err(e) => {
-                    debug!(error = %e, "bridge forwarding database unreadable");
-                    None
-                }
+                None => None,
             };
             if let (Some(link), Some(mac)) = (own, mac)
                 && net::iface_name(link).is_some_and(|n| net::is_veth(&n))
@@ -730,7 +730,11 @@ impl BpfDataplane {
                 ),
             }
         }
-        // Ports no backend is behind any more, including those pinned by an earlier agent.
+        // Ports no backend is behind any more, including those pinned by an earlier agent (not
+        // judged without the forwarding database: nothing is taken off then).
+        if fdb.is_none() {
+            return (links, retry);
+        }
         let mut gone: BTreeSet<u32> = self
             .reply_ports
             .keys()

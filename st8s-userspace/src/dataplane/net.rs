@@ -404,19 +404,33 @@ pub enum BridgePort {
 
 /// The port of bridge `dev` (an ifindex) behind which `mac` lives.
 pub fn bridge_port(dev: u32, mac: [u8; 6]) -> Result<BridgePort, NetError> {
-    let entries = fdb_dump().map_err(NetError::Netlink)?;
-    let mut bridge = false;
-    for e in entries.iter().filter(|e| e.master == dev) {
-        bridge = true;
-        if e.mac == mac && e.port != dev {
-            return Ok(BridgePort::Port(e.port));
+    Ok(Fdb::read()?.port(dev, mac))
+}
+
+/// The forwarding databases of this network namespace's bridges, read once for several
+/// questions.
+pub struct Fdb(Vec<FdbEntry>);
+
+impl Fdb {
+    pub fn read() -> Result<Self, NetError> {
+        fdb_dump().map(Fdb).map_err(NetError::Netlink)
+    }
+
+    /// The port of bridge `dev` (an ifindex) behind which `mac` lives.
+    pub fn port(&self, dev: u32, mac: [u8; 6]) -> BridgePort {
+        let mut bridge = false;
+        for e in self.0.iter().filter(|e| e.master == dev) {
+            bridge = true;
+            if e.mac == mac && e.port != dev {
+                return BridgePort::Port(e.port);
+            }
+        }
+        if bridge {
+            BridgePort::Unknown
+        } else {
+            BridgePort::NotABridge
         }
     }
-    Ok(if bridge {
-        BridgePort::Unknown
-    } else {
-        BridgePort::NotABridge
-    })
 }
 
 /// One forwarding-database entry: `mac` behind port `port` of bridge `master`.
