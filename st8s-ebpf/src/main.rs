@@ -102,10 +102,10 @@ static ST8S_SOCK_REVNAT6: LruHashMap<SockRevNatKey6, SockRevNatValue6> =
 #[map]
 static ST8S_DISCOVERY_PODS6: HashMap<DiscoveryPodKey6, Discovery> =
     HashMap::with_max_entries(MAX_DISCOVERY, 0);
-/// Whether `st8s monitor` listens; the agent never writes it.
 /// By a port's counter slot: its local backend pod's own link (see `PodLink`).
 #[map]
 static ST8S_POD_LINKS: Array<PodLink> = Array::with_max_entries(MAX_PORTS, 0);
+/// Whether `st8s monitor` listens; the agent never writes it.
 #[map]
 static ST8S_MONITOR: Array<MonitorCtl> = Array::with_max_entries(1, 0);
 /// The steering decisions `st8s monitor` streams, written only while it listens.

@@ -246,11 +246,14 @@ pub fn is_veth(iface: &str) -> bool {
         driver: [0; 32],
         rest: [0; 160],
     };
-    // SAFETY: a plain datagram socket for the ioctl, closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return false;
-    }
+    let mut req = ifreq(iface);
+    req.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // The kernel fills `info` through the pointer, which outlives the call.
+    ioctl(libc::SIOCETHTOOL, &mut req).is_ok() && info.driver.starts_with(b"veth\0")
+}
+
+/// An `ifreq` naming `iface` (cut to `IF_NAMESIZE - 1` bytes), the rest zero.
+fn ifreq(iface: &str) -> libc::ifreq {
     // SAFETY: ifreq is plain data; zeroed is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req
@@ -260,42 +263,31 @@ pub fn is_veth(iface: &str) -> bool {
     {
         *dst = *src as libc::c_char;
     }
-    req.ifr_ifru.ifru_data = (&raw mut info).cast();
-    // SAFETY: fd is open, req names the interface and points at a drvinfo buffer big enough.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req) };
+    req
+}
+
+/// An interface ioctl (`SIOC*`) on `req`, through a datagram socket opened for it.
+fn ioctl(request: libc::c_ulong, req: &mut libc::ifreq) -> io::Result<()> {
+    // SAFETY: a plain datagram socket for the ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is open; req is a valid ifreq, and whatever it points at is the caller's.
+    let rc = unsafe { libc::ioctl(fd, request, req as *mut libc::ifreq) };
+    let e = io::Error::last_os_error();
     // SAFETY: fd is ours.
     unsafe { libc::close(fd) };
-    rc == 0 && info.driver.starts_with(b"veth\0")
+    if rc == 0 { Ok(()) } else { Err(e) }
 }
 
 /// The interface's hardware address family and address.
 fn hwaddr(iface: &str) -> Result<(u16, [u8; 6]), NetError> {
-    let err = |source| NetError::Mac {
+    let mut req = ifreq(iface);
+    ioctl(libc::SIOCGIFHWADDR, &mut req).map_err(|source| NetError::Mac {
         iface: iface.to_owned(),
         source,
-    };
-    // SAFETY: a plain datagram socket for the ioctl, closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(err(io::Error::last_os_error()));
-    }
-    // SAFETY: ifreq is plain data; zeroed is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req
-        .ifr_name
-        .iter_mut()
-        .zip(iface.as_bytes().iter().take(libc::IF_NAMESIZE - 1))
-    {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: fd is open, req is a valid ifreq.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
-    let e = io::Error::last_os_error();
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd) };
-    if rc != 0 {
-        return Err(err(e));
-    }
+    })?;
     // SAFETY: the ioctl filled the hwaddr member of the union.
     let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
     let mut mac = [0u8; 6];

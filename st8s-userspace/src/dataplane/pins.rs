@@ -331,20 +331,18 @@ pub fn uninstall(dir: &Path) -> anyhow::Result<Vec<String>> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
     };
     let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-    paths.sort_by_key(|p| {
-        !p.file_name()
+    let is_link = |p: &PathBuf| {
+        p.file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
-    });
+    };
+    paths.sort_by_key(|p| !is_link(p));
     // Removing a link's pin drops its last reference, but the kernel frees (detaches) the link
     // from a work queue, moments later: with several links the first request after `uninstall`
     // could still be steered. The programs they hold are read first, and `uninstall` returns
     // once the kernel has let them go (a program outlives its attachment).
     let prog_ids: Vec<u32> = paths
         .iter()
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
-        })
+        .filter(|p| is_link(p))
         .filter_map(|p| FdLink::from(PinnedLink::from_pin(p).ok()?).info().ok())
         .map(|i| i.program_id())
         .collect();
