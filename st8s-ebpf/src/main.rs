@@ -13,6 +13,7 @@
 //! - `st8s_xdp_pass`: `XDP_PASS`, for the switch side of veth uplinks in the lab.
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock_addr, xdp_action, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
@@ -781,14 +782,75 @@ fn read_bytes<const N: usize>(start: usize, end: usize, offset: usize) -> Option
 }
 
 /// A `T` (plain bytes: an integer or an array of them) read from packet data, bounds-checked.
+///
+/// Packet data has no alignment a compiler may rely on (the IP header sits 14 bytes into the
+/// frame), so a plain unaligned read compiles to one load per byte and the shifts that put them
+/// together: an IPv6 address took 16 loads and 30 ALU instructions. The kernel lets BPF programs
+/// read packet data at any alignment on the architectures that have efficient unaligned access
+/// (x86-64, arm64; `check_pkt_ptr_alignment` is strict only elsewhere or under
+/// `BPF_F_STRICT_ALIGNMENT`), so the bytes are copied with the widest loads that fit, written
+/// as BPF assembly the compiler cannot split, into an 8-byte aligned buffer on the stack (the
+/// verifier insists on aligned stack access).
 #[inline(always)]
 fn read<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
-    if start + offset + core::mem::size_of::<T>() > end {
+    let n = core::mem::size_of::<T>();
+    if start + offset + n > end {
         return None;
     }
-    // SAFETY: the range was checked against the end of the packet data just above; `T` is plain
-    // bytes, valid for any bit pattern (every caller reads integers or arrays of them).
-    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+    let p = start + offset;
+    let mut buf = Aligned(core::mem::MaybeUninit::<T>::uninit());
+    let dst = buf.0.as_mut_ptr() as *mut u8;
+    let mut i = 0;
+    // SAFETY: every load is inside the range checked against the end of the packet data above;
+    // every store is inside `buf` at an offset that is a multiple of its size (the buffer is
+    // 8-byte aligned), and together they write all `n` bytes, so `buf` is initialised. `T` is
+    // plain bytes, valid for any bit pattern (every caller reads integers or arrays of them).
+    unsafe {
+        while i + 8 <= n {
+            *(dst.add(i) as *mut u64) = load::<8>(p + i);
+            i += 8;
+        }
+        if i + 4 <= n {
+            *(dst.add(i) as *mut u32) = load::<4>(p + i) as u32;
+            i += 4;
+        }
+        if i + 2 <= n {
+            *(dst.add(i) as *mut u16) = load::<2>(p + i) as u16;
+            i += 2;
+        }
+        if i < n {
+            *dst.add(i) = *((p + i) as *const u8);
+        }
+        Some(buf.0.assume_init())
+    }
+}
+
+/// A stack buffer the verifier accepts 8-byte stores into.
+#[repr(C, align(8))]
+struct Aligned<T>(T);
+
+/// One load of `N` (2, 4 or 8) bytes at `p`, zero-extended, at whatever alignment `p` has.
+///
+/// # Safety
+/// `p` must point into packet data the verifier knows to be in range for `N` bytes.
+#[inline(always)]
+unsafe fn load<const N: usize>(p: usize) -> u64 {
+    let v: u64;
+    // SAFETY: the caller's; the instruction only reads.
+    unsafe {
+        match N {
+            8 => {
+                core::arch::asm!("{0} = *(u64 *)({1} + 0)", lateout(reg) v, in(reg) p, options(pure, readonly, nostack))
+            }
+            4 => {
+                core::arch::asm!("{0} = *(u32 *)({1} + 0)", lateout(reg) v, in(reg) p, options(pure, readonly, nostack))
+            }
+            _ => {
+                core::arch::asm!("{0} = *(u16 *)({1} + 0)", lateout(reg) v, in(reg) p, options(pure, readonly, nostack))
+            }
+        }
+    }
+    v
 }
 
 /// What to do with a packet.
