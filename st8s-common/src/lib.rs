@@ -391,12 +391,13 @@ impl MacKey {
     }
 }
 
-/// Key of `ST8S_FLOWS`: a client's flow as it arrives, towards a node address and hostPort.
+/// Key of `ST8S_FLOWS`: a client's flow as it arrives at this node's own address and a hostPort.
+/// A node tracks flows only to its own address, so the address is not part of the key (layouts 1
+/// and 2 carried it: [`FLOW_KEY_V2_SIZE`]); a shorter key is a shorter hash on every packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub client_addr_be: u32,
-    pub frontend_addr_be: u32,
     pub client_port_be: u16,
     pub frontend_port_be: u16,
     pub proto: u8,
@@ -404,23 +405,57 @@ pub struct FlowKey {
     pub _pad: u8,
     pub _pad2: u16,
 }
-assert_size!(FlowKey, 16);
+assert_size!(FlowKey, 12);
 
 /// Key of `ST8S_FLOWS6`: an IPv6 client's flow, as [`FlowKey`] (its value is the same
 /// [`FlowValue`]: a remote backend is named by its node's IPv4 address, the identity the
-/// backend lists and Maglev rows use for both families).
+/// backend lists and Maglev rows use for both families). 24 bytes instead of layout 2's 40: the
+/// kernel's `jhash` takes one mixing round for it where it took three.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey6 {
     pub client_addr: Addr6,
-    pub frontend_addr: Addr6,
     pub client_port_be: u16,
     pub frontend_port_be: u16,
     pub proto: u8,
     pub _pad: u8,
     pub _pad2: u16,
 }
-assert_size!(FlowKey6, 40);
+assert_size!(FlowKey6, 24);
+
+/// The size of a `FlowKey` of layouts 1 and 2: the client's address, the frontend (this node's)
+/// address, then the fields `FlowKey` has now, in its order.
+pub const FLOW_KEY_V2_SIZE: usize = 16;
+/// The size of a `FlowKey6` of layouts 1 and 2, laid out as [`FLOW_KEY_V2_SIZE`]'s.
+pub const FLOW_KEY6_V2_SIZE: usize = 40;
+
+impl FlowKey {
+    /// A flow key of layouts 1 and 2, as the kernel stores it, without its frontend address.
+    pub fn from_v2(k: [u8; FLOW_KEY_V2_SIZE]) -> Self {
+        let b = |i: usize| k[i];
+        FlowKey {
+            client_addr_be: u32::from_ne_bytes([b(0), b(1), b(2), b(3)]),
+            client_port_be: u16::from_ne_bytes([b(8), b(9)]),
+            frontend_port_be: u16::from_ne_bytes([b(10), b(11)]),
+            proto: b(12),
+            ..Default::default()
+        }
+    }
+}
+
+impl FlowKey6 {
+    /// [`FlowKey::from_v2`] for IPv6.
+    pub fn from_v2(k: [u8; FLOW_KEY6_V2_SIZE]) -> Self {
+        let word = |i: usize| u32::from_ne_bytes([k[i], k[i + 1], k[i + 2], k[i + 3]]);
+        FlowKey6 {
+            client_addr: [word(0), word(4), word(8), word(12)],
+            client_port_be: u16::from_ne_bytes([k[32], k[33]]),
+            frontend_port_be: u16::from_ne_bytes([k[34], k[35]]),
+            proto: k[36],
+            ..Default::default()
+        }
+    }
+}
 
 /// Value of `ST8S_FLOWS`: where the flow goes.
 #[repr(C)]
@@ -825,11 +860,12 @@ pub struct Event {
 assert_size!(Event, 192);
 
 /// Flow hash shared by the programs and the agent's tests: all nodes use the same seed, so the
-/// same flow maps to the same Maglev slot wherever it is computed.
-pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+/// same flow maps to the same Maglev slot wherever it is computed. The frontend (the node's
+/// address the flow arrived at) enters it too, though it is not part of the key.
+pub const fn flow_hash(key: &FlowKey, frontend_addr_be: u32, seed: u32) -> u32 {
     let mut h = seed ^ 0x9e37_79b9;
     h = mix(h, key.client_addr_be);
-    h = mix(h, key.frontend_addr_be);
+    h = mix(h, frontend_addr_be);
     h = mix(
         h,
         ((key.client_port_be as u32) << 16) | key.frontend_port_be as u32,
@@ -839,12 +875,12 @@ pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
 }
 
 /// [`flow_hash`] for an IPv6 flow: every word of both addresses enters it.
-pub const fn flow_hash6(key: &FlowKey6, seed: u32) -> u32 {
+pub const fn flow_hash6(key: &FlowKey6, frontend_addr: &Addr6, seed: u32) -> u32 {
     let mut h = seed ^ 0x9e37_79b9;
     let mut i = 0;
     while i < 4 {
         h = mix(h, key.client_addr[i]);
-        h = mix(h, key.frontend_addr[i]);
+        h = mix(h, frontend_addr[i]);
         i += 1;
     }
     h = mix(
@@ -940,22 +976,51 @@ mod tests {
     fn flow_hash6_depends_on_every_address_word() {
         let k = FlowKey6 {
             client_addr: [1, 2, 3, 4],
-            frontend_addr: [5, 6, 7, 8],
             client_port_be: 9,
             frontend_port_be: 10,
             proto: 6,
             ..Default::default()
         };
-        let h = flow_hash6(&k, 7);
+        let frontend = [5, 6, 7, 8];
+        let h = flow_hash6(&k, &frontend, 7);
         for i in 0..4 {
             let mut c = k;
             c.client_addr[i] ^= 0x100;
-            assert_ne!(h, flow_hash6(&c, 7));
-            let mut f = k;
-            f.frontend_addr[i] ^= 0x100;
-            assert_ne!(h, flow_hash6(&f, 7));
+            assert_ne!(h, flow_hash6(&c, &frontend, 7));
+            let mut f = frontend;
+            f[i] ^= 0x100;
+            assert_ne!(h, flow_hash6(&k, &f, 7));
         }
-        assert_ne!(h, flow_hash6(&k, 8));
+        assert_ne!(h, flow_hash6(&k, &frontend, 8));
+    }
+
+    #[test]
+    fn flow_keys_of_layout_2_lose_only_their_frontend_address() {
+        // As layout 2 laid them out: client, frontend, client port, frontend port, proto, pads.
+        let mut v4 = [0u8; FLOW_KEY_V2_SIZE];
+        v4[0..4].copy_from_slice(&[192, 168, 1, 50]);
+        v4[4..8].copy_from_slice(&[192, 168, 1, 11]);
+        v4[8..10].copy_from_slice(&40000u16.to_be_bytes());
+        v4[10..12].copy_from_slice(&443u16.to_be_bytes());
+        v4[12] = 6;
+        let k = FlowKey::from_v2(v4);
+        assert_eq!(k.client_addr_be.to_ne_bytes(), [192, 168, 1, 50]);
+        assert_eq!(u16::from_be(k.client_port_be), 40000);
+        assert_eq!(u16::from_be(k.frontend_port_be), 443);
+        assert_eq!((k.proto, k._pad, k._pad2), (6, 0, 0));
+
+        let mut v6 = [0u8; FLOW_KEY6_V2_SIZE];
+        let client: [u8; 16] = core::array::from_fn(|i| 0xf0 + i as u8);
+        v6[0..16].copy_from_slice(&client);
+        v6[16..32].copy_from_slice(&[0xaa; 16]);
+        v6[32..34].copy_from_slice(&5353u16.to_be_bytes());
+        v6[34..36].copy_from_slice(&53u16.to_be_bytes());
+        v6[36] = 17;
+        let k = FlowKey6::from_v2(v6);
+        assert_eq!(addr6_octets(k.client_addr), client);
+        assert_eq!(u16::from_be(k.client_port_be), 5353);
+        assert_eq!(u16::from_be(k.frontend_port_be), 53);
+        assert_eq!(k.proto, 17);
     }
 
     #[test]
@@ -1005,15 +1070,15 @@ mod tests {
     fn flow_hash_depends_on_seed_and_every_field() {
         let k = FlowKey {
             client_addr_be: 1,
-            frontend_addr_be: 2,
             client_port_be: 3,
             frontend_port_be: 4,
             proto: 6,
             _pad: 0,
             _pad2: 0,
         };
-        let h = flow_hash(&k, 7);
-        assert_ne!(h, flow_hash(&k, 8));
+        let h = flow_hash(&k, 2, 7);
+        assert_ne!(h, flow_hash(&k, 2, 8));
+        assert_ne!(h, flow_hash(&k, 9, 7));
         assert_ne!(
             h,
             flow_hash(
@@ -1021,6 +1086,7 @@ mod tests {
                     client_addr_be: 9,
                     ..k
                 },
+                2,
                 7
             )
         );
@@ -1031,10 +1097,11 @@ mod tests {
                     client_port_be: 9,
                     ..k
                 },
+                2,
                 7
             )
         );
-        assert_ne!(h, flow_hash(&FlowKey { proto: 17, ..k }, 7));
-        assert_eq!(h, flow_hash(&k, 7));
+        assert_ne!(h, flow_hash(&FlowKey { proto: 17, ..k }, 2, 7));
+        assert_eq!(h, flow_hash(&k, 2, 7));
     }
 }

@@ -187,19 +187,14 @@ trait Family: Copy {
     /// The local backend pod's address in the family, if it has one.
     fn pod_addr(port: &PortInfo) -> Option<Self::Addr>;
     fn flows() -> &'static LruHashMap<Self::FlowKey, FlowValue>;
-    fn flow_key_of(
-        client: Self::Addr,
-        frontend: Self::Addr,
-        client_port: u16,
-        frontend_port: u16,
-        proto: u8,
-    ) -> Self::FlowKey;
+    /// A flow to this node's own address (the only frontend a node tracks flows for).
+    fn flow_key_of(client: Self::Addr, client_port: u16, frontend_port: u16, proto: u8) -> Self::FlowKey;
     /// A packet's flow, as the client sent it.
     #[inline(always)]
     fn flow_key(pkt: &Packet<Self>) -> Self::FlowKey {
-        Self::flow_key_of(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto)
+        Self::flow_key_of(pkt.saddr, pkt.sport, pkt.dport, pkt.proto)
     }
-    fn flow_hash(key: &Self::FlowKey, seed: u32) -> u32;
+    fn flow_hash(key: &Self::FlowKey, frontend: &Self::Addr, seed: u32) -> u32;
     fn revnat() -> &'static LruHashMap<Self::RevKey, Self::RevValue>;
     fn rev_key(
         pod: Self::Addr,
@@ -270,10 +265,9 @@ impl Family for V4 {
         &ST8S_FLOWS
     }
     #[inline(always)]
-    fn flow_key_of(client: u32, frontend: u32, client_port: u16, frontend_port: u16, proto: u8) -> FlowKey {
+    fn flow_key_of(client: u32, client_port: u16, frontend_port: u16, proto: u8) -> FlowKey {
         FlowKey {
             client_addr_be: client,
-            frontend_addr_be: frontend,
             client_port_be: client_port,
             frontend_port_be: frontend_port,
             proto,
@@ -282,8 +276,8 @@ impl Family for V4 {
         }
     }
     #[inline(always)]
-    fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
-        flow_hash(key, seed)
+    fn flow_hash(key: &FlowKey, frontend: &u32, seed: u32) -> u32 {
+        flow_hash(key, *frontend, seed)
     }
     #[inline(always)]
     fn revnat() -> &'static LruHashMap<RevNatKey, RevNatValue> {
@@ -393,16 +387,9 @@ impl Family for V6 {
         &ST8S_FLOWS6
     }
     #[inline(always)]
-    fn flow_key_of(
-        client: Addr6,
-        frontend: Addr6,
-        client_port: u16,
-        frontend_port: u16,
-        proto: u8,
-    ) -> FlowKey6 {
+    fn flow_key_of(client: Addr6, client_port: u16, frontend_port: u16, proto: u8) -> FlowKey6 {
         FlowKey6 {
             client_addr: client,
-            frontend_addr: frontend,
             client_port_be: client_port,
             frontend_port_be: frontend_port,
             proto,
@@ -411,8 +398,8 @@ impl Family for V6 {
         }
     }
     #[inline(always)]
-    fn flow_hash(key: &FlowKey6, seed: u32) -> u32 {
-        flow_hash6(key, seed)
+    fn flow_hash(key: &FlowKey6, frontend: &Addr6, seed: u32) -> u32 {
+        flow_hash6(key, frontend, seed)
     }
     #[inline(always)]
     fn revnat() -> &'static LruHashMap<RevNatKey6, RevNatValue6> {
@@ -1047,7 +1034,7 @@ fn place<F: Family>(pkt: &Packet<F>, cfg: &Config, word: u32, port: &PortInfo, k
         // SAFETY: only existence is checked.
         unsafe { ST8S_PEER_MACS.get(mac) }.is_some()
     };
-    let (flow, verdict) = match choose(port, F::flow_hash(key, cfg.hash_seed), prefer_local) {
+    let (flow, verdict) = match choose(port, F::flow_hash(key, &pkt.daddr, cfg.hash_seed), prefer_local) {
         Choice::Remote { backend: b, idx } => (
             FlowValue {
                 backend_addr_be: b.node_addr_be,
@@ -1783,13 +1770,7 @@ fn icmp_to_backend<F: IcmpFamily>(ctx: &TcContext) -> Option<i32> {
     if !to_self {
         return None;
     }
-    let key = F::flow_key_of(
-        e.inner_daddr,
-        e.daddr,
-        e.inner_dport,
-        e.inner_sport,
-        e.inner_proto,
-    );
+    let key = F::flow_key_of(e.inner_daddr, e.inner_dport, e.inner_sport, e.inner_proto);
     // SAFETY: copied out at once.
     let flow = unsafe { F::flows().get(&key) }.copied()?;
     if flow.kind != FLOW_REMOTE {

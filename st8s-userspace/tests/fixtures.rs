@@ -981,10 +981,10 @@ fn client_tcp(dst: &str, dport: u16) -> Frame {
     f
 }
 
+/// The flow `f` opens: a client's flow to this node (the only frontend it tracks flows for).
 fn flow_key(f: &Frame) -> FlowKey {
     FlowKey {
         client_addr_be: be(f.src),
-        frontend_addr_be: be(f.dst),
         client_port_be: f.sport.to_be(),
         frontend_port_be: f.dport.to_be(),
         proto: f.proto,
@@ -2647,10 +2647,9 @@ fn the_independent_checks_catch_a_broken_checksum() {
     assert!(!ep::l4_checksum_ok(&udp));
 }
 
-fn key6(client: &str, sport: u16, frontend: &str, dport: u16, proto: u8) -> FlowKey6 {
+fn key6(client: &str, sport: u16, dport: u16, proto: u8) -> FlowKey6 {
     FlowKey6 {
         client_addr: addr6(a6(client).octets()),
-        frontend_addr: addr6(a6(frontend).octets()),
         client_port_be: sport.to_be(),
         frontend_port_be: dport.to_be(),
         proto,
@@ -2712,7 +2711,7 @@ fn ipv6_flows_reach_the_local_pod_and_its_replies_leave_as_the_node() {
                 "{what}"
             );
             let flow = dp
-                .flow6(&key6(CLIENT6, sport, SELF6, port, proto))
+                .flow6(&key6(CLIENT6, sport, port, proto))
                 .expect("flow tracked");
             assert_eq!(flow.kind, FLOW_LOCAL, "{what}");
 
@@ -2768,7 +2767,7 @@ fn ipv6_remote_flows_are_forwarded_and_a_peers_forward_is_served_here() {
         assert_eq!((&out[0..6], &out[6..12]), (&PEER_MAC[..], &SELF_MAC[..]));
         assert_eq!(&out[12..], &request[12..], "the IPv6 packet is untouched");
         let flow = dp
-            .flow6(&key6(CLIENT6, 40000, SELF6, 80, PROTO_TCP))
+            .flow6(&key6(CLIENT6, 40000, 80, PROTO_TCP))
             .expect("flow tracked");
         assert_eq!((flow.kind, flow.backend_addr_be), (FLOW_REMOTE, be(a(PEER))));
         assert_eq!(dp.counters(slot).forwarded, 1);

@@ -6,7 +6,9 @@ use std::{path::PathBuf, process::Command};
 
 use aya::maps::{Array, HashMap};
 use st8s::dataplane::pins::{self, MapFate};
-use st8s_common::{Config, FLOW_REMOTE, FlowKey, FlowValue, LAYOUT_VERSION, map_names};
+use st8s_common::{
+    Config, FLOW_REMOTE, FlowKey, FlowKey6, FlowValue, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, addr6, map_names,
+};
 
 struct PinDir(PathBuf);
 
@@ -123,6 +125,7 @@ fn a_capacity_change_migrates_flows_and_a_shape_change_rebuilds() {
         MapFate::Migrated { entries, reason } => {
             assert_eq!(*entries, 2);
             assert!(reason.contains("128 ->"), "{reason}");
+            assert!(reason.contains("keys 16B -> 12B"), "{reason}");
             assert!(reason.contains("values 16B -> 32B"), "{reason}");
         }
         other => panic!("flows: {other:?}"),
@@ -134,11 +137,10 @@ fn a_capacity_change_migrates_flows_and_a_shape_change_rebuilds() {
     assert_eq!(fate(&loaded.fates, map_names::NODES), &MapFate::Created);
     let m: HashMap<_, FlowKey, FlowValue> =
         HashMap::try_from(loaded.ebpf.map(map_names::FLOWS).expect("map")).expect("type");
-    let k = FlowKey {
-        client_addr_be: u32::from_ne_bytes([7, 0, 0, 0]),
-        ..Default::default()
-    };
-    assert_eq!(m.get(&k, 0).expect("migrated flow"), layout1_flow_value());
+    assert_eq!(
+        m.get(&layout2_key(7), 0).expect("migrated flow"),
+        layout1_flow_value()
+    );
     // The new pin is the big table.
     let out = Command::new("bpftool")
         .args(["map", "show", "pinned", flows.to_str().expect("path")])
@@ -164,8 +166,45 @@ fn layout1_flow_value() -> FlowValue {
     }
 }
 
-/// Pins a flow table as layout 1 wrote it (16-byte values) at `path`, holding one flow per
-/// client (first octet of the client address) with `layout1_flow_value`'s fields.
+/// The flow of client `c` (its address's first octet) in these tests' old tables, as this
+/// release keys it.
+fn layout2_key(c: u8) -> FlowKey {
+    FlowKey {
+        client_addr_be: u32::from_ne_bytes([c, 0, 0, 50]),
+        client_port_be: 40000u16.to_be(),
+        frontend_port_be: 443u16.to_be(),
+        proto: PROTO_TCP,
+        ..Default::default()
+    }
+}
+
+/// `layout2_key`'s flow as layouts 1 and 2 keyed it: the client, this node's address
+/// (192.168.1.11), the client's port, the frontend port, the protocol and two bytes of padding.
+fn old_key(c: u8) -> Vec<u8> {
+    let mut key = vec![c, 0, 0, 50, 192, 168, 1, 11];
+    key.extend(40000u16.to_be_bytes());
+    key.extend(443u16.to_be_bytes());
+    key.extend([PROTO_TCP, 0, 0, 0]);
+    key
+}
+
+/// Writes one entry into the pinned map at `path`.
+fn bpftool_update(path: &std::path::Path, key: &[u8], value: &[u8]) {
+    let mut args = vec![
+        "map".to_owned(),
+        "update".into(),
+        "pinned".into(),
+        path.display().to_string(),
+        "key".into(),
+    ];
+    args.extend(hex(key));
+    args.push("value".into());
+    args.extend(hex(value));
+    bpftool(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// Pins a flow table as layout 1 wrote it (16-byte keys with the frontend address, 16-byte
+/// values) at `path`, holding one flow per client (`old_key`) with `layout1_flow_value`'s fields.
 fn layout1_flows(path: &std::path::Path, entries: u32, clients: &[u8]) {
     let entries = entries.to_string();
     bpftool(&[
@@ -184,25 +223,33 @@ fn layout1_flows(path: &std::path::Path, entries: u32, clients: &[u8]) {
         "ST8S_FLOWS",
     ]);
     for client in clients {
-        let mut key = vec![*client, 0, 0, 0];
-        key.extend([0u8; 12]);
         // Layout 1's FlowValue: backend_addr_be, backend_port_be, kind, backend_hint, created_ns.
         let mut value = vec![10, 0, 0, 12];
         value.extend(8080u16.to_be().to_ne_bytes());
         value.extend([FLOW_REMOTE, 5]);
         value.extend(0x0102_0304_0506_0708u64.to_ne_bytes());
-        let mut args = vec![
-            "map".to_owned(),
-            "update".into(),
-            "pinned".into(),
-            path.display().to_string(),
-            "key".into(),
-        ];
-        args.extend(hex(&key));
-        args.push("value".into());
-        args.extend(hex(&value));
-        bpftool(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        bpftool_update(path, &old_key(*client), &value);
     }
+}
+
+/// Pins an empty flow table with `key`- and `value`-byte entries at `path`.
+fn pin_flow_table(path: &std::path::Path, name: &str, key: usize, value: usize) {
+    let (key, value) = (key.to_string(), value.to_string());
+    bpftool(&[
+        "map",
+        "create",
+        path.to_str().expect("path"),
+        "type",
+        "lru_hash",
+        "key",
+        &key,
+        "value",
+        &value,
+        "entries",
+        "65536",
+        "name",
+        name,
+    ]);
 }
 
 /// An upgrade from layout 1 (issue 18 changed two maps' meaning compatibly): every map is taken
@@ -235,7 +282,10 @@ fn maps_of_layout_1_are_adopted_and_its_flows_carried_over() {
         match (*name, f) {
             (map_names::FLOWS, MapFate::Migrated { entries, reason }) => {
                 assert_eq!(*entries, 1);
-                assert_eq!(reason, "values 16B -> 32B, the new fields zeroed");
+                assert_eq!(
+                    reason,
+                    "keys 16B -> 12B, without the node's own address, values 16B -> 32B, the new fields zeroed"
+                );
             }
             (_, MapFate::Adopted) => {}
             other => panic!("{other:?}"),
@@ -243,11 +293,92 @@ fn maps_of_layout_1_are_adopted_and_its_flows_carried_over() {
     }
     let m: HashMap<_, FlowKey, FlowValue> =
         HashMap::try_from(loaded.ebpf.map(map_names::FLOWS).expect("map")).expect("type");
-    let k = FlowKey {
-        client_addr_be: u32::from_ne_bytes([7, 0, 0, 0]),
+    assert_eq!(
+        m.get(&layout2_key(7), 0).expect("flow carried over"),
+        layout1_flow_value()
+    );
+}
+
+/// An upgrade from layout 2, whose flow keys carried the node's own address (16 and 40 bytes):
+/// both flow tables are copied with their keys narrowed and their values whole, and every other
+/// map is taken over as it is, so established connections of both families keep their backends.
+#[test]
+fn flows_of_layout_2_keep_their_backends_without_the_frontend_in_their_keys() {
+    let dir = PinDir::new("layout2");
+    let mut loaded = pins::load_pinned(&dir.0, obj()).expect("load");
+    {
+        let mut c: Array<_, Config> =
+            Array::try_from(loaded.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("type");
+        c.set(
+            0,
+            Config {
+                layout: 2,
+                ..Default::default()
+            },
+            0,
+        )
+        .expect("config");
+    }
+    drop(loaded);
+    let value = FlowValue {
+        backend_addr_be: u32::from_ne_bytes([10, 0, 0, 12]),
+        kind: FLOW_REMOTE,
+        backend_hint: 5,
+        created_ns: 0x0102_0304_0506_0708,
+        port_word: 0x0003_0041,
+        node_mac: [2, 0, 0, 0, 0, 12],
         ..Default::default()
     };
-    assert_eq!(m.get(&k, 0).expect("flow carried over"), layout1_flow_value());
+    // SAFETY: FlowValue is plain integers and byte arrays, with no padding (assert_size!).
+    let value_bytes: [u8; 32] = unsafe { std::mem::transmute(value) };
+    let flows = dir.0.join(map_names::FLOWS);
+    std::fs::remove_file(&flows).expect("unpin the new flow table");
+    pin_flow_table(&flows, "ST8S_FLOWS", 16, 32);
+    bpftool_update(&flows, &old_key(7), &value_bytes);
+    // Layout 2's FlowKey6: client (fd00::7), frontend (fd00::11), ports, protocol, padding.
+    let client6 = addr6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
+    let mut key6: Vec<u8> = vec![0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+    key6.extend([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11]);
+    key6.extend(5353u16.to_be_bytes());
+    key6.extend(53u16.to_be_bytes());
+    key6.extend([PROTO_UDP, 0, 0, 0]);
+    let flows6 = dir.0.join(map_names::FLOWS6);
+    std::fs::remove_file(&flows6).expect("unpin the new flow table");
+    pin_flow_table(&flows6, "ST8S_FLOWS6", 40, 32);
+    bpftool_update(&flows6, &key6, &value_bytes);
+
+    let loaded = pins::load_pinned(&dir.0, obj()).expect("reload");
+    for (name, f) in &loaded.fates {
+        match (*name, f) {
+            (map_names::FLOWS, MapFate::Migrated { entries, reason }) => {
+                assert_eq!(
+                    (*entries, reason.as_str()),
+                    (1, "keys 16B -> 12B, without the node's own address")
+                );
+            }
+            (map_names::FLOWS6, MapFate::Migrated { entries, reason }) => {
+                assert_eq!(
+                    (*entries, reason.as_str()),
+                    (1, "keys 40B -> 24B, without the node's own address")
+                );
+            }
+            (_, MapFate::Adopted) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let m: HashMap<_, FlowKey, FlowValue> =
+        HashMap::try_from(loaded.ebpf.map(map_names::FLOWS).expect("map")).expect("type");
+    assert_eq!(m.get(&layout2_key(7), 0).expect("IPv4 flow carried over"), value);
+    let m6: HashMap<_, FlowKey6, FlowValue> =
+        HashMap::try_from(loaded.ebpf.map(map_names::FLOWS6).expect("map")).expect("type");
+    let k6 = FlowKey6 {
+        client_addr: client6,
+        client_port_be: 5353u16.to_be(),
+        frontend_port_be: 53u16.to_be(),
+        proto: PROTO_UDP,
+        ..Default::default()
+    };
+    assert_eq!(m6.get(&k6, 0).expect("IPv6 flow carried over"), value);
 }
 
 #[test]

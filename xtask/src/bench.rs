@@ -1982,7 +1982,7 @@ fn per_packet_report(
         (
             PpTable::Ipv6,
             "### IPv6 against IPv4\n\nThe same program on the IPv6 twin of the IPv4 segment (same \
-             hosts, ports and flags; 40-byte keys, the address's checksum share as a difference), \
+             hosts, ports and flags; 24-byte flow keys, the address's checksum share as a difference), \
              paired with the IPv4 one. Target (issue 16): IPv6 within 5 % of IPv4.\n",
             "IPv6",
             "IPv4",

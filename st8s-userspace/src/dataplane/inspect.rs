@@ -10,8 +10,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use st8s_common::{
-    BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_TC_NETLINK, CONFIG_XDP_FORWARDS, Config, Counters,
-    FLOW_LOCAL, FlowKey, FlowKey6, FlowValue, GLOBAL_COUNTER_SLOT, PortInfo, PortKey, addr6_octets,
+    Addr6, BACKEND_LOCAL, Backend, CONFIG_PREFER_LOCAL, CONFIG_TC_NETLINK, CONFIG_XDP_FORWARDS, Config,
+    Counters, FLOW_LOCAL, FlowKey, FlowKey6, FlowValue, GLOBAL_COUNTER_SLOT, PortInfo, PortKey, addr6_octets,
     map_names, program_names,
 };
 
@@ -58,8 +58,9 @@ impl Flow {
         }
     }
 
-    fn from_v4(k: FlowKey, value: FlowValue) -> Self {
-        let (c, f) = (addr(k.client_addr_be), addr(k.frontend_addr_be));
+    /// A flow of `ST8S_FLOWS`; `frontend`: this node's address, which every tracked flow is to.
+    fn from_v4(k: FlowKey, value: FlowValue, frontend_be: u32) -> Self {
+        let (c, f) = (addr(k.client_addr_be), addr(frontend_be));
         Flow::new(
             c.into(),
             f.into(),
@@ -69,9 +70,9 @@ impl Flow {
         )
     }
 
-    fn from_v6(k: FlowKey6, value: FlowValue) -> Self {
+    fn from_v6(k: FlowKey6, value: FlowValue, frontend: Addr6) -> Self {
         let c = Ipv6Addr::from(addr6_octets(k.client_addr));
-        let f = Ipv6Addr::from(addr6_octets(k.frontend_addr));
+        let f = Ipv6Addr::from(addr6_octets(frontend));
         Flow::new(
             c.into(),
             f.into(),
@@ -159,11 +160,11 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Snapshot> {
     let mut fl = Vec::new();
     for entry in flows.iter() {
         let (k, v) = entry.context("reading ST8S_FLOWS")?;
-        fl.push(Flow::from_v4(k, v));
+        fl.push(Flow::from_v4(k, v, config.self_addr_be));
     }
     for entry in flows6.iter() {
         let (k, v) = entry.context("reading ST8S_FLOWS6")?;
-        fl.push(Flow::from_v6(k, v));
+        fl.push(Flow::from_v6(k, v, config.self_addr6));
     }
     fl.sort_by_key(|f| std::cmp::Reverse(f.value.created_ns));
     let mut ns = Vec::new();

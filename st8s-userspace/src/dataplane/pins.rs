@@ -18,8 +18,8 @@ use aya::{
     programs::links::{FdLink, PinnedLink},
 };
 use st8s_common::{
-    ADOPTED_LAYOUTS, Config, FLOW_VALUE_V1_SIZE, FlowKey, FlowKey6, FlowValue, LAYOUT_VERSION, RevNatKey,
-    RevNatKey6, RevNatValue, RevNatValue6, map_names, program_names,
+    ADOPTED_LAYOUTS, Config, FLOW_KEY_V2_SIZE, FLOW_KEY6_V2_SIZE, FLOW_VALUE_V1_SIZE, FlowKey, FlowKey6,
+    FlowValue, LAYOUT_VERSION, RevNatKey, RevNatKey6, RevNatValue, RevNatValue6, map_names, program_names,
 };
 use tracing::{info, warn};
 
@@ -151,17 +151,10 @@ pub fn load_pinned(dir: &Path, obj: &[u8]) -> anyhow::Result<Loaded> {
         .context("loading the st8s programs onto the pinned maps")?;
 
     for (name, old) in stash {
-        let v1 = old.info()?.value_size() as usize == FLOW_VALUE_V1_SIZE;
         let copied = match name {
-            map_names::FLOWS if v1 => {
-                copy_converted::<FlowKey, _, _>(old, &mut ebpf, name, FlowValue::from_v1)?
-            }
-            map_names::FLOWS6 if v1 => {
-                copy_converted::<FlowKey6, _, _>(old, &mut ebpf, name, FlowValue::from_v1)?
-            }
-            map_names::FLOWS => copy_entries::<FlowKey, FlowValue>(old, &mut ebpf, name)?,
+            map_names::FLOWS => copy_flows(old, &mut ebpf, name, FlowKey::from_v2)?,
+            map_names::FLOWS6 => copy_flows(old, &mut ebpf, name, FlowKey6::from_v2)?,
             map_names::REVNAT => copy_entries::<RevNatKey, RevNatValue>(old, &mut ebpf, name)?,
-            map_names::FLOWS6 => copy_entries::<FlowKey6, FlowValue>(old, &mut ebpf, name)?,
             map_names::REVNAT6 => copy_entries::<RevNatKey6, RevNatValue6>(old, &mut ebpf, name)?,
             _ => 0,
         };
@@ -206,14 +199,26 @@ fn pinned_layout_version(dir: &Path) -> Option<u16> {
     (config.layout != 0).then_some(config.layout)
 }
 
-/// Whether a pinned map's entries can be copied into the map this agent needs: the same type and
-/// key, a capacity of any size, and the same values, or flow values of layout 1 (widened).
+/// The size of a flow table's keys before they lost the frontend address (layouts 1 and 2).
+fn old_flow_key_size(name: &str) -> Option<usize> {
+    match name {
+        map_names::FLOWS => Some(FLOW_KEY_V2_SIZE),
+        map_names::FLOWS6 => Some(FLOW_KEY6_V2_SIZE),
+        _ => None,
+    }
+}
+
+/// Whether a pinned map's entries can be copied into the map this agent needs: the same type, a
+/// capacity of any size, the same keys and values, or a flow table's keys of layouts 1 and 2
+/// (narrowed) and values of layout 1 (widened).
 fn copyable(name: &str, have: Shape, want: Shape) -> bool {
-    let widened = matches!(name, map_names::FLOWS | map_names::FLOWS6)
+    let flows = old_flow_key_size(name).is_some();
+    let narrowed = old_flow_key_size(name) == Some(have.key_size as usize);
+    let widened = flows
         && have.value_size as usize == FLOW_VALUE_V1_SIZE
         && want.value_size as usize == std::mem::size_of::<FlowValue>();
     have.map_type == want.map_type
-        && have.key_size == want.key_size
+        && (have.key_size == want.key_size || narrowed)
         && (have.value_size == want.value_size || widened)
 }
 
@@ -222,6 +227,12 @@ fn change(have: Shape, want: Shape) -> String {
     let mut parts = Vec::new();
     if have.max_entries != want.max_entries {
         parts.push(format!("capacity {} -> {}", have.max_entries, want.max_entries));
+    }
+    if have.key_size != want.key_size {
+        parts.push(format!(
+            "keys {}B -> {}B, without the node's own address",
+            have.key_size, want.key_size
+        ));
     }
     if have.value_size != want.value_size {
         parts.push(format!(
@@ -237,24 +248,45 @@ fn copy_entries<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &str,
 ) -> anyhow::Result<usize> {
-    copy_converted::<K, V, V>(old, ebpf, name, |v| v)
+    copy_converted(old, ebpf, name, |k: K, v: V| (k, v))
 }
 
-/// Copies every entry of `old` into the map `name`, each value through `convert`.
-fn copy_converted<K: aya::Pod, Old: aya::Pod, New: aya::Pod>(
+/// Copies a flow table of any layout `copyable` accepts: keys that still carry the frontend
+/// address (`K::from_v2`) lose it, values of layout 1 are widened.
+fn copy_flows<K: aya::Pod, const OLD_KEY: usize>(
     old: MapData,
     ebpf: &mut Ebpf,
     name: &str,
-    convert: impl Fn(Old) -> New,
+    from_v2: fn([u8; OLD_KEY]) -> K,
 ) -> anyhow::Result<usize> {
-    let old: HashMap<MapData, K, Old> = HashMap::try_from(Map::from_map_data(old)?)?;
-    let mut new: HashMap<_, K, New> =
+    let info = old.info()?;
+    let old_key = info.key_size() as usize == OLD_KEY;
+    let v1 = info.value_size() as usize == FLOW_VALUE_V1_SIZE;
+    let widen = FlowValue::from_v1;
+    match (old_key, v1) {
+        (true, true) => copy_converted(old, ebpf, name, |k, v| (from_v2(k), widen(v))),
+        (true, false) => copy_converted(old, ebpf, name, |k, v: FlowValue| (from_v2(k), v)),
+        (false, true) => copy_converted(old, ebpf, name, |k: K, v| (k, widen(v))),
+        (false, false) => copy_entries::<K, FlowValue>(old, ebpf, name),
+    }
+}
+
+/// Copies every entry of `old` into the map `name`, each through `convert`.
+fn copy_converted<OldK: aya::Pod, OldV: aya::Pod, K: aya::Pod, V: aya::Pod>(
+    old: MapData,
+    ebpf: &mut Ebpf,
+    name: &str,
+    convert: impl Fn(OldK, OldV) -> (K, V),
+) -> anyhow::Result<usize> {
+    let old: HashMap<MapData, OldK, OldV> = HashMap::try_from(Map::from_map_data(old)?)?;
+    let mut new: HashMap<_, K, V> =
         HashMap::try_from(ebpf.map_mut(name).context("map missing from the object")?)?;
     let mut copied = 0;
     for entry in old.iter() {
         let Ok((k, v)) = entry else { continue };
+        let (k, v) = convert(k, v);
         // A smaller new map keeps what fits; the LRU evicts the rest.
-        if new.insert(k, convert(v), 0).is_ok() {
+        if new.insert(k, v, 0).is_ok() {
             copied += 1;
         }
     }
