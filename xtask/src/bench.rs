@@ -89,6 +89,8 @@ struct Sample {
     rate: f64,
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
+    /// TCP stream: the segments the sender retransmitted (iperf3's count).
+    retransmits: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -749,7 +751,12 @@ fn run_workloads(
                 progress(&format!("{} | round {} | {path}", w.name(), round + 1));
                 match measure(&client, w, t, &d, queries) {
                     Ok(s) => {
-                        eprintln!("    {path}: {}", w.shown(s.rate));
+                        let retransmits = s.retransmits.map(|r| format!(", {r} retransmitted"));
+                        eprintln!(
+                            "    {path}: {}{}",
+                            w.shown(s.rate),
+                            retransmits.unwrap_or_default()
+                        );
                         results.entry((w, path)).or_default().push(Sample { round, ..s })
                     }
                     Err(e) => eprintln!("    {path}: {e:#}"),
@@ -1081,6 +1088,7 @@ fn measure(
                 .context("no bits_per_second")?;
             Ok(Sample {
                 rate,
+                retransmits: v["end"]["sum_sent"]["retransmits"].as_u64(),
                 ..Sample::default()
             })
         }

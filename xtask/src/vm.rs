@@ -3,7 +3,7 @@
 //! on x86_64 and on arm64 (QEMU's `virt` board with a Cortex-A72, the Raspberry Pi 4's core).
 //!
 //! Per kernel, an initramfs holds busybox, the st8s and xtask binaries, the fixtures test binary,
-//! the tools the lab drives (ip, nsenter, ethtool, curl, dig) with their libraries, and the
+//! the tools the lab drives (ip, tc, nsenter, ethtool, curl, dig) with their libraries, and the
 //! kernel modules the lab needs (veth, bridge, clsact, cls_bpf). On x86_64 the tools are this
 //! machine's; on arm64 the binaries are cross-built and the tools come from Debian's arm64
 //! packages (downloaded, unpacked under `target/vm/arm64-root`, never installed). Its /init
@@ -111,8 +111,9 @@ pub const KERNELS: [Kernel; 3] = [
 const MODULES: [&str; 5] = ["bridge", "veth", "sch_ingress", "cls_bpf", "8021q"];
 
 /// Host tools the lab runs inside the VM (busybox provides the rest: sh, sysctl, mount, ...).
-const TOOLS: [&str; 5] = [
+const TOOLS: [&str; 6] = [
     "/usr/sbin/ip",
+    "/usr/sbin/tc",
     "/usr/bin/nsenter",
     "/usr/sbin/ethtool",
     "/usr/bin/curl",
