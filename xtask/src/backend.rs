@@ -1,7 +1,8 @@
 //! The lab's backend pods: a small HTTP server and a DNS server (UDP and TCP) that answer with the
 //! pod's name and the client address they saw, which is what the lab and the tests check.
 //!
-//! HTTP: `GET /` -> `pod=<name> client=<ip>:<port>` (keep-alive supported).
+//! HTTP: `GET /` -> `pod=<name> client=<ip>:<port>` (keep-alive supported); a request with a
+//! body (`Content-Length`) is read whole first and answered with `received=<bytes>` added.
 //! DNS: any query -> one TXT record `pod=<name> client=<ip>:<port>` for the question's name.
 //! Discovery (UDP): any datagram -> `pod=<name> client=<ip>:<port> ttl=<IP TTL>`, sent back to the asker; a
 //! datagram from port 5353 (an mDNS querier) is answered by multicast to 224.0.0.251:5353, as
@@ -133,6 +134,7 @@ fn http_conn(s: TcpStream, name: &str) {
     loop {
         let mut line = String::new();
         let mut close = false;
+        let mut length = 0u64;
         // Request line and headers up to the blank line.
         let mut first = true;
         loop {
@@ -149,11 +151,25 @@ fn http_conn(s: TcpStream, name: &str) {
             if l.starts_with("connection:") && l.contains("close") {
                 close = true;
             }
+            if let Some(v) = l.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
             if line == "\r\n" || line == "\n" {
                 break;
             }
         }
-        let body = format!("pod={name} client={peer}\n");
+        // A body is read to its end before the answer, as a web server that does not use it
+        // still does (nginx discards it by reading it, `ngx_http_discard_request_body`): an
+        // upload is the client's bulk transfer the tests send through st8s.
+        let received = std::io::copy(&mut (&mut r).take(length), &mut std::io::sink()).unwrap_or(0);
+        if received < length {
+            return;
+        }
+        let body = if length > 0 {
+            format!("pod={name} client={peer} received={received}\n")
+        } else {
+            format!("pod={name} client={peer}\n")
+        };
         let head = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n",
             body.len(),

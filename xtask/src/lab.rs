@@ -14,9 +14,11 @@
 //! knows nothing of pod networks. Each node runs a real `st8s agent` on its eth0; each pod runs a
 //! real HTTP and/or DNS server. The switch side of every node's veth carries an `XDP_PASS` stub,
 //! because the kernel drops frames sent with `XDP_TX` out of a veth whose peer has no XDP program
-//! (a property of veth, not of physical NICs). The LAN's veths otherwise behave like NIC ports:
-//! full checksums on the wire, receive in NAPI with GRO, and a queue in front of each
-//! ([`nic_like`]), so that a flow keeps its order and a burst waits instead of being dropped.
+//! (a property of veth, not of physical NICs); the client's switch port carries one too. The
+//! LAN's veths otherwise behave like NIC ports: full checksums on the wire, receive in NAPI
+//! (with GRO on the hosts' ends, as NIC drivers do; the switch's ports get NAPI from the stub),
+//! and a queue in front of each ([`host_port`]), so that a flow keeps its order and a burst waits
+//! instead of being dropped.
 //!
 //! Everything is created with unique names and torn down on drop, even when a test fails.
 
@@ -207,6 +209,8 @@ pub struct Answer {
     pub pod: Option<String>,
     /// The client address the pod saw, `ip:port`.
     pub client: Option<String>,
+    /// The bytes of an upload the pod received (`upload_to`).
+    pub received: Option<u64>,
     pub detail: String,
 }
 
@@ -239,6 +243,7 @@ impl Answer {
             ok: out.status.success() && pod.is_some(),
             pod,
             client: field("client="),
+            received: field("received=").and_then(|v| v.parse().ok()),
             detail: if text.is_empty() { err } else { text },
         }
     }
@@ -318,21 +323,27 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     sh("ip", args)
 }
 
-/// Makes one end of a LAN link (a veth) behave like a NIC port.
+/// Makes a host's end of a LAN link (a veth) behave like a NIC port: it receives in NAPI with
+/// GRO, as NIC drivers do, and sends through a queue ([`queue`]).
 ///
-/// - Receive in NAPI with GRO, as NIC drivers do: one ring per queue, drained by one CPU at a
-///   time. A plain veth hands each frame to the backlog of the CPU that sent it, so a TCP flow
-///   that its sender transmits from two CPUs (the writer's, and the one its ACKs arrive on)
-///   reaches the receiver out of order, which a wire and a NIC's RSS never do. Measured in the
-///   bench's lab (iperf3, 4 s, client on CPU 0, server on CPU 1): 8,000-10,000 out-of-order
-///   segments at the receiver and 2,000-3,400 retransmissions per run through `st8s-local` over
-///   IPv6, none with the client on the server's CPU.
-/// - Send through a queue (pfifo_fast, the kernel's default for a NIC), so that a full ring
-///   holds the sender back instead of dropping: with NAPI and veth's default `noqueue`, the
-///   client's veth dropped about as many frames as it then retransmitted; with a queue, none
-///   (Linux 6.18).
-fn nic_like(ns: &str, dev: &str) -> anyhow::Result<()> {
+/// A veth without NAPI hands each frame to the backlog of the CPU that sent it, so a TCP flow
+/// that its sender transmits from two CPUs (the writer's, and the one its ACKs arrive on)
+/// reaches the receiver out of order, which a wire never does. Measured in the bench's lab
+/// (iperf3, 4 s, client on CPU 0, server on CPU 1): 8,000-10,000 out-of-order segments at the
+/// receiver and 2,000-3,400 retransmissions per run through `st8s-local` over IPv6, none with
+/// the client on the server's CPU. The switch's ports get NAPI from the `XDP_PASS` stub
+/// instead, without GRO: a switch forwards frames as they come, and a frame GRO merged and the
+/// bridge split again would leave with a partial checksum, which `XDP_TX` does not carry.
+fn host_port(ns: &str, dev: &str) -> anyhow::Result<()> {
     sh("ip", &["netns", "exec", ns, "ethtool", "-K", dev, "gro", "on"])?;
+    queue(ns, dev)
+}
+
+/// A queue in front of a LAN port (pfifo_fast, the kernel's default for a NIC), so that a full
+/// receive ring on the other end holds the sender back instead of dropping: with NAPI and
+/// veth's default `noqueue`, the client's veth dropped about as many frames as it then
+/// retransmitted; with a queue, none (Linux 6.18).
+fn queue(ns: &str, dev: &str) -> anyhow::Result<()> {
     sh(
         "tc",
         &["-n", ns, "qdisc", "replace", "dev", dev, "root", "pfifo_fast"],
@@ -534,8 +545,8 @@ impl Lab {
             // Real NICs put full checksums on the wire; so does every uplink here (see the
             // client's below).
             sh("ip", &["netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"])?;
-            nic_like(ns, "eth0")?;
-            nic_like(&sw, &port)?;
+            host_port(ns, "eth0")?;
+            queue(&sw, &port)?;
             if self.cfg.routed_cni {
                 // Proxy ARP answers only for an address the node has a route to (through
                 // another device): a Calico node has its default route; this one gets one for
@@ -591,8 +602,11 @@ impl Lab {
             "ip",
             &["netns", "exec", &client, "ethtool", "-K", "eth0", "tx", "off"],
         )?;
-        nic_like(&client, "eth0")?;
-        nic_like(&sw, "c")?;
+        host_port(&client, "eth0")?;
+        // The switch receives the client's frames in NAPI too (the stub), without merging them:
+        // a switch forwards frames as they come.
+        self.attach_stub("c")?;
+        queue(&sw, "c")?;
         if self.cfg.dual_stack {
             self.wait_lan6()?;
         }
@@ -1405,6 +1419,49 @@ impl Lab {
 
     pub fn http(&self, node: usize, port: u16) -> Answer {
         self.http_to(node_addr(node), port)
+    }
+
+    /// An HTTP POST of `bytes` bytes from the client to `addr`: a bulk transfer towards the pod,
+    /// whose answer says how much arrived (`Answer::received`).
+    pub fn upload_to(&self, addr: impl Into<IpAddr>, port: u16, bytes: usize) -> Answer {
+        let url = format!("http://{}/", SocketAddr::new(addr.into(), port));
+        let file = self.dir.join(format!("upload-{bytes}"));
+        if !file.exists() {
+            // Not all zeros: nothing on the way may shrink it.
+            let data: Vec<u8> = (0..bytes).map(|i| (i.wrapping_mul(31) >> 3) as u8).collect();
+            if let Err(e) = fs::write(&file, data) {
+                return Answer {
+                    detail: format!("writing {}: {e}", file.display()),
+                    ..Answer::default()
+                };
+            }
+        }
+        let data = format!("@{}", file.display());
+        match self.exec(
+            &self.client,
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                "--connect-timeout",
+                "2",
+                "-H",
+                "Content-Type: application/octet-stream",
+                // No `Expect: 100-continue` pause: the lab's server answers once the body is in.
+                "-H",
+                "Expect:",
+                "--data-binary",
+                &data,
+                &url,
+            ],
+        ) {
+            Ok(out) => Answer::parse(&out),
+            Err(e) => Answer {
+                detail: e.to_string(),
+                ..Answer::default()
+            },
+        }
     }
 
     pub fn http_to(&self, addr: impl Into<IpAddr>, port: u16) -> Answer {

@@ -255,7 +255,21 @@ fn forwarded_requests_keep_the_client_address_and_reply_directly() {
         assert_eq!(c["53/udp"].replied, 0);
     }
     assert!(first["80/tcp"].replied > 0, "the backend's node sent the replies");
+
+    // A bulk transfer towards the pod (4 MiB, thousands of full-size segments in flight from the
+    // client's two CPUs) arrives whole through every node, forwarded and local.
+    for node in [1, 2, 3] {
+        let up = lab.upload_to(node_addr(node), 80, UPLOAD);
+        assert_eq!(
+            (up.pod.as_deref(), up.client_ip(), up.received),
+            (Some("lab/web-node1"), Some(CLIENT_ADDR), Some(UPLOAD as u64)),
+            "upload via node{node}: {up:?}"
+        );
+    }
 }
+
+/// The size of the uploads the tests send through st8s.
+const UPLOAD: usize = 4 << 20;
 
 /// 4b: an open connection keeps its backend when the backend set changes.
 #[test]
@@ -2618,6 +2632,14 @@ fn a_dual_stack_lan_is_steered_over_ipv6_through_every_node() {
     // HTTP, DNS over UDP and over TCP: three IPv6 flows each.
     assert_eq!(v6_flows(1, "remote"), 3, "node1 forwarded the IPv6 flows");
     assert_eq!(v6_flows(3, "local"), 3, "node3 delivered its own IPv6 flows");
+    for node in 1..=3 {
+        let up = lab.upload_to(node_addr6(node), 80, UPLOAD);
+        assert_eq!(
+            (up.pod.as_deref(), up.client_addr(), up.received),
+            (Some("lab/web"), Some(client6), Some(UPLOAD as u64)),
+            "upload over IPv6 via node{node}: {up:?}"
+        );
+    }
 
     // The node's own IPv6 clients, through the connect6/sendmsg6/recvmsg6/getpeername6 hooks:
     // node1 to its own IPv6 address and a pod on node1 to node2's, both served by node3's pod;
