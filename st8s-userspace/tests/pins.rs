@@ -252,27 +252,31 @@ fn pin_flow_table(path: &std::path::Path, name: &str, key: usize, value: usize) 
     ]);
 }
 
+/// A pin directory holding this release's maps, its config saying an agent of `layout` wrote
+/// them.
+fn pinned_as_layout(tag: &str, layout: u16) -> PinDir {
+    let dir = PinDir::new(tag);
+    let mut loaded = pins::load_pinned(&dir.0, obj()).expect("load");
+    let mut c: Array<_, Config> =
+        Array::try_from(loaded.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("type");
+    c.set(
+        0,
+        Config {
+            layout,
+            ..Default::default()
+        },
+        0,
+    )
+    .expect("config");
+    dir
+}
+
 /// An upgrade from layout 1 (issue 18 changed two maps' meaning compatibly): every map is taken
 /// over as it is, and the flow table, whose values grew, is copied with its flows kept, so that
 /// established connections keep their backends across the upgrade.
 #[test]
 fn maps_of_layout_1_are_adopted_and_its_flows_carried_over() {
-    let dir = PinDir::new("layout1");
-    let mut loaded = pins::load_pinned(&dir.0, obj()).expect("load");
-    {
-        let mut c: Array<_, Config> =
-            Array::try_from(loaded.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("type");
-        c.set(
-            0,
-            Config {
-                layout: 1,
-                ..Default::default()
-            },
-            0,
-        )
-        .expect("config");
-    }
-    drop(loaded);
+    let dir = pinned_as_layout("layout1", 1);
     let flows = dir.0.join(map_names::FLOWS);
     std::fs::remove_file(&flows).expect("unpin the new flow table");
     layout1_flows(&flows, 65_536, &[7]);
@@ -304,22 +308,7 @@ fn maps_of_layout_1_are_adopted_and_its_flows_carried_over() {
 /// map is taken over as it is, so established connections of both families keep their backends.
 #[test]
 fn flows_of_layout_2_keep_their_backends_without_the_frontend_in_their_keys() {
-    let dir = PinDir::new("layout2");
-    let mut loaded = pins::load_pinned(&dir.0, obj()).expect("load");
-    {
-        let mut c: Array<_, Config> =
-            Array::try_from(loaded.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("type");
-        c.set(
-            0,
-            Config {
-                layout: 2,
-                ..Default::default()
-            },
-            0,
-        )
-        .expect("config");
-    }
-    drop(loaded);
+    let dir = pinned_as_layout("layout2", 2);
     let value = FlowValue {
         backend_addr_be: u32::from_ne_bytes([10, 0, 0, 12]),
         kind: FLOW_REMOTE,
@@ -383,22 +372,7 @@ fn flows_of_layout_2_keep_their_backends_without_the_frontend_in_their_keys() {
 
 #[test]
 fn another_layout_version_rebuilds_everything() {
-    let dir = PinDir::new("version");
-    let mut loaded = pins::load_pinned(&dir.0, obj()).expect("load");
-    {
-        let mut c: Array<_, Config> =
-            Array::try_from(loaded.ebpf.map_mut(map_names::CONFIG).expect("map")).expect("type");
-        c.set(
-            0,
-            Config {
-                layout: LAYOUT_VERSION + 1,
-                ..Default::default()
-            },
-            0,
-        )
-        .expect("config");
-    }
-    drop(loaded);
+    let dir = pinned_as_layout("version", LAYOUT_VERSION + 1);
     let loaded = pins::load_pinned(&dir.0, obj()).expect("reload");
     for (name, f) in &loaded.fates {
         match f {
