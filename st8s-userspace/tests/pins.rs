@@ -206,22 +206,7 @@ fn bpftool_update(path: &std::path::Path, key: &[u8], value: &[u8]) {
 /// Pins a flow table as layout 1 wrote it (16-byte keys with the frontend address, 16-byte
 /// values) at `path`, holding one flow per client (`old_key`) with `layout1_flow_value`'s fields.
 fn layout1_flows(path: &std::path::Path, entries: u32, clients: &[u8]) {
-    let entries = entries.to_string();
-    bpftool(&[
-        "map",
-        "create",
-        path.to_str().expect("path"),
-        "type",
-        "lru_hash",
-        "key",
-        "16",
-        "value",
-        "16",
-        "entries",
-        &entries,
-        "name",
-        "ST8S_FLOWS",
-    ]);
+    pin_flow_table(path, "ST8S_FLOWS", 16, 16, entries);
     for client in clients {
         // Layout 1's FlowValue: backend_addr_be, backend_port_be, kind, backend_hint, created_ns.
         let mut value = vec![10, 0, 0, 12];
@@ -232,9 +217,9 @@ fn layout1_flows(path: &std::path::Path, entries: u32, clients: &[u8]) {
     }
 }
 
-/// Pins an empty flow table with `key`- and `value`-byte entries at `path`.
-fn pin_flow_table(path: &std::path::Path, name: &str, key: usize, value: usize) {
-    let (key, value) = (key.to_string(), value.to_string());
+/// Pins an empty flow table of `entries` entries with `key`- and `value`-byte entries at `path`.
+fn pin_flow_table(path: &std::path::Path, name: &str, key: usize, value: usize, entries: u32) {
+    let (key, value, entries) = (key.to_string(), value.to_string(), entries.to_string());
     bpftool(&[
         "map",
         "create",
@@ -246,7 +231,7 @@ fn pin_flow_table(path: &std::path::Path, name: &str, key: usize, value: usize) 
         "value",
         &value,
         "entries",
-        "65536",
+        &entries,
         "name",
         name,
     ]);
@@ -322,7 +307,7 @@ fn flows_of_layout_2_keep_their_backends_without_the_frontend_in_their_keys() {
     let value_bytes: [u8; 32] = unsafe { std::mem::transmute(value) };
     let flows = dir.0.join(map_names::FLOWS);
     std::fs::remove_file(&flows).expect("unpin the new flow table");
-    pin_flow_table(&flows, "ST8S_FLOWS", 16, 32);
+    pin_flow_table(&flows, "ST8S_FLOWS", 16, 32, 65_536);
     bpftool_update(&flows, &old_key(7), &value_bytes);
     // Layout 2's FlowKey6: client (fd00::7), frontend (fd00::11), ports, protocol, padding.
     let client6 = addr6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
@@ -333,7 +318,7 @@ fn flows_of_layout_2_keep_their_backends_without_the_frontend_in_their_keys() {
     key6.extend([PROTO_UDP, 0, 0, 0]);
     let flows6 = dir.0.join(map_names::FLOWS6);
     std::fs::remove_file(&flows6).expect("unpin the new flow table");
-    pin_flow_table(&flows6, "ST8S_FLOWS6", 40, 32);
+    pin_flow_table(&flows6, "ST8S_FLOWS6", 40, 32, 65_536);
     bpftool_update(&flows6, &key6, &value_bytes);
 
     let loaded = pins::load_pinned(&dir.0, obj()).expect("reload");
