@@ -609,7 +609,20 @@ fn baseline_paths(lab: &Lab, all: &Pods) -> anyhow::Result<std::process::Child> 
     ]))?;
     // `direct-2hop`: the servers' second addresses through node3, which routes node1's pod
     // network to node1 (host-gw); the replies go from node1 straight to the client, as a
-    // forwarded flow's do.
+    // forwarded flow's do. node3 sends no ICMP redirects: Linux sends one when it forwards a
+    // packet out of the interface it came in on, the client then sends straight to node1, and
+    // the path is one hop. Measured on the switch: node3's port received 61 frames in 3 s of a
+    // 5.3 Gbit/s `direct-2hop` stream, against 310,592 for `st8s-fwd`'s.
+    for key in ["all", "default", "eth0"] {
+        sh_ok(Command::new("ip").args([
+            "netns",
+            "exec",
+            lab.node_ns(3),
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{key}.send_redirects=0"),
+        ]))?;
+    }
     for a in all.via3.values() {
         sh_ok(Command::new("ip").args([
             "-n",
