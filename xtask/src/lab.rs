@@ -227,6 +227,14 @@ impl Answer {
         self.client.as_deref()?.parse::<SocketAddr>().ok().map(|s| s.ip())
     }
 
+    /// No answer, and why.
+    fn failed(detail: String) -> Self {
+        Answer {
+            detail,
+            ..Answer::default()
+        }
+    }
+
     fn parse(out: &Output) -> Self {
         let text = String::from_utf8_lossy(&out.stdout)
             .trim()
@@ -1421,6 +1429,14 @@ impl Lab {
         self.http_to(node_addr(node), port)
     }
 
+    /// What the client gets from running `tool` (curl, dig) against a lab server.
+    fn ask(&self, tool: &str, args: &[&str]) -> Answer {
+        match self.exec(&self.client, tool, args) {
+            Ok(out) => Answer::parse(&out),
+            Err(e) => Answer::failed(e.to_string()),
+        }
+    }
+
     /// An HTTP POST of `bytes` bytes from the client to `addr`: a bulk transfer towards the pod,
     /// whose answer says how much arrived (`Answer::received`).
     pub fn upload_to(&self, addr: impl Into<IpAddr>, port: u16, bytes: usize) -> Answer {
@@ -1430,15 +1446,11 @@ impl Lab {
             // Not all zeros: nothing on the way may shrink it.
             let data: Vec<u8> = (0..bytes).map(|i| (i.wrapping_mul(31) >> 3) as u8).collect();
             if let Err(e) = fs::write(&file, data) {
-                return Answer {
-                    detail: format!("writing {}: {e}", file.display()),
-                    ..Answer::default()
-                };
+                return Answer::failed(format!("writing {}: {e}", file.display()));
             }
         }
         let data = format!("@{}", file.display());
-        match self.exec(
-            &self.client,
+        self.ask(
             "curl",
             &[
                 "-sS",
@@ -1455,28 +1467,15 @@ impl Lab {
                 &data,
                 &url,
             ],
-        ) {
-            Ok(out) => Answer::parse(&out),
-            Err(e) => Answer {
-                detail: e.to_string(),
-                ..Answer::default()
-            },
-        }
+        )
     }
 
     pub fn http_to(&self, addr: impl Into<IpAddr>, port: u16) -> Answer {
         let url = format!("http://{}/", SocketAddr::new(addr.into(), port));
-        match self.exec(
-            &self.client,
+        self.ask(
             "curl",
             &["-sS", "--max-time", "3", "--connect-timeout", "2", &url],
-        ) {
-            Ok(out) => Answer::parse(&out),
-            Err(e) => Answer {
-                detail: e.to_string(),
-                ..Answer::default()
-            },
-        }
+        )
     }
 
     /// `dig TXT whoami.lab @<node>` from the client, over UDP or TCP.
@@ -1498,13 +1497,7 @@ impl Lab {
         if tcp {
             args.insert(0, "+tcp");
         }
-        match self.exec(&self.client, "dig", &args) {
-            Ok(out) => Answer::parse(&out),
-            Err(e) => Answer {
-                detail: e.to_string(),
-                ..Answer::default()
-            },
-        }
+        self.ask("dig", &args)
     }
 
     pub fn teardown(&mut self) {
