@@ -212,9 +212,9 @@ fn old_flow_key_size(name: &str) -> Option<usize> {
 /// capacity of any size, the same keys and values, or a flow table's keys of layouts 1 and 2
 /// (narrowed) and values of layout 1 (widened).
 fn copyable(name: &str, have: Shape, want: Shape) -> bool {
-    let flows = old_flow_key_size(name).is_some();
-    let narrowed = old_flow_key_size(name) == Some(have.key_size as usize);
-    let widened = flows
+    let old_key = old_flow_key_size(name);
+    let narrowed = old_key == Some(have.key_size as usize);
+    let widened = old_key.is_some()
         && have.value_size as usize == FLOW_VALUE_V1_SIZE
         && want.value_size as usize == std::mem::size_of::<FlowValue>();
     have.map_type == want.map_type
